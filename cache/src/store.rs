@@ -379,7 +379,17 @@ impl Partial {
     /// Hashes and fsyncs every file, writes the manifest last, and renames the directory into
     /// place. If another process committed the same key meanwhile, its entry wins and ours is
     /// discarded (same key, same content by construction).
-    pub fn commit(mut self, info: CommitInfo) -> Result<Entry> {
+    pub fn commit(self, info: CommitInfo) -> Result<Entry> {
+        self.commit_inner(info, false)
+    }
+
+    /// Like [`Partial::commit`], but a forced rerun replaces an existing entry of the same key:
+    /// the old one is renamed away only once the new one is complete.
+    pub fn commit_replacing(self, info: CommitInfo) -> Result<Entry> {
+        self.commit_inner(info, true)
+    }
+
+    fn commit_inner(mut self, info: CommitInfo, replace: bool) -> Result<Entry> {
         let data = self.data_dir();
         let mut files = Vec::new();
         for rel in walk_files(&data)? {
@@ -415,6 +425,22 @@ impl Partial {
             serde_json::to_string_pretty(&manifest).unwrap().as_bytes(),
         )?;
         let target = self.store.entry_dir(&self.key);
+        if replace && target.exists() {
+            let old = self.dir.with_extension("replaced");
+            fs::rename(&target, &old)
+                .map_err(|e| io_err(&target, "move the old entry aside", e))?;
+            let renamed = fs::rename(&self.dir, &target);
+            let _ = fs::remove_dir_all(&old);
+            renamed.map_err(|e| io_err(&target, "commit the entry", e))?;
+            self.committed = true;
+            return self
+                .store
+                .get(&self.key)?
+                .ok_or_else(|| CacheError::Corrupt {
+                    path: target,
+                    why: "entry vanished right after its commit".into(),
+                });
+        }
         match fs::rename(&self.dir, &target) {
             Ok(()) => {}
             Err(_) if self.store.contains(&self.key) => {

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `distillery` binary: the CLI with the ops distillery ships.
+
+fn main() -> std::process::ExitCode {
+    distillery::main_with(distillery_ops::builtin())
+}

@@ -1,0 +1,292 @@
+//! Run events and their two renderings: indicatif bars for a terminal (plain lines otherwise)
+//! and NDJSON for machines (`--json`).
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+/// Something that happened during a run.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Plan {
+        plan: serde_json::Value,
+    },
+    Hashing {
+        source: String,
+        done: u64,
+        total: u64,
+    },
+    StepStarted {
+        step: String,
+        op: String,
+        key: String,
+    },
+    StepWaiting {
+        step: String,
+        holder: String,
+    },
+    Progress {
+        step: String,
+        label: String,
+        done: u64,
+        total: u64,
+        unit: String,
+    },
+    Note {
+        step: String,
+        message: String,
+    },
+    StepFinished {
+        step: String,
+        key: String,
+        seconds: f64,
+        outcome: String,
+    },
+    StepFailed {
+        step: String,
+        error: String,
+    },
+    RunFinished {
+        ran: usize,
+        cached: usize,
+        failed: usize,
+        seconds: f64,
+    },
+}
+
+pub trait Reporter: Send + Sync {
+    fn event(&self, event: Event);
+}
+
+/// NDJSON on stdout; progress throttled to a few lines a second per step.
+pub struct JsonReporter {
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl JsonReporter {
+    pub fn new() -> Self {
+        JsonReporter {
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Default for JsonReporter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Reporter for JsonReporter {
+    fn event(&self, event: Event) {
+        if let Event::Progress {
+            step, done, total, ..
+        } = &event
+        {
+            let mut last = self.last.lock().unwrap();
+            let now = Instant::now();
+            let due = last
+                .get(step)
+                .is_none_or(|t| now.duration_since(*t) > Duration::from_millis(250));
+            if !due && done < total {
+                return;
+            }
+            last.insert(step.clone(), now);
+        }
+        let line = serde_json::to_string(&event).unwrap();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+/// Bars on a terminal; on anything else, one plain line per step start and end.
+pub struct HumanReporter {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+    tty: bool,
+    quiet: bool,
+}
+
+impl HumanReporter {
+    pub fn new(quiet: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(if tty && !quiet {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        HumanReporter {
+            multi,
+            bars: Mutex::new(HashMap::new()),
+            tty,
+            quiet,
+        }
+    }
+
+    fn line(&self, text: String) {
+        if self.quiet {
+            return;
+        }
+        if self.tty {
+            let _ = self.multi.println(text);
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    fn bar(&self, id: &str, make: impl FnOnce() -> ProgressBar) -> ProgressBar {
+        let mut bars = self.bars.lock().unwrap();
+        bars.entry(id.to_string())
+            .or_insert_with(|| self.multi.add(make()))
+            .clone()
+    }
+
+    fn finish_bar(&self, id: &str) {
+        if let Some(bar) = self.bars.lock().unwrap().remove(id) {
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
+        }
+    }
+}
+
+fn style(unit: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{prefix:>14.bold}} {{msg:<18}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} {{per_sec}} eta {{eta}}"
+    ))
+    .unwrap()
+    .progress_chars("=> ")
+}
+
+impl Reporter for HumanReporter {
+    fn event(&self, event: Event) {
+        match event {
+            Event::Plan { .. } => {}
+            Event::Hashing {
+                source,
+                done,
+                total,
+            } => {
+                let id = format!("hash:{source}");
+                let bar = self.bar(&id, || {
+                    let b = ProgressBar::new(total);
+                    b.set_style(
+                        ProgressStyle::with_template("{prefix:>14.bold} hashing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+                            .unwrap()
+                            .progress_chars("=> "),
+                    );
+                    b.set_prefix(source.clone());
+                    b
+                });
+                bar.set_position(done);
+                if done >= total {
+                    self.finish_bar(&id);
+                }
+            }
+            Event::StepStarted { step, op, key } => {
+                self.line(format!("{:>14} {step} ({op}) {}", "running", &key[..12]));
+            }
+            Event::StepWaiting { step, holder } => {
+                self.line(format!(
+                    "{:>14} {step}: another run holds its lock ({holder})",
+                    "waiting"
+                ));
+            }
+            Event::Progress {
+                step,
+                label,
+                done,
+                total,
+                unit,
+            } => {
+                let bar = self.bar(&step, || {
+                    let b = ProgressBar::new(total);
+                    b.set_prefix(step.clone());
+                    b
+                });
+                if bar.length() != Some(total) || bar.message() != label {
+                    bar.set_style(style(&unit));
+                    bar.set_length(total);
+                    bar.set_message(label);
+                    bar.reset();
+                }
+                bar.set_position(done);
+            }
+            Event::Note { step, message } => self.line(format!("{:>14} {step}: {message}", "note")),
+            Event::StepFinished {
+                step,
+                key,
+                seconds,
+                outcome,
+            } => {
+                self.finish_bar(&step);
+                self.line(format!(
+                    "{:>14} {step} in {seconds:.2}s ({outcome}) {}",
+                    "finished",
+                    &key[..12]
+                ));
+            }
+            Event::StepFailed { step, error } => {
+                self.finish_bar(&step);
+                self.line(format!("{:>14} {step}: {error}", "FAILED"));
+            }
+            Event::RunFinished {
+                ran,
+                cached,
+                failed,
+                seconds,
+            } => {
+                self.line(format!(
+                    "{ran} ran, {cached} cached, {failed} failed in {seconds:.2}s"
+                ));
+            }
+        }
+    }
+}
+
+/// The op-facing side of progress for one step.
+pub struct StepProgress<'a> {
+    pub step: String,
+    pub reporter: &'a dyn Reporter,
+    state: Mutex<(String, u64, String)>,
+}
+
+impl<'a> StepProgress<'a> {
+    pub fn new(step: &str, reporter: &'a dyn Reporter) -> Self {
+        StepProgress {
+            step: step.to_string(),
+            reporter,
+            state: Mutex::new((String::new(), 0, String::new())),
+        }
+    }
+}
+
+impl distillery_ops::Progress for StepProgress<'_> {
+    fn phase(&self, label: &str, total: u64, unit: &str) {
+        *self.state.lock().unwrap() = (label.to_string(), total, unit.to_string());
+        self.set(0);
+    }
+
+    fn set(&self, done: u64) {
+        let (label, total, unit) = self.state.lock().unwrap().clone();
+        self.reporter.event(Event::Progress {
+            step: self.step.clone(),
+            label,
+            done,
+            total,
+            unit,
+        });
+    }
+
+    fn note(&self, message: &str) {
+        self.reporter.event(Event::Note {
+            step: self.step.clone(),
+            message: message.to_string(),
+        });
+    }
+}

@@ -1,0 +1,482 @@
+//! The contract between the engine and an op: a typed signature (ports, output kind, parameter
+//! schema with defaults) and a `run` that reads input directories and writes one output directory.
+//! Nothing here knows about hashing, caches or recipes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What flows along an edge of the step graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ArtifactKind {
+    /// A Hugging Face checkpoint directory (or, as a source, a GGUF file).
+    Model,
+    /// Text documents.
+    Dataset,
+    /// Accumulated activation statistics.
+    Stats,
+    /// Importance scores per axis.
+    Scores,
+    /// JSON metrics and plots.
+    Report,
+}
+
+impl ArtifactKind {
+    pub const ALL: [ArtifactKind; 5] = [
+        ArtifactKind::Model,
+        ArtifactKind::Dataset,
+        ArtifactKind::Stats,
+        ArtifactKind::Scores,
+        ArtifactKind::Report,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtifactKind::Model => "model",
+            ArtifactKind::Dataset => "dataset",
+            ArtifactKind::Stats => "stats",
+            ArtifactKind::Scores => "scores",
+            ArtifactKind::Report => "report",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ArtifactKind> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The type of a parameter. Integers also accept strings with a decimal suffix (`"127B"`,
+/// `"2M"`, `"512K"`); floats accept integers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamType {
+    Int,
+    Float,
+    Bool,
+    Str,
+    /// One of a fixed set of strings.
+    Choice(&'static [&'static str]),
+    IntList,
+    FloatList,
+    StrList,
+    /// A list of `[a, b]` integer pairs (layer mappings).
+    IntPairs,
+}
+
+impl ParamType {
+    pub fn describe(&self) -> String {
+        match self {
+            ParamType::Int => {
+                "an integer (suffixes K, M, B, T allowed in a string: \"127B\")".into()
+            }
+            ParamType::Float => "a number".into(),
+            ParamType::Bool => "true or false".into(),
+            ParamType::Str => "a string".into(),
+            ParamType::Choice(c) => format!(
+                "one of {}",
+                c.iter()
+                    .map(|s| format!("\"{s}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ParamType::IntList => "a list of integers".into(),
+            ParamType::FloatList => "a list of numbers".into(),
+            ParamType::StrList => "a list of strings".into(),
+            ParamType::IntPairs => "a list of [a, b] integer pairs".into(),
+        }
+    }
+}
+
+/// A parameter value after normalization.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    List(Vec<ParamValue>),
+}
+
+impl ParamValue {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ParamValue::Int(i) => (*i).into(),
+            ParamValue::Float(x) => serde_json::Number::from_f64(*x)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            ParamValue::Bool(b) => (*b).into(),
+            ParamValue::Str(s) => s.clone().into(),
+            ParamValue::List(v) => v.iter().map(ParamValue::to_json).collect(),
+        }
+    }
+}
+
+impl fmt::Display for ParamValue {
+    /// TOML-like rendering, with small and large floats in exponent form (`1e-4`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamValue::Int(i) => write!(f, "{i}"),
+            ParamValue::Float(x) => {
+                let a = x.abs();
+                if a != 0.0 && !(1e-3..1e6).contains(&a) {
+                    write!(f, "{x:e}")
+                } else {
+                    write!(f, "{x:?}")
+                }
+            }
+            ParamValue::Bool(b) => write!(f, "{b}"),
+            ParamValue::Str(s) => write!(f, "\"{s}\""),
+            ParamValue::List(v) => {
+                f.write_str("[")?;
+                for (i, item) in v.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// What happens when a recipe leaves a parameter out.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamDefault {
+    /// The recipe must give it.
+    Required,
+    /// Absent means "not used" (an optional pruning axis, say).
+    Optional,
+    Value(ParamValue),
+}
+
+/// One parameter of an op.
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub ty: ParamType,
+    pub default: ParamDefault,
+    pub doc: &'static str,
+}
+
+impl ParamSpec {
+    pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
+        ParamSpec {
+            name,
+            ty,
+            default: ParamDefault::Required,
+            doc,
+        }
+    }
+    pub fn optional(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
+        ParamSpec {
+            name,
+            ty,
+            default: ParamDefault::Optional,
+            doc,
+        }
+    }
+    pub fn with_default(
+        name: &'static str,
+        ty: ParamType,
+        default: ParamValue,
+        doc: &'static str,
+    ) -> Self {
+        ParamSpec {
+            name,
+            ty,
+            default: ParamDefault::Value(default),
+            doc,
+        }
+    }
+}
+
+/// An input port of an op.
+#[derive(Clone, Debug)]
+pub struct Port {
+    pub name: &'static str,
+    pub kind: ArtifactKind,
+    pub optional: bool,
+    pub doc: &'static str,
+}
+
+impl Port {
+    pub fn new(name: &'static str, kind: ArtifactKind, doc: &'static str) -> Self {
+        Port {
+            name,
+            kind,
+            optional: false,
+            doc,
+        }
+    }
+    pub fn optional(name: &'static str, kind: ArtifactKind, doc: &'static str) -> Self {
+        Port {
+            name,
+            kind,
+            optional: true,
+            doc,
+        }
+    }
+}
+
+/// The typed signature an op registers.
+#[derive(Clone, Debug)]
+pub struct OpSignature {
+    pub name: &'static str,
+    /// Bumped whenever the op's output for the same inputs and parameters changes.
+    pub version: u32,
+    pub doc: &'static str,
+    pub inputs: Vec<Port>,
+    pub output: ArtifactKind,
+    pub params: Vec<ParamSpec>,
+}
+
+impl OpSignature {
+    pub fn param(&self, name: &str) -> Option<&ParamSpec> {
+        self.params.iter().find(|p| p.name == name)
+    }
+    pub fn port(&self, name: &str) -> Option<&Port> {
+        self.inputs.iter().find(|p| p.name == name)
+    }
+}
+
+/// Normalized parameters of one step: every parameter with a value or default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Params(pub BTreeMap<String, ParamValue>);
+
+impl Params {
+    pub fn get(&self, name: &str) -> Option<&ParamValue> {
+        self.0.get(name)
+    }
+    pub fn int(&self, name: &str) -> Result<i64, OpError> {
+        self.opt_int(name)?.ok_or_else(|| missing(name))
+    }
+    pub fn opt_int(&self, name: &str) -> Result<Option<i64>, OpError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(ParamValue::Int(i)) => Ok(Some(*i)),
+            Some(v) => Err(wrong(name, "an integer", v)),
+        }
+    }
+    pub fn usize(&self, name: &str) -> Result<usize, OpError> {
+        let v = self.int(name)?;
+        usize::try_from(v).map_err(|_| {
+            OpError::Invalid(format!("parameter `{name}` must not be negative (got {v})"))
+        })
+    }
+    pub fn float(&self, name: &str) -> Result<f64, OpError> {
+        match self.0.get(name) {
+            None => Err(missing(name)),
+            Some(ParamValue::Float(x)) => Ok(*x),
+            Some(ParamValue::Int(i)) => Ok(*i as f64),
+            Some(v) => Err(wrong(name, "a number", v)),
+        }
+    }
+    pub fn bool(&self, name: &str) -> Result<bool, OpError> {
+        match self.0.get(name) {
+            None => Err(missing(name)),
+            Some(ParamValue::Bool(b)) => Ok(*b),
+            Some(v) => Err(wrong(name, "a boolean", v)),
+        }
+    }
+    pub fn str(&self, name: &str) -> Result<&str, OpError> {
+        self.opt_str(name)?.ok_or_else(|| missing(name))
+    }
+    pub fn opt_str(&self, name: &str) -> Result<Option<&str>, OpError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(ParamValue::Str(s)) => Ok(Some(s)),
+            Some(v) => Err(wrong(name, "a string", v)),
+        }
+    }
+    pub fn int_list(&self, name: &str) -> Result<Option<Vec<i64>>, OpError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(ParamValue::List(items)) => items
+                .iter()
+                .map(|v| match v {
+                    ParamValue::Int(i) => Ok(*i),
+                    v => Err(wrong(name, "a list of integers", v)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(wrong(name, "a list of integers", v)),
+        }
+    }
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_json()))
+                .collect(),
+        )
+    }
+}
+
+fn missing(name: &str) -> OpError {
+    OpError::Invalid(format!(
+        "parameter `{name}` is missing (the engine should have filled it)"
+    ))
+}
+
+fn wrong(name: &str, expected: &str, got: &ParamValue) -> OpError {
+    OpError::Invalid(format!("parameter `{name}` must be {expected}, got {got}"))
+}
+
+/// How an input artifact reaches an op.
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    pub kind: ArtifactKind,
+    /// A directory (a step's output, a checkpoint directory) or a file (a GGUF source).
+    pub path: PathBuf,
+    /// For dataset sources: the files, in a stable order.
+    pub files: Vec<PathBuf>,
+    /// For dataset sources: `format` ("text" or "jsonl") and `field`.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Artifact {
+    pub fn dir(kind: ArtifactKind, path: impl Into<PathBuf>) -> Self {
+        Artifact {
+            kind,
+            path: path.into(),
+            files: Vec::new(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where an op reports what it is doing. Calls are cheap; the engine throttles rendering.
+pub trait Progress: Send + Sync {
+    /// Starts (or restarts) a phase with a known amount of work in `unit`s.
+    fn phase(&self, label: &str, total: u64, unit: &str);
+    /// Work done so far in the current phase.
+    fn set(&self, done: u64);
+    /// A line for the log (a metric, a warning).
+    fn note(&self, message: &str);
+}
+
+/// A progress sink that drops everything (tests, library use).
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn phase(&self, _: &str, _: u64, _: &str) {}
+    fn set(&self, _: u64) {}
+    fn note(&self, _: &str) {}
+}
+
+/// Everything a running op may use.
+pub struct OpContext<'a> {
+    /// The step's name in its recipe (for messages and provenance only).
+    pub step: &'a str,
+    pub inputs: BTreeMap<String, Artifact>,
+    pub params: Params,
+    /// The output directory: empty when `run` starts, committed as is when it returns Ok.
+    pub out_dir: PathBuf,
+    /// Survives interruptions of this very step (same key); for checkpoints to resume from.
+    pub scratch_dir: PathBuf,
+    /// The recipe's seed.
+    pub seed: u64,
+    /// Threads the op may use.
+    pub threads: usize,
+    pub progress: &'a dyn Progress,
+    /// Provenance to record in model outputs: recipe, step, key, tool version.
+    pub provenance: serde_json::Value,
+}
+
+impl OpContext<'_> {
+    pub fn input(&self, port: &str) -> Result<&Artifact, OpError> {
+        self.inputs
+            .get(port)
+            .ok_or_else(|| OpError::Invalid(format!("input `{port}` is not wired")))
+    }
+}
+
+/// A problem found before running: a parameter (when `param` is set) or the inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub param: Option<String>,
+    pub message: String,
+}
+
+/// Why an op failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("cannot {what} `{}`: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Other(#[from] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl OpError {
+    pub fn io(path: &Path, what: &'static str, source: std::io::Error) -> Self {
+        OpError::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    }
+}
+
+/// An operation a recipe step can name.
+pub trait Op: Send + Sync {
+    fn signature(&self) -> OpSignature;
+
+    /// Checks parameters beyond their types, before anything runs (a pruning target that is
+    /// impossible, say).
+    fn check(&self, _params: &Params) -> Vec<Problem> {
+        Vec::new()
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError>;
+
+    /// A readable summary of an output directory, for `distillery show`.
+    fn summarize(&self, _out_dir: &Path) -> Option<String> {
+        None
+    }
+}
+
+/// The ops a binary knows, by name.
+#[derive(Clone, Default)]
+pub struct OpRegistry {
+    ops: BTreeMap<String, Arc<dyn Op>>,
+}
+
+impl OpRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&mut self, op: impl Op + 'static) -> &mut Self {
+        let name = op.signature().name.to_string();
+        self.ops.insert(name, Arc::new(op));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Op>> {
+        self.ops.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.ops.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn Op>)> {
+        self.ops.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
