@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The test suite: every test on the CPU, then a type-check of the GPU features.
+# One target directory, one build: `cargo check` of the features reuses the dependency graph.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=default
+[ -n "${CI:-}" ] && profile=ci
+
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --profile "$profile" "$@"
+else
+  echo "cargo-nextest not found; falling back to cargo test" >&2
+  cargo test --workspace "$@"
+fi
+cargo test --workspace --doc
+
+# The GPU backends must keep compiling; checking them costs no second full build.
+cargo check -p distillery --features cuda
+cargo check -p distillery --features wgpu
