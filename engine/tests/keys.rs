@@ -46,13 +46,23 @@ struct Values {
 
 fn values() -> impl Strategy<Value = Values> {
     (
-        prop_oneof![0i64..5000, (1i64..200).prop_map(|k| k * 1000), (1i64..50).prop_map(|b| b * 1_000_000_000)],
+        prop_oneof![
+            0i64..5000,
+            (1i64..200).prop_map(|k| k * 1000),
+            (1i64..50).prop_map(|b| b * 1_000_000_000)
+        ],
         prop_oneof![1e-7f64..1.0, (1i64..100).prop_map(|i| i as f64)],
         any::<bool>(),
         "[a-z]{1,6}",
         proptest::collection::vec(0i64..64, 0..4),
     )
-        .prop_map(|(tokens, lr, flag, name, layers)| Values { tokens, lr, flag, name, layers })
+        .prop_map(|(tokens, lr, flag, name, layers)| Values {
+            tokens,
+            lr,
+            flag,
+            name,
+            layers,
+        })
 }
 
 /// Spells the values as a recipe; `variant` picks among equal-meaning spellings and key orders.
@@ -60,13 +70,30 @@ fn spell(v: &Values, variant: u8) -> String {
     let tokens = match variant % 4 {
         0 => v.tokens.to_string(),
         1 => format!("\"{}\"", v.tokens),
-        2 if v.tokens % 1_000_000_000 == 0 && v.tokens > 0 => format!("\"{}B\"", v.tokens / 1_000_000_000),
+        2 if v.tokens % 1_000_000_000 == 0 && v.tokens > 0 => {
+            format!("\"{}B\"", v.tokens / 1_000_000_000)
+        }
         2 | 3 if v.tokens % 1000 == 0 && v.tokens > 0 => format!("\"{}K\"", v.tokens / 1000),
         _ => format!("\"{}\"", v.tokens),
     };
-    let lr = if variant % 2 == 0 { format!("{:e}", v.lr) } else { format!("{:?}", v.lr) };
-    let lr = if v.lr.fract() == 0.0 && variant % 3 == 0 { format!("{}", v.lr as i64) } else { lr };
-    let layers = format!("[{}]", v.layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "));
+    let lr = if variant % 2 == 0 {
+        format!("{:e}", v.lr)
+    } else {
+        format!("{:?}", v.lr)
+    };
+    let lr = if v.lr.fract() == 0.0 && variant % 3 == 0 {
+        format!("{}", v.lr as i64)
+    } else {
+        lr
+    };
+    let layers = format!(
+        "[{}]",
+        v.layers
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let mut entries = vec![
         format!("tokens = {tokens}"),
         format!("lr = {lr}"),
@@ -75,7 +102,11 @@ fn spell(v: &Values, variant: u8) -> String {
         format!("layers = {layers}"),
     ];
     entries.rotate_left(variant as usize % 5);
-    let comment = if variant % 2 == 0 { "# a comment\n" } else { "" };
+    let comment = if variant % 2 == 0 {
+        "# a comment\n"
+    } else {
+        ""
+    };
     format!(
         "[recipe]\ndescription = \"variant {variant}\"\n{comment}[steps.s]\nop = \"knobs\"\nparams = {{ {} }}\n",
         entries.join(", ")
@@ -89,7 +120,14 @@ fn key_of(text: &str, registry: &OpRegistry) -> CacheKey {
     let recipe = load(&path, &[], registry).unwrap_or_else(|e| panic!("{}\n{text}", e.render()));
     let params = params_canon(&recipe.steps[0].params);
     let inputs = BTreeMap::new();
-    KeyParts { recipe_format: RECIPE_FORMAT, op: "knobs", op_version: 1, params: &params, inputs: &inputs }.key()
+    KeyParts {
+        recipe_format: RECIPE_FORMAT,
+        op: "knobs",
+        op_version: 1,
+        params: &params,
+        inputs: &inputs,
+    }
+    .key()
 }
 
 fn registry() -> OpRegistry {

@@ -20,11 +20,26 @@ fn time<B: Backend>(m: usize, k: usize, n: usize, reps: usize) -> f64 {
 }
 
 fn main() {
-    println!("{:<28} {:>12} {:>12} {:>8}", "matmul [m,k]x[k,n]", "flex GFLOP/s", "ndarray", "ratio");
-    for (m, k, n) in [(512, 576, 576), (512, 576, 1536), (512, 1536, 576), (4096, 576, 1536), (512, 576, 49152)] {
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "matmul [m,k]x[k,n]", "flex GFLOP/s", "ndarray", "ratio"
+    );
+    for (m, k, n) in [
+        (512, 576, 576),
+        (512, 576, 1536),
+        (512, 1536, 576),
+        (4096, 576, 1536),
+        (512, 576, 49152),
+    ] {
         let reps = (2e9 / (2.0 * (m * k * n) as f64)).clamp(1.0, 50.0) as usize;
         let f = time::<Flex>(m, k, n, reps);
         let nd = time::<NdArray>(m, k, n, reps);
-        println!("{:<28} {:>12.1} {:>12.1} {:>8.2}", format!("[{m},{k}]x[{k},{n}]"), f, nd, f / nd);
+        println!(
+            "{:<28} {:>12.1} {:>12.1} {:>8.2}",
+            format!("[{m},{k}]x[{k},{n}]"),
+            f,
+            nd,
+            f / nd
+        );
     }
 }

@@ -19,7 +19,13 @@ const HEAD: &str = "[sources.teacher]\nkind = \"model\"\npath = \"model\"\n\n[so
 
 fn cases() -> Vec<Case> {
     vec![
-        Case { name: "toml syntax", recipe: "[steps.a\nop = \"emit\"\n", set: &[], at: "r.toml:1:9", says: &["invalid TOML"] },
+        Case {
+            name: "toml syntax",
+            recipe: "[steps.a\nop = \"emit\"\n",
+            set: &[],
+            at: "r.toml:1:9",
+            says: &["invalid TOML"],
+        },
         Case {
             name: "duplicate step",
             recipe: "[steps.a]\nop = \"emit\"\n[steps.a]\nop = \"emit\"\n",
@@ -48,13 +54,22 @@ fn cases() -> Vec<Case> {
             at: "r.toml:2:8",
             says: &["recipe.seed must be a non-negative integer"],
         },
-        Case { name: "no steps", recipe: "[recipe]\nname = \"x\"\n", set: &[], at: "r.toml:1:1", says: &["the recipe has no steps"] },
+        Case {
+            name: "no steps",
+            recipe: "[recipe]\nname = \"x\"\n",
+            set: &[],
+            at: "r.toml:1:1",
+            says: &["the recipe has no steps"],
+        },
         Case {
             name: "step without op",
             recipe: "[steps.a]\nparams = {}\n",
             set: &[],
             at: "r.toml:1:8",
-            says: &["step `a` has no `op`", "known ops: emit, inspect, join, stats"],
+            says: &[
+                "step `a` has no `op`",
+                "known ops: emit, inspect, join, stats",
+            ],
         },
         Case {
             name: "unknown op",
@@ -63,7 +78,13 @@ fn cases() -> Vec<Case> {
             at: "r.toml:2:6",
             says: &["unknown op `emitt`", "did you mean `emit`?"],
         },
-        Case { name: "op not a string", recipe: "[steps.a]\nop = 3\n", set: &[], at: "r.toml:2:6", says: &["steps.a.op must be a string"] },
+        Case {
+            name: "op not a string",
+            recipe: "[steps.a]\nop = 3\n",
+            set: &[],
+            at: "r.toml:2:6",
+            says: &["steps.a.op must be a string"],
+        },
         Case {
             name: "unknown step key",
             recipe: "[steps.a]\nop = \"emit\"\nparam = { text = \"x\" }\n",
@@ -76,14 +97,20 @@ fn cases() -> Vec<Case> {
             recipe: "[steps.a]\nop = \"emit\"\nparams = { txet = \"x\" }\n",
             set: &[],
             at: "r.toml:3:12",
-            says: &["unknown parameter `txet` for op `emit`", "did you mean `text`?"],
+            says: &[
+                "unknown parameter `txet` for op `emit`",
+                "did you mean `text`?",
+            ],
         },
         Case {
             name: "float param given a string",
             recipe: "[steps.a]\nop = \"emit\"\nparams = { lr = \"fast\" }\n",
             set: &[],
             at: "r.toml:3:17",
-            says: &["parameter `lr`: `fast` is not a number", "expected a number"],
+            says: &[
+                "parameter `lr`: `fast` is not a number",
+                "expected a number",
+            ],
         },
         Case {
             name: "integer param given a fraction",
@@ -153,7 +180,10 @@ fn cases() -> Vec<Case> {
             recipe: "[steps.i]\nop = \"inspect\"\ninputs = { model = \"sources.teachr\" }\n",
             set: &[],
             at: "r.toml:11:20",
-            says: &["no source named `teachr`", "did you mean `sources.teacher`?"],
+            says: &[
+                "no source named `teachr`",
+                "did you mean `sources.teacher`?",
+            ],
         },
         Case {
             name: "stats wired into a report port",
@@ -258,7 +288,10 @@ fn cases() -> Vec<Case> {
             recipe: "[steps.a]\nop = \"emit\"\n",
             set: &["steps.a.params.lrr=1e-4"],
             at: "--set #1:1:1",
-            says: &["unknown parameter `lrr` for op `emit`", "did you mean `lr`?"],
+            says: &[
+                "unknown parameter `lrr` for op `emit`",
+                "did you mean `lr`?",
+            ],
         },
         Case {
             name: "override with a wrong type",
@@ -279,7 +312,8 @@ fn malformed_recipes_are_clear_errors_at_the_right_place() {
     assert!(cases.len() >= 25);
     let mut failures = Vec::new();
     for case in &cases {
-        let body = if case.recipe.contains("sources.teach") || case.recipe.contains("sources.text") {
+        let body = if case.recipe.contains("sources.teach") || case.recipe.contains("sources.text")
+        {
             format!("{HEAD}{}", case.recipe)
         } else {
             case.recipe.to_string()
@@ -308,19 +342,38 @@ fn malformed_recipes_are_clear_errors_at_the_right_place() {
             problems.push("panicked".into());
         }
         if !problems.is_empty() {
-            failures.push(format!("case `{}`: {}\n{}", case.name, problems.join("; "), text(&out)));
+            failures.push(format!(
+                "case `{}`: {}\n{}",
+                case.name,
+                problems.join("; "),
+                text(&out)
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn all_errors_are_reported_at_once() {
     let env = Env::new();
-    env.write("r.toml", "[steps.a]\nop = \"emit\"\nparams = { txet = 1, lr = \"x\" }\n[steps.b]\nop = \"nope\"\n");
+    env.write(
+        "r.toml",
+        "[steps.a]\nop = \"emit\"\nparams = { txet = 1, lr = \"x\" }\n[steps.b]\nop = \"nope\"\n",
+    );
     let out = env.run(&["plan", "r.toml"]);
     let err = stderr(&out);
-    assert!(err.contains("unknown parameter `txet`") && err.contains("`x` is not a number") && err.contains("unknown op `nope`"), "{err}");
+    assert!(
+        err.contains("unknown parameter `txet`")
+            && err.contains("`x` is not a number")
+            && err.contains("unknown op `nope`"),
+        "{err}"
+    );
     assert!(err.contains("the recipe has 3 errors"), "{err}");
 }
 
@@ -342,5 +395,9 @@ fn missing_recipe_file_is_a_user_error() {
     let env = Env::new();
     let out = env.run(&["run", "nope.toml"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("cannot read recipe `nope.toml`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read recipe `nope.toml`"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -1,0 +1,512 @@
+//! The Llama/Mistral decoder on Burn, generic over the backend:
+//! `h = x + attn(norm(x)); h + mlp(norm(h))`, with RoPE, grouped-query attention, SwiGLU and an
+//! explicit head_dim. Linear weights are held transposed (`[in, out]`) so a projection is one matmul;
+//! loading and saving translate from and to Hugging Face's `[out, in]`.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::model::ModelError;
+use crate::model::config::ModelConfig;
+use crate::model::weights::Weights;
+
+/// Where a forward pass can hand an activation to a hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HookPoint {
+    /// A block's input `[batch, seq, hidden]`.
+    BlockInput,
+    /// Output of `input_layernorm` `[batch, seq, hidden]`.
+    AttnNorm,
+    /// Attention output before `o_proj`: concatenated heads `[batch, seq, heads * head_dim]`.
+    AttnContext,
+    /// Output of `post_attention_layernorm` `[batch, seq, hidden]`.
+    MlpNorm,
+    /// Input of `down_proj`: `silu(gate) * up` `[batch, seq, ffn]`.
+    MlpIntermediate,
+    /// A block's output `[batch, seq, hidden]`.
+    BlockOutput,
+}
+
+impl HookPoint {
+    pub const ALL: [HookPoint; 6] = [
+        HookPoint::BlockInput,
+        HookPoint::AttnNorm,
+        HookPoint::AttnContext,
+        HookPoint::MlpNorm,
+        HookPoint::MlpIntermediate,
+        HookPoint::BlockOutput,
+    ];
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Receives activations during a forward. `wants` is asked first, so nothing is produced for
+/// points nobody asked for; tensors are handed by reference (no copy).
+pub trait Hooks<B: Backend> {
+    fn wants(&self) -> HookSet;
+    fn activation(&mut self, layer: usize, point: HookPoint, tensor: &Tensor<B, 3>);
+}
+
+/// A set of hook points.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookSet(u8);
+
+impl HookSet {
+    pub const NONE: HookSet = HookSet(0);
+
+    pub fn of(points: &[HookPoint]) -> HookSet {
+        HookSet(points.iter().fold(0, |acc, p| acc | p.bit()))
+    }
+
+    pub fn contains(self, p: HookPoint) -> bool {
+        self.0 & p.bit() != 0
+    }
+}
+
+/// No hooks.
+pub struct NoHooks;
+
+impl<B: Backend> Hooks<B> for NoHooks {
+    fn wants(&self) -> HookSet {
+        HookSet::NONE
+    }
+    fn activation(&mut self, _: usize, _: HookPoint, _: &Tensor<B, 3>) {}
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// `[batch, seq, d] -> [batch, seq, d]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let var = x.clone().powf_scalar(2.0).mean_dim(2);
+        let x = x * (var + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze_dims::<3>(&[0, 1])
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, heads * head_dim]`
+    pub q_proj: Param<Tensor<B, 2>>,
+    /// `[hidden, kv_heads * head_dim]`
+    pub k_proj: Param<Tensor<B, 2>>,
+    pub v_proj: Param<Tensor<B, 2>>,
+    /// `[heads * head_dim, hidden]`
+    pub o_proj: Param<Tensor<B, 2>>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: Option<usize>,
+}
+
+fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> {
+    x.matmul(w.val().unsqueeze_dim(0))
+}
+
+/// Rotates pairs (i, i + d/2): Hugging Face's `rotate_half` convention.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+impl<B: Backend> Attention<B> {
+    /// `x: [batch, seq, hidden]`, `cos`/`sin`: `[1, 1, seq, head_dim]`, `mask`: `[1, 1, seq, seq]`
+    /// true where attention is not allowed. Returns the context before o_proj
+    /// `[batch, seq, heads * head_dim]` and the output `[batch, seq, hidden]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4, Bool>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [b, s, _] = x.dims();
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = linear(x.clone(), &self.q_proj)
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2);
+        let k = linear(x.clone(), &self.k_proj)
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        let v = linear(x, &self.v_proj)
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        let q = apply_rope(q, cos, sin);
+        let k = apply_rope(k, cos, sin);
+        // Grouped-query attention: each KV head serves h / kvh query heads.
+        let rep = h / kvh;
+        let (k, v) = if rep == 1 {
+            (k, v)
+        } else {
+            let expand = |t: Tensor<B, 4>| {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, kvh, rep, s, d])
+                    .reshape([b, h, s, d])
+            };
+            (expand(k), expand(v))
+        };
+        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
+        let scores = scores.mask_fill(mask.clone().expand([b, h, s, s]), f32::NEG_INFINITY);
+        let probs = softmax(scores, 3);
+        let context = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
+        let out = linear(context.clone(), &self.o_proj);
+        (context, out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[hidden, ffn]`
+    pub gate_proj: Param<Tensor<B, 2>>,
+    pub up_proj: Param<Tensor<B, 2>>,
+    /// `[ffn, hidden]`
+    pub down_proj: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// `[batch, seq, hidden] -> ([batch, seq, ffn] intermediate, [batch, seq, hidden])`
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let inter = silu(linear(x.clone(), &self.gate_proj)) * linear(x, &self.up_proj);
+        let out = linear(inter.clone(), &self.down_proj);
+        (inter, out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+    /// `[hidden, vocab]`; None when tied to the embedding.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// RoPE inverse frequencies `[head_dim / 2]`, already scaled (llama3).
+    pub inv_freq: Vec<f32>,
+}
+
+/// RoPE inverse frequencies, with Llama 3.1's scaling where configured.
+pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
+    let d = config.head_dim;
+    let mut inv: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64))
+        .collect();
+    if let Some(s) = &config.rope_scaling {
+        let old = s.original_max_position_embeddings as f64;
+        let low_wavelen = old / s.low_freq_factor;
+        let high_wavelen = old / s.high_freq_factor;
+        for f in inv.iter_mut() {
+            let wavelen = 2.0 * std::f64::consts::PI / *f;
+            if wavelen > low_wavelen {
+                *f /= s.factor;
+            } else if wavelen >= high_wavelen {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+            }
+        }
+    }
+    inv.into_iter().map(|f| f as f32).collect()
+}
+
+fn param2<B: Backend>(
+    w: &Weights,
+    name: &str,
+    transpose: bool,
+    device: &B::Device,
+) -> Result<Param<Tensor<B, 2>>, ModelError> {
+    let (shape, data) = w.f32(name)?;
+    let t = Tensor::<B, 2>::from_data(TensorData::new(data, [shape[0], shape[1]]), device);
+    Ok(Param::from_tensor(if transpose {
+        t.transpose()
+    } else {
+        t
+    }))
+}
+
+fn param1<B: Backend>(
+    w: &Weights,
+    name: &str,
+    device: &B::Device,
+) -> Result<Param<Tensor<B, 1>>, ModelError> {
+    let (shape, data) = w.f32(name)?;
+    Ok(Param::from_tensor(Tensor::<B, 1>::from_data(
+        TensorData::new(data, [shape[0]]),
+        device,
+    )))
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Builds the decoder from checkpoint tensors (already checked against `config`).
+    pub fn load(
+        config: &ModelConfig,
+        weights: &Weights,
+        device: &B::Device,
+    ) -> Result<Decoder<B>, ModelError> {
+        let eps = config.rms_norm_eps;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Block {
+                input_layernorm: RmsNorm {
+                    weight: param1(weights, &format!("{p}.input_layernorm.weight"), device)?,
+                    eps,
+                },
+                self_attn: Attention {
+                    q_proj: param2(
+                        weights,
+                        &format!("{p}.self_attn.q_proj.weight"),
+                        true,
+                        device,
+                    )?,
+                    k_proj: param2(
+                        weights,
+                        &format!("{p}.self_attn.k_proj.weight"),
+                        true,
+                        device,
+                    )?,
+                    v_proj: param2(
+                        weights,
+                        &format!("{p}.self_attn.v_proj.weight"),
+                        true,
+                        device,
+                    )?,
+                    o_proj: param2(
+                        weights,
+                        &format!("{p}.self_attn.o_proj.weight"),
+                        true,
+                        device,
+                    )?,
+                    n_heads: config.num_attention_heads,
+                    n_kv_heads: config.num_key_value_heads,
+                    head_dim: config.head_dim,
+                    sliding_window: config.sliding_window,
+                },
+                post_attention_layernorm: RmsNorm {
+                    weight: param1(
+                        weights,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        device,
+                    )?,
+                    eps,
+                },
+                mlp: Mlp {
+                    gate_proj: param2(weights, &format!("{p}.mlp.gate_proj.weight"), true, device)?,
+                    up_proj: param2(weights, &format!("{p}.mlp.up_proj.weight"), true, device)?,
+                    down_proj: param2(weights, &format!("{p}.mlp.down_proj.weight"), true, device)?,
+                },
+            });
+        }
+        Ok(Decoder {
+            embed_tokens: param2(weights, "model.embed_tokens.weight", false, device)?,
+            layers,
+            norm: RmsNorm {
+                weight: param1(weights, "model.norm.weight", device)?,
+                eps,
+            },
+            lm_head: if config.tie_word_embeddings {
+                None
+            } else {
+                Some(param2(weights, "lm_head.weight", true, device)?)
+            },
+            inv_freq: rope_inv_freq(config),
+        })
+    }
+
+    /// Every tensor under its Hugging Face name and layout, as f32 (for saving).
+    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut out = Vec::new();
+        let mut push2 = |name: String, p: &Param<Tensor<B, 2>>, transpose: bool| {
+            let t = if transpose {
+                p.val().transpose()
+            } else {
+                p.val()
+            };
+            let shape = t.dims().to_vec();
+            out.push((
+                name,
+                shape,
+                t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+            ));
+        };
+        push2(
+            "model.embed_tokens.weight".into(),
+            &self.embed_tokens,
+            false,
+        );
+        for (l, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            push2(
+                format!("{p}.self_attn.q_proj.weight"),
+                &b.self_attn.q_proj,
+                true,
+            );
+            push2(
+                format!("{p}.self_attn.k_proj.weight"),
+                &b.self_attn.k_proj,
+                true,
+            );
+            push2(
+                format!("{p}.self_attn.v_proj.weight"),
+                &b.self_attn.v_proj,
+                true,
+            );
+            push2(
+                format!("{p}.self_attn.o_proj.weight"),
+                &b.self_attn.o_proj,
+                true,
+            );
+            push2(format!("{p}.mlp.gate_proj.weight"), &b.mlp.gate_proj, true);
+            push2(format!("{p}.mlp.up_proj.weight"), &b.mlp.up_proj, true);
+            push2(format!("{p}.mlp.down_proj.weight"), &b.mlp.down_proj, true);
+        }
+        if let Some(head) = &self.lm_head {
+            push2("lm_head.weight".into(), head, true);
+        }
+        let mut push1 = |name: String, p: &Param<Tensor<B, 1>>| {
+            let t = p.val();
+            out.push((
+                name,
+                t.dims().to_vec(),
+                t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+            ));
+        };
+        for (l, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            push1(
+                format!("{p}.input_layernorm.weight"),
+                &b.input_layernorm.weight,
+            );
+            push1(
+                format!("{p}.post_attention_layernorm.weight"),
+                &b.post_attention_layernorm.weight,
+            );
+        }
+        push1("model.norm.weight".into(), &self.norm.weight);
+        out
+    }
+
+    fn rope_tables(&self, seq: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half * 2);
+        let mut sin = Vec::with_capacity(seq * half * 2);
+        for pos in 0..seq {
+            // Angles in f32 like transformers (position * inv_freq in float32).
+            let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let d = half * 2;
+        (
+            Tensor::from_data(TensorData::new(cos, [1, 1, seq, d]), device),
+            Tensor::from_data(TensorData::new(sin, [1, 1, seq, d]), device),
+        )
+    }
+
+    fn causal_mask(&self, seq: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+        let window = self.layers.first().and_then(|b| b.self_attn.sliding_window);
+        let mut mask = Vec::with_capacity(seq * seq);
+        for i in 0..seq {
+            for j in 0..seq {
+                let outside_window = window.is_some_and(|w| i >= j + w);
+                mask.push(j > i || outside_window);
+            }
+        }
+        Tensor::from_data(TensorData::new(mask, [1, 1, seq, seq]), device)
+    }
+
+    /// Hidden states after the final norm: `tokens [batch, seq] -> [batch, seq, hidden]`.
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, hooks: &mut dyn Hooks<B>) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
+        let device = tokens.device();
+        let want = hooks.wants();
+        let hidden = self.embed_tokens.val().dims()[1];
+        let mut x = self
+            .embed_tokens
+            .val()
+            .select(0, tokens.reshape([b * s]))
+            .reshape([b, s, hidden]);
+        let (cos, sin) = self.rope_tables(s, &device);
+        let mask = self.causal_mask(s, &device);
+        for (l, block) in self.layers.iter().enumerate() {
+            if want.contains(HookPoint::BlockInput) {
+                hooks.activation(l, HookPoint::BlockInput, &x);
+            }
+            let normed = block.input_layernorm.forward(x.clone());
+            if want.contains(HookPoint::AttnNorm) {
+                hooks.activation(l, HookPoint::AttnNorm, &normed);
+            }
+            let (context, attn) = block.self_attn.forward(normed, &cos, &sin, &mask);
+            if want.contains(HookPoint::AttnContext) {
+                hooks.activation(l, HookPoint::AttnContext, &context);
+            }
+            drop(context);
+            let h = x + attn;
+            let normed = block.post_attention_layernorm.forward(h.clone());
+            if want.contains(HookPoint::MlpNorm) {
+                hooks.activation(l, HookPoint::MlpNorm, &normed);
+            }
+            let (inter, mlp) = block.mlp.forward(normed);
+            if want.contains(HookPoint::MlpIntermediate) {
+                hooks.activation(l, HookPoint::MlpIntermediate, &inter);
+            }
+            drop(inter);
+            x = h + mlp;
+            if want.contains(HookPoint::BlockOutput) {
+                hooks.activation(l, HookPoint::BlockOutput, &x);
+            }
+        }
+        self.norm.forward(x)
+    }
+
+    /// Projects hidden states to logits: `[batch, seq, hidden] -> [batch, seq, vocab]`.
+    pub fn logits_of(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(w) => linear(hidden, w),
+            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze_dim(0)),
+        }
+    }
+
+    /// `tokens [batch, seq] -> logits [batch, seq, vocab]`
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.logits_of(self.hidden(tokens, &mut NoHooks))
+    }
+
+    pub fn forward_with_hooks(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        hooks: &mut dyn Hooks<B>,
+    ) -> Tensor<B, 3> {
+        self.logits_of(self.hidden(tokens, hooks))
+    }
+}
+
+/// Token ids as a `[batch, seq]` int tensor.
+pub fn tokens_tensor<B: Backend>(
+    ids: &[u32],
+    batch: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(data, [batch, ids.len() / batch]), device)
+}

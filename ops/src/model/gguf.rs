@@ -1,0 +1,734 @@
+//! GGUF (v2, v3) model files: metadata, tensors dequantized to f32 (F32, F16, BF16, Q8_0, Q4_0,
+//! Q4_1, Q4_K, Q6_K), llama.cpp's Q/K row permutation undone, Hugging Face names, and the tokenizer
+//! rebuilt from metadata as a `tokenizer.json`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde_json::{Value, json};
+
+use crate::model::ModelError;
+use crate::model::checkpoint::LoadedModel;
+use crate::model::config::ModelConfig;
+use crate::model::weights::Weights;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Meta {
+    U(u64),
+    I(i64),
+    F(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Meta>),
+}
+
+impl Meta {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Meta::U(v) => Some(*v),
+            Meta::I(v) if *v >= 0 => Some(*v as u64),
+            _ => None,
+        }
+    }
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Meta::F(v) => Some(*v),
+            Meta::U(v) => Some(*v as f64),
+            Meta::I(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Meta::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// ggml tensor types distillery can dequantize.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<GgmlType> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4K,
+            14 => GgmlType::Q6K,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block)
+    fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4K => (256, 144),
+            GgmlType::Q6K => (256, 210),
+        }
+    }
+}
+
+pub struct TensorInfo {
+    pub name: String,
+    /// Hugging Face order (outermost first): the reverse of ggml's `ne`.
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    pub offset: usize,
+}
+
+/// A parsed GGUF file, memory-mapped.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Meta>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+    mmap: Mmap,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "unexpected end of file at byte {} (wanted {n} more bytes): truncated?",
+                    self.pos
+                )
+            })?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.u64()?;
+        if n > self.buf.len() as u64 {
+            return Err(format!(
+                "string length {n} at byte {} is larger than the file",
+                self.pos - 8
+            ));
+        }
+        let b = self.take(n as usize)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| format!("string at byte {} is not UTF-8", self.pos - n as usize))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Meta, String> {
+        Ok(match ty {
+            0 => Meta::U(self.take(1)?[0] as u64),
+            1 => Meta::I(self.take(1)?[0] as i8 as i64),
+            2 => Meta::U(u16::from_le_bytes(self.take(2)?.try_into().unwrap()) as u64),
+            3 => Meta::I(i16::from_le_bytes(self.take(2)?.try_into().unwrap()) as i64),
+            4 => Meta::U(self.u32()? as u64),
+            5 => Meta::I(self.u32()? as i32 as i64),
+            6 => Meta::F(f32::from_le_bytes(self.take(4)?.try_into().unwrap()) as f64),
+            7 => Meta::Bool(self.take(1)?[0] != 0),
+            8 => Meta::Str(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err("arrays nested too deep".into());
+                }
+                let inner = self.u32()?;
+                let n = self.u64()?;
+                if n > self.buf.len() as u64 {
+                    return Err(format!("array length {n} is larger than the file"));
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.value(inner, depth + 1)?);
+                }
+                Meta::Array(items)
+            }
+            10 => Meta::U(self.u64()?),
+            11 => Meta::I(self.u64()? as i64),
+            12 => Meta::F(f64::from_le_bytes(self.take(8)?.try_into().unwrap())),
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile, ModelError> {
+        let bad = |why: String| ModelError::Gguf {
+            path: path.to_path_buf(),
+            why,
+        };
+        let file = File::open(path).map_err(|e| ModelError::io(path, "open", e))?;
+        // SAFETY: read-only map of a file we do not modify.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, "map", e))?;
+        let mut r = Reader { buf: &mmap, pos: 0 };
+        let magic = r.take(4).map_err(bad)?;
+        if magic != b"GGUF" {
+            return Err(bad("not a GGUF file (no GGUF magic)".into()));
+        }
+        let version = r.u32().map_err(bad)?;
+        if !(2..=3).contains(&version) {
+            return Err(bad(format!(
+                "GGUF version {version}; distillery reads versions 2 and 3"
+            )));
+        }
+        let n_tensors = r.u64().map_err(bad)?;
+        let n_kv = r.u64().map_err(bad)?;
+        if n_tensors > 1 << 20 || n_kv > 1 << 20 {
+            return Err(bad(format!(
+                "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
+            )));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string().map_err(bad)?;
+            let ty = r.u32().map_err(bad)?;
+            let v = r
+                .value(ty, 0)
+                .map_err(|e| bad(format!("metadata `{key}`: {e}")))?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::new();
+        for _ in 0..n_tensors {
+            let name = r.string().map_err(bad)?;
+            let n_dims = r.u32().map_err(bad)?;
+            if n_dims > 4 {
+                return Err(bad(format!("tensor `{name}` has {n_dims} dimensions")));
+            }
+            let mut ne = Vec::new();
+            for _ in 0..n_dims {
+                ne.push(r.u64().map_err(bad)? as usize);
+            }
+            let ty_id = r.u32().map_err(bad)?;
+            let ty = GgmlType::from_id(ty_id).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has ggml type {ty_id}, which distillery cannot dequantize \
+                     (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+                ))
+            })?;
+            let offset = r.u64().map_err(bad)? as usize;
+            ne.reverse();
+            tensors.push(TensorInfo {
+                name,
+                shape: ne,
+                ty,
+                offset,
+            });
+        }
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Meta::as_u64)
+            .unwrap_or(32) as usize;
+        if align == 0 || !align.is_power_of_two() {
+            return Err(bad(format!(
+                "general.alignment {align} is not a power of two"
+            )));
+        }
+        let data_start = r.pos.div_ceil(align) * align;
+        for t in &tensors {
+            let numel: usize = t.shape.iter().product();
+            let (per, bytes) = t.ty.block();
+            if numel % per != 0 {
+                return Err(bad(format!(
+                    "tensor `{}`: {numel} elements is not a whole number of blocks",
+                    t.name
+                )));
+            }
+            let end = data_start + t.offset + numel / per * bytes;
+            if end > mmap.len() {
+                return Err(bad(format!(
+                    "tensor `{}` runs past the end of the file: truncated?",
+                    t.name
+                )));
+            }
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_start,
+            mmap,
+        })
+    }
+
+    fn meta_u(&self, key: &str) -> Result<usize, ModelError> {
+        self.metadata
+            .get(key)
+            .and_then(Meta::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| ModelError::Gguf {
+                path: self.path.clone(),
+                why: format!("metadata `{key}` is missing"),
+            })
+    }
+
+    /// The tensor dequantized to f32, in Hugging Face shape order.
+    pub fn dequantize(&self, t: &TensorInfo) -> Vec<f32> {
+        let numel: usize = t.shape.iter().product();
+        let (per, bytes) = t.ty.block();
+        let start = self.data_start + t.offset;
+        let raw = &self.mmap[start..start + numel / per * bytes];
+        dequantize(t.ty, raw, numel)
+    }
+
+    pub fn config(&self) -> Result<ModelConfig, ModelError> {
+        let arch = self
+            .metadata
+            .get("general.architecture")
+            .and_then(Meta::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if arch != "llama" && arch != "mistral" {
+            return Err(ModelError::Gguf {
+                path: self.path.clone(),
+                why: format!(
+                    "metadata `general.architecture` is \"{arch}\"; distillery reads llama and mistral"
+                ),
+            });
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = self.meta_u(&k("embedding_length"))?;
+        let heads = self.meta_u(&k("attention.head_count"))?;
+        let kv_heads = self
+            .metadata
+            .get(&k("attention.head_count_kv"))
+            .and_then(Meta::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(heads);
+        let head_dim = self
+            .metadata
+            .get(&k("attention.key_length"))
+            .or_else(|| self.metadata.get(&k("rope.dimension_count")))
+            .and_then(Meta::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(hidden / heads);
+        let vocab = match self.metadata.get(&k("vocab_size")).and_then(Meta::as_u64) {
+            Some(v) => v as usize,
+            None => match self.metadata.get("tokenizer.ggml.tokens") {
+                Some(Meta::Array(a)) => a.len(),
+                _ => self.meta_u(&k("vocab_size"))?,
+            },
+        };
+        let tied = !self.tensors.iter().any(|t| t.name == "output.weight");
+        let mut json = json!({
+            "architectures": [if arch == "mistral" { "MistralForCausalLM" } else { "LlamaForCausalLM" }],
+            "hidden_size": hidden,
+            "intermediate_size": self.meta_u(&k("feed_forward_length"))?,
+            "num_hidden_layers": self.meta_u(&k("block_count"))?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": vocab,
+            "rms_norm_eps": self.metadata.get(&k("attention.layer_norm_rms_epsilon")).and_then(Meta::as_f64).unwrap_or(1e-5),
+            "rope_theta": self.metadata.get(&k("rope.freq_base")).and_then(Meta::as_f64).unwrap_or(10000.0),
+            "max_position_embeddings": self.metadata.get(&k("context_length")).and_then(Meta::as_u64).unwrap_or(2048),
+            "tie_word_embeddings": tied,
+        });
+        if let Some(b) = self
+            .metadata
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Meta::as_u64)
+        {
+            json["bos_token_id"] = b.into();
+        }
+        if let Some(e) = self
+            .metadata
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(Meta::as_u64)
+        {
+            json["eos_token_id"] = e.into();
+        }
+        ModelConfig::from_json_str(&json.to_string()).map_err(|why| ModelError::Gguf {
+            path: self.path.clone(),
+            why,
+        })
+    }
+}
+
+/// Dequantizes `numel` values of type `ty` from `raw`.
+pub fn dequantize(ty: GgmlType, raw: &[u8], numel: usize) -> Vec<f32> {
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut out = Vec::with_capacity(numel);
+    match ty {
+        GgmlType::F32 => out.extend(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        GgmlType::F16 => out.extend(raw.chunks_exact(2).map(f16)),
+        GgmlType::BF16 => out.extend(
+            raw.chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        GgmlType::Q8_0 => {
+            for b in raw.chunks_exact(34) {
+                let d = f16(&b[0..2]);
+                out.extend(b[2..34].iter().map(|&q| d * (q as i8) as f32));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in raw.chunks_exact(18) {
+                let d = f16(&b[0..2]);
+                let qs = &b[2..18];
+                out.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
+                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for b in raw.chunks_exact(20) {
+                let d = f16(&b[0..2]);
+                let m = f16(&b[2..4]);
+                let qs = &b[4..20];
+                out.extend(qs.iter().map(|&q| d * (q & 0xF) as f32 + m));
+                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+        }
+        GgmlType::Q4K => {
+            for b in raw.chunks_exact(144) {
+                let d = f16(&b[0..2]);
+                let dmin = f16(&b[2..4]);
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                let scale_min = |j: usize| -> (f32, f32) {
+                    if j < 4 {
+                        ((scales[j] & 63) as f32, (scales[j + 4] & 63) as f32)
+                    } else {
+                        (
+                            ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4)) as f32,
+                            ((scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)) as f32,
+                        )
+                    }
+                };
+                for (chunk, q) in qs.chunks_exact(32).enumerate() {
+                    let (s1, m1) = scale_min(2 * chunk);
+                    let (s2, m2) = scale_min(2 * chunk + 1);
+                    out.extend(q.iter().map(|&v| d * s1 * (v & 0xF) as f32 - dmin * m1));
+                    out.extend(q.iter().map(|&v| d * s2 * (v >> 4) as f32 - dmin * m2));
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for b in raw.chunks_exact(210) {
+                let (ql_all, rest) = b.split_at(128);
+                let (qh_all, rest) = rest.split_at(64);
+                let (sc_all, dbytes) = rest.split_at(16);
+                let d = f16(dbytes);
+                let mut y = [0f32; 256];
+                for half_block in 0..2 {
+                    let ql = &ql_all[half_block * 64..];
+                    let qh = &qh_all[half_block * 32..];
+                    let sc = &sc_all[half_block * 8..];
+                    let y = &mut y[half_block * 128..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+                out.extend_from_slice(&y);
+            }
+        }
+    }
+    debug_assert_eq!(out.len(), numel);
+    out
+}
+
+/// Undoes llama.cpp's `permute` of q_proj/k_proj rows (it interleaves the two RoPE halves of each
+/// head). `w` is `[heads * head_dim, cols]` row-major.
+pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let d = rows / heads;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let permuted = h * d + i * 2 + j;
+                let original = h * d + j * (d / 2) + i;
+                out[original * cols..(original + 1) * cols]
+                    .copy_from_slice(&w[permuted * cols..(permuted + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn hf_name(gguf: &str) -> Option<String> {
+    Some(match gguf {
+        "token_embd.weight" => "model.embed_tokens.weight".into(),
+        "output_norm.weight" => "model.norm.weight".into(),
+        "output.weight" => "lm_head.weight".into(),
+        _ => {
+            let rest = gguf.strip_prefix("blk.")?;
+            let (layer, part) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let hf = match part {
+                "attn_norm.weight" => "input_layernorm.weight",
+                "attn_q.weight" => "self_attn.q_proj.weight",
+                "attn_k.weight" => "self_attn.k_proj.weight",
+                "attn_v.weight" => "self_attn.v_proj.weight",
+                "attn_output.weight" => "self_attn.o_proj.weight",
+                "ffn_norm.weight" => "post_attention_layernorm.weight",
+                "ffn_gate.weight" => "mlp.gate_proj.weight",
+                "ffn_up.weight" => "mlp.up_proj.weight",
+                "ffn_down.weight" => "mlp.down_proj.weight",
+                _ => return None,
+            };
+            format!("model.layers.{layer}.{hf}")
+        }
+    })
+}
+
+/// Reads just the config from a GGUF file's metadata.
+pub fn read_config(path: &Path) -> Result<ModelConfig, ModelError> {
+    GgufFile::open(path)?.config()
+}
+
+/// Loads a GGUF model: dequantized tensors under Hugging Face names and the tokenizer.
+pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
+    let file = GgufFile::open(path)?;
+    let config = file.config()?;
+    let mut tensors = BTreeMap::new();
+    for t in &file.tensors {
+        let name = hf_name(&t.name).ok_or_else(|| ModelError::Gguf {
+            path: path.to_path_buf(),
+            why: format!(
+                "tensor `{}` has no Hugging Face counterpart in a Llama model",
+                t.name
+            ),
+        })?;
+        let mut data = file.dequantize(t);
+        let cols = t.shape.get(1).copied().unwrap_or(1);
+        if name.ends_with("q_proj.weight") {
+            data = unpermute_rows(&data, config.num_attention_heads, cols);
+        } else if name.ends_with("k_proj.weight") {
+            data = unpermute_rows(&data, config.num_key_value_heads, cols);
+        }
+        tensors.insert(name, (t.shape.clone(), data));
+    }
+    let weights = Weights::from_memory(path.to_path_buf(), tensors);
+    weights.check_against(&config)?;
+    let tokenizer_json = Some(tokenizer_json(&file)?.to_string());
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer_json,
+        tokenizer_files: Vec::new(),
+        generation_config: None,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Rebuilds a Hugging Face `tokenizer.json` from `tokenizer.ggml.*` metadata.
+pub fn tokenizer_json(file: &GgufFile) -> Result<Value, ModelError> {
+    let bad = |why: String| ModelError::Tokenizer {
+        path: file.path.clone(),
+        why,
+    };
+    let model = file
+        .metadata
+        .get("tokenizer.ggml.model")
+        .and_then(Meta::as_str)
+        .unwrap_or("");
+    let strings = |key: &str| -> Result<Vec<String>, ModelError> {
+        match file.metadata.get(key) {
+            Some(Meta::Array(a)) => a
+                .iter()
+                .map(|m| {
+                    m.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| bad(format!("`{key}` holds a non-string")))
+                })
+                .collect(),
+            _ => Err(bad(format!("metadata `{key}` is missing"))),
+        }
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let types: Vec<u64> = match file.metadata.get("tokenizer.ggml.token_type") {
+        Some(Meta::Array(a)) => a.iter().map(|m| m.as_u64().unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    // Control (3) and user-defined (4) tokens are matched whole, never split.
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": types.get(i) == Some(&3)})
+        })
+        .collect();
+    match model {
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?;
+            let vocab: serde_json::Map<String, Value> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), Value::from(i)))
+                .collect();
+            let pre = file
+                .metadata
+                .get("tokenizer.ggml.pre")
+                .and_then(Meta::as_str)
+                .unwrap_or("default");
+            let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+            let pre_tokenizer = match pre {
+                // SmolLM splits digits one by one before the GPT-2 byte-level split.
+                "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level]}),
+                "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+                     "behavior": "Isolated", "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+                _ => byte_level,
+            };
+            Ok(json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": pre_tokenizer,
+                "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                          "vocab": vocab, "merges": merges}
+            }))
+        }
+        "llama" => {
+            // SentencePiece-style BPE over scores, with byte fallback, as tokenizers' Llama conversion.
+            let scores: Vec<f64> = match file.metadata.get("tokenizer.ggml.scores") {
+                Some(Meta::Array(a)) => a.iter().map(|m| m.as_f64().unwrap_or(0.0)).collect(),
+                _ => return Err(bad("metadata `tokenizer.ggml.scores` is missing".into())),
+            };
+            let vocab: serde_json::Map<String, Value> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), Value::from(i)))
+                .collect();
+            // Merges ranked by the score of the merged piece, as SentencePiece's BPE does.
+            let index: std::collections::HashMap<&str, usize> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.as_str(), i))
+                .collect();
+            let mut merges: Vec<(f64, usize, String)> = Vec::new();
+            for (id, piece) in tokens.iter().enumerate() {
+                if types.get(id) != Some(&1) {
+                    continue;
+                }
+                let chars: Vec<(usize, char)> = piece.char_indices().collect();
+                for k in 1..chars.len() {
+                    let (l, r) = piece.split_at(chars[k].0);
+                    if index.contains_key(l) && index.contains_key(r) {
+                        merges.push((scores[id], id, format!("{l} {r}")));
+                    }
+                }
+            }
+            merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let unk = file
+                .metadata
+                .get("tokenizer.ggml.unknown_token_id")
+                .and_then(Meta::as_u64)
+                .unwrap_or(0) as usize;
+            Ok(json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": {"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+                "pre_tokenizer": null,
+                "post_processor": null,
+                "decoder": {"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+                    {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+                "model": {"type": "BPE", "dropout": null, "unk_token": tokens.get(unk), "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                          "vocab": vocab, "merges": merges.into_iter().map(|m| m.2).collect::<Vec<_>>()}
+            }))
+        }
+        other => Err(bad(format!(
+            "metadata `tokenizer.ggml.model` is \"{other}\"; distillery rebuilds \"gpt2\" (BPE) and \"llama\" (SentencePiece) tokenizers"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: reshape(heads, 2, d/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, d, cols) = (2, 4, 3);
+        let orig: Vec<f32> = (0..heads * d * cols).map(|x| x as f32).collect();
+        let mut permuted = vec![0f32; orig.len()];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..d / 2 {
+                    let src = h * d + j * (d / 2) + i;
+                    let dst = h * d + i * 2 + j;
+                    permuted[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&orig[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&permuted, heads, cols), orig);
+    }
+
+    #[test]
+    fn q4_1_and_q8_0_blocks() {
+        let mut block = Vec::new();
+        block.extend(half::f16::from_f32(0.5).to_le_bytes());
+        block.extend(half::f16::from_f32(-1.0).to_le_bytes());
+        block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let v = dequantize(GgmlType::Q4_1, &block, 32);
+        assert_eq!(v[0], -1.0);
+        assert_eq!(v[15], 0.5 * 15.0 - 1.0);
+        assert_eq!(v[16], 0.5 * 15.0 - 1.0);
+        assert_eq!(v[31], -1.0);
+        let mut block = Vec::new();
+        block.extend(half::f16::from_f32(0.25).to_le_bytes());
+        block.extend((0..32i8).map(|i| (i - 16) as u8));
+        let v = dequantize(GgmlType::Q8_0, &block, 32);
+        assert_eq!(v[0], -4.0);
+        assert_eq!(v[31], 3.75);
+    }
+}

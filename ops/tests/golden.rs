@@ -1,0 +1,112 @@
+//! Logit parity with transformers on tiny random checkpoints (tests/golden, made by
+//! make_goldens.py), and checkpoint round trips.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::Tensor;
+use distillery_ops::model::checkpoint::{SaveOptions, load_model};
+use distillery_ops::model::decoder::{Decoder, tokens_tensor};
+use distillery_ops::model::weights::{DType, bytes_to_f32};
+
+type B = Flex;
+
+fn golden_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden")
+        .join(name)
+}
+
+fn golden(dir: &Path) -> (Vec<u32>, Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st.tensor("input_ids").unwrap();
+    let ids: Vec<u32> = ids
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let logits = st.tensor("logits").unwrap();
+    (
+        ids,
+        logits.shape().to_vec(),
+        bytes_to_f32(DType::F32, logits.data()),
+    )
+}
+
+fn logits_of(model_dir: &Path, ids: &[u32], batch: usize) -> Vec<f32> {
+    let device = Default::default();
+    let m = load_model(model_dir).unwrap();
+    let decoder = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+    let out: Tensor<B, 3> = decoder.forward(tokens_tensor::<B>(ids, batch, &device));
+    out.into_data().to_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const CASES: [&str; 3] = [
+    "llama-gqa-tied-f32",
+    "llama3-untied-bf16-sharded",
+    "mistral-window-f16",
+];
+
+#[test]
+fn logits_match_transformers() {
+    let mut bad = Vec::new();
+    for name in CASES {
+        let dir = golden_dir(name);
+        let (ids, shape, expected) = golden(&dir);
+        let got = logits_of(&dir, &ids, shape[0]);
+        let diff = max_abs_diff(&got, &expected);
+        eprintln!("{name}: max |Δlogit| = {diff:.2e}");
+        if diff > 1e-4 {
+            bad.push(format!("{name}: max |Δlogit| = {diff}"));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+#[test]
+fn save_then_load_is_bit_identical_with_the_same_config() {
+    for name in CASES {
+        let dir = golden_dir(name);
+        let m = load_model(&dir).unwrap();
+        let dtype = m.weights.dominant_dtype();
+        let out = tempfile::tempdir().unwrap();
+        let provenance = serde_json::json!({"test": name});
+        let opts = SaveOptions {
+            dtype,
+            // Small shards force an index on every case.
+            shard_bytes: 30_000,
+            tokenizer_json: None,
+            tokenizer_files: &m.tokenizer_files,
+            generation_config: m.generation_config.as_ref(),
+            provenance: &provenance,
+        };
+        distillery_ops::model::save_checkpoint(out.path(), &m.config, &opts, |n| {
+            Ok(m.weights.f32(n)?.1)
+        })
+        .unwrap();
+        assert!(out.path().join("model.safetensors.index.json").is_file());
+        let back = load_model(out.path()).unwrap();
+        assert_eq!(back.config, m.config, "{name}: config changed");
+        for t in m.weights.names() {
+            let (meta_a, raw_a) = m.weights.raw(&t).unwrap();
+            let (meta_b, raw_b) = back.weights.raw(&t).unwrap();
+            assert_eq!(meta_a.shape, meta_b.shape);
+            assert_eq!(meta_a.dtype, meta_b.dtype);
+            assert!(raw_a == raw_b, "{name}: tensor {t} changed");
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["head_dim"], m.config.head_dim);
+        assert_eq!(cfg["torch_dtype"], dtype.torch_name());
+    }
+}
