@@ -1,6 +1,7 @@
 //! The model and every op that touches tensors: Llama/Mistral decoders on Burn, checkpoint IO,
 //! tokenizers and datasets, and the pipeline's ops (calibrate, score, prune, train, distill, evaluate).
 
+pub mod evaluate;
 pub mod model;
 pub mod op;
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod gguf;
+pub mod tokenizer;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,3 @@
+//! The `evaluate` op: perplexity, multiple-choice accuracy, parameter counts and throughput.
+
+pub mod loglik;

@@ -1,0 +1,45 @@
+//! Tokenization with the `tokenizers` crate, from a Hugging Face `tokenizer.json` (a checkpoint's,
+//! or one rebuilt from GGUF metadata).
+
+use std::path::Path;
+
+use crate::model::ModelError;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn from_json(json: &str, origin: &Path) -> Result<Tokenizer, ModelError> {
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+            ModelError::Tokenizer {
+                path: origin.to_path_buf(),
+                why: e.to_string(),
+            }
+        })?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Token ids of `text`, without special tokens added (BOS is the caller's choice).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.inner
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ModelError::Tokenizer {
+                path: Default::default(),
+                why: e.to_string(),
+            })
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).unwrap_or_default()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
