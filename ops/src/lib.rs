@@ -1,9 +1,12 @@
 //! The model and every op that touches tensors: Llama/Mistral decoders on Burn, checkpoint IO,
 //! tokenizers and datasets, and the pipeline's ops (calibrate, score, prune, train, distill, evaluate).
 
+pub mod data;
 pub mod evaluate;
 pub mod model;
 pub mod op;
+pub mod runtime;
+pub mod tokenize;
 
 pub use op::{
     Artifact, ArtifactKind, NoProgress, Op, OpContext, OpError, OpRegistry, OpSignature,
@@ -12,5 +15,7 @@ pub use op::{
 
 /// Every op distillery ships.
 pub fn builtin() -> OpRegistry {
-    OpRegistry::new()
+    let mut r = OpRegistry::new();
+    r.register(tokenize::Tokenize).register(evaluate::Evaluate);
+    r
 }

@@ -1,3 +1,402 @@
-//! The `evaluate` op: perplexity, multiple-choice accuracy, parameter counts and throughput.
+//! The `evaluate` op: perplexity (rolling windows, token and word), multiple-choice accuracy
+//! (acc and acc_norm), parameter counts, forward throughput and peak memory, as a JSON report.
 
 pub mod loglik;
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::data::tokenized;
+use crate::model::decoder::Decoder;
+use crate::op::{
+    Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
+    Params, Port, Problem,
+};
+use crate::runtime::{self, Backend as B};
+use loglik::{Window, rolling_windows, score_windows};
+
+pub const REPORT_FILE: &str = "report.json";
+
+pub struct Evaluate;
+
+/// One multiple-choice item.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    pub context: String,
+    pub choices: Vec<String>,
+    pub gold: usize,
+}
+
+/// Reads multiple-choice items: JSONL lines `{context, choices, gold}`, or a pair of text files
+/// named `*correct*` and `*wrong*` whose lines are whole texts (HellaSwag pairs): the context is
+/// their common prefix up to a word boundary.
+pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
+    let mut items = Vec::new();
+    let correct = artifact.files.iter().find(|f| {
+        f.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("correct"))
+    });
+    let wrong = artifact.files.iter().find(|f| {
+        f.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("wrong"))
+    });
+    if let (Some(c), Some(w)) = (correct, wrong) {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| OpError::io(p, "read", e));
+        let (c, w) = (read(c)?, read(w)?);
+        for (a, b) in c.lines().zip(w.lines()) {
+            let mut cut = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+            while cut > 0 && (!a.is_char_boundary(cut) || !a[..cut].ends_with(' ')) {
+                cut -= 1;
+            }
+            let context = a[..cut].trim_end().to_string();
+            let sep = if context.is_empty() { "" } else { " " };
+            items.push(Choice {
+                context,
+                choices: vec![
+                    format!("{sep}{}", a[cut..].trim_start()),
+                    format!("{sep}{}", b[cut..].trim_start()),
+                ],
+                gold: 0,
+            });
+        }
+        return Ok(items);
+    }
+    for path in &artifact.files {
+        let text = std::fs::read_to_string(path).map_err(|e| OpError::io(path, "read", e))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| OpError::Invalid(format!("{}: not JSON: {e}", at())))?;
+            let context = v["context"]
+                .as_str()
+                .ok_or_else(|| OpError::Invalid(format!("{}: no string `context`", at())))?;
+            let choices: Vec<String> = v["choices"]
+                .as_array()
+                .ok_or_else(|| OpError::Invalid(format!("{}: no array `choices`", at())))?
+                .iter()
+                .map(|c| {
+                    c.as_str().map(String::from).ok_or_else(|| {
+                        OpError::Invalid(format!("{}: a choice is not a string", at()))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            let gold = v["gold"]
+                .as_u64()
+                .ok_or_else(|| OpError::Invalid(format!("{}: no integer `gold`", at())))?
+                as usize;
+            if gold >= choices.len() {
+                return Err(OpError::Invalid(format!(
+                    "{}: gold {gold} but {} choices",
+                    at(),
+                    choices.len()
+                )));
+            }
+            items.push(Choice {
+                context: context.to_string(),
+                choices,
+                gold,
+            });
+        }
+    }
+    Ok(items)
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+impl Op for Evaluate {
+    fn signature(&self) -> OpSignature {
+        OpSignature {
+            name: "evaluate",
+            version: 1,
+            doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
+            inputs: vec![
+                Port::new("model", ArtifactKind::Model, "the model to evaluate"),
+                Port::optional(
+                    "data",
+                    ArtifactKind::Dataset,
+                    "texts for perplexity (documents scored whole)",
+                ),
+                Port::optional(
+                    "tasks",
+                    ArtifactKind::Dataset,
+                    "multiple choice: JSONL {context, choices, gold} or correct/wrong line pairs",
+                ),
+            ],
+            output: ArtifactKind::Report,
+            params: vec![
+                ParamSpec::with_default(
+                    "window",
+                    ParamType::Int,
+                    ParamValue::Int(512),
+                    "tokens per perplexity window (capped by the model's context)",
+                ),
+                ParamSpec::with_default(
+                    "batch",
+                    ParamType::Int,
+                    ParamValue::Int(4),
+                    "windows per forward pass",
+                ),
+                ParamSpec::with_default(
+                    "max_tokens",
+                    ParamType::Int,
+                    ParamValue::Int(0),
+                    "score at most this many tokens of the data (0: all)",
+                ),
+                ParamSpec::with_default(
+                    "max_items",
+                    ParamType::Int,
+                    ParamValue::Int(0),
+                    "score at most this many multiple-choice items (0: all)",
+                ),
+            ],
+        }
+    }
+
+    fn check(&self, params: &Params) -> Vec<Problem> {
+        let mut p = Vec::new();
+        for name in ["window", "batch"] {
+            if params.int(name).is_ok_and(|v| v < 1) {
+                p.push(Problem {
+                    param: Some(name.into()),
+                    message: format!("{name} must be at least 1"),
+                });
+            }
+        }
+        p
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
+        runtime::with_threads(ctx.threads, || self.evaluate(ctx))
+    }
+
+    fn summarize(&self, out_dir: &Path) -> Option<String> {
+        std::fs::read_to_string(out_dir.join("report.txt")).ok()
+    }
+}
+
+impl Evaluate {
+    fn evaluate(&self, ctx: &OpContext) -> Result<(), OpError> {
+        let device = runtime::device();
+        let model = runtime::open_model(ctx.input("model")?)?;
+        let tok = runtime::tokenizer(&model)?;
+        ctx.progress.phase("loading", 1, "model");
+        let decoder = Decoder::<B>::load(&model.config, &model.weights, &device)?;
+        let (params_total, params_non_embed) = model.config.parameter_count();
+        let mut report = json!({
+            "model": {
+                "path": model.path,
+                "parameters": params_total,
+                "non_embedding_parameters": params_non_embed,
+                "layers": model.config.num_hidden_layers,
+                "hidden_size": model.config.hidden_size,
+                "intermediate_size": model.config.intermediate_size,
+                "heads": model.config.num_attention_heads,
+                "kv_heads": model.config.num_key_value_heads,
+            }
+        });
+        let batch = ctx.params.usize("batch")?;
+        let mut forward_tokens = 0usize;
+        let mut forward_secs = 0f64;
+        let eos = model.config.eos_id().unwrap_or(0);
+
+        if let Some(data) = ctx.inputs.get("data") {
+            let window = ctx
+                .params
+                .usize("window")?
+                .min(model.config.max_position_embeddings);
+            let mut ds = tokenized(data, &tok)?;
+            let max_tokens = ctx.params.usize("max_tokens")?;
+            if max_tokens > 0 {
+                // Whole documents until the budget; the last one cut (word counts scaled alike).
+                let total = ds.total_tokens().max(1);
+                let mut left = max_tokens;
+                for d in ds.docs.iter_mut() {
+                    d.truncate(left);
+                    left -= d.len();
+                }
+                ds.docs.retain(|d| !d.is_empty());
+                ds.words =
+                    (ds.words as f64 * ds.total_tokens() as f64 / total as f64).round() as usize;
+            }
+            let windows: Vec<Window> = ds
+                .docs
+                .iter()
+                .flat_map(|d| rolling_windows(d, eos, window))
+                .collect();
+            ctx.progress
+                .phase("perplexity", windows.len() as u64, "windows");
+            let t = Instant::now();
+            let scores = score_windows(&decoder, &windows, batch, &device, &mut |done| {
+                ctx.progress.set(done as u64)
+            });
+            forward_secs += t.elapsed().as_secs_f64();
+            forward_tokens += windows.iter().map(|w| w.input.len()).sum::<usize>();
+            let ll: f64 = scores.iter().sum();
+            let n = ds.total_tokens();
+            report["perplexity"] = json!({
+                "documents": ds.docs.len(),
+                "tokens": n,
+                "words": ds.words,
+                "window": window,
+                "windows": windows.len(),
+                "loglikelihood": ll,
+                "token_perplexity": (-ll / n as f64).exp(),
+                "word_perplexity": if ds.words > 0 { (-ll / ds.words as f64).exp() } else { f64::NAN },
+            });
+        }
+
+        if let Some(tasks) = ctx.inputs.get("tasks") {
+            let mut items = read_choices(tasks)?;
+            let max_items = ctx.params.usize("max_items")?;
+            if max_items > 0 {
+                items.truncate(max_items);
+            }
+            if items.is_empty() {
+                return Err(OpError::Invalid(
+                    "the tasks input has no multiple-choice items".into(),
+                ));
+            }
+            // Continuation tokens = tokens of context+choice after the context's own tokens.
+            let mut windows = Vec::new();
+            let mut owner = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let ctx_ids = tok.encode(&item.context)?;
+                for (c, choice) in item.choices.iter().enumerate() {
+                    let whole = tok.encode(&format!("{}{}", item.context, choice))?;
+                    let mut split = ctx_ids.len().min(whole.len().saturating_sub(1));
+                    while split > 0 && whole[..split] != ctx_ids[..split] {
+                        split -= 1;
+                    }
+                    let mut stream = vec![eos];
+                    stream.extend_from_slice(&whole);
+                    let max = model.config.max_position_embeddings;
+                    let start = stream.len().saturating_sub(max + 1);
+                    let s = &stream[start..];
+                    let scored = whole.len() - split;
+                    windows.push(Window {
+                        input: s[..s.len() - 1].to_vec(),
+                        targets: s[1..].to_vec(),
+                        scored,
+                    });
+                    owner.push((i, c));
+                }
+            }
+            ctx.progress
+                .phase("multiple choice", windows.len() as u64, "choices");
+            let t = Instant::now();
+            let scores = score_windows(&decoder, &windows, batch, &device, &mut |done| {
+                ctx.progress.set(done as u64)
+            });
+            forward_secs += t.elapsed().as_secs_f64();
+            forward_tokens += windows.iter().map(|w| w.input.len()).sum::<usize>();
+            let mut best =
+                vec![(f64::NEG_INFINITY, 0usize, f64::NEG_INFINITY, 0usize); items.len()];
+            for ((i, c), s) in owner.iter().zip(&scores) {
+                let norm = s / items[*i].choices[*c].chars().count().max(1) as f64;
+                if *s > best[*i].0 {
+                    best[*i].0 = *s;
+                    best[*i].1 = *c;
+                }
+                if norm > best[*i].2 {
+                    best[*i].2 = norm;
+                    best[*i].3 = *c;
+                }
+            }
+            let correct = best
+                .iter()
+                .zip(&items)
+                .filter(|(b, it)| b.1 == it.gold)
+                .count();
+            let correct_norm = best
+                .iter()
+                .zip(&items)
+                .filter(|(b, it)| b.3 == it.gold)
+                .count();
+            report["multiple_choice"] = json!({
+                "items": items.len(),
+                "correct": correct,
+                "correct_norm": correct_norm,
+                "acc": correct as f64 / items.len() as f64,
+                "acc_norm": correct_norm as f64 / items.len() as f64,
+            });
+        }
+        if forward_tokens > 0 {
+            report["throughput"] = json!({
+                "forward_tokens": forward_tokens,
+                "seconds": forward_secs,
+                "tokens_per_second": forward_tokens as f64 / forward_secs.max(1e-9),
+                "backend": runtime::BACKEND_NAME,
+                "threads": ctx.threads,
+            });
+        }
+        report["peak_rss_bytes"] = peak_rss_bytes().map(Value::from).unwrap_or(Value::Null);
+        let text = render(&report);
+        let write = |name: &str, body: String| {
+            let p = ctx.out_dir.join(name);
+            std::fs::write(&p, body).map_err(|e| OpError::io(&p, "write", e))
+        };
+        write(REPORT_FILE, serde_json::to_string_pretty(&report).unwrap())?;
+        write("report.txt", text)?;
+        Ok(())
+    }
+}
+
+/// A readable table of a report.
+pub fn render(r: &Value) -> String {
+    let mut out = String::new();
+    let m = &r["model"];
+    out.push_str(&format!(
+        "parameters          {:.1}M ({:.1}M without embeddings)\nshape               {} layers, hidden {}, ffn {}, {} heads / {} kv\n",
+        m["parameters"].as_f64().unwrap_or(0.0) / 1e6,
+        m["non_embedding_parameters"].as_f64().unwrap_or(0.0) / 1e6,
+        m["layers"], m["hidden_size"], m["intermediate_size"], m["heads"], m["kv_heads"]
+    ));
+    if let Some(p) = r.get("perplexity") {
+        out.push_str(&format!(
+            "perplexity          {:.3} per token, {:.3} per word ({} tokens, {} documents, window {})\n",
+            p["token_perplexity"].as_f64().unwrap_or(f64::NAN),
+            p["word_perplexity"].as_f64().unwrap_or(f64::NAN),
+            p["tokens"], p["documents"], p["window"]
+        ));
+    }
+    if let Some(mc) = r.get("multiple_choice") {
+        out.push_str(&format!(
+            "multiple choice     acc {:.4} ({}/{}), acc_norm {:.4} ({}/{})\n",
+            mc["acc"].as_f64().unwrap_or(0.0),
+            mc["correct"],
+            mc["items"],
+            mc["acc_norm"].as_f64().unwrap_or(0.0),
+            mc["correct_norm"],
+            mc["items"]
+        ));
+    }
+    if let Some(t) = r.get("throughput") {
+        out.push_str(&format!(
+            "throughput          {:.0} tokens/s forward ({}, {} threads)\n",
+            t["tokens_per_second"].as_f64().unwrap_or(0.0),
+            t["backend"].as_str().unwrap_or("?"),
+            t["threads"]
+        ));
+    }
+    if let Some(b) = r["peak_rss_bytes"].as_f64() {
+        out.push_str(&format!(
+            "peak memory         {:.0} MB (process)\n",
+            b / 1e6
+        ));
+    }
+    out
+}
