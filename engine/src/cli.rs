@@ -288,7 +288,7 @@ fn plan_for(
         Failure::new(
             exit::USER,
             RecipeErrors {
-                diagnostics: vec![d],
+                diagnostics: d,
                 map: recipe.map.clone(),
             }
             .render(),

@@ -432,7 +432,7 @@ pub fn make_plan(
     store: &Store,
     sources: Vec<ResolvedSource>,
     selection: &Selection,
-) -> Result<Plan, Diagnostic> {
+) -> Result<Plan, Vec<Diagnostic>> {
     let find = |name: &str| -> Result<usize, Diagnostic> {
         recipe.step(name).map(|(i, _)| i).ok_or_else(|| {
             Diagnostic::new(format!("the recipe has no step `{name}`"), None).maybe_help(
@@ -442,22 +442,22 @@ pub fn make_plan(
     };
     let mut targets: BTreeSet<usize> = (0..recipe.steps.len()).collect();
     if let Some(until) = &selection.until {
-        let i = find(until)?;
+        let i = find(until).map_err(|d| vec![d])?;
         targets = graph.ancestors(i);
         targets.insert(i);
     }
     if let Some(from) = &selection.from {
-        let i = find(from)?;
+        let i = find(from).map_err(|d| vec![d])?;
         let mut down = graph.descendants(i);
         down.insert(i);
         targets = targets.intersection(&down).copied().collect();
     }
     if let Some(only) = &selection.only {
-        targets = [find(only)?].into();
+        targets = [find(only).map_err(|d| vec![d])?].into();
     }
     let mut forced = BTreeSet::new();
     for f in &selection.force {
-        forced.insert(find(f)?);
+        forced.insert(find(f).map_err(|d| vec![d])?);
     }
 
     let mut keys: Vec<Option<CacheKey>> = vec![None; recipe.steps.len()];
@@ -509,6 +509,46 @@ pub fn make_plan(
             reasons,
         });
     }
+    // Op checks that need the inputs (a pruning target against the model's config, say).
+    let mut problems = Vec::new();
+    for p in &planned {
+        if p.status == Status::Skipped {
+            continue;
+        }
+        let step = &recipe.steps[p.index];
+        let mut available = BTreeMap::new();
+        for input in &step.inputs {
+            match input.target {
+                Ref::Source(j) => {
+                    available.insert(input.port.clone(), sources[j].artifact.clone());
+                }
+                Ref::Step(j) => {
+                    let dep = planned.iter().find(|d| d.index == j).expect("planned");
+                    if let Ok(Some(entry)) = store.get(&dep.key) {
+                        available.insert(
+                            input.port.clone(),
+                            Artifact::dir(dep.kind, entry.data_dir()),
+                        );
+                    }
+                }
+            }
+        }
+        let op = registry.get(&step.op).expect("validated op");
+        for problem in op.plan_check(&step.params, &available) {
+            let span = problem
+                .param
+                .as_ref()
+                .and_then(|n| step.param_spans.get(n))
+                .unwrap_or(&step.span);
+            problems.push(Diagnostic::at(
+                span,
+                format!("step `{}`: {}", step.name, problem.message),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     // A selected step whose input is neither cached nor going to run cannot start.
     let by_index: BTreeMap<usize, &PlannedStep> = planned.iter().map(|p| (p.index, p)).collect();
     for p in &planned {
@@ -519,11 +559,11 @@ pub fn make_plan(
             if let Ref::Step(j) = input.target {
                 let dep = by_index[&j];
                 if dep.status == Status::Skipped && !store.contains(&dep.key) {
-                    return Err(Diagnostic::at(
+                    return Err(vec![Diagnostic::at(
                         &input.span,
                         format!("step `{}` needs `steps.{}`, which is not in the cache and not selected", p.name, dep.name),
                     )
-                    .help("run without --only/--from, or run that step first"));
+                    .help("run without --only/--from, or run that step first")]);
                 }
             }
         }

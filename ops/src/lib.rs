@@ -1,11 +1,15 @@
 //! The model and every op that touches tensors: Llama/Mistral decoders on Burn, checkpoint IO,
 //! tokenizers and datasets, and the pipeline's ops (calibrate, score, prune, train, distill, evaluate).
 
+pub mod calibrate;
 pub mod data;
 pub mod evaluate;
 pub mod model;
 pub mod op;
+pub mod prune;
 pub mod runtime;
+pub mod score;
+pub mod stats;
 pub mod tokenize;
 
 pub use op::{
@@ -16,6 +20,10 @@ pub use op::{
 /// Every op distillery ships.
 pub fn builtin() -> OpRegistry {
     let mut r = OpRegistry::new();
-    r.register(tokenize::Tokenize).register(evaluate::Evaluate);
+    r.register(tokenize::Tokenize)
+        .register(evaluate::Evaluate)
+        .register(calibrate::Calibrate)
+        .register(score::Score)
+        .register(prune::Prune);
     r
 }

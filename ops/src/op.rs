@@ -443,6 +443,12 @@ pub trait Op: Send + Sync {
         Vec::new()
     }
 
+    /// Checks against the inputs available when planning (sources, and outputs already in the
+    /// cache): cheap reads only, such as a model's config.json, never its tensors.
+    fn plan_check(&self, _params: &Params, _inputs: &BTreeMap<String, Artifact>) -> Vec<Problem> {
+        Vec::new()
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError>;
 
     /// A readable summary of an output directory, for `distillery show`.

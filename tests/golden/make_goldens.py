@@ -71,5 +71,57 @@ def main():
         print(case["name"], "logits", tuple(logits.shape), "files", sorted(os.listdir(out)))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not os.environ.get("ONLY_IMPORTANCE"):
     main()
+    importance_goldens()
+
+
+def importance_goldens():
+    """Minitron importance of llama-gqa-tied-f32 on its golden input_ids (one batch of 2), computed
+    independently with forward hooks: tests/golden/llama-gqa-tied-f32/importance.safetensors."""
+    from safetensors.torch import load_file
+    out = os.path.join(HERE, "llama-gqa-tied-f32")
+    model = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    ids = load_file(os.path.join(out, "golden.safetensors"))["input_ids"]
+    cfg = model.config
+    acts = {}
+
+    def keep(name, use_input):
+        def hook(mod, inp, outp):
+            acts[name] = (inp[0] if use_input else outp).detach().float()
+        return hook
+
+    hooks = []
+    for l, layer in enumerate(model.model.layers):
+        hooks.append(layer.mlp.down_proj.register_forward_hook(keep(f"mlp.{l}", True)))
+        hooks.append(layer.self_attn.o_proj.register_forward_hook(keep(f"attn.{l}", True)))
+        hooks.append(layer.input_layernorm.register_forward_hook(keep(f"in_norm.{l}", False)))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(keep(f"post_norm.{l}", False)))
+        hooks.append(layer.register_forward_hook(
+            lambda mod, inp, outp, l=l: acts.__setitem__(f"block.{l}", (inp[0].detach(), outp[0].detach()))))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+
+    def acc(a):  # [b, s, d] -> [d]: sum over batch of (mean over seq of |a|)^2
+        return (a.abs().mean(1) ** 2).sum(0)
+
+    result = {}
+    hidden = torch.zeros(cfg.hidden_size)
+    for l in range(cfg.num_hidden_layers):
+        result[f"neurons.{l}"] = acc(acts[f"mlp.{l}"]).sqrt()
+        heads = acc(acts[f"attn.{l}"]).sqrt().reshape(cfg.num_attention_heads, cfg.head_dim).norm(dim=1)
+        result[f"heads.{l}"] = heads
+        result[f"kv_groups.{l}"] = heads.reshape(cfg.num_key_value_heads, -1).sum(1)
+        hidden += acc(acts[f"in_norm.{l}"]).sqrt() + acc(acts[f"post_norm.{l}"]).sqrt()
+        x, y = acts[f"block.{l}"]
+        result.setdefault("layers", []).append(1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())
+    result["hidden"] = hidden
+    result["layers"] = torch.stack(result["layers"])
+    save_file({k: v.contiguous().float() for k, v in result.items()}, os.path.join(out, "importance.safetensors"))
+    print("importance goldens", sorted(result))
+
+
+if __name__ == "__main__" and os.environ.get("ONLY_IMPORTANCE"):
+    importance_goldens()

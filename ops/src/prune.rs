@@ -1,0 +1,574 @@
+//! The `prune` op (Minitron §2): slices a checkpoint along hidden, ffn, head, KV-group and depth
+//! axes by importance, streaming tensor by tensor from the input checkpoint into the output one.
+//! Every tensor that shares an axis uses the same index list; names stay Hugging Face's.
+
+use std::path::Path;
+
+use crate::data::SplitMix;
+use crate::model::checkpoint::{SaveOptions, load_config};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{DType, Weights};
+use crate::op::{
+    Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
+    Params, Port, Problem,
+};
+use crate::runtime;
+use crate::score::ImportanceScores;
+
+/// What to prune to. `None` keeps an axis.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PruneTarget {
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    pub num_key_value_heads: Option<usize>,
+    /// Keep this many layers, by block importance.
+    pub num_layers: Option<usize>,
+    /// Drop these layers (0-indexed).
+    pub drop_layers: Vec<usize>,
+}
+
+impl PruneTarget {
+    pub fn from_params(p: &Params) -> Result<PruneTarget, OpError> {
+        let opt = |n: &str| -> Result<Option<usize>, OpError> {
+            Ok(p.opt_int(n)?.map(|v| v.max(0) as usize))
+        };
+        Ok(PruneTarget {
+            hidden_size: opt("hidden_size")?,
+            intermediate_size: opt("intermediate_size")?,
+            num_attention_heads: opt("num_attention_heads")?,
+            num_key_value_heads: opt("num_key_value_heads")?,
+            num_layers: opt("num_layers")?,
+            drop_layers: p
+                .int_list("drop_layers")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v.max(0) as usize)
+                .collect(),
+        })
+    }
+
+    /// Problems with this target for a model of `config`, each naming its parameter.
+    pub fn problems(&self, c: &ModelConfig) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |param: &str, message: String| {
+            out.push(Problem {
+                param: Some(param.into()),
+                message,
+            })
+        };
+        let axes = [
+            ("hidden_size", self.hidden_size, c.hidden_size),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                c.intermediate_size,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                c.num_attention_heads,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                c.num_key_value_heads,
+            ),
+            ("num_layers", self.num_layers, c.num_hidden_layers),
+        ];
+        for (name, target, original) in axes {
+            match target {
+                Some(0) => bad(name, format!("{name} must be at least 1")),
+                Some(t) if t > original => bad(
+                    name,
+                    format!(
+                        "{name} {t} is larger than the model's {original}; pruning only shrinks"
+                    ),
+                ),
+                _ => {}
+            }
+        }
+        let kv = self.num_key_value_heads.unwrap_or(c.num_key_value_heads);
+        let heads = self.num_attention_heads.unwrap_or(c.num_attention_heads);
+        if kv > 0 && heads % kv != 0 {
+            bad(
+                "num_attention_heads",
+                format!(
+                    "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}: every KV group keeps the same number of heads"
+                ),
+            );
+        }
+        if let Some(&l) = self.drop_layers.iter().find(|&&l| l >= c.num_hidden_layers) {
+            bad(
+                "drop_layers",
+                format!(
+                    "layer {l} does not exist (the model has layers 0..{})",
+                    c.num_hidden_layers - 1
+                ),
+            );
+        }
+        let mut dropped = self.drop_layers.clone();
+        dropped.sort();
+        dropped.dedup();
+        if dropped.len() >= c.num_hidden_layers {
+            bad("drop_layers", "dropping every layer leaves no model".into());
+        }
+        if self.num_layers.is_some() && !self.drop_layers.is_empty() {
+            bad(
+                "num_layers",
+                "give either num_layers or drop_layers, not both".into(),
+            );
+        }
+        out
+    }
+
+    /// The config after pruning.
+    pub fn apply_to(&self, c: &ModelConfig) -> ModelConfig {
+        let mut n = c.clone();
+        if let Some(h) = self.hidden_size {
+            n.hidden_size = h;
+        }
+        if let Some(f) = self.intermediate_size {
+            n.intermediate_size = f;
+        }
+        if let Some(kv) = self.num_key_value_heads {
+            // Dropping KV groups drops their query heads unless a head count is given.
+            n.num_key_value_heads = kv;
+            n.num_attention_heads = c.num_attention_heads / c.num_key_value_heads * kv;
+        }
+        if let Some(h) = self.num_attention_heads {
+            n.num_attention_heads = h;
+        }
+        let mut dropped = self.drop_layers.clone();
+        dropped.sort();
+        dropped.dedup();
+        n.num_hidden_layers = self
+            .num_layers
+            .unwrap_or(c.num_hidden_layers - dropped.len());
+        n
+    }
+}
+
+/// Which channels, heads and layers survive, as index lists into the original model.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PrunePlan {
+    pub hidden: Vec<usize>,
+    /// Original layer index of each kept layer, in order.
+    pub layers: Vec<usize>,
+    /// Per kept layer: ffn neurons kept.
+    pub neurons: Vec<Vec<usize>>,
+    /// Per kept layer: query heads kept (original head indices).
+    pub heads: Vec<Vec<usize>>,
+    /// Per kept layer: KV groups kept.
+    pub kv_groups: Vec<Vec<usize>>,
+}
+
+/// Indices of the `k` largest values, most important first (ties by index).
+fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+impl PrunePlan {
+    /// `keep_importance_order`: kept channels in importance order (the reference) or original order.
+    pub fn new(
+        scores: &ImportanceScores,
+        target: &PruneTarget,
+        keep_importance_order: bool,
+    ) -> PrunePlan {
+        let c = &scores.config;
+        let new = target.apply_to(c);
+        let order = |mut v: Vec<usize>| {
+            if !keep_importance_order {
+                v.sort();
+            }
+            v
+        };
+        let layers: Vec<usize> = if let Some(n) = target.num_layers {
+            let mut keep = top_k(&scores.layers, n);
+            keep.sort();
+            keep
+        } else {
+            (0..c.num_hidden_layers)
+                .filter(|l| !target.drop_layers.contains(l))
+                .collect()
+        };
+        let hidden = order(top_k(&scores.hidden, new.hidden_size));
+        let per_group_old = c.num_attention_heads / c.num_key_value_heads;
+        let per_group_new = new.num_attention_heads / new.num_key_value_heads;
+        let mut neurons = Vec::new();
+        let mut heads = Vec::new();
+        let mut kv_groups = Vec::new();
+        for &l in &layers {
+            neurons.push(order(top_k(&scores.neurons[l], new.intermediate_size)));
+            // KV groups by importance (kept in original order: K/V rows move as whole groups).
+            let mut groups = top_k(&scores.kv_groups[l], new.num_key_value_heads);
+            groups.sort();
+            let mut kept_heads = Vec::new();
+            for &g in &groups {
+                let members: Vec<f32> = (0..per_group_old)
+                    .map(|i| scores.heads[l][g * per_group_old + i])
+                    .collect();
+                let mut best = top_k(&members, per_group_new);
+                if !keep_importance_order {
+                    best.sort();
+                }
+                kept_heads.extend(best.into_iter().map(|i| g * per_group_old + i));
+            }
+            heads.push(kept_heads);
+            kv_groups.push(groups);
+        }
+        PrunePlan {
+            hidden,
+            layers,
+            neurons,
+            heads,
+            kv_groups,
+        }
+    }
+}
+
+/// Gathers `rows` and `cols` of a row-major `[r, c]` matrix.
+fn gather(w: &[f32], cols_total: usize, rows: &[usize], cols: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * cols.len());
+    for &r in rows {
+        let row = &w[r * cols_total..(r + 1) * cols_total];
+        out.extend(cols.iter().map(|&c| row[c]));
+    }
+    out
+}
+
+/// Rows of whole heads: head h covers rows h*d .. (h+1)*d.
+fn head_rows(heads: &[usize], d: usize) -> Vec<usize> {
+    heads.iter().flat_map(|&h| h * d..(h + 1) * d).collect()
+}
+
+/// Streams the pruned tensors of `weights` (a model of `old`) into a checkpoint of `new`.
+pub fn prune_tensor(
+    weights: &Weights,
+    old: &ModelConfig,
+    plan: &PrunePlan,
+    name: &str,
+) -> Result<Vec<f32>, OpError> {
+    let all = |n: usize| (0..n).collect::<Vec<_>>();
+    let h = &plan.hidden;
+    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        let (_, w) = weights.f32(name)?;
+        return Ok(gather(&w, old.hidden_size, &all(old.vocab_size), h));
+    }
+    if name == "model.norm.weight" {
+        let (_, w) = weights.f32(name)?;
+        return Ok(h.iter().map(|&i| w[i]).collect());
+    }
+    let rest = name
+        .strip_prefix("model.layers.")
+        .ok_or_else(|| OpError::Invalid(format!("unexpected tensor {name}")))?;
+    let (new_l, part) = rest.split_once('.').unwrap();
+    let new_l: usize = new_l.parse().unwrap();
+    let l = plan.layers[new_l];
+    let src = format!("model.layers.{l}.{part}");
+    let (_, w) = weights.f32(&src)?;
+    let d = old.head_dim;
+    let hid = old.hidden_size;
+    Ok(match part {
+        "input_layernorm.weight" | "post_attention_layernorm.weight" => {
+            h.iter().map(|&i| w[i]).collect()
+        }
+        "self_attn.q_proj.weight" => gather(&w, hid, &head_rows(&plan.heads[new_l], d), h),
+        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
+            gather(&w, hid, &head_rows(&plan.kv_groups[new_l], d), h)
+        }
+        "self_attn.o_proj.weight" => gather(
+            &w,
+            old.num_attention_heads * d,
+            h,
+            &head_rows(&plan.heads[new_l], d),
+        ),
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => gather(&w, hid, &plan.neurons[new_l], h),
+        "mlp.down_proj.weight" => gather(&w, old.intermediate_size, h, &plan.neurons[new_l]),
+        other => return Err(OpError::Invalid(format!("unexpected tensor part {other}"))),
+    })
+}
+
+/// Scores that ignore activations: L2 norms of weights (`magnitude`) or noise (`random`), for
+/// comparing against importance-based pruning.
+pub fn baseline_scores(
+    weights: &Weights,
+    c: &ModelConfig,
+    method: &str,
+    seed: u64,
+) -> Result<ImportanceScores, OpError> {
+    let n = c.num_hidden_layers;
+    let mut rng = SplitMix(seed);
+    let mut rand = |k: usize| {
+        (0..k)
+            .map(|_| (rng.next_u64() >> 11) as f32 / (1u64 << 53) as f32)
+            .collect::<Vec<f32>>()
+    };
+    if method == "random" {
+        let per_group = c.num_attention_heads / c.num_key_value_heads;
+        let heads: Vec<Vec<f32>> = (0..n).map(|_| rand(c.num_attention_heads)).collect();
+        return Ok(ImportanceScores {
+            config: c.clone(),
+            neurons: (0..n).map(|_| rand(c.intermediate_size)).collect(),
+            kv_groups: heads
+                .iter()
+                .map(|h| h.chunks(per_group).map(|g| g.iter().sum()).collect())
+                .collect(),
+            heads,
+            hidden: rand(c.hidden_size),
+            layers: rand(n),
+        });
+    }
+    let row_norms = |w: &[f32], cols: usize| -> Vec<f32> {
+        w.chunks(cols)
+            .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt())
+            .collect()
+    };
+    let (_, emb) = weights.f32("model.embed_tokens.weight")?;
+    let mut hidden = vec![0f32; c.hidden_size];
+    for row in emb.chunks(c.hidden_size) {
+        for (h, x) in hidden.iter_mut().zip(row) {
+            *h += x * x;
+        }
+    }
+    let mut neurons = Vec::new();
+    let mut heads = Vec::new();
+    let mut kv_groups = Vec::new();
+    for l in 0..n {
+        let (_, up) = weights.f32(&format!("model.layers.{l}.mlp.up_proj.weight"))?;
+        neurons.push(row_norms(&up, c.hidden_size));
+        let (_, q) = weights.f32(&format!("model.layers.{l}.self_attn.q_proj.weight"))?;
+        let per_head: Vec<f32> = q
+            .chunks(c.head_dim * c.hidden_size)
+            .map(|h| h.iter().map(|x| x * x).sum::<f32>().sqrt())
+            .collect();
+        let per_group = c.num_attention_heads / c.num_key_value_heads;
+        kv_groups.push(per_head.chunks(per_group).map(|g| g.iter().sum()).collect());
+        heads.push(per_head);
+    }
+    Ok(ImportanceScores {
+        config: c.clone(),
+        neurons,
+        heads,
+        kv_groups,
+        hidden: hidden.into_iter().map(f32::sqrt).collect(),
+        layers: vec![1.0; n],
+    })
+}
+
+pub struct Prune;
+
+const METHODS: &[&str] = &["importance", "magnitude", "random"];
+const DTYPES: &[&str] = &["same", "float32", "bfloat16", "float16"];
+
+impl Op for Prune {
+    fn signature(&self) -> OpSignature {
+        OpSignature {
+            name: "prune",
+            version: 1,
+            doc: "slice a model along width and depth by importance (Minitron)",
+            inputs: vec![
+                Port::new("model", ArtifactKind::Model, "the model to prune"),
+                Port::optional(
+                    "scores",
+                    ArtifactKind::Scores,
+                    "importance scores of that model (required for method = \"importance\")",
+                ),
+            ],
+            output: ArtifactKind::Model,
+            params: vec![
+                ParamSpec::optional("hidden_size", ParamType::Int, "embedding channels to keep"),
+                ParamSpec::optional(
+                    "intermediate_size",
+                    ParamType::Int,
+                    "MLP neurons to keep per layer",
+                ),
+                ParamSpec::optional(
+                    "num_attention_heads",
+                    ParamType::Int,
+                    "query heads to keep per layer (a multiple of the KV heads)",
+                ),
+                ParamSpec::optional(
+                    "num_key_value_heads",
+                    ParamType::Int,
+                    "KV groups to keep per layer",
+                ),
+                ParamSpec::optional(
+                    "num_layers",
+                    ParamType::Int,
+                    "layers to keep, by block importance",
+                ),
+                ParamSpec::optional(
+                    "drop_layers",
+                    ParamType::IntList,
+                    "layers to drop, 0-indexed",
+                ),
+                ParamSpec::with_default(
+                    "method",
+                    ParamType::Choice(METHODS),
+                    ParamValue::Str("importance".into()),
+                    "how to rank: activation importance, or the magnitude/random baselines",
+                ),
+                ParamSpec::with_default(
+                    "order",
+                    ParamType::Choice(&["importance", "original"]),
+                    ParamValue::Str("importance".into()),
+                    "kept channels in importance order (the reference) or original order",
+                ),
+                ParamSpec::with_default(
+                    "dtype",
+                    ParamType::Choice(DTYPES),
+                    ParamValue::Str("same".into()),
+                    "dtype of the written checkpoint",
+                ),
+                ParamSpec::with_default(
+                    "shard_size",
+                    ParamType::Int,
+                    ParamValue::Int(5_000_000_000),
+                    "bytes per safetensors shard",
+                ),
+            ],
+        }
+    }
+
+    fn check(&self, params: &Params) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let Ok(t) = PruneTarget::from_params(params) else {
+            return p;
+        };
+        if let (Some(h), Some(kv)) = (t.num_attention_heads, t.num_key_value_heads)
+            && kv > 0
+            && h % kv != 0
+        {
+            p.push(Problem {
+                param: Some("num_attention_heads".into()),
+                message: format!(
+                    "num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"
+                ),
+            });
+        }
+        if t.num_layers.is_some() && !t.drop_layers.is_empty() {
+            p.push(Problem {
+                param: Some("num_layers".into()),
+                message: "give either num_layers or drop_layers, not both".into(),
+            });
+        }
+        p
+    }
+
+    fn plan_check(
+        &self,
+        params: &Params,
+        inputs: &std::collections::BTreeMap<String, Artifact>,
+    ) -> Vec<Problem> {
+        let Some(model) = inputs.get("model") else {
+            return Vec::new();
+        };
+        let Ok(config) = load_config(&model.path) else {
+            return Vec::new();
+        };
+        match PruneTarget::from_params(params) {
+            Ok(t) => t.problems(&config),
+            Err(e) => vec![Problem {
+                param: None,
+                message: e.to_string(),
+            }],
+        }
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
+        let model_in = ctx.input("model")?;
+        // Checked before any tensor is read.
+        let config = load_config(&model_in.path)?;
+        let target = PruneTarget::from_params(&ctx.params)?;
+        if let Some(p) = target.problems(&config).first() {
+            return Err(OpError::Invalid(p.message.clone()));
+        }
+        let model = runtime::open_model(model_in)?;
+        let method = ctx.params.str("method")?;
+        let scores = match (method, ctx.inputs.get("scores")) {
+            ("importance", Some(s)) => ImportanceScores::read(&s.path)?,
+            ("importance", None) => {
+                return Err(OpError::Invalid(
+                    "method \"importance\" needs a `scores` input".into(),
+                ));
+            }
+            (m, _) => baseline_scores(&model.weights, &config, m, ctx.seed)?,
+        };
+        if scores.config.hidden_size != config.hidden_size
+            || scores.config.num_hidden_layers != config.num_hidden_layers
+        {
+            return Err(OpError::Invalid(
+                "the scores were computed for a model of another shape".into(),
+            ));
+        }
+        let plan = PrunePlan::new(&scores, &target, ctx.params.str("order")? == "importance");
+        let new = target.apply_to(&config);
+        let dtype = match ctx.params.str("dtype")? {
+            "same" => model.weights.dominant_dtype(),
+            other => DType::from_torch_name(other).unwrap(),
+        };
+        let names = new.tensor_shapes();
+        ctx.progress.phase("slicing", names.len() as u64, "tensors");
+        let mut done = 0;
+        let opts = SaveOptions {
+            dtype,
+            shard_bytes: ctx.params.int("shard_size")?.max(1) as u64,
+            tokenizer_json: model.tokenizer_json.as_deref(),
+            tokenizer_files: &model.tokenizer_files,
+            generation_config: model.generation_config.as_ref(),
+            provenance: &ctx.provenance,
+        };
+        crate::model::save_checkpoint(&ctx.out_dir, &new, &opts, |name| {
+            let t = prune_tensor(&model.weights, &config, &plan, name).map_err(|e| {
+                crate::model::ModelError::Checkpoint {
+                    path: model.path.clone(),
+                    why: e.to_string(),
+                }
+            })?;
+            done += 1;
+            ctx.progress.set(done);
+            Ok(t)
+        })?;
+        let (before, _) = config.parameter_count();
+        let (after, _) = new.parameter_count();
+        let summary = serde_json::json!({
+            "method": method,
+            "parameters_before": before,
+            "parameters_after": after,
+            "config": new.to_json(),
+            "plan": plan,
+        });
+        let p = ctx.out_dir.join("prune_plan.json");
+        std::fs::write(&p, serde_json::to_string(&summary).unwrap())
+            .map_err(|e| OpError::io(&p, "write", e))?;
+        ctx.progress.note(&format!(
+            "{:.1}M → {:.1}M parameters",
+            before as f64 / 1e6,
+            after as f64 / 1e6
+        ));
+        Ok(())
+    }
+
+    fn summarize(&self, out_dir: &Path) -> Option<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out_dir.join("prune_plan.json")).ok()?)
+                .ok()?;
+        let c = &v["config"];
+        Some(format!(
+            "pruned ({}) {:.1}M → {:.1}M parameters: {} layers, hidden {}, ffn {}, {} heads / {} kv, head_dim {}",
+            v["method"].as_str().unwrap_or("?"),
+            v["parameters_before"].as_f64()? / 1e6,
+            v["parameters_after"].as_f64()? / 1e6,
+            c["num_hidden_layers"],
+            c["hidden_size"],
+            c["intermediate_size"],
+            c["num_attention_heads"],
+            c["num_key_value_heads"],
+            c["head_dim"]
+        ))
+    }
+}

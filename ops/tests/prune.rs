@@ -1,0 +1,270 @@
+//! Minitron on tiny models: importance against an independent implementation (transformers hooks),
+//! identity pruning, real pruning loading back, and the published shapes from config alone.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::Tensor;
+use distillery_ops::calibrate::calibrate_sequences;
+use distillery_ops::model::checkpoint::{SaveOptions, load_model};
+use distillery_ops::model::config::ModelConfig;
+use distillery_ops::model::decoder::{Decoder, tokens_tensor};
+use distillery_ops::model::weights::{DType, bytes_to_f32};
+use distillery_ops::prune::{PrunePlan, PruneTarget, prune_tensor};
+use distillery_ops::score::ImportanceScores;
+
+type B = Flex;
+
+fn golden_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden")
+        .join(name)
+}
+
+fn input_ids(dir: &Path) -> Vec<u32> {
+    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
+
+fn scores_of(dir: &Path) -> ImportanceScores {
+    let m = load_model(dir).unwrap();
+    let decoder = Decoder::<B>::load(&m.config, &m.weights, &Default::default()).unwrap();
+    let ids = input_ids(dir);
+    let seqs: Vec<Vec<u32>> = ids.chunks(ids.len() / 2).map(<[u32]>::to_vec).collect();
+    let stats = calibrate_sequences(&decoder, &m.config, &seqs, 2, &mut |_| {});
+    ImportanceScores::from_stats(&stats).unwrap()
+}
+
+#[test]
+fn importance_matches_an_independent_implementation() {
+    let dir = golden_dir("llama-gqa-tied-f32");
+    let scores = scores_of(&dir);
+    let bytes = std::fs::read(dir.join("importance.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let check = |name: &str, got: &[f32]| {
+        let want = bytes_to_f32(DType::F32, st.tensor(name).unwrap().data());
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (g, w) in got.iter().zip(&want) {
+            let rel = (g - w).abs() / w.abs().max(1e-6);
+            assert!(rel <= 1e-5, "{name}: {g} vs {w} (relative error {rel:.2e})");
+        }
+    };
+    for l in 0..2 {
+        check(&format!("neurons.{l}"), &scores.neurons[l]);
+        check(&format!("heads.{l}"), &scores.heads[l]);
+        check(&format!("kv_groups.{l}"), &scores.kv_groups[l]);
+    }
+    check("hidden", &scores.hidden);
+    check("layers", &scores.layers);
+}
+
+fn prune_and_load(
+    dir: &Path,
+    scores: &ImportanceScores,
+    target: &PruneTarget,
+    importance_order: bool,
+) -> (ModelConfig, tempfile::TempDir) {
+    let m = load_model(dir).unwrap();
+    let plan = PrunePlan::new(scores, target, importance_order);
+    let new = target.apply_to(&m.config);
+    let out = tempfile::tempdir().unwrap();
+    let provenance = serde_json::json!({});
+    let opts = SaveOptions {
+        dtype: DType::F32,
+        shard_bytes: u64::MAX,
+        tokenizer_json: None,
+        tokenizer_files: &[],
+        generation_config: None,
+        provenance: &provenance,
+    };
+    distillery_ops::model::save_checkpoint(out.path(), &new, &opts, |n| {
+        Ok(prune_tensor(&m.weights, &m.config, &plan, n).unwrap())
+    })
+    .unwrap();
+    (new, out)
+}
+
+fn logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let m = load_model(dir).unwrap();
+    let d = Decoder::<B>::load(&m.config, &m.weights, &Default::default()).unwrap();
+    let t: Tensor<B, 3> = d.forward(tokens_tensor::<B>(ids, 2, &Default::default()));
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn pruning_to_the_original_sizes_in_importance_order_is_the_identity() {
+    for name in [
+        "llama-gqa-tied-f32",
+        "llama3-untied-bf16-sharded",
+        "mistral-window-f16",
+    ] {
+        let dir = golden_dir(name);
+        let scores = scores_of(&dir);
+        let ids = input_ids(&dir);
+        let a = logits(&dir, &ids);
+        let scale = a.iter().fold(1f32, |m, x| m.max(x.abs()));
+        // Importance order permutes channels (sums run in another order): equal up to rounding.
+        let (new, out) = prune_and_load(&dir, &scores, &PruneTarget::default(), true);
+        assert_eq!(new, load_model(&dir).unwrap().config);
+        let b = logits(out.path(), &ids);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{name}: identity prune (importance order) max |Δlogit| {diff:.2e}, max |logit| {scale:.1}"
+        );
+        assert!(
+            diff <= 1e-5 * scale,
+            "{name}: identity prune changed logits by {diff}"
+        );
+        // Original order: the same model, bit for bit.
+        let (_, out) = prune_and_load(&dir, &scores, &PruneTarget::default(), false);
+        assert_eq!(a, logits(out.path(), &ids), "{name}");
+    }
+}
+
+#[test]
+fn pruned_models_load_with_their_new_shapes() {
+    let dir = golden_dir("llama-gqa-tied-f32");
+    let scores = scores_of(&dir);
+    let target = PruneTarget {
+        hidden_size: Some(40),
+        intermediate_size: Some(64),
+        num_attention_heads: Some(2),
+        drop_layers: vec![1],
+        ..Default::default()
+    };
+    let (new, out) = prune_and_load(&dir, &scores, &target, false);
+    assert_eq!(
+        (
+            new.hidden_size,
+            new.intermediate_size,
+            new.num_attention_heads,
+            new.num_key_value_heads
+        ),
+        (40, 64, 2, 2)
+    );
+    assert_eq!((new.num_hidden_layers, new.head_dim), (1, 24));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["head_dim"], 24);
+    let l = logits(out.path(), &input_ids(&dir));
+    assert!(l.iter().all(|x| x.is_finite()));
+    // KV-group pruning keeps whole groups.
+    let target = PruneTarget {
+        num_key_value_heads: Some(1),
+        ..Default::default()
+    };
+    let (new, out) = prune_and_load(&dir, &scores, &target, false);
+    assert_eq!((new.num_attention_heads, new.num_key_value_heads), (2, 1));
+    assert!(
+        logits(out.path(), &input_ids(&dir))
+            .iter()
+            .all(|x| x.is_finite())
+    );
+}
+
+#[test]
+fn impossible_targets_are_refused_with_the_parameter_named() {
+    let c = load_model(&golden_dir("llama-gqa-tied-f32"))
+        .unwrap()
+        .config;
+    let problems = |t: PruneTarget| {
+        t.problems(&c)
+            .into_iter()
+            .map(|p| (p.param.unwrap_or_default(), p.message))
+            .collect::<Vec<_>>()
+    };
+    let p = problems(PruneTarget {
+        num_attention_heads: Some(3),
+        ..Default::default()
+    });
+    assert_eq!(p[0].0, "num_attention_heads");
+    assert!(
+        p[0].1.contains("not a multiple of num_key_value_heads 2"),
+        "{p:?}"
+    );
+    let p = problems(PruneTarget {
+        hidden_size: Some(65),
+        ..Default::default()
+    });
+    assert!(p[0].1.contains("larger than the model's 64"), "{p:?}");
+    let p = problems(PruneTarget {
+        drop_layers: vec![0, 1],
+        ..Default::default()
+    });
+    assert!(p[0].1.contains("dropping every layer"), "{p:?}");
+    let p = problems(PruneTarget {
+        drop_layers: vec![5],
+        ..Default::default()
+    });
+    assert!(p[0].1.contains("layer 5 does not exist"), "{p:?}");
+}
+
+fn config(json: &str) -> ModelConfig {
+    ModelConfig::from_json_str(json).unwrap()
+}
+
+#[test]
+fn published_shapes_from_config_alone() {
+    let nemo = config(
+        r#"{"architectures":["MistralForCausalLM"],"hidden_size":5120,"intermediate_size":14336,"num_hidden_layers":40,
+        "num_attention_heads":32,"num_key_value_heads":8,"head_dim":128,"vocab_size":131072,"tie_word_embeddings":false}"#,
+    );
+    let t = PruneTarget {
+        hidden_size: Some(4096),
+        intermediate_size: Some(11520),
+        ..Default::default()
+    };
+    assert!(t.problems(&nemo).is_empty());
+    let mn8b = t.apply_to(&nemo);
+    assert_eq!(
+        (
+            mn8b.num_hidden_layers,
+            mn8b.hidden_size,
+            mn8b.intermediate_size,
+            mn8b.num_attention_heads,
+            mn8b.num_key_value_heads,
+            mn8b.head_dim
+        ),
+        (40, 4096, 11520, 32, 8, 128)
+    );
+    let (p, _) = mn8b.parameter_count();
+    eprintln!("MN-Minitron-8B: {p} parameters");
+    assert!((p as f64 / 8.41e9 - 1.0).abs() < 0.005, "{p}");
+
+    let llama = config(
+        r#"{"architectures":["LlamaForCausalLM"],"hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,
+        "num_attention_heads":32,"num_key_value_heads":8,"vocab_size":128256,"tie_word_embeddings":false,
+        "rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+    );
+    let width = PruneTarget {
+        hidden_size: Some(3072),
+        intermediate_size: Some(9216),
+        ..Default::default()
+    }
+    .apply_to(&llama);
+    let (p, _) = width.parameter_count();
+    eprintln!("Llama-3.1-Minitron-4B-Width: {p} parameters");
+    assert!((p as f64 / 4.5e9 - 1.0).abs() < 0.005, "{p}");
+    let depth = PruneTarget {
+        drop_layers: (15..=30).collect(),
+        ..Default::default()
+    };
+    assert!(depth.problems(&llama).is_empty());
+    let d = depth.apply_to(&llama);
+    assert_eq!(d.num_hidden_layers, 16);
+    eprintln!(
+        "Llama-3.1-Minitron-4B-Depth: {} parameters",
+        d.parameter_count().0
+    );
+}
