@@ -3,6 +3,7 @@
 
 pub mod calibrate;
 pub mod data;
+pub mod distill;
 pub mod evaluate;
 pub mod model;
 pub mod op;
@@ -11,6 +12,7 @@ pub mod runtime;
 pub mod score;
 pub mod stats;
 pub mod tokenize;
+pub mod train;
 
 pub use op::{
     Artifact, ArtifactKind, NoProgress, Op, OpContext, OpError, OpRegistry, OpSignature,
@@ -24,6 +26,8 @@ pub fn builtin() -> OpRegistry {
         .register(evaluate::Evaluate)
         .register(calibrate::Calibrate)
         .register(score::Score)
-        .register(prune::Prune);
+        .register(prune::Prune)
+        .register(train::Train)
+        .register(distill::Distill);
     r
 }

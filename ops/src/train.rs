@@ -1,0 +1,790 @@
+//! The training loop shared by `train` (teacher correction, fine-tuning) and `distill`: AdamW with
+//! decoupled weight decay, linear warmup then cosine decay, clipping by the global gradient norm,
+//! gradient accumulation to a global batch, a token budget, checkpoints in the step's scratch
+//! directory (resumed after an interruption, bit-identical on the CPU), and a clean stop on a
+//! non-finite loss or gradient.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde_json::json;
+
+use crate::data::{pack, tokenized};
+use crate::model::checkpoint::{LoadedModel, SaveOptions, load_model};
+use crate::model::config::ModelConfig;
+use crate::model::decoder::{Decoder, tokens_tensor};
+use crate::model::weights::DType;
+use crate::op::{OpContext, OpError, ParamSpec, ParamType, ParamValue, Params, Problem};
+use crate::runtime::{self, Backend as B, TrainBackend as TB};
+use crate::stats::{read_vectors, write_vectors};
+
+/// Hyperparameters of a run, from the step's parameters.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub tokens: u64,
+    pub seq_len: usize,
+    pub micro_batch: usize,
+    pub global_batch: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    pub checkpoint_every: usize,
+    pub val_every: usize,
+    pub val_sequences: usize,
+}
+
+/// The parameters every training op takes.
+pub fn params() -> Vec<ParamSpec> {
+    use ParamValue::{Float, Int as I};
+    vec![
+        ParamSpec::with_default(
+            "tokens",
+            ParamType::Int,
+            I(1_000_000),
+            "training budget in tokens (\"2M\"); steps follow",
+        ),
+        ParamSpec::with_default("seq_len", ParamType::Int, I(512), "tokens per sequence"),
+        ParamSpec::with_default(
+            "micro_batch",
+            ParamType::Int,
+            I(4),
+            "sequences per forward/backward",
+        ),
+        ParamSpec::with_default(
+            "global_batch",
+            ParamType::Int,
+            I(16),
+            "sequences per optimizer step (accumulated)",
+        ),
+        ParamSpec::with_default("lr", ParamType::Float, Float(1e-4), "peak learning rate"),
+        ParamSpec::with_default(
+            "min_lr",
+            ParamType::Float,
+            Float(1e-5),
+            "learning rate at the end of the cosine decay",
+        ),
+        ParamSpec::with_default("warmup_steps", ParamType::Int, I(10), "linear warmup steps"),
+        ParamSpec::with_default("beta1", ParamType::Float, Float(0.9), "Adam beta1"),
+        ParamSpec::with_default(
+            "beta2",
+            ParamType::Float,
+            Float(0.95),
+            "Adam beta2 (0.95 in the Minitron runs)",
+        ),
+        ParamSpec::with_default("eps", ParamType::Float, Float(1e-8), "Adam epsilon"),
+        ParamSpec::with_default(
+            "weight_decay",
+            ParamType::Float,
+            Float(0.1),
+            "decoupled weight decay",
+        ),
+        ParamSpec::with_default(
+            "clip",
+            ParamType::Float,
+            Float(1.0),
+            "clip the global gradient norm to this (0: off)",
+        ),
+        ParamSpec::with_default(
+            "checkpoint_every",
+            ParamType::Int,
+            I(20),
+            "steps between resumable checkpoints",
+        ),
+        ParamSpec::with_default(
+            "val_every",
+            ParamType::Int,
+            I(0),
+            "steps between validation losses (0: at the end only)",
+        ),
+        ParamSpec::with_default(
+            "val_sequences",
+            ParamType::Int,
+            I(8),
+            "held-out sequences for validation loss",
+        ),
+        ParamSpec::with_default(
+            "dtype",
+            ParamType::Choice(&["same", "float32", "bfloat16", "float16"]),
+            ParamValue::Str("same".into()),
+            "dtype of the written checkpoint",
+        ),
+    ]
+}
+
+impl TrainConfig {
+    pub fn from_params(p: &Params) -> Result<TrainConfig, OpError> {
+        Ok(TrainConfig {
+            tokens: p.int("tokens")?.max(0) as u64,
+            seq_len: p.usize("seq_len")?,
+            micro_batch: p.usize("micro_batch")?,
+            global_batch: p.usize("global_batch")?,
+            lr: p.float("lr")?,
+            min_lr: p.float("min_lr")?,
+            warmup_steps: p.usize("warmup_steps")?,
+            beta1: p.float("beta1")?,
+            beta2: p.float("beta2")?,
+            eps: p.float("eps")?,
+            weight_decay: p.float("weight_decay")?,
+            clip: p.float("clip")?,
+            checkpoint_every: p.usize("checkpoint_every")?,
+            val_every: p.usize("val_every")?,
+            val_sequences: p.usize("val_sequences")?,
+        })
+    }
+
+    pub fn steps(&self) -> usize {
+        let per_step = (self.seq_len * self.global_batch) as u64;
+        self.tokens.div_ceil(per_step.max(1)).max(1) as usize
+    }
+
+    /// Linear warmup to the peak, then cosine decay to `min_lr` at the last step.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let total = self.steps();
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+        let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+/// Parameter checks shared by the training ops.
+pub fn check(p: &Params) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for n in ["seq_len", "micro_batch", "global_batch", "tokens"] {
+        if p.int(n).is_ok_and(|v| v < 1) {
+            out.push(Problem {
+                param: Some(n.into()),
+                message: format!("{n} must be at least 1"),
+            });
+        }
+    }
+    if let (Ok(m), Ok(g)) = (p.int("micro_batch"), p.int("global_batch"))
+        && m > 0
+        && g % m != 0
+    {
+        out.push(Problem {
+            param: Some("global_batch".into()),
+            message: format!("global_batch {g} must be a multiple of micro_batch {m}"),
+        });
+    }
+    for n in ["beta1", "beta2"] {
+        if p.float(n).is_ok_and(|v| !(0.0..1.0).contains(&v)) {
+            out.push(Problem {
+                param: Some(n.into()),
+                message: format!("{n} must be in [0, 1)"),
+            });
+        }
+    }
+    out
+}
+
+/// Per-parameter names (module paths) in visiting order.
+struct Names {
+    path: Vec<String>,
+    names: Vec<String>,
+}
+
+impl<Bk: burn::tensor::backend::Backend> ModuleVisitor<Bk> for Names {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<Bk, D>>) {
+        self.names.push(self.path.join("."));
+    }
+}
+
+/// Squared norm of each parameter's gradient, in visiting order.
+struct GradNorms<'a> {
+    grads: &'a burn::optim::GradientsParams,
+    sq: Vec<f64>,
+}
+
+impl ModuleVisitor<TB> for GradNorms<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<TB, D>>) {
+        let s = match self.grads.get::<B, D>(param.id) {
+            Some(g) => g
+                .powf_scalar(2.0)
+                .sum()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .unwrap()[0],
+            None => 0.0,
+        };
+        self.sq.push(s);
+    }
+}
+
+/// AdamW state: first and second moments per parameter, flattened, in visiting order.
+pub struct AdamState {
+    pub step: usize,
+    pub m: Vec<Tensor<B, 1>>,
+    pub v: Vec<Tensor<B, 1>>,
+}
+
+struct AdamStep<'a> {
+    grads: &'a mut burn::optim::GradientsParams,
+    state: &'a mut AdamState,
+    cfg: &'a TrainConfig,
+    lr: f64,
+    scale: f64,
+    index: usize,
+}
+
+impl ModuleMapper<TB> for AdamStep<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<TB, D>>) -> Param<Tensor<TB, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let i = self.index;
+        self.index += 1;
+        let Some(g) = self.grads.remove::<B, D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let dims = g.dims();
+        let n: usize = dims.iter().product();
+        let g = g.reshape([n]) * self.scale;
+        let p = tensor.inner().reshape([n]);
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        if self.state.m.len() <= i {
+            self.state.m.push(Tensor::zeros([n], &g.device()));
+            self.state.v.push(Tensor::zeros([n], &g.device()));
+        }
+        let m = self.state.m[i].clone() * b1 + g.clone() * (1.0 - b1);
+        let v = self.state.v[i].clone() * b2 + g.powf_scalar(2.0) * (1.0 - b2);
+        let t = self.state.step as i32 + 1;
+        let mhat = m.clone() / (1.0 - b1.powi(t));
+        let vhat = v.clone() / (1.0 - b2.powi(t));
+        let update = mhat / (vhat.sqrt() + self.cfg.eps) + p.clone() * self.cfg.weight_decay;
+        let p = p - update * self.lr;
+        self.state.m[i] = m;
+        self.state.v[i] = v;
+        let p: Tensor<B, D> = p.reshape(dims);
+        Param::from_mapped_value(id, Tensor::from_inner(p).require_grad(), mapper)
+    }
+}
+
+/// What a training op optimizes.
+pub trait Objective {
+    /// Loss of the student on `[batch, seq]` inputs with `[batch, seq]` next-token targets.
+    fn loss(
+        &self,
+        student: &Decoder<TB>,
+        input: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Tensor<TB, 1>;
+    fn name(&self) -> &'static str;
+}
+
+/// Plain next-token cross-entropy.
+pub struct CrossEntropy;
+
+pub fn cross_entropy<Bk: burn::tensor::backend::Backend>(
+    logits: Tensor<Bk, 3>,
+    targets: &[u32],
+) -> Tensor<Bk, 1> {
+    let [b, s, _] = logits.dims();
+    let device = logits.device();
+    let t: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
+    let t = Tensor::<Bk, 3, Int>::from_data(TensorData::new(t, [b, s, 1]), &device);
+    let lp = log_softmax(logits, 2).gather(2, t);
+    lp.mean().neg()
+}
+
+impl Objective for CrossEntropy {
+    fn loss(
+        &self,
+        student: &Decoder<TB>,
+        input: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Tensor<TB, 1> {
+        let logits = student.forward(tokens_tensor::<TB>(input, batch, &runtime::device()));
+        cross_entropy(logits, targets)
+    }
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+}
+
+fn dtype_for(ctx: &OpContext, model: &LoadedModel) -> Result<DType, OpError> {
+    Ok(match ctx.params.str("dtype")? {
+        "same" => model.weights.dominant_dtype(),
+        other => DType::from_torch_name(other).unwrap(),
+    })
+}
+
+/// Writes a decoder as a checkpoint directory.
+fn save_decoder(
+    dir: &Path,
+    model: &Decoder<B>,
+    config: &ModelConfig,
+    dtype: DType,
+    src: &LoadedModel,
+    provenance: &serde_json::Value,
+) -> Result<(), OpError> {
+    let tensors = model.named_tensors();
+    let map: std::collections::HashMap<String, Vec<f32>> =
+        tensors.into_iter().map(|(n, _, v)| (n, v)).collect();
+    let opts = SaveOptions {
+        dtype,
+        shard_bytes: 5_000_000_000,
+        tokenizer_json: src.tokenizer_json.as_deref(),
+        tokenizer_files: &src.tokenizer_files,
+        generation_config: src.generation_config.as_ref(),
+        provenance,
+    };
+    crate::model::save_checkpoint(dir, config, &opts, |n| {
+        map.get(n)
+            .cloned()
+            .ok_or_else(|| crate::model::ModelError::Checkpoint {
+                path: dir.to_path_buf(),
+                why: format!("no tensor {n}"),
+            })
+    })?;
+    Ok(())
+}
+
+fn save_state(dir: &Path, state: &AdamState) -> Result<(), OpError> {
+    let mut v = std::collections::BTreeMap::new();
+    for (i, (m, s)) in state.m.iter().zip(&state.v).enumerate() {
+        v.insert(
+            format!("m.{i:05}"),
+            m.clone().into_data().to_vec::<f32>().unwrap(),
+        );
+        v.insert(
+            format!("v.{i:05}"),
+            s.clone().into_data().to_vec::<f32>().unwrap(),
+        );
+    }
+    write_vectors(&dir.join("optimizer.safetensors"), &v)
+}
+
+fn load_state(dir: &Path, step: usize) -> Result<AdamState, OpError> {
+    let v = read_vectors(&dir.join("optimizer.safetensors"))?;
+    let device = runtime::device();
+    let mut state = AdamState {
+        step,
+        m: Vec::new(),
+        v: Vec::new(),
+    };
+    for (k, x) in v {
+        let t = Tensor::<B, 1>::from_data(TensorData::new(x.clone(), [x.len()]), &device);
+        if k.starts_with("m.") {
+            state.m.push(t);
+        } else {
+            state.v.push(t);
+        }
+    }
+    Ok(state)
+}
+
+/// Mean loss over held-out sequences (no gradients).
+fn validation_loss(
+    objective: &dyn Objective,
+    model: &Decoder<TB>,
+    val: &[Vec<u32>],
+    micro: usize,
+) -> f64 {
+    if val.is_empty() {
+        return f64::NAN;
+    }
+    let mut total = 0.0;
+    let mut n = 0;
+    for chunk in val.chunks(micro) {
+        let (input, targets) = split(chunk);
+        let l = objective.loss(model, &input, &targets, chunk.len());
+        total += l.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0] * chunk.len() as f64;
+        n += chunk.len();
+    }
+    total / n as f64
+}
+
+/// Inputs (all but the last token) and targets (all but the first) of sequences.
+fn split(seqs: &[Vec<u32>]) -> (Vec<u32>, Vec<u32>) {
+    let input = seqs
+        .iter()
+        .flat_map(|s| s[..s.len() - 1].iter().copied())
+        .collect();
+    let targets = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
+    (input, targets)
+}
+
+/// Runs the loop on `model` (the student) with `objective`; writes the trained checkpoint, metrics
+/// and a loss curve into the output directory.
+pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Result<(), OpError> {
+    let cfg = TrainConfig::from_params(&ctx.params)?;
+    let device = runtime::device();
+    let src = runtime::open_model(ctx.input(model_port)?)?;
+    let tok = runtime::tokenizer(&src)?;
+    let config = src.config.clone();
+    let data = tokenized(ctx.input("data")?, &tok)?;
+    let eos = config.eos_id().unwrap_or(0);
+    let seqs = pack(
+        &data,
+        cfg.seq_len.min(config.max_position_embeddings),
+        eos,
+        ctx.seed,
+    )?;
+    if seqs.len() <= cfg.val_sequences {
+        return Err(OpError::Invalid(format!(
+            "the data packs into {} sequences of {} tokens: not enough to hold out {} for validation and train on the rest",
+            seqs.len(),
+            cfg.seq_len,
+            cfg.val_sequences
+        )));
+    }
+    let (val, train) = seqs.split_at(cfg.val_sequences);
+    let steps = cfg.steps();
+    let accum = cfg.global_batch / cfg.micro_batch;
+    let key = ctx.provenance["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    // Resume from the scratch checkpoint of this very step, if any.
+    let ckpt = ctx.scratch_dir.join("checkpoint");
+    let mut start = 0;
+    let mut metrics: Vec<serde_json::Value> = Vec::new();
+    let (mut student, mut state) = if ckpt.join("state.json").is_file() {
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(ckpt.join("state.json"))
+                .map_err(|e| OpError::io(&ckpt, "read", e))?,
+        )
+        .map_err(|e| OpError::Invalid(format!("checkpoint state: {e}")))?;
+        if s["key"].as_str() != Some(key.as_str()) {
+            return Err(OpError::Invalid(format!(
+                "refusing to resume: the checkpoint in {} belongs to key {}, not {key}",
+                ckpt.display(),
+                s["key"]
+            )));
+        }
+        start = s["step"].as_u64().unwrap_or(0) as usize;
+        metrics = s["metrics"].as_array().cloned().unwrap_or_default();
+        let saved = load_model(&ckpt)?;
+        ctx.progress
+            .note(&format!("resuming from the checkpoint at step {start}"));
+        (
+            Decoder::<TB>::load(&config, &saved.weights, &device)?,
+            load_state(&ckpt, start)?,
+        )
+    } else {
+        (
+            Decoder::<TB>::load(&config, &src.weights, &device)?,
+            AdamState {
+                step: 0,
+                m: Vec::new(),
+                v: Vec::new(),
+            },
+        )
+    };
+    let names = {
+        let mut n = Names {
+            path: Vec::new(),
+            names: Vec::new(),
+        };
+        student.visit(&mut n);
+        n.names
+    };
+
+    ctx.progress.phase(objective.name(), steps as u64, "steps");
+    ctx.progress.set(start as u64);
+    let mut last_ckpt_step = start;
+    let t0 = Instant::now();
+    let mut tokens_done = 0u64;
+    for step in start..steps {
+        let lr = cfg.lr_at(step);
+        let mut grads_acc: Option<burn::optim::GradientsParams> = None;
+        let mut loss_sum = 0.0;
+        for a in 0..accum {
+            let base = step * cfg.global_batch + a * cfg.micro_batch;
+            let batch: Vec<Vec<u32>> = (0..cfg.micro_batch)
+                .map(|e| train[(base + e) % train.len()].clone())
+                .collect();
+            let (input, targets) = split(&batch);
+            let loss = objective.loss(&student, &input, &targets, batch.len()) / accum as f64;
+            let value = loss
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .unwrap()[0];
+            if !value.is_finite() {
+                return Err(nan_error(step, "loss", None, last_ckpt_step, &ckpt));
+            }
+            loss_sum += value;
+            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &student);
+            grads_acc = Some(match grads_acc {
+                None => grads,
+                Some(acc) => add_grads(acc, grads, &student),
+            });
+            tokens_done += (batch.len() * (cfg.seq_len - 1)) as u64;
+        }
+        let mut grads = grads_acc.expect("at least one micro batch");
+        let mut norms = GradNorms {
+            grads: &grads,
+            sq: Vec::new(),
+        };
+        student.visit(&mut norms);
+        if let Some(i) = norms.sq.iter().position(|x| !x.is_finite()) {
+            return Err(nan_error(
+                step,
+                "gradient",
+                Some(&names[i]),
+                last_ckpt_step,
+                &ckpt,
+            ));
+        }
+        let norm = norms.sq.iter().sum::<f64>().sqrt();
+        let scale = if cfg.clip > 0.0 && norm > cfg.clip {
+            cfg.clip / norm
+        } else {
+            1.0
+        };
+        let mut mapper = AdamStep {
+            grads: &mut grads,
+            state: &mut state,
+            cfg: &cfg,
+            lr,
+            scale,
+            index: 0,
+        };
+        student = student.map(&mut mapper);
+        state.step += 1;
+        let mut m = json!({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": norm,
+                            "tokens": (step + 1) as u64 * (cfg.global_batch * cfg.seq_len) as u64});
+        let last = step + 1 == steps;
+        if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
+            m["val_loss"] = validation_loss(objective, &student, val, cfg.micro_batch).into();
+        }
+        metrics.push(m);
+        ctx.progress.set((step + 1) as u64);
+        if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && !last {
+            write_checkpoint(
+                &ckpt,
+                &student,
+                &state,
+                &config,
+                &src,
+                step + 1,
+                &key,
+                &metrics,
+            )?;
+            last_ckpt_step = step + 1;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let dtype = dtype_for(ctx, &src)?;
+    let trained = student.valid();
+    save_decoder(
+        &ctx.out_dir,
+        &trained,
+        &config,
+        dtype,
+        &src,
+        &ctx.provenance,
+    )?;
+    let mut lines = String::new();
+    for m in &metrics {
+        lines.push_str(&m.to_string());
+        lines.push('\n');
+    }
+    let p = ctx.out_dir.join("metrics.jsonl");
+    std::fs::write(&p, lines).map_err(|e| OpError::io(&p, "write", e))?;
+    let losses: Vec<f64> = metrics.iter().filter_map(|m| m["loss"].as_f64()).collect();
+    let p = ctx.out_dir.join("loss.svg");
+    std::fs::write(&p, loss_svg(objective.name(), &losses))
+        .map_err(|e| OpError::io(&p, "write", e))?;
+    let final_val = metrics.last().and_then(|m| m["val_loss"].as_f64());
+    let summary = json!({
+        "objective": objective.name(),
+        "steps": steps,
+        "resumed_at": start,
+        "tokens": steps as u64 * (cfg.global_batch * cfg.seq_len) as u64,
+        "final_loss": losses.last(),
+        "final_val_loss": final_val,
+        "final_val_perplexity": final_val.map(f64::exp),
+        "seconds_this_run": secs,
+        "tokens_per_second_this_run": tokens_done as f64 / secs.max(1e-9),
+    });
+    let p = ctx.out_dir.join("train.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&summary).unwrap())
+        .map_err(|e| OpError::io(&p, "write", e))
+}
+
+fn add_grads(
+    mut acc: burn::optim::GradientsParams,
+    mut more: burn::optim::GradientsParams,
+    model: &Decoder<TB>,
+) -> burn::optim::GradientsParams {
+    struct Add<'a> {
+        acc: &'a mut burn::optim::GradientsParams,
+        more: &'a mut burn::optim::GradientsParams,
+    }
+    impl ModuleVisitor<TB> for Add<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<TB, D>>) {
+            if let Some(g) = self.more.remove::<B, D>(param.id) {
+                let sum = match self.acc.remove::<B, D>(param.id) {
+                    Some(a) => a + g,
+                    None => g,
+                };
+                self.acc.register::<B, D>(param.id, sum);
+            }
+        }
+    }
+    model.visit(&mut Add {
+        acc: &mut acc,
+        more: &mut more,
+    });
+    acc
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint(
+    ckpt: &Path,
+    student: &Decoder<TB>,
+    state: &AdamState,
+    config: &ModelConfig,
+    src: &LoadedModel,
+    step: usize,
+    key: &str,
+    metrics: &[serde_json::Value],
+) -> Result<(), OpError> {
+    // Written beside, then swapped in: a kill mid-write leaves the previous checkpoint intact.
+    let tmp = ckpt.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| OpError::io(&tmp, "create", e))?;
+    save_decoder(
+        &tmp,
+        &student.valid(),
+        config,
+        DType::F32,
+        src,
+        &json!({"checkpoint_step": step}),
+    )?;
+    save_state(&tmp, state)?;
+    let s = json!({"step": step, "key": key, "metrics": metrics});
+    let p = tmp.join("state.json");
+    std::fs::write(&p, s.to_string()).map_err(|e| OpError::io(&p, "write", e))?;
+    let old = ckpt.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if ckpt.exists() {
+        std::fs::rename(ckpt, &old).map_err(|e| OpError::io(ckpt, "move aside", e))?;
+    }
+    std::fs::rename(&tmp, ckpt).map_err(|e| OpError::io(ckpt, "install", e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn nan_error(step: usize, what: &str, param: Option<&str>, last: usize, ckpt: &Path) -> OpError {
+    let at = param
+        .map(|p| format!(" (first non-finite gradient: parameter `{p}`)"))
+        .unwrap_or_default();
+    let resume = if last > 0 {
+        format!(
+            "the last good checkpoint is step {last} in {}",
+            ckpt.display()
+        )
+    } else {
+        "no checkpoint was written yet".into()
+    };
+    OpError::Failed(format!(
+        "non-finite {what} at step {}{at}; nothing was committed; {resume}; lower lr or raise warmup_steps",
+        step + 1
+    ))
+}
+
+fn loss_svg(title: &str, losses: &[f64]) -> String {
+    let (w, h, pad) = (640.0, 320.0, 40.0);
+    let finite: Vec<f64> = losses.iter().copied().filter(|x| x.is_finite()).collect();
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let span = (hi - lo).max(1e-9);
+    let n = losses.len().max(2) as f64;
+    let points: Vec<String> = losses
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, l)| {
+            format!(
+                "{:.1},{:.1}",
+                pad + (w - 2.0 * pad) * i as f64 / (n - 1.0),
+                h - pad - (h - 2.0 * pad) * (l - lo) / span
+            )
+        })
+        .collect();
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+         <text x=\"{pad}\" y=\"20\" font-family=\"sans-serif\" font-size=\"13\">{title} loss per step ({lo:.3} .. {hi:.3})</text>\
+         <polyline fill=\"none\" stroke=\"#c0392b\" stroke-width=\"1.5\" points=\"{}\"/></svg>\n",
+        points.join(" ")
+    )
+}
+
+/// Reads the summary of a training output for `show`.
+pub fn summarize(out_dir: &Path) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("train.json")).ok()?).ok()?;
+    Some(format!(
+        "{} for {} steps ({} tokens): final loss {:.4}, validation loss {:.4} (perplexity {:.2}), {:.0} tokens/s",
+        v["objective"].as_str()?,
+        v["steps"],
+        v["tokens"],
+        v["final_loss"].as_f64().unwrap_or(f64::NAN),
+        v["final_val_loss"].as_f64().unwrap_or(f64::NAN),
+        v["final_val_perplexity"].as_f64().unwrap_or(f64::NAN),
+        v["tokens_per_second_this_run"].as_f64().unwrap_or(0.0)
+    ))
+}
+
+/// `train`: next-token cross-entropy (teacher correction, plain fine-tuning).
+pub struct Train;
+
+impl crate::op::Op for Train {
+    fn signature(&self) -> crate::op::OpSignature {
+        crate::op::OpSignature {
+            name: "train",
+            version: 1,
+            doc: "fine-tune with next-token cross-entropy (teacher correction)",
+            inputs: vec![
+                crate::op::Port::new(
+                    "model",
+                    crate::op::ArtifactKind::Model,
+                    "the model to train",
+                ),
+                crate::op::Port::new(
+                    "data",
+                    crate::op::ArtifactKind::Dataset,
+                    "training texts (held-out sequences for validation)",
+                ),
+            ],
+            output: crate::op::ArtifactKind::Model,
+            params: params(),
+        }
+    }
+
+    fn check(&self, p: &Params) -> Vec<Problem> {
+        check(p)
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
+        runtime::with_threads(ctx.threads, || run(ctx, &CrossEntropy, "model"))
+    }
+
+    fn summarize(&self, out_dir: &Path) -> Option<String> {
+        summarize(out_dir)
+    }
+}
