@@ -1,0 +1,161 @@
+//! Training through the binary on a tiny model: a run killed with SIGKILL resumes from its scratch
+//! checkpoint and ends bit-identical to an uninterrupted run; a blow-up stops cleanly.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Env, stderr, text};
+
+fn golden(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(rel)
+}
+
+/// A tiny model (tests/golden/llama-gqa-tied-f32) with a character tokenizer, and some text.
+fn setup(env: &Env) {
+    let model = env.path("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(golden("llama-gqa-tied-f32").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(golden("char-tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let mut text = String::new();
+    for i in 0..200 {
+        text.push_str(&format!(
+            "Line {i}: the quick brown fox jumps over the lazy dog, {} times.\n",
+            i * 7 % 13
+        ));
+    }
+    env.write("data/text.txt", &text);
+}
+
+const RECIPE: &str = r#"
+[recipe]
+seed = 3
+
+[sources.base]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = "data/*.txt"
+
+[steps.tuned]
+op = "train"
+inputs = { model = "sources.base", data = "sources.text" }
+params = { tokens = 1024, seq_len = 32, micro_batch = 2, global_batch = 4, warmup_steps = 2, lr = 1e-3, checkpoint_every = 1, val_sequences = 4 }
+"#;
+
+fn output_hash(env: &Env, cache: &Path) -> String {
+    let out = env
+        .command(&["show", "r.toml", "tuned", "--json"])
+        .env("DISTILLERY_CACHE", cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files = v["manifest"]["files"].as_array().unwrap();
+    files
+        .iter()
+        .find(|f| f["path"] == "model.safetensors")
+        .unwrap()["blake3"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn killed_training_resumes_bit_identical() {
+    let env = Env::new();
+    setup(&env);
+    env.write("r.toml", RECIPE);
+    let clean = env.path("cache-clean");
+    let out = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_CACHE", &clean)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let expected = output_hash(&env, &clean);
+
+    // Kill at a step that depends on the clock: somewhere after the first checkpoint.
+    let cache = env.path("cache-killed");
+    let mut child = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_CACHE", &cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let kill_after = 1 + (std::process::id() as u64 % 4);
+    let t = Instant::now();
+    let step = loop {
+        let state = std::fs::read_dir(cache.join("scratch")).ok().and_then(|d| {
+            d.filter_map(Result::ok)
+                .find_map(|e| std::fs::read_to_string(e.path().join("checkpoint/state.json")).ok())
+        });
+        if let Some(s) = state {
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+            let step = v["step"].as_u64().unwrap_or(0);
+            if step >= kill_after {
+                break step;
+            }
+        }
+        if child.try_wait().unwrap().is_some() {
+            panic!("training finished before it could be killed");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eprintln!("killed after the checkpoint of step {step}");
+    assert_eq!(common::entries(&cache), 0);
+    let out = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("resuming from the checkpoint at step"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        output_hash(&env, &cache),
+        expected,
+        "resumed weights differ from the uninterrupted run"
+    );
+}
+
+#[test]
+fn a_blow_up_stops_the_step_and_commits_nothing() {
+    let env = Env::new();
+    setup(&env);
+    env.write("r.toml", RECIPE);
+    let out = env.run(&[
+        "run",
+        "r.toml",
+        "--set",
+        "steps.tuned.params.lr=1e30",
+        "--set",
+        "steps.tuned.params.clip=0.0",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("non-finite") && err.contains("at step"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was committed"), "{err}");
+    assert_eq!(common::entries(&env.cache()), 0);
+}
