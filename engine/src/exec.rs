@@ -263,7 +263,7 @@ fn run_step(
         inputs: step
             .inputs
             .iter()
-            .map(|i| (i.port.clone(), (i.written.clone(), p.inputs[&i.port])))
+            .filter_map(|i| Some((i.port.clone(), (i.written.clone(), *p.inputs.get(&i.port)?))))
             .collect(),
     };
     if !forced && store.contains(&p.key) {
@@ -278,6 +278,7 @@ fn run_step(
     let mut inputs = BTreeMap::new();
     for input in &step.inputs {
         let artifact = match input.target {
+            Ref::Source(j) if !plan.sources[j].present => continue,
             Ref::Source(j) => plan.sources[j].artifact.clone(),
             Ref::Step(j) => {
                 let dep = by_index[&j];

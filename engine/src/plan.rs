@@ -17,6 +17,8 @@ use crate::recipe::{DatasetFormat, RECIPE_FORMAT, Recipe, Ref, SourceSpec};
 #[derive(Clone, Debug)]
 pub struct ResolvedSource {
     pub name: String,
+    /// False for an optional source whose files are missing.
+    pub present: bool,
     pub key: CacheKey,
     pub artifact: Artifact,
     pub files: Vec<(String, PathBuf)>,
@@ -259,6 +261,16 @@ pub fn resolve_sources(
     let mut out = Vec::new();
     let mut diags = Vec::new();
     for src in &recipe.sources {
+        if src.optional && !source_exists(src, &base) {
+            out.push(ResolvedSource {
+                name: src.name.clone(),
+                present: false,
+                key: CacheKey::of_bytes(b"absent optional source"),
+                artifact: Artifact::dir(src.kind, base.clone()),
+                files: Vec::new(),
+            });
+            continue;
+        }
         let (artifact, files, decl) = match &src.spec {
             SourceSpec::Model { path, span } => {
                 let p = match expand_path(path, &base) {
@@ -407,6 +419,7 @@ pub fn resolve_sources(
         }) {
             Ok(key) => out.push(ResolvedSource {
                 name: src.name.clone(),
+                present: true,
                 key,
                 artifact,
                 files,
@@ -421,6 +434,18 @@ pub fn resolve_sources(
         Ok(out)
     } else {
         Err(diags)
+    }
+}
+
+fn source_exists(src: &crate::recipe::SourceDecl, base: &Path) -> bool {
+    match &src.spec {
+        SourceSpec::Model { path, .. } => expand_path(path, base).is_ok_and(|p| p.exists()),
+        SourceSpec::Dataset { files, .. } => files.iter().all(|(pattern, _)| {
+            expand_path(pattern, base)
+                .ok()
+                .and_then(|p| glob::glob(&p.to_string_lossy()).ok())
+                .is_some_and(|mut g| g.any(|e| e.is_ok_and(|p| p.is_file())))
+        }),
     }
 }
 
@@ -470,6 +495,7 @@ pub fn make_plan(
         let mut inputs = BTreeMap::new();
         for input in &step.inputs {
             let key = match input.target {
+                Ref::Source(j) if !sources[j].present => continue,
                 Ref::Source(j) => sources[j].key,
                 Ref::Step(j) => keys[j].expect("topological order"),
             };
@@ -520,7 +546,9 @@ pub fn make_plan(
         for input in &step.inputs {
             match input.target {
                 Ref::Source(j) => {
-                    available.insert(input.port.clone(), sources[j].artifact.clone());
+                    if sources[j].present {
+                        available.insert(input.port.clone(), sources[j].artifact.clone());
+                    }
                 }
                 Ref::Step(j) => {
                     let dep = planned.iter().find(|d| d.index == j).expect("planned");
@@ -629,7 +657,7 @@ fn explain(
         }
     }
     for input in &step.inputs {
-        let now = inputs[&input.port];
+        let Some(&now) = inputs.get(&input.port) else { continue };
         match record.inputs.get(&input.port) {
             Some((written, _)) if *written != input.written => reasons.push(Reason::InputRewired {
                 port: input.port.clone(),

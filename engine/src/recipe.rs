@@ -51,6 +51,9 @@ pub struct SourceDecl {
     pub span: Span,
     pub kind: ArtifactKind,
     pub spec: SourceSpec,
+    /// When its files are missing, the source is absent instead of an error: inputs wired to it
+    /// are left out (only optional ports may take it).
+    pub optional: bool,
 }
 
 /// What an input port is wired to.
@@ -365,6 +368,14 @@ impl Checker<'_> {
             }
         };
         let kind = self.as_str(kind_node, &format!("{what}.kind"))?;
+        let optional = match t.get("optional") {
+            None => false,
+            Some(Node { value: Value::Bool(b), .. }) => *b,
+            Some(n) => {
+                self.err(Diagnostic::at(&n.span, format!("{what}.optional must be true or false")));
+                false
+            }
+        };
         match kind {
             "model" => {
                 self.unknown_keys(
@@ -382,6 +393,7 @@ impl Checker<'_> {
                 let path = self.as_str(p, &format!("{what}.path"))?.to_string();
                 Some(SourceDecl {
                     name: name.to_string(),
+                    optional,
                     span: key_span.clone(),
                     kind: ArtifactKind::Model,
                     spec: SourceSpec::Model {
@@ -393,7 +405,7 @@ impl Checker<'_> {
             "dataset" => {
                 self.unknown_keys(
                     t,
-                    &["kind", "files", "exclude", "format", "field", "description"],
+                    &["kind", "files", "exclude", "format", "field", "description", "optional"],
                     &format!("dataset source `{name}`"),
                 );
                 let files = match t.get("files") {
@@ -449,6 +461,7 @@ impl Checker<'_> {
                 };
                 Some(SourceDecl {
                     name: name.to_string(),
+                    optional,
                     span: key_span.clone(),
                     kind: ArtifactKind::Dataset,
                     spec: SourceSpec::Dataset {
@@ -603,6 +616,17 @@ impl Checker<'_> {
                     &node.span,
                     format!("step `{step}` takes its own output as input"),
                 ));
+                ok = false;
+                continue;
+            }
+            if let Ref::Source(j) = target
+                && w.sources[j].optional
+                && !port.optional
+            {
+                self.err(
+                    Diagnostic::at(&node.span, format!("`{written}` is optional, but input `{}` of op `{}` is required", port.name, sig.name))
+                        .help("make the source required, or wire it to an optional input"),
+                );
                 ok = false;
                 continue;
             }

@@ -2,6 +2,7 @@
 //! tokenizers and datasets, and the pipeline's ops (calibrate, score, prune, train, distill, evaluate).
 
 pub mod calibrate;
+pub mod compare;
 pub mod data;
 pub mod distill;
 pub mod evaluate;
@@ -28,6 +29,7 @@ pub fn builtin() -> OpRegistry {
         .register(score::Score)
         .register(prune::Prune)
         .register(train::Train)
-        .register(distill::Distill);
+        .register(distill::Distill)
+        .register(compare::Compare);
     r
 }
