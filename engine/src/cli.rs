@@ -116,6 +116,15 @@ enum Command {
         recipe: RecipeArgs,
         #[command(flatten)]
         select: SelectArgs,
+        /// Estimate shapes, parameters, FLOPs, memory and GPU-hours from configs alone (no weights needed)
+        #[arg(long)]
+        estimate: bool,
+        /// GPU for --estimate: h100, h200 or a100
+        #[arg(long, default_value = "h100")]
+        gpu: String,
+        /// Model FLOPs utilization assumed by --estimate
+        #[arg(long, default_value_t = 0.4)]
+        mfu: f64,
     },
     /// Print the step graph
     Dag {
@@ -380,8 +389,30 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
         Command::Plan {
             recipe: args,
             select,
+            estimate,
+            gpu,
+            mfu,
         } => {
             let (recipe, graph) = load(args, registry, cli.json)?;
+            if *estimate {
+                let g = crate::estimate::gpu(gpu).ok_or_else(|| {
+                    Failure::new(
+                        exit::USER,
+                        format!("error: unknown GPU `{gpu}`; known: h100, h200, a100"),
+                    )
+                })?;
+                let rows = crate::estimate::estimate(&recipe, &graph, registry);
+                if cli.json {
+                    let v: Vec<_> = rows
+                        .iter()
+                        .map(|r| serde_json::json!({"step": r.step, "op": r.op, "estimate": r.estimate, "gpus": r.gpus}))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap());
+                } else {
+                    print!("{}", crate::estimate::render(&recipe, &rows, g, *mfu));
+                }
+                return Ok(());
+            }
             let store = open_store(&cli)?;
             let plan = plan_for(
                 &recipe,

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod diag;
+pub mod estimate;
 pub mod exec;
 pub mod graph;
 pub mod lockfile;

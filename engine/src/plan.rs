@@ -657,7 +657,9 @@ fn explain(
         }
     }
     for input in &step.inputs {
-        let Some(&now) = inputs.get(&input.port) else { continue };
+        let Some(&now) = inputs.get(&input.port) else {
+            continue;
+        };
         match record.inputs.get(&input.port) {
             Some((written, _)) if *written != input.written => reasons.push(Reason::InputRewired {
                 port: input.port.clone(),

@@ -76,6 +76,8 @@ pub struct InputDecl {
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub threads: Option<usize>,
+    /// GPUs the step may use (for estimates and, later, schedulers).
+    pub gpus: Option<usize>,
     pub devices: Vec<String>,
     pub memory: Option<u64>,
 }
@@ -370,9 +372,15 @@ impl Checker<'_> {
         let kind = self.as_str(kind_node, &format!("{what}.kind"))?;
         let optional = match t.get("optional") {
             None => false,
-            Some(Node { value: Value::Bool(b), .. }) => *b,
+            Some(Node {
+                value: Value::Bool(b),
+                ..
+            }) => *b,
             Some(n) => {
-                self.err(Diagnostic::at(&n.span, format!("{what}.optional must be true or false")));
+                self.err(Diagnostic::at(
+                    &n.span,
+                    format!("{what}.optional must be true or false"),
+                ));
                 false
             }
         };
@@ -405,7 +413,15 @@ impl Checker<'_> {
             "dataset" => {
                 self.unknown_keys(
                     t,
-                    &["kind", "files", "exclude", "format", "field", "description", "optional"],
+                    &[
+                        "kind",
+                        "files",
+                        "exclude",
+                        "format",
+                        "field",
+                        "description",
+                        "optional",
+                    ],
                     &format!("dataset source `{name}`"),
                 );
                 let files = match t.get("files") {
@@ -624,8 +640,14 @@ impl Checker<'_> {
                 && !port.optional
             {
                 self.err(
-                    Diagnostic::at(&node.span, format!("`{written}` is optional, but input `{}` of op `{}` is required", port.name, sig.name))
-                        .help("make the source required, or wire it to an optional input"),
+                    Diagnostic::at(
+                        &node.span,
+                        format!(
+                            "`{written}` is optional, but input `{}` of op `{}` is required",
+                            port.name, sig.name
+                        ),
+                    )
+                    .help("make the source required, or wire it to an optional input"),
                 );
                 ok = false;
                 continue;
@@ -804,7 +826,16 @@ impl Checker<'_> {
         let Some(t) = self.as_table(node, "resources") else {
             return r;
         };
-        self.unknown_keys(t, &["threads", "devices", "memory"], "resources");
+        self.unknown_keys(t, &["threads", "devices", "memory", "gpus"], "resources");
+        if let Some(n) = t.get("gpus") {
+            match n.value {
+                Value::Int(i) if i > 0 => r.gpus = Some(i as usize),
+                _ => self.err(Diagnostic::at(
+                    &n.span,
+                    "resources.gpus must be a positive integer",
+                )),
+            }
+        }
         if let Some(n) = t.get("threads") {
             match n.value {
                 Value::Int(i) if i > 0 => r.threads = Some(i as usize),

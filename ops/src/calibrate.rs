@@ -112,6 +112,22 @@ impl Op for Calibrate {
             .collect()
     }
 
+    fn estimate(
+        &self,
+        p: &Params,
+        inputs: &BTreeMap<String, crate::op::Estimate>,
+    ) -> Option<crate::op::Estimate> {
+        let c = crate::estimate::input_config(inputs, "model")?;
+        let params = c.parameter_count().0 as f64;
+        let tokens = (p.int("samples").ok()? * p.int("seq_len").ok()?) as f64;
+        Some(crate::op::Estimate {
+            flops: 2.0 * params * tokens,
+            memory_bytes: crate::estimate::INFER_BYTES_PER_PARAM * params,
+            basis: "2·P·T forward only; bf16 weights".into(),
+            ..Default::default()
+        })
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || calibrate(ctx))
     }

@@ -5,7 +5,9 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use crate::evaluate::REPORT_FILE;
-use crate::op::{ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, Params, Port, Problem};
+use crate::op::{
+    ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, Params, Port, Problem,
+};
 
 pub struct Compare;
 
@@ -17,16 +19,26 @@ impl Op for Compare {
             name: "compare",
             version: 1,
             doc: "put evaluation reports side by side",
-            inputs: PORTS.iter().map(|p| Port::optional(p, ArtifactKind::Report, "an evaluate report")).collect(),
+            inputs: PORTS
+                .iter()
+                .map(|p| Port::optional(p, ArtifactKind::Report, "an evaluate report"))
+                .collect(),
             output: ArtifactKind::Report,
-            params: vec![ParamSpec::required("labels", ParamType::StrList, "one label per wired report, in port order r1, r2, ...")],
+            params: vec![ParamSpec::required(
+                "labels",
+                ParamType::StrList,
+                "one label per wired report, in port order r1, r2, ...",
+            )],
         }
     }
 
     fn check(&self, params: &Params) -> Vec<Problem> {
         match params.get("labels") {
             Some(crate::op::ParamValue::List(l)) if l.len() > PORTS.len() => {
-                vec![Problem { param: Some("labels".into()), message: format!("at most {} reports", PORTS.len()) }]
+                vec![Problem {
+                    param: Some("labels".into()),
+                    message: format!("at most {} reports", PORTS.len()),
+                }]
             }
             _ => Vec::new(),
         }
@@ -34,20 +46,28 @@ impl Op for Compare {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         let labels: Vec<String> = match ctx.params.get("labels") {
-            Some(crate::op::ParamValue::List(l)) => l.iter().map(|v| v.to_string().trim_matches('"').to_string()).collect(),
+            Some(crate::op::ParamValue::List(l)) => l
+                .iter()
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .collect(),
             _ => Vec::new(),
         };
         let mut rows = Vec::new();
         for (i, port) in PORTS.iter().enumerate() {
-            let Some(a) = ctx.inputs.get(*port) else { continue };
+            let Some(a) = ctx.inputs.get(*port) else {
+                continue;
+            };
             let p = a.path.join(REPORT_FILE);
-            let r: Value = serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| OpError::io(&p, "read", e))?)
-                .map_err(|e| OpError::Invalid(format!("{}: {e}", p.display())))?;
+            let r: Value = serde_json::from_str(
+                &std::fs::read_to_string(&p).map_err(|e| OpError::io(&p, "read", e))?,
+            )
+            .map_err(|e| OpError::Invalid(format!("{}: {e}", p.display())))?;
             rows.push(json!({"label": labels.get(i).cloned().unwrap_or_else(|| port.to_string()), "report": r}));
         }
         let table = render(&rows);
         let p = ctx.out_dir.join("comparison.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&rows).unwrap()).map_err(|e| OpError::io(&p, "write", e))?;
+        std::fs::write(&p, serde_json::to_string_pretty(&rows).unwrap())
+            .map_err(|e| OpError::io(&p, "write", e))?;
         let p = ctx.out_dir.join("comparison.txt");
         std::fs::write(&p, table).map_err(|e| OpError::io(&p, "write", e))
     }
@@ -64,7 +84,11 @@ fn render(rows: &[Value]) -> String {
     );
     for r in rows {
         let rep = &r["report"];
-        let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "-".into());
+        let f = |v: &Value, d: usize| {
+            v.as_f64()
+                .map(|x| format!("{x:.d$}"))
+                .unwrap_or_else(|| "-".into())
+        };
         let acc = match rep.get("multiple_choice") {
             Some(mc) => format!("{} ({}/{})", f(&mc["acc"], 3), mc["correct"], mc["items"]),
             None => "-".into(),

@@ -144,6 +144,25 @@ impl Op for Distill {
         }
     }
 
+    fn estimate(
+        &self,
+        p: &Params,
+        inputs: &BTreeMap<String, crate::op::Estimate>,
+    ) -> Option<crate::op::Estimate> {
+        let s = crate::estimate::input_config(inputs, "student")?;
+        let t = crate::estimate::input_config(inputs, "teacher")?;
+        let (ps, pt) = (s.parameter_count().0 as f64, t.parameter_count().0 as f64);
+        let tokens = p.int("tokens").ok()? as f64;
+        let mut e = crate::estimate::model_estimate(&s);
+        e.flops = 2.0 * pt * tokens + 6.0 * ps * tokens;
+        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps
+            + crate::estimate::INFER_BYTES_PER_PARAM * pt;
+        e.basis =
+            "2·P_teacher·T + 6·P_student·T; student 16 bytes/param, bf16 teacher 2 bytes/param"
+                .into();
+        Some(e)
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || {
             let teacher_model = runtime::open_model(ctx.input("teacher")?)?;

@@ -5,6 +5,7 @@ pub mod calibrate;
 pub mod compare;
 pub mod data;
 pub mod distill;
+pub mod estimate;
 pub mod evaluate;
 pub mod model;
 pub mod op;
@@ -16,7 +17,7 @@ pub mod tokenize;
 pub mod train;
 
 pub use op::{
-    Artifact, ArtifactKind, NoProgress, Op, OpContext, OpError, OpRegistry, OpSignature,
+    Artifact, ArtifactKind, Estimate, NoProgress, Op, OpContext, OpError, OpRegistry, OpSignature,
     ParamDefault, ParamSpec, ParamType, ParamValue, Params, Port, Problem, Progress,
 };
 
@@ -30,6 +31,7 @@ pub fn builtin() -> OpRegistry {
         .register(prune::Prune)
         .register(train::Train)
         .register(distill::Distill)
-        .register(compare::Compare);
+        .register(compare::Compare)
+        .set_source_describer(estimate::describe_source);
     r
 }

@@ -451,6 +451,12 @@ pub trait Op: Send + Sync {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError>;
 
+    /// The output's shape and the cost of producing it, from the inputs' estimates (for
+    /// `plan --estimate`); None when the op cannot say.
+    fn estimate(&self, _params: &Params, _inputs: &BTreeMap<String, Estimate>) -> Option<Estimate> {
+        None
+    }
+
     /// A readable summary of an output directory, for `distillery show`.
     fn summarize(&self, _out_dir: &Path) -> Option<String> {
         None
@@ -461,6 +467,25 @@ pub trait Op: Send + Sync {
 #[derive(Clone, Default)]
 pub struct OpRegistry {
     ops: BTreeMap<String, Arc<dyn Op>>,
+    describe_source: Option<fn(&Artifact) -> Option<Estimate>>,
+}
+
+/// What planning can know about an artifact without computing it: a model's config and parameter
+/// count, and the cost of producing it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Estimate {
+    /// config.json of a model artifact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<u64>,
+    /// Floating-point operations to produce it.
+    pub flops: f64,
+    /// Bytes that must be resident at once (weights, gradients, optimizer state), all devices together.
+    pub memory_bytes: f64,
+    /// How the figures were derived, for the reader.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub basis: String,
 }
 
 impl OpRegistry {
@@ -484,5 +509,15 @@ impl OpRegistry {
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn Op>)> {
         self.ops.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// How to describe a source for estimates (reads a model's config, never its tensors).
+    pub fn set_source_describer(&mut self, f: fn(&Artifact) -> Option<Estimate>) -> &mut Self {
+        self.describe_source = Some(f);
+        self
+    }
+
+    pub fn describe_source(&self, artifact: &Artifact) -> Option<Estimate> {
+        self.describe_source.and_then(|f| f(artifact))
     }
 }

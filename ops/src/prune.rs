@@ -479,6 +479,18 @@ impl Op for Prune {
         }
     }
 
+    fn estimate(
+        &self,
+        params: &Params,
+        inputs: &std::collections::BTreeMap<String, crate::op::Estimate>,
+    ) -> Option<crate::op::Estimate> {
+        let c = crate::estimate::input_config(inputs, "model")?;
+        let t = PruneTarget::from_params(params).ok()?;
+        let mut e = crate::estimate::model_estimate(&t.apply_to(&c));
+        e.basis = "streamed tensor by tensor: one tensor resident at a time".into();
+        Some(e)
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         let model_in = ctx.input("model")?;
         // Checked before any tensor is read.

@@ -261,6 +261,17 @@ impl Op for Score {
         }
     }
 
+    fn estimate(
+        &self,
+        _: &crate::op::Params,
+        _: &BTreeMap<String, crate::op::Estimate>,
+    ) -> Option<crate::op::Estimate> {
+        Some(crate::op::Estimate {
+            basis: "a few vector operations per layer".into(),
+            ..Default::default()
+        })
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         let stats = Stats::read(&ctx.input("stats")?.path)?;
         ImportanceScores::from_stats(&stats)?.write(&ctx.out_dir)

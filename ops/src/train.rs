@@ -780,6 +780,21 @@ impl crate::op::Op for Train {
         check(p)
     }
 
+    fn estimate(
+        &self,
+        p: &Params,
+        inputs: &std::collections::BTreeMap<String, crate::op::Estimate>,
+    ) -> Option<crate::op::Estimate> {
+        let c = crate::estimate::input_config(inputs, "model")?;
+        let params = c.parameter_count().0 as f64;
+        let tokens = p.int("tokens").ok()? as f64;
+        let mut e = crate::estimate::model_estimate(&c);
+        e.flops = 6.0 * params * tokens;
+        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params;
+        e.basis = "6·P·T; 16 bytes/param (bf16 weights and grads, f32 master and Adam), activations extra".into();
+        Some(e)
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || run(ctx, &CrossEntropy, "model"))
     }

@@ -179,6 +179,26 @@ impl Op for Evaluate {
         p
     }
 
+    fn estimate(
+        &self,
+        p: &Params,
+        inputs: &std::collections::BTreeMap<String, crate::op::Estimate>,
+    ) -> Option<crate::op::Estimate> {
+        let c = crate::estimate::input_config(inputs, "model")?;
+        let params = c.parameter_count().0 as f64;
+        let tokens = p.int("max_tokens").ok()? as f64;
+        Some(crate::op::Estimate {
+            flops: 2.0 * params * tokens,
+            memory_bytes: crate::estimate::INFER_BYTES_PER_PARAM * params,
+            basis: if tokens > 0.0 {
+                "2·P·T over max_tokens".into()
+            } else {
+                "2·P per evaluated token (max_tokens unset)".into()
+            },
+            ..Default::default()
+        })
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || self.evaluate(ctx))
     }

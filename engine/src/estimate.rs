@@ -1,0 +1,200 @@
+//! `plan --estimate`: each step's output shape, parameters, FLOPs, resident memory and GPU-hours,
+//! from configs alone (no weights, no hashing), and whether the declared devices can hold it.
+
+use std::collections::BTreeMap;
+
+use distillery_ops::{Artifact, Estimate, OpRegistry};
+
+use crate::graph::StepGraph;
+use crate::plan::expand_path;
+use crate::recipe::{Recipe, Ref, SourceSpec};
+
+/// A GPU model: dense bf16 peak and memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Gpu {
+    pub name: &'static str,
+    pub bf16_flops: f64,
+    pub memory_bytes: f64,
+}
+
+pub const GPUS: [Gpu; 3] = [
+    Gpu {
+        name: "h100",
+        bf16_flops: 989e12,
+        memory_bytes: 80e9,
+    },
+    Gpu {
+        name: "h200",
+        bf16_flops: 989e12,
+        memory_bytes: 141e9,
+    },
+    Gpu {
+        name: "a100",
+        bf16_flops: 312e12,
+        memory_bytes: 80e9,
+    },
+];
+
+pub fn gpu(name: &str) -> Option<Gpu> {
+    GPUS.iter()
+        .copied()
+        .find(|g| g.name.eq_ignore_ascii_case(name))
+}
+
+pub struct StepEstimate {
+    pub step: String,
+    pub op: String,
+    pub estimate: Option<Estimate>,
+    /// GPUs declared for the step (resources.gpus), if any.
+    pub gpus: Option<usize>,
+}
+
+pub fn estimate(recipe: &Recipe, graph: &StepGraph, registry: &OpRegistry) -> Vec<StepEstimate> {
+    let base = recipe.dir();
+    let sources: Vec<Option<Estimate>> = recipe
+        .sources
+        .iter()
+        .map(|s| match &s.spec {
+            SourceSpec::Model { path, .. } => {
+                let p = expand_path(path, &base).ok()?;
+                registry.describe_source(&Artifact::dir(s.kind, p))
+            }
+            SourceSpec::Dataset { .. } => Some(Estimate::default()),
+        })
+        .collect();
+    let mut outputs: Vec<Option<Estimate>> = vec![None; recipe.steps.len()];
+    let mut out = Vec::new();
+    for &i in &graph.order {
+        let step = &recipe.steps[i];
+        let mut inputs = BTreeMap::new();
+        for input in &step.inputs {
+            let e = match input.target {
+                Ref::Source(j) => sources[j].clone(),
+                Ref::Step(j) => outputs[j].clone(),
+            };
+            if let Some(e) = e {
+                inputs.insert(input.port.clone(), e);
+            }
+        }
+        let op = registry.get(&step.op).expect("validated op");
+        let e = op.estimate(&step.params, &inputs).or_else(|| {
+            // Ops that do not transform a model pass its shape through for their dependents.
+            (op.signature().output == distillery_ops::ArtifactKind::Model)
+                .then(|| inputs.values().find(|e| e.config.is_some()).cloned())
+                .flatten()
+        });
+        outputs[i] = e.clone();
+        out.push(StepEstimate {
+            step: step.name.clone(),
+            op: step.op.clone(),
+            estimate: e,
+            gpus: step.resources.gpus,
+        });
+    }
+    out
+}
+
+fn si(x: f64) -> String {
+    let units = [
+        (1e18, "E"),
+        (1e15, "P"),
+        (1e12, "T"),
+        (1e9, "G"),
+        (1e6, "M"),
+        (1e3, "K"),
+    ];
+    for (scale, u) in units {
+        if x >= scale {
+            return format!("{:.2}{u}", x / scale);
+        }
+    }
+    format!("{x:.0}")
+}
+
+/// The estimate as a table, with GPU-hours at `mfu` on `gpu` and a fit check per step.
+pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> String {
+    let mut out = format!(
+        "estimate for `{}` on {} (bf16 peak {:.0} TFLOP/s, {:.0} GB) at {:.0}% MFU\n",
+        recipe.name,
+        gpu.name.to_uppercase(),
+        gpu.bf16_flops / 1e12,
+        gpu.memory_bytes / 1e9,
+        mfu * 100.0
+    );
+    out.push_str(&format!(
+        "  {:<16} {:<10} {:<40} {:>9} {:>10} {:>10} {:>10}\n",
+        "step", "op", "output shape", "params", "FLOPs", "memory", "GPU-hours"
+    ));
+    let mut total_hours = 0.0;
+    let mut notes = Vec::new();
+    for r in rows {
+        let Some(e) = &r.estimate else {
+            out.push_str(&format!(
+                "  {:<16} {:<10} (no estimate: inputs unknown)\n",
+                r.step, r.op
+            ));
+            continue;
+        };
+        let shape = e
+            .config
+            .as_ref()
+            .map(|c| {
+                format!(
+                    "L{} h{} ffn{} {}h/{}kv d{}",
+                    c["num_hidden_layers"],
+                    c["hidden_size"],
+                    c["intermediate_size"],
+                    c["num_attention_heads"],
+                    c["num_key_value_heads"],
+                    c["head_dim"]
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let hours = e.flops / (gpu.bf16_flops * mfu) / 3600.0;
+        total_hours += hours;
+        out.push_str(&format!(
+            "  {:<16} {:<10} {:<40} {:>9} {:>10} {:>9}B {:>10.1}\n",
+            r.step,
+            r.op,
+            shape,
+            e.parameters
+                .map(|p| si(p as f64))
+                .unwrap_or_else(|| "-".into()),
+            if e.flops > 0.0 {
+                si(e.flops)
+            } else {
+                "-".into()
+            },
+            si(e.memory_bytes),
+            hours
+        ));
+        if e.memory_bytes > 0.0 {
+            let need = (e.memory_bytes / gpu.memory_bytes).ceil().max(1.0) as usize;
+            match r.gpus {
+                Some(n) if e.memory_bytes / n as f64 > gpu.memory_bytes => notes.push(format!(
+                    "  ! step `{}` does not fit: {}B over {n} × {} is {}B per GPU (> {:.0} GB); it needs at least {need} GPUs with sharded states (FSDP)",
+                    r.step, si(e.memory_bytes), gpu.name.to_uppercase(), si(e.memory_bytes / n as f64), gpu.memory_bytes / 1e9
+                )),
+                Some(n) => {
+                    let wall = hours / n as f64;
+                    notes.push(format!(
+                        "  step `{}` fits on {n} × {} ({}B per GPU before activations): about {:.1} hours wall-clock ({:.1} days)",
+                        r.step, gpu.name.to_uppercase(), si(e.memory_bytes / n as f64), wall, wall / 24.0
+                    ));
+                }
+                None if need > 1 => notes.push(format!(
+                    "  step `{}` needs at least {need} × {} for its {}B of weights and optimizer state (declare resources.gpus)",
+                    r.step, gpu.name.to_uppercase(), si(e.memory_bytes)
+                )),
+                None => {}
+            }
+        }
+    }
+    out.push_str(&format!("  total: {total_hours:.0} GPU-hours\n"));
+    for n in notes {
+        out.push_str(&n);
+        out.push('\n');
+    }
+    out.push_str("  (training memory: 16 bytes/param for bf16 weights and grads, f32 master and Adam; activations extra)\n");
+    out
+}
