@@ -107,8 +107,13 @@ pub struct Attention<B: Backend> {
     pub sliding_window: Option<usize>,
 }
 
+/// `x [batch, seq, in] @ w [in, out]` as one 2-D matmul (a broadcast 3-D matmul is much slower
+/// on the CPU backends).
 fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> {
-    x.matmul(w.val().unsqueeze_dim(0))
+    let [b, s, i] = x.dims();
+    let w = w.val();
+    let o = w.dims()[1];
+    x.reshape([b * s, i]).matmul(w).reshape([b, s, o])
 }
 
 /// Rotates pairs (i, i + d/2): Hugging Face's `rotate_half` convention.
@@ -144,22 +149,21 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
-        // Grouped-query attention: each KV head serves h / kvh query heads.
+        // Grouped-query attention: the `rep` query heads of a KV group are stacked along the
+        // sequence axis, so each group is one matmul against its K and V (no copies of K/V).
         let rep = h / kvh;
-        let (k, v) = if rep == 1 {
-            (k, v)
-        } else {
-            let expand = |t: Tensor<B, 4>| {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([b, kvh, rep, s, d])
-                    .reshape([b, h, s, d])
-            };
-            (expand(k), expand(v))
-        };
+        let q = q.reshape([b, kvh, rep * s, d]);
         let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-        let scores = scores.mask_fill(mask.clone().expand([b, h, s, s]), f32::NEG_INFINITY);
+        let scores = scores.mask_fill(
+            mask.clone().repeat_dim(2, rep).expand([b, kvh, rep * s, s]),
+            f32::NEG_INFINITY,
+        );
         let probs = softmax(scores, 3);
-        let context = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
+        let context = probs
+            .matmul(v)
+            .reshape([b, h, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
         let out = linear(context.clone(), &self.o_proj);
         (context, out)
     }
@@ -483,7 +487,15 @@ impl<B: Backend> Decoder<B> {
     pub fn logits_of(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(w) => linear(hidden, w),
-            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze_dim(0)),
+            None => {
+                let [b, s, h] = hidden.dims();
+                let e = self.embed_tokens.val();
+                let v = e.dims()[0];
+                hidden
+                    .reshape([b * s, h])
+                    .matmul(e.transpose())
+                    .reshape([b, s, v])
+            }
         }
     }
 
