@@ -124,7 +124,7 @@ impl fmt::Display for ParamValue {
             ParamValue::Int(i) => write!(f, "{i}"),
             ParamValue::Float(x) => {
                 let a = x.abs();
-                if a != 0.0 && !(1e-3..1e6).contains(&a) {
+                if a != 0.0 && !(1e-2..1e6).contains(&a) {
                     write!(f, "{x:e}")
                 } else {
                     write!(f, "{x:?}")

@@ -68,7 +68,7 @@ fn cases() -> Vec<Case> {
             at: "r.toml:1:8",
             says: &[
                 "step `a` has no `op`",
-                "known ops: emit, inspect, join, stats",
+                "known ops: calibrate, compare, distill, emit",
             ],
         },
         Case {

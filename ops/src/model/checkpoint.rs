@@ -138,7 +138,45 @@ pub fn save_checkpoint(
         std::fs::write(&to, t).map_err(|e| ModelError::io(&to, "write", e))?;
     }
     write_json(&dir.join("distillery.json"), opts.provenance)?;
+    if opts.provenance.get("recipe").is_some() {
+        let card = model_card(config, opts.provenance);
+        let p = dir.join("README.md");
+        std::fs::write(&p, card).map_err(|e| ModelError::io(&p, "write", e))?;
+    }
     Ok(())
+}
+
+/// A short model card from the provenance: what made this checkpoint and how to reproduce it.
+fn model_card(config: &ModelConfig, prov: &serde_json::Value) -> String {
+    let (params, non_embed) = config.parameter_count();
+    let s = |k: &str| prov[k].as_str().unwrap_or("?").to_string();
+    format!(
+        "---\nlibrary_name: transformers\ntags: [distillery, minitron, pruning, distillation]\n---\n\n\
+         # {recipe} / {step}\n\n\
+         Made by [distillery](https://github.com/distillery/distillery) {tool}: step `{step}` (op `{op}`) of recipe\n\
+         `{recipe}` (`{file}`), cache key `{key}`.\n\n\
+         | | |\n|---|---|\n| architecture | {arch} |\n| parameters | {p:.1}M ({ne:.1}M without embeddings) |\n\
+         | layers | {layers} |\n| hidden | {hidden} |\n| ffn | {ffn} |\n| heads / KV heads | {heads} / {kv} |\n| head_dim | {hd} |\n\n\
+         Parameters of the step:\n\n```json\n{params}\n```\n\n\
+         To reproduce: `distillery run {file} --locked` with the recipe's lock file; `distillery.json` next to\n\
+         this card records the recipe, the step, its key and its inputs' keys.\n",
+        recipe = s("recipe"),
+        step = s("step"),
+        op = s("op"),
+        key = s("key"),
+        file = s("recipe_file"),
+        tool = s("tool_version"),
+        arch = config.architecture,
+        p = params as f64 / 1e6,
+        ne = non_embed as f64 / 1e6,
+        layers = config.num_hidden_layers,
+        hidden = config.hidden_size,
+        ffn = config.intermediate_size,
+        heads = config.num_attention_heads,
+        kv = config.num_key_value_heads,
+        hd = config.head_dim,
+        params = serde_json::to_string_pretty(&prov["params"]).unwrap_or_default(),
+    )
 }
 
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {

@@ -1,0 +1,175 @@
+//! The whole method on a tiny model through the binary: tokenize, correct, calibrate, score,
+//! prune, distill, evaluate, compare. Then the demo's rerun scenario: a changed distillation LR
+//! reruns only distillation and what depends on it, and `plan` says why.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Env, stderr, text};
+
+fn golden(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(rel)
+}
+
+fn setup(env: &Env) {
+    let model = env.path("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(golden("llama-gqa-tied-f32").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(golden("char-tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let mut text = String::new();
+    for i in 0..300 {
+        text.push_str(&format!(
+            "Line {i}: the quick brown fox jumps over the lazy dog, {} times.\n",
+            i * 7 % 13
+        ));
+    }
+    env.write("data/train.txt", &text);
+    env.write(
+        "data/val.txt",
+        "A held-out line about a lazy fox and a quick dog.\nAnother one, 42 times.\n",
+    );
+    env.write(
+        "tasks/mc.jsonl",
+        "{\"context\": \"The quick brown\", \"choices\": [\" fox\", \" zebra\"], \"gold\": 0}\n{\"context\": \"over the lazy\", \"choices\": [\" cat\", \" dog\"], \"gold\": 1}\n",
+    );
+}
+
+const RECIPE: &str = r#"
+[recipe]
+name = "tiny-minitron"
+seed = 5
+
+[sources.teacher]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+
+[sources.heldout]
+kind = "dataset"
+files = "data/val.txt"
+
+[sources.tasks]
+kind = "dataset"
+files = "tasks/*.jsonl"
+
+[steps.tokens]
+op = "tokenize"
+inputs = { model = "sources.teacher", data = "sources.text" }
+
+[steps.corrected]
+op = "train"
+inputs = { model = "sources.teacher", data = "steps.tokens" }
+params = { tokens = 256, seq_len = 32, micro_batch = 2, global_batch = 4, warmup_steps = 1, val_sequences = 2 }
+
+[steps.stats]
+op = "calibrate"
+inputs = { model = "steps.corrected", data = "steps.tokens" }
+params = { samples = 8, seq_len = 32, batch = 4 }
+
+[steps.scores]
+op = "score"
+inputs = { stats = "steps.stats" }
+
+[steps.pruned]
+op = "prune"
+inputs = { model = "steps.corrected", scores = "steps.scores" }
+params = { hidden_size = 48, intermediate_size = 64, num_attention_heads = 2 }
+
+[steps.distilled]
+op = "distill"
+inputs = { student = "steps.pruned", teacher = "steps.corrected", data = "steps.tokens" }
+params = { tokens = 512, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 1e-3, warmup_steps = 1, val_sequences = 2 }
+
+[steps.eval_pruned]
+op = "evaluate"
+inputs = { model = "steps.pruned", data = "sources.heldout", tasks = "sources.tasks" }
+params = { window = 32 }
+
+[steps.eval_distilled]
+op = "evaluate"
+inputs = { model = "steps.distilled", data = "sources.heldout", tasks = "sources.tasks" }
+params = { window = 32 }
+
+[steps.table]
+op = "compare"
+inputs = { r1 = "steps.eval_pruned", r2 = "steps.eval_distilled" }
+params = { labels = ["pruned", "distilled"] }
+"#;
+
+#[test]
+fn the_method_end_to_end_and_a_changed_lr_reruns_only_what_follows() {
+    let env = Env::new();
+    setup(&env);
+    env.write("r.toml", RECIPE);
+    let out = env.run(&["run", "r.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(common::entries(&env.cache()), 9);
+
+    let table = text(&env.ok(&["show", "r.toml", "table"]));
+    assert!(
+        table.contains("pruned") && table.contains("distilled") && table.contains("token ppl"),
+        "{table}"
+    );
+    let pruned = text(&env.ok(&["show", "r.toml", "pruned"]));
+    assert!(
+        pruned.contains("hidden 48, ffn 64, 2 heads / 2 kv, head_dim 24"),
+        "{pruned}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        &env.ok(&["show", "r.toml", "eval_distilled", "--json"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(report["manifest"]["op"], "evaluate");
+
+    // The exported model is a Hugging Face checkpoint with provenance.
+    env.ok(&["export", "r.toml", "distilled", "--to", "exported"]);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "distillery.json",
+        "README.md",
+    ] {
+        assert!(env.path("exported").join(f).is_file(), "missing {f}");
+    }
+    let prov: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(env.path("exported/distillery.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(prov["step"], "distilled");
+    assert_eq!(prov["recipe"], "tiny-minitron");
+
+    // Change the distillation LR: plan names the param; only distilled, its eval and the table run.
+    env.executions();
+    let plan = text(&env.ok(&["plan", "r.toml", "--set", "steps.distilled.params.lr=2e-3"]));
+    assert!(
+        plan.contains("param `distilled.lr` changed 1e-3 → 2e-3"),
+        "{plan}"
+    );
+    assert!(plan.contains("3 to run"), "{plan}");
+    let out = env.run(&[
+        "run",
+        "r.toml",
+        "--set",
+        "steps.distilled.params.lr=2e-3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ran: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "step_finished" && e["outcome"] == "ran")
+        .map(|e| e["step"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ran, ["distilled", "eval_distilled", "table"]);
+}
