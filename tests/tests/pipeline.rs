@@ -4,31 +4,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{Env, stderr, text};
 
-fn golden(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("golden")
-        .join(rel)
-}
-
 fn setup(env: &Env) {
-    let model = env.path("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(golden("llama-gqa-tied-f32").join(f), model.join(f)).unwrap();
-    }
-    std::fs::copy(golden("char-tokenizer.json"), model.join("tokenizer.json")).unwrap();
-    let mut text = String::new();
-    for i in 0..300 {
-        text.push_str(&format!(
-            "Line {i}: the quick brown fox jumps over the lazy dog, {} times.\n",
-            i * 7 % 13
-        ));
-    }
-    env.write("data/train.txt", &text);
+    common::tiny_model_and_text(env);
     env.write(
         "data/val.txt",
         "A held-out line about a lazy fox and a quick dog.\nAnother one, 42 times.\n",

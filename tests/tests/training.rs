@@ -9,28 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{Env, stderr, text};
 
-fn golden(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("golden")
-        .join(rel)
-}
-
-/// A tiny model (tests/golden/llama-gqa-tied-f32) with a character tokenizer, and some text.
 fn setup(env: &Env) {
-    let model = env.path("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(golden("llama-gqa-tied-f32").join(f), model.join(f)).unwrap();
-    }
-    std::fs::copy(golden("char-tokenizer.json"), model.join("tokenizer.json")).unwrap();
-    let mut text = String::new();
-    for i in 0..200 {
-        text.push_str(&format!(
-            "Line {i}: the quick brown fox jumps over the lazy dog, {} times.\n",
-            i * 7 % 13
-        ));
-    }
-    env.write("data/text.txt", &text);
+    common::tiny_model_and_text(env);
 }
 
 const RECIPE: &str = r#"
@@ -43,7 +23,7 @@ path = "model"
 
 [sources.text]
 kind = "dataset"
-files = "data/*.txt"
+files = "data/train.txt"
 
 [steps.tuned]
 op = "train"

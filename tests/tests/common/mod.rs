@@ -81,3 +81,29 @@ pub fn entries(cache: &Path) -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// A checked-in test file under tests/golden.
+pub fn golden(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(rel)
+}
+
+/// A tiny model (tests/golden/llama-gqa-tied-f32) with a character tokenizer in `model/`, and
+/// `data/train.txt` to train on.
+pub fn tiny_model_and_text(env: &Env) {
+    let model = env.path("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(golden("llama-gqa-tied-f32").join(f), model.join(f)).unwrap();
+    }
+    std::fs::copy(golden("char-tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    let mut text = String::new();
+    for i in 0..300 {
+        text.push_str(&format!(
+            "Line {i}: the quick brown fox jumps over the lazy dog, {} times.\n",
+            i * 7 % 13
+        ));
+    }
+    env.write("data/train.txt", &text);
+}
