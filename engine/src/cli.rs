@@ -221,6 +221,11 @@ pub fn main_with(registry: OpRegistry) -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USER } else { 0 });
         }
     };
+    if let Some(dir) = &cli.cache_dir {
+        // Recipes may name `${DISTILLERY_CACHE}`: it must mean the cache this run uses.
+        // SAFETY: set before any thread is started.
+        unsafe { std::env::set_var("DISTILLERY_CACHE", dir) };
+    }
     match dispatch(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
