@@ -310,6 +310,26 @@ fn plan_for(
     })
 }
 
+/// Loads a recipe, opens the cache and plans every step: what `show`, `export` and `lock` start from.
+fn planned(
+    cli: &Cli,
+    args: &RecipeArgs,
+    registry: &OpRegistry,
+    reporter: &dyn Reporter,
+) -> Result<(Recipe, Store, Plan), Failure> {
+    let (recipe, graph) = load(args, registry, cli.json)?;
+    let store = open_store(cli)?;
+    let plan = plan_for(
+        &recipe,
+        &graph,
+        registry,
+        &store,
+        &Selection::default(),
+        reporter,
+    )?;
+    Ok((recipe, store, plan))
+}
+
 fn reporter(cli: &Cli) -> Box<dyn Reporter> {
     if cli.json {
         Box::new(JsonReporter::new())
@@ -467,16 +487,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
             Ok(())
         }
         Command::Show { recipe: args, step } => {
-            let (recipe, graph) = load(args, registry, cli.json)?;
-            let store = open_store(&cli)?;
-            let plan = plan_for(
-                &recipe,
-                &graph,
-                registry,
-                &store,
-                &Selection::default(),
-                reporter.as_ref(),
-            )?;
+            let (recipe, store, plan) = planned(&cli, args, registry, reporter.as_ref())?;
             let p = find_step(&recipe, &plan, step)?;
             let entry = store.get(&p.key)?.ok_or_else(|| {
                 Failure::new(exit::USER, format!("error: step `{step}` has not been computed with its current key {}\n  = help: `distillery run {}` computes it", p.key.short(), args.recipe.display()))
@@ -524,16 +535,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
             to,
             bundle,
         } => {
-            let (recipe, graph) = load(args, registry, cli.json)?;
-            let store = open_store(&cli)?;
-            let plan = plan_for(
-                &recipe,
-                &graph,
-                registry,
-                &store,
-                &Selection::default(),
-                reporter.as_ref(),
-            )?;
+            let (recipe, store, plan) = planned(&cli, args, registry, reporter.as_ref())?;
             let mut keys = Vec::new();
             for step in steps {
                 let p = find_step(&recipe, &plan, step)?;
@@ -573,16 +575,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
             Ok(())
         }
         Command::Lock { recipe: args } => {
-            let (recipe, graph) = load(args, registry, cli.json)?;
-            let store = open_store(&cli)?;
-            let plan = plan_for(
-                &recipe,
-                &graph,
-                registry,
-                &store,
-                &Selection::default(),
-                reporter.as_ref(),
-            )?;
+            let (recipe, store, plan) = planned(&cli, args, registry, reporter.as_ref())?;
             let lock = LockFile::from_plan(&recipe, &plan, &store);
             let path = recipe.lock_path();
             lock.write(&path)
