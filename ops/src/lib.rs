@@ -12,6 +12,7 @@ pub mod op;
 pub mod prune;
 pub mod runtime;
 pub mod score;
+pub mod search;
 pub mod stats;
 pub mod tokenize;
 pub mod train;
@@ -32,6 +33,7 @@ pub fn builtin() -> OpRegistry {
         .register(train::Train)
         .register(distill::Distill)
         .register(compare::Compare)
+        .register(search::Search)
         .set_source_describer(estimate::describe_source);
     r
 }

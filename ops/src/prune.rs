@@ -377,6 +377,11 @@ impl Op for Prune {
                     ArtifactKind::Scores,
                     "importance scores of that model (required for method = \"importance\")",
                 ),
+                Port::optional(
+                    "target",
+                    ArtifactKind::Report,
+                    "a search report: its winner sets the axes the parameters leave unset",
+                ),
             ],
             output: ArtifactKind::Model,
             params: vec![
@@ -495,7 +500,16 @@ impl Op for Prune {
         let model_in = ctx.input("model")?;
         // Checked before any tensor is read.
         let config = load_config(&model_in.path)?;
-        let target = PruneTarget::from_params(&ctx.params)?;
+        let mut target = PruneTarget::from_params(&ctx.params)?;
+        if let Some(report) = ctx.inputs.get("target") {
+            let w = crate::search::read_winner(&report.path)?;
+            target.hidden_size = target.hidden_size.or(w.hidden_size);
+            target.intermediate_size = target.intermediate_size.or(w.intermediate_size);
+            target.num_attention_heads = target.num_attention_heads.or(w.num_attention_heads);
+            if target.drop_layers.is_empty() {
+                target.num_layers = target.num_layers.or(w.num_layers);
+            }
+        }
         if let Some(p) = target.problems(&config).first() {
             return Err(OpError::Invalid(p.message.clone()));
         }

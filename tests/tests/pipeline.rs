@@ -62,6 +62,15 @@ op = "prune"
 inputs = { model = "steps.corrected", scores = "steps.scores" }
 params = { hidden_size = 48, intermediate_size = 64, num_attention_heads = 2 }
 
+[steps.search]
+op = "search"
+inputs = { model = "steps.corrected", scores = "steps.scores", data = "steps.tokens" }
+params = { parameter_budget = "60K", hidden_step = 16, ffn_step = 32, layer_step = 1, max_depth_reduction = 0.5, top_k = 4, samples = 2, seq_len = 32 }
+
+[steps.searched]
+op = "prune"
+inputs = { model = "steps.corrected", scores = "steps.scores", target = "steps.search" }
+
 [steps.distilled]
 op = "distill"
 inputs = { student = "steps.pruned", teacher = "steps.corrected", data = "steps.tokens" }
@@ -90,7 +99,7 @@ fn the_method_end_to_end_and_a_changed_lr_reruns_only_what_follows() {
     env.write("r.toml", RECIPE);
     let out = env.run(&["run", "r.toml"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(common::entries(&env.cache()), 9);
+    assert_eq!(common::entries(&env.cache()), 11);
 
     let table = text(&env.ok(&["show", "r.toml", "table"]));
     assert!(
@@ -101,6 +110,21 @@ fn the_method_end_to_end_and_a_changed_lr_reruns_only_what_follows() {
     assert!(
         pruned.contains("hidden 48, ffn 64, 2 heads / 2 kv, head_dim 24"),
         "{pruned}"
+    );
+    let search = text(&env.ok(&["show", "r.toml", "search"]));
+    assert!(search.contains("the 4 largest scored"), "{search}");
+    let searched: serde_json::Value =
+        serde_json::from_slice(&env.ok(&["show", "r.toml", "searched", "--json"]).stdout).unwrap();
+    let winner: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(searched["path"].as_str().unwrap()).join("prune_plan.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        winner["parameters_after"].as_u64().unwrap() <= 60_000,
+        "{winner}"
     );
     let report: serde_json::Value = serde_json::from_slice(
         &env.ok(&["show", "r.toml", "eval_distilled", "--json"])
