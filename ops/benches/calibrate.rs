@@ -24,11 +24,19 @@ fn main() {
     let device = runtime::device();
     let decoder = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
     let (n, seq, batch) = (8usize, 256usize, 4usize);
-    let seqs: Vec<Vec<u32>> = (0..n).map(|s| (0..seq).map(|i| ((s * 131 + i * 7919) % 49152) as u32).collect()).collect();
+    let seqs: Vec<Vec<u32>> = (0..n)
+        .map(|s| {
+            (0..seq)
+                .map(|i| ((s * 131 + i * 7919) % 49152) as u32)
+                .collect()
+        })
+        .collect();
     let plain = || {
         for chunk in seqs.chunks(batch) {
             let ids: Vec<u32> = chunk.concat();
-            let _ = decoder.hidden(tokens_tensor::<B>(&ids, chunk.len(), &device), &mut NoHooks).into_data();
+            let _ = decoder
+                .hidden(tokens_tensor::<B>(&ids, chunk.len(), &device), &mut NoHooks)
+                .into_data();
         }
     };
     plain();
@@ -44,8 +52,14 @@ fn main() {
         t_stats = t_stats.min(t.elapsed().as_secs_f64());
     }
     let tokens = (n * seq) as f64;
-    println!("calibration on SmolLM2-135M, {n} x {seq} tokens, batch {batch}, {}", runtime::BACKEND_NAME);
+    println!(
+        "calibration on SmolLM2-135M, {n} x {seq} tokens, batch {batch}, {}",
+        runtime::BACKEND_NAME
+    );
     println!("plain forward      {:>8.0} tokens/s", tokens / t_plain);
     println!("with statistics    {:>8.0} tokens/s", tokens / t_stats);
-    println!("overhead           {:>8.1} %", (t_stats / t_plain - 1.0) * 100.0);
+    println!(
+        "overhead           {:>8.1} %",
+        (t_stats / t_plain - 1.0) * 100.0
+    );
 }

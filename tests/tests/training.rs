@@ -28,7 +28,7 @@ files = "data/train.txt"
 [steps.tuned]
 op = "train"
 inputs = { model = "sources.base", data = "sources.text" }
-params = { tokens = 1024, seq_len = 32, micro_batch = 2, global_batch = 4, warmup_steps = 2, lr = 1e-3, checkpoint_every = 1, val_sequences = 4 }
+params = { tokens = 8192, seq_len = 32, micro_batch = 2, global_batch = 4, warmup_steps = 2, lr = 1e-3, checkpoint_every = 1, val_sequences = 4 }
 "#;
 
 fn output_hash(env: &Env, cache: &Path) -> String {
