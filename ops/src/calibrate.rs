@@ -102,14 +102,7 @@ impl Op for Calibrate {
     }
 
     fn check(&self, params: &Params) -> Vec<Problem> {
-        ["samples", "seq_len", "batch"]
-            .into_iter()
-            .filter(|n| params.int(n).is_ok_and(|v| v < 1))
-            .map(|n| Problem {
-                param: Some(n.into()),
-                message: format!("{n} must be at least 1"),
-            })
-            .collect()
+        params.require_positive(&["samples", "seq_len", "batch"])
     }
 
     fn estimate(

@@ -309,6 +309,18 @@ impl Params {
             Some(v) => Err(wrong(name, "a list of integers", v)),
         }
     }
+    /// A problem for each named integer parameter below 1 (counts, sizes, steps).
+    pub fn require_positive(&self, names: &[&str]) -> Vec<Problem> {
+        names
+            .iter()
+            .filter(|n| self.int(n).is_ok_and(|v| v < 1))
+            .map(|n| Problem {
+                param: Some(n.to_string()),
+                message: format!("{n} must be at least 1"),
+            })
+            .collect()
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::Value::Object(
             self.0

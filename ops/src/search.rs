@@ -173,7 +173,7 @@ impl Op for Search {
     }
 
     fn check(&self, p: &Params) -> Vec<Problem> {
-        [
+        p.require_positive(&[
             "hidden_step",
             "ffn_step",
             "layer_step",
@@ -181,14 +181,7 @@ impl Op for Search {
             "samples",
             "seq_len",
             "parameter_budget",
-        ]
-        .into_iter()
-        .filter(|n| p.int(n).is_ok_and(|v| v < 1))
-        .map(|n| Problem {
-            param: Some(n.into()),
-            message: format!("{n} must be at least 1"),
-        })
-        .collect()
+        ])
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {

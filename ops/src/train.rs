@@ -159,15 +159,7 @@ impl TrainConfig {
 
 /// Parameter checks shared by the training ops.
 pub fn check(p: &Params) -> Vec<Problem> {
-    let mut out = Vec::new();
-    for n in ["seq_len", "micro_batch", "global_batch", "tokens"] {
-        if p.int(n).is_ok_and(|v| v < 1) {
-            out.push(Problem {
-                param: Some(n.into()),
-                message: format!("{n} must be at least 1"),
-            });
-        }
-    }
+    let mut out = p.require_positive(&["seq_len", "micro_batch", "global_batch", "tokens"]);
     if let (Ok(m), Ok(g)) = (p.int("micro_batch"), p.int("global_batch"))
         && m > 0
         && g % m != 0

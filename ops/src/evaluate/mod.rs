@@ -167,16 +167,7 @@ impl Op for Evaluate {
     }
 
     fn check(&self, params: &Params) -> Vec<Problem> {
-        let mut p = Vec::new();
-        for name in ["window", "batch"] {
-            if params.int(name).is_ok_and(|v| v < 1) {
-                p.push(Problem {
-                    param: Some(name.into()),
-                    message: format!("{name} must be at least 1"),
-                });
-            }
-        }
-        p
+        params.require_positive(&["window", "batch"])
     }
 
     fn estimate(
