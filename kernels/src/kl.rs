@@ -1,9 +1,18 @@
 //! Distillation loss: per-token forward KL(teacher ‖ student) on softmax(logits / T), averaged over
-//! tokens, and its gradient with respect to the student logits.
+//! tokens, and its gradient with respect to the student logits. Also reverse KL and a top-k
+//! restricted forward KL.
 
-use burn::tensor::Tensor;
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::KernelBackend;
 
 /// Reference in plain tensor ops (differentiable under autodiff):
 /// `teacher, student: [tokens, vocab]` → scalar mean KL.
@@ -35,101 +44,247 @@ pub fn reverse_kl_reference<B: Backend>(
     (ps * (log_ps - log_softmax(t, 1))).sum() / n as f64
 }
 
-/// Chunked forward KL on host rows: for each token reads both logit rows once, computes both
-/// log-softmaxes with an online max and sum, the loss and `d loss / d student_logits`, without
-/// materializing `[tokens, vocab]` probabilities. Returns (mean loss, gradient `[tokens * vocab]`).
-pub fn forward_kl_fused_host(
+/// Which KL the distillation loss is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KlDirection {
+    /// KL(teacher ‖ student): mass-covering, the method's default.
+    Forward,
+    /// KL(student ‖ teacher): mode-seeking.
+    Reverse,
+}
+
+/// The reference of either direction.
+pub fn kl_reference<B: Backend>(
+    teacher: Tensor<B, 2>,
+    student: Tensor<B, 2>,
+    temperature: f64,
+    direction: KlDirection,
+) -> Tensor<B, 1> {
+    match direction {
+        KlDirection::Forward => forward_kl_reference(teacher, student, temperature),
+        KlDirection::Reverse => reverse_kl_reference(teacher, student, temperature),
+    }
+}
+
+/// Forward KL restricted to the teacher's `k` most likely tokens per row: the teacher's
+/// distribution renormalized over them, against the student's full log-softmax at the same
+/// tokens. Differentiable; `[tokens, vocab]` → scalar mean over tokens.
+pub fn topk_kl_reference<B: Backend>(
+    teacher: Tensor<B, 2>,
+    student: Tensor<B, 2>,
+    temperature: f64,
+    k: usize,
+) -> Tensor<B, 1> {
+    let [n, v] = teacher.dims();
+    let k = k.clamp(1, v);
+    let (top, index) = (teacher / temperature).topk_with_indices(k, 1); // [n, k]
+    let log_pt = log_softmax(top, 1);
+    let pt = log_pt.clone().exp();
+    let log_ps = log_softmax(student / temperature, 1).gather(1, index);
+    (pt * (log_pt - log_ps)).sum() / n as f64
+}
+
+/// The per-row KL and its gradient on host memory, rows in parallel (rayon): for each token it
+/// reads both logit rows once to get both log-normalizers with an online max and sum (in f64),
+/// then once more for the loss and `grad_scale * d loss_row / d student_logits`, without
+/// materializing any `[tokens, vocab]` probabilities. Returns (row losses, gradient
+/// `[tokens * vocab]`).
+pub fn kl_rows_host(
     teacher: &[f32],
     student: &[f32],
     vocab: usize,
     temperature: f32,
-) -> (f64, Vec<f32>) {
-    let n = teacher.len() / vocab;
+    direction: KlDirection,
+    grad_scale: f32,
+) -> (Vec<f64>, Vec<f32>) {
+    use rayon::prelude::*;
+    assert_eq!(teacher.len(), student.len());
+    assert_eq!(teacher.len() % vocab, 0);
+    let rows = teacher.len() / vocab;
     let mut grad = vec![0f32; student.len()];
-    let mut loss = 0f64;
-    for r in 0..n {
-        let t = &teacher[r * vocab..(r + 1) * vocab];
-        let s = &student[r * vocab..(r + 1) * vocab];
-        // Online max and sum of exp in one pass each.
-        let (mut mt, mut zt, mut ms, mut zs) = (f32::NEG_INFINITY, 0f64, f32::NEG_INFINITY, 0f64);
-        for (&a, &b) in t.iter().zip(s) {
-            let (a, b) = (a / temperature, b / temperature);
-            if a > mt {
-                zt = zt * ((mt - a) as f64).exp() + 1.0;
-                mt = a;
-            } else {
-                zt += ((a - mt) as f64).exp();
+    let mut losses = vec![0f64; rows];
+    let inv_t = 1.0 / temperature as f64;
+    grad.par_chunks_mut(vocab)
+        .zip(losses.par_iter_mut())
+        .zip(teacher.par_chunks(vocab).zip(student.par_chunks(vocab)))
+        .for_each(|((g, loss), (t, s))| {
+            let lse_t = log_sum_exp(t, inv_t);
+            let lse_s = log_sum_exp(s, inv_t);
+            let log_p = |x: f32, lse: f64| x as f64 * inv_t - lse;
+            let scale = grad_scale as f64 * inv_t;
+            match direction {
+                KlDirection::Forward => {
+                    let mut row = 0f64;
+                    for ((&a, &b), gi) in t.iter().zip(s).zip(g.iter_mut()) {
+                        let (lpt, lps) = (log_p(a, lse_t), log_p(b, lse_s));
+                        let pt = lpt.exp();
+                        row += pt * (lpt - lps);
+                        // d/dz_s of sum pt (log pt - log ps) = (ps - pt), times 1/T for z = s/T.
+                        *gi = ((lps.exp() - pt) * scale) as f32;
+                    }
+                    *loss = row;
+                }
+                KlDirection::Reverse => {
+                    let mut row = 0f64;
+                    for (&a, &b) in t.iter().zip(s) {
+                        let (lpt, lps) = (log_p(a, lse_t), log_p(b, lse_s));
+                        row += lps.exp() * (lps - lpt);
+                    }
+                    // d/dz_j of sum ps (log ps - log pt) = ps_j (log ps_j - log pt_j - row).
+                    for ((&a, &b), gi) in t.iter().zip(s).zip(g.iter_mut()) {
+                        let (lpt, lps) = (log_p(a, lse_t), log_p(b, lse_s));
+                        *gi = (lps.exp() * (lps - lpt - row) * scale) as f32;
+                    }
+                    *loss = row;
+                }
             }
-            if b > ms {
-                zs = zs * ((ms - b) as f64).exp() + 1.0;
-                ms = b;
-            } else {
-                zs += ((b - ms) as f64).exp();
-            }
+        });
+    (losses, grad)
+}
+
+/// `log sum exp(x * inv_t)` in one pass with an online max.
+fn log_sum_exp(row: &[f32], inv_t: f64) -> f64 {
+    let (mut m, mut z) = (f64::NEG_INFINITY, 0f64);
+    for &x in row {
+        let x = x as f64 * inv_t;
+        if x > m {
+            z = z * (m - x).exp() + 1.0;
+            m = x;
+        } else {
+            z += (x - m).exp();
         }
-        let (lzt, lzs) = (zt.ln(), zs.ln());
-        let g = &mut grad[r * vocab..(r + 1) * vocab];
-        let mut row = 0f64;
-        for ((&a, &b), gi) in t.iter().zip(s).zip(g.iter_mut()) {
-            let log_pt = (a / temperature - mt) as f64 - lzt;
-            let log_ps = (b / temperature - ms) as f64 - lzs;
-            let pt = log_pt.exp();
-            row += pt * (log_pt - log_ps);
-            // d/ds of sum pt (log pt - log ps) = (ps - pt) / T, averaged over tokens.
-            *gi = ((log_ps.exp() - pt) / (temperature as f64 * n as f64)) as f32;
-        }
-        loss += row;
     }
-    (loss / n as f64, grad)
+    m + z.ln()
+}
+
+/// The distillation loss through the backend's fused kernel, differentiable with respect to the
+/// student: `teacher [tokens, vocab]` (no graph), `student [tokens, vocab]` → scalar mean KL over
+/// tokens. The backward pass scales the kernel's stored gradient by the upstream gradient: the
+/// only `[tokens, vocab]` tensor kept for it.
+pub fn kl_loss<B: KernelBackend>(
+    teacher: Tensor<B, 2>,
+    student: Tensor<Autodiff<B>, 2>,
+    temperature: f64,
+    direction: KlDirection,
+) -> Tensor<Autodiff<B>, 1> {
+    #[derive(Debug)]
+    struct KlBackward;
+
+    impl<B: Backend> Backward<B, 1> for KlBackward {
+        /// `d loss / d student`, `[tokens, vocab]`.
+        type State = FloatTensor<B>;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [parent] = ops.parents;
+            let upstream = grads.consume::<B>(&ops.node);
+            if let Some(node) = parent {
+                let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(ops.state))
+                    * Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(upstream))
+                        .reshape([1, 1]);
+                grads.register::<B>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+
+    let [rows, _] = student.dims();
+    let student = student.into_primitive().tensor();
+    let teacher = teacher.into_primitive().tensor();
+    let run = |student| {
+        let (losses, grad) = B::kl_rows(
+            teacher,
+            student,
+            temperature as f32,
+            direction,
+            1.0 / rows as f32,
+        );
+        let mean = (Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(losses)).sum()
+            / rows as f64)
+            .into_primitive()
+            .tensor();
+        (mean, grad)
+    };
+    let out = match KlBackward
+        .prepare::<NoCheckpointing>([student.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (mean, grad) = run(student.primitive);
+            prep.finish(grad, mean)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(run(student.primitive).0),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, TensorData};
 
     type A = Autodiff<Flex>;
 
-    #[test]
-    fn fused_host_matches_the_reference_loss_and_gradient() {
+    fn vec2(t: Tensor<Flex, 2>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// Loss and gradient of the autodiff reference.
+    fn reference(
+        t: &Tensor<Flex, 2>,
+        s: &Tensor<Flex, 2>,
+        temp: f64,
+        dir: KlDirection,
+    ) -> (f64, Vec<f32>) {
+        let s_ad = Tensor::<A, 2>::from_inner(s.clone()).require_grad();
+        let loss = kl_reference(
+            Tensor::<A, 2>::from_inner(t.clone()),
+            s_ad.clone(),
+            temp,
+            dir,
+        );
+        let grads = loss.backward();
+        let grad = vec2(s_ad.grad(&grads).unwrap());
+        (loss.into_data().to_vec::<f32>().unwrap()[0] as f64, grad)
+    }
+
+    fn logits(n: usize, v: usize) -> (Tensor<Flex, 2>, Tensor<Flex, 2>) {
         let device = Default::default();
+        (
+            Tensor::random([n, v], Distribution::Normal(0.0, 3.0), &device),
+            Tensor::random([n, v], Distribution::Normal(0.0, 3.0), &device),
+        )
+    }
+
+    #[test]
+    fn host_rows_match_the_reference_loss_and_gradient() {
         let (n, v) = (6, 37);
-        let t = Tensor::<Flex, 2>::random([n, v], Distribution::Normal(0.0, 3.0), &device);
-        let s = Tensor::<Flex, 2>::random([n, v], Distribution::Normal(0.0, 3.0), &device);
-        for temp in [1.0f32, 2.0] {
-            let s_ad = Tensor::<A, 2>::from_inner(s.clone()).require_grad();
-            let loss = forward_kl_reference(
-                Tensor::<A, 2>::from_inner(t.clone()),
-                s_ad.clone(),
-                temp as f64,
-            );
-            let grads = loss.backward();
-            let ref_grad = s_ad
-                .grad(&grads)
-                .unwrap()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap();
-            let ref_loss = loss.into_data().to_vec::<f32>().unwrap()[0] as f64;
-            let (fl, fg) = forward_kl_fused_host(
-                &t.clone().into_data().to_vec::<f32>().unwrap(),
-                &s.clone().into_data().to_vec::<f32>().unwrap(),
-                v,
-                temp,
-            );
-            assert!(
-                (fl - ref_loss).abs() < 1e-5 * ref_loss.abs().max(1.0),
-                "loss {fl} vs {ref_loss}"
-            );
-            for (a, b) in fg.iter().zip(&ref_grad) {
-                assert!((a - b).abs() < 1e-5, "grad {a} vs {b}");
+        let (t, s) = logits(n, v);
+        for dir in [KlDirection::Forward, KlDirection::Reverse] {
+            for temp in [1.0f32, 2.0] {
+                let (ref_loss, ref_grad) = reference(&t, &s, temp as f64, dir);
+                let (rows, grad) = kl_rows_host(
+                    &vec2(t.clone()),
+                    &vec2(s.clone()),
+                    v,
+                    temp,
+                    dir,
+                    1.0 / n as f32,
+                );
+                let loss = rows.iter().sum::<f64>() / n as f64;
+                assert!(
+                    (loss - ref_loss).abs() < 1e-5 * ref_loss.abs().max(1.0),
+                    "{dir:?} T={temp}: loss {loss} vs {ref_loss}"
+                );
+                for (a, b) in grad.iter().zip(&ref_grad) {
+                    assert!((a - b).abs() < 1e-5, "{dir:?} T={temp}: grad {a} vs {b}");
+                }
             }
         }
     }
 
     #[test]
-    fn fused_gradient_matches_finite_differences() {
+    fn host_gradient_matches_finite_differences() {
         let (n, v) = (2, 5);
         let t: Vec<f32> = (0..n * v)
             .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3)
@@ -137,21 +292,70 @@ mod tests {
         let s: Vec<f32> = (0..n * v)
             .map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.25)
             .collect();
-        let (_, g) = forward_kl_fused_host(&t, &s, v, 1.0);
-        let h = 1e-3f32;
-        for i in 0..n * v {
-            let mut up = s.clone();
-            up[i] += h;
-            let mut down = s.clone();
-            down[i] -= h;
-            let fd = (forward_kl_fused_host(&t, &up, v, 1.0).0
-                - forward_kl_fused_host(&t, &down, v, 1.0).0)
-                / (2.0 * h as f64);
-            assert!(
-                (fd as f32 - g[i]).abs() < 1e-3,
-                "i={i}: fd {fd} vs {}",
-                g[i]
-            );
+        for dir in [KlDirection::Forward, KlDirection::Reverse] {
+            let loss = |s: &[f32]| kl_rows_host(&t, s, v, 1.5, dir, 1.0).0.iter().sum::<f64>();
+            let (_, g) = kl_rows_host(&t, &s, v, 1.5, dir, 1.0);
+            let h = 1e-3f32;
+            for i in 0..n * v {
+                let (mut up, mut down) = (s.clone(), s.clone());
+                up[i] += h;
+                down[i] -= h;
+                let fd = (loss(&up) - loss(&down)) / (2.0 * h as f64);
+                assert!(
+                    (fd as f32 - g[i]).abs() < 1e-4,
+                    "{dir:?} i={i}: fd {fd} vs {}",
+                    g[i]
+                );
+            }
         }
+    }
+
+    #[test]
+    fn fused_loss_under_autodiff_equals_the_reference_with_an_upstream_factor() {
+        let (n, v) = (5, 41);
+        let (t, s) = logits(n, v);
+        for dir in [KlDirection::Forward, KlDirection::Reverse] {
+            let s_ad = Tensor::<A, 2>::from_inner(s.clone()).require_grad();
+            // The factor checks that the stored gradient is scaled by the upstream one.
+            let loss = kl_loss::<Flex>(t.clone(), s_ad.clone(), 2.0, dir) * 3.0;
+            let grads = loss.backward();
+            let grad = vec2(s_ad.grad(&grads).unwrap());
+            let (ref_loss, ref_grad) = reference(&t, &s, 2.0, dir);
+            let loss = loss.into_data().to_vec::<f32>().unwrap()[0] as f64;
+            assert!(
+                (loss - 3.0 * ref_loss).abs() < 3e-5 * ref_loss.abs().max(1.0),
+                "{loss} vs 3 × {ref_loss}"
+            );
+            for (a, b) in grad.iter().zip(&ref_grad) {
+                assert!((a - 3.0 * b).abs() < 3e-5, "grad {a} vs 3 × {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn topk_with_every_token_is_the_forward_kl_and_fewer_tokens_renormalize() {
+        let device = Default::default();
+        let (n, v) = (4, 23);
+        let (t, s) = logits(n, v);
+        let full = forward_kl_reference(t.clone(), s.clone(), 1.0).into_scalar();
+        let all = topk_kl_reference(t.clone(), s.clone(), 1.0, v).into_scalar();
+        assert!(
+            (full - all).abs() < 1e-5 * full.abs().max(1.0),
+            "{full} vs {all}"
+        );
+
+        // One row by hand: teacher [2, 1, 0], student [0, 0, 0], k = 2.
+        let t =
+            Tensor::<Flex, 2>::from_data(TensorData::new(vec![2f32, 1.0, 0.0], [1, 3]), &device);
+        let s =
+            Tensor::<Flex, 2>::from_data(TensorData::new(vec![0f32, 0.0, 0.0], [1, 3]), &device);
+        let got = topk_kl_reference(t, s, 1.0, 2).into_scalar() as f64;
+        let (p0, p1) = (
+            1.0 / (1.0 + (-1f64).exp()),
+            (-1f64).exp() / (1.0 + (-1f64).exp()),
+        );
+        let lps = (1.0f64 / 3.0).ln();
+        let want = p0 * (p0.ln() - lps) + p1 * (p1.ln() - lps);
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
 }

@@ -1,6 +1,15 @@
 //! Fused kernels for the hot loops of distillery (importance accumulation, distillation loss),
 //! each beside a reference built from plain Burn tensor ops that every backend runs and tests
 //! compare against. Knows nothing of recipes or models.
+//!
+//! [`KernelBackend`] is the seam: Flex (CPU) runs host loops, the Cube backends (CUDA, wgpu) run
+//! the CubeCL kernels of [`cube`] (feature `cube`, on with `cuda` or `wgpu`).
 
+mod backend;
+#[cfg(feature = "cube")]
+pub mod cube;
 pub mod importance;
 pub mod kl;
+
+pub use backend::KernelBackend;
+pub use kl::KlDirection;

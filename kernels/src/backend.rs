@@ -1,0 +1,78 @@
+//! The backend extension through which ops reach the fused kernels.
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+
+use crate::importance::accumulate_reference;
+use crate::kl::{KlDirection, kl_rows_host};
+
+/// A backend that runs distillery's fused kernels.
+pub trait KernelBackend: Backend {
+    /// What computes the kernels on this backend, for reports ("host", "cubecl").
+    const KERNELS: &'static str;
+
+    /// `acc [d]` plus `sum_b (mean_s |activation[b, s, :]|)^2` for `activation [batch, seq, d]`.
+    fn importance_accumulate(
+        acc: FloatTensor<Self>,
+        activation: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Per-row KL between `softmax(teacher / T)` and `softmax(student / T)` (direction chosen),
+    /// both `[rows, vocab]`: returns the row losses `[rows]` and `grad_scale` times the gradient
+    /// of each row's loss with respect to the student logits, `[rows, vocab]`.
+    fn kl_rows(
+        teacher: FloatTensor<Self>,
+        student: FloatTensor<Self>,
+        temperature: f32,
+        direction: KlDirection,
+        grad_scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// The CPU: importance through the tensor-op reference (measured at 2.5% over a plain forward,
+/// `cargo bench -p distillery-ops --bench calibrate`), KL through the host loop over rows.
+impl KernelBackend for Flex {
+    const KERNELS: &'static str = "host";
+
+    fn importance_accumulate(
+        acc: FloatTensor<Self>,
+        activation: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        accumulate_reference(float::<Self, 1>(acc), float::<Self, 3>(activation))
+            .into_primitive()
+            .tensor()
+    }
+
+    fn kl_rows(
+        teacher: FloatTensor<Self>,
+        student: FloatTensor<Self>,
+        temperature: f32,
+        direction: KlDirection,
+        grad_scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let teacher = float::<Self, 2>(teacher);
+        let [rows, vocab] = teacher.dims();
+        let device = teacher.device();
+        let t = teacher.into_data().into_vec::<f32>().expect("f32 logits");
+        let s = float::<Self, 2>(student)
+            .into_data()
+            .into_vec::<f32>()
+            .expect("f32 logits");
+        let (losses, grad) = kl_rows_host(&t, &s, vocab, temperature, direction, grad_scale);
+        let losses: Vec<f32> = losses.into_iter().map(|l| l as f32).collect();
+        (
+            Tensor::<Self, 1>::from_data(TensorData::new(losses, [rows]), &device)
+                .into_primitive()
+                .tensor(),
+            Tensor::<Self, 2>::from_data(TensorData::new(grad, [rows, vocab]), &device)
+                .into_primitive()
+                .tensor(),
+        )
+    }
+}

@@ -1,0 +1,181 @@
+//! The CubeCL kernels against their references, on wgpu (lavapipe, a software Vulkan, in CI).
+//! Without a Vulkan or Metal adapter these tests say so and pass, unless
+//! `DISTILLERY_REQUIRE_WGPU=1` (set by `.ci/run`), which makes a missing adapter a failure.
+#![cfg(feature = "wgpu")]
+
+use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{Distribution, Tensor, TensorData, TensorPrimitive};
+use distillery_kernels::importance::accumulate_reference;
+use distillery_kernels::kl::{kl_loss, kl_reference};
+use distillery_kernels::{KernelBackend, KlDirection};
+
+type W = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+/// The wgpu device, or None (with a note) when this machine has no adapter.
+fn device() -> Option<WgpuDevice> {
+    let device = WgpuDevice::default();
+    let probe =
+        std::panic::catch_unwind(|| Tensor::<W, 1>::zeros([1], &WgpuDevice::default()).into_data());
+    match probe {
+        Ok(_) => Some(device),
+        Err(_) if std::env::var("DISTILLERY_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
+            panic!(
+                "DISTILLERY_REQUIRE_WGPU=1 but wgpu found no adapter: install mesa-vulkan-drivers"
+            )
+        }
+        Err(_) => {
+            eprintln!("skipped: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+            None
+        }
+    }
+}
+
+/// Same values on both backends.
+fn pair<const D: usize>(
+    shape: [usize; D],
+    std: f64,
+    wgpu: &WgpuDevice,
+) -> (Tensor<Flex, D>, Tensor<W, D>) {
+    let host =
+        Tensor::<Flex, D>::random(shape, Distribution::Normal(0.0, std), &Default::default());
+    let data = host.to_data();
+    (host, Tensor::from_data(data, wgpu))
+}
+
+fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= rel * b.abs().max(1.0),
+            "{what}[{i}]: {a} vs {b}"
+        );
+    }
+}
+
+#[test]
+fn importance_kernel_equals_the_reference() {
+    let Some(device) = device() else { return };
+    // d not a multiple of the 32 channels per cube, seq not a multiple of the 8 lanes.
+    for [b, s, d] in [[3, 37, 70], [2, 300, 1000], [1, 1, 5]] {
+        let (act_h, act_w) = pair([b, s, d], 2.0, &device);
+        let (acc_h, acc_w) = pair([d], 1.0, &device);
+        let acc_h = acc_h.abs();
+        let acc_w = acc_w.abs();
+        let want = values(accumulate_reference(acc_h, act_h));
+        let got = W::importance_accumulate(
+            acc_w.into_primitive().tensor(),
+            act_w.into_primitive().tensor(),
+        );
+        let got = values(Tensor::<W, 1>::from_primitive(TensorPrimitive::Float(got)));
+        assert_close(&got, &want, 1e-5, &format!("importance [{b}, {s}, {d}]"));
+    }
+}
+
+#[test]
+fn kl_kernel_equals_the_reference_loss_and_gradient() {
+    let Some(device) = device() else { return };
+    // vocab not a multiple of the 256 units per row.
+    let (rows, vocab) = (7, 1000);
+    let (t_h, t_w) = pair([rows, vocab], 3.0, &device);
+    let (s_h, s_w) = pair([rows, vocab], 3.0, &device);
+    for direction in [KlDirection::Forward, KlDirection::Reverse] {
+        for temperature in [1.0, 2.0] {
+            let what = format!("{direction:?} T={temperature}");
+            // Reference: autodiff over plain tensor ops on the CPU.
+            let s_ad = Tensor::<Autodiff<Flex>, 2>::from_inner(s_h.clone()).require_grad();
+            let loss = kl_reference(
+                Tensor::from_inner(t_h.clone()),
+                s_ad.clone(),
+                temperature,
+                direction,
+            );
+            let grads = loss.backward();
+            let want_grad = values(s_ad.grad(&grads).unwrap());
+            let want_loss = values(loss)[0];
+
+            let s_w_ad = Tensor::<Autodiff<W>, 2>::from_inner(s_w.clone()).require_grad();
+            let loss = kl_loss(t_w.clone(), s_w_ad.clone(), temperature, direction);
+            let grads = loss.backward();
+            let got_grad = values(s_w_ad.grad(&grads).unwrap());
+            let got_loss = values(loss)[0];
+            assert_close(&[got_loss], &[want_loss], 1e-5, &format!("{what} loss"));
+            assert_close(&got_grad, &want_grad, 1e-5, &format!("{what} gradient"));
+        }
+    }
+}
+
+#[test]
+fn kl_kernel_gradient_matches_finite_differences() {
+    let Some(device) = device() else { return };
+    let (rows, vocab) = (2, 9);
+    let t: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    let s: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.25)
+        .collect();
+    let tensor = |v: &[f32]| {
+        Tensor::<W, 2>::from_data(TensorData::new(v.to_vec(), [rows, vocab]), &device)
+            .into_primitive()
+            .tensor()
+    };
+    for direction in [KlDirection::Forward, KlDirection::Reverse] {
+        let loss = |s: &[f32]| {
+            let (l, _) = W::kl_rows(tensor(&t), tensor(s), 1.0, direction, 1.0);
+            values(Tensor::<W, 1>::from_primitive(TensorPrimitive::Float(l)))
+                .iter()
+                .map(|&x| x as f64)
+                .sum::<f64>()
+        };
+        let (_, g) = W::kl_rows(tensor(&t), tensor(&s), 1.0, direction, 1.0);
+        let g = values(Tensor::<W, 2>::from_primitive(TensorPrimitive::Float(g)));
+        let (_, host) = distillery_kernels::kl::kl_rows_host(&t, &s, vocab, 1.0, direction, 1.0);
+        assert_close(&g, &host, 1e-5, &format!("{direction:?} gradient against the host loop"));
+        let h = 1e-2f32;
+        for i in 0..rows * vocab {
+            let (mut up, mut down) = (s.clone(), s.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss(&up) - loss(&down)) / (2.0 * h as f64);
+            assert!(
+                (fd as f32 - g[i]).abs() < 2e-3,
+                "{direction:?} i={i}: fd {fd} vs {}",
+                g[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn kl_kernel_covers_more_rows_than_one_grid_axis() {
+    let Some(device) = device() else { return };
+    // 32768 rows per grid column: this spills into a second one.
+    let (rows, vocab) = (32768 + 5, 3);
+    let (t_h, t_w) = pair([rows, vocab], 1.0, &device);
+    let (s_h, s_w) = pair([rows, vocab], 1.0, &device);
+    let (losses, _) = W::kl_rows(
+        t_w.into_primitive().tensor(),
+        s_w.into_primitive().tensor(),
+        1.0,
+        KlDirection::Forward,
+        1.0,
+    );
+    let got = values(Tensor::<W, 1>::from_primitive(TensorPrimitive::Float(
+        losses,
+    )));
+    let (want, _) = distillery_kernels::kl::kl_rows_host(
+        &values(t_h),
+        &values(s_h),
+        vocab,
+        1.0,
+        KlDirection::Forward,
+        1.0,
+    );
+    let want: Vec<f32> = want.into_iter().map(|x| x as f32).collect();
+    assert_close(&got, &want, 1e-5, "row losses");
+}
