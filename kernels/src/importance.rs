@@ -1,8 +1,19 @@
 //! Importance accumulation (Minitron): for an activation `A [batch, seq, d]`,
 //! `acc[d] += sum_b (mean_s |A[b, s, d]|)^2`.
 
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::KernelBackend;
+
+/// The accumulation on the backend's kernel (see [`KernelBackend::importance_accumulate`]).
+/// `acc: [d]`, `activation: [batch, seq, d]` → updated `acc`.
+pub fn accumulate<B: KernelBackend>(acc: Tensor<B, 1>, activation: Tensor<B, 3>) -> Tensor<B, 1> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::importance_accumulate(
+        acc.into_primitive().tensor(),
+        activation.into_primitive().tensor(),
+    )))
+}
 
 /// Reference: four tensor ops (abs, mean over seq, square, sum over batch) and their temporaries.
 /// `acc: [d]`, `activation: [batch, seq, d]` → updated `acc`.

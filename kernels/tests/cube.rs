@@ -135,7 +135,12 @@ fn kl_kernel_gradient_matches_finite_differences() {
         let (_, g) = W::kl_rows(tensor(&t), tensor(&s), 1.0, direction, 1.0);
         let g = values(Tensor::<W, 2>::from_primitive(TensorPrimitive::Float(g)));
         let (_, host) = distillery_kernels::kl::kl_rows_host(&t, &s, vocab, 1.0, direction, 1.0);
-        assert_close(&g, &host, 1e-5, &format!("{direction:?} gradient against the host loop"));
+        assert_close(
+            &g,
+            &host,
+            1e-5,
+            &format!("{direction:?} gradient against the host loop"),
+        );
         let h = 1e-2f32;
         for i in 0..rows * vocab {
             let (mut up, mut down) = (s.clone(), s.clone());

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::Tensor;
-use distillery_kernels::importance::accumulate_reference;
+use distillery_kernels::importance::accumulate;
 
 use crate::data::{pack, tokenized};
 use crate::model::decoder::{Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
@@ -62,8 +62,7 @@ impl Hooks<B> for Accumulate {
             .acc
             .remove(&(layer, kind))
             .unwrap_or_else(|| Tensor::zeros([d], &t.device()));
-        self.acc
-            .insert((layer, kind), accumulate_reference(acc, t.clone()));
+        self.acc.insert((layer, kind), accumulate(acc, t.clone()));
     }
 }
 

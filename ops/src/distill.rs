@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::Tensor;
-use distillery_kernels::kl::{forward_kl_reference, reverse_kl_reference};
+use distillery_kernels::KlDirection;
+use distillery_kernels::kl::{kl_loss, topk_kl_reference};
 
 use crate::model::checkpoint::load_config;
 use crate::model::decoder::{Decoder, tokens_tensor};
@@ -23,7 +24,9 @@ pub struct Distill;
 struct Kd {
     teacher: Decoder<B>,
     temperature: f64,
-    reverse: bool,
+    direction: KlDirection,
+    /// Restrict the forward KL to the teacher's `top_k` tokens (0: the whole vocabulary).
+    top_k: usize,
     ce_weight: f64,
 }
 
@@ -42,12 +45,13 @@ impl Objective for Kd {
             .forward(tokens_tensor::<B>(input, batch, &device));
         let s_logits = student.forward(tokens_tensor::<TB>(input, batch, &device));
         let [b, s, v] = s_logits.dims();
-        let t = Tensor::<TB, 2>::from_inner(t_logits.reshape([b * s, v]));
+        let t = t_logits.reshape([b * s, v]);
         let st = s_logits.clone().reshape([b * s, v]);
-        let kd = if self.reverse {
-            reverse_kl_reference(t, st, self.temperature)
+        let kd = if self.top_k > 0 {
+            topk_kl_reference(Tensor::from_inner(t), st, self.temperature, self.top_k)
         } else {
-            forward_kl_reference(t, st, self.temperature)
+            // The fused kernel: loss and gradient in one pass, no [tokens, vocab] temporaries.
+            kl_loss(t, st, self.temperature, self.direction)
         };
         if self.ce_weight > 0.0 {
             let ce = cross_entropy(s_logits, targets);
@@ -75,6 +79,12 @@ impl Op for Distill {
                 "KL direction",
             ),
             ParamSpec::with_default(
+                "top_k",
+                ParamType::Int,
+                ParamValue::Int(0),
+                "restrict the forward KL to the teacher's k most likely tokens, renormalized; 0: whole vocabulary",
+            ),
+            ParamSpec::with_default(
                 "temperature",
                 ParamType::Float,
                 ParamValue::Float(1.0),
@@ -89,7 +99,7 @@ impl Op for Distill {
         ]);
         OpSignature {
             name: "distill",
-            version: 1,
+            version: 2,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(
@@ -115,6 +125,19 @@ impl Op for Distill {
             out.push(Problem {
                 param: Some("temperature".into()),
                 message: "temperature must be positive".into(),
+            });
+        }
+        if p.int("top_k").is_ok_and(|k| k < 0) {
+            out.push(Problem {
+                param: Some("top_k".into()),
+                message: "top_k must be 0 (whole vocabulary) or a positive token count".into(),
+            });
+        }
+        if p.int("top_k").is_ok_and(|k| k > 0) && p.str("loss").is_ok_and(|l| l == "reverse_kl") {
+            out.push(Problem {
+                param: Some("top_k".into()),
+                message: "top_k restricts the forward KL; with loss = \"reverse_kl\" set top_k = 0"
+                    .into(),
             });
         }
         if p.float("ce_weight")
@@ -181,7 +204,12 @@ impl Op for Distill {
             let kd = Kd {
                 teacher,
                 temperature: ctx.params.float("temperature")?,
-                reverse: ctx.params.str("loss")? == "reverse_kl",
+                direction: if ctx.params.str("loss")? == "reverse_kl" {
+                    KlDirection::Reverse
+                } else {
+                    KlDirection::Forward
+                },
+                top_k: ctx.params.int("top_k")? as usize,
                 ce_weight: ctx.params.float("ce_weight")?,
             };
             train::run(ctx, &kd, "student")

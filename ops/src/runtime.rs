@@ -6,14 +6,30 @@ use crate::model::checkpoint::{LoadedModel, load_model};
 use crate::model::tokenizer::Tokenizer;
 use crate::op::{Artifact, OpError};
 
-/// The backend ops compute on. Flex measured 1.1–2x NdArray on this model's matmuls
-/// (`cargo bench -p distillery-ops --bench cpu_backends`).
+/// The backend ops compute on, chosen at build time. The CPU default is Flex: it measured
+/// 1.1–2x NdArray on this model's matmuls (`cargo bench -p distillery-ops --bench cpu_backends`).
+/// `--features cuda` computes on the first CUDA device, `--features wgpu` on the first wgpu
+/// adapter; both run the CubeCL kernels of `distillery-kernels`. (Burn's `fusion` feature stays
+/// off: these aliases are then plain `CubeBackend`s, which the kernels extend.)
+#[cfg(feature = "cuda")]
+pub type Backend = burn::backend::Cuda<f32, i32>;
+#[cfg(feature = "cuda")]
+pub const BACKEND_NAME: &str = "cuda";
+
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+pub type Backend = burn::backend::Wgpu<f32, i32, u32>;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+pub const BACKEND_NAME: &str = "wgpu";
+
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 pub type Backend = burn::backend::Flex;
-/// The same with autodiff, for training.
-pub type TrainBackend = burn::backend::Autodiff<Backend>;
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 pub const BACKEND_NAME: &str = "flex (CPU)";
 
-pub fn device() -> burn::backend::flex::FlexDevice {
+/// The same with autodiff, for training.
+pub type TrainBackend = burn::backend::Autodiff<Backend>;
+
+pub fn device() -> burn::tensor::Device<Backend> {
     Default::default()
 }
 

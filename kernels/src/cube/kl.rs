@@ -20,14 +20,13 @@ const UNITS: u32 = 256;
 const GRID_X: usize = 32768;
 
 /// Merges `(max, sum of exp(x - max))` pairs across the cube; every unit returns the total
-/// `log sum exp`. `m` and `z` are scratch shared memory of `units` slots.
+/// `log sum exp`. `m` and `z` are scratch shared memory, one slot per unit.
 #[cube]
 fn cube_log_sum_exp<F: Float>(
     max: F,
     sum: F,
     m: &mut SharedMemory<F>,
     z: &mut SharedMemory<F>,
-    #[comptime] units: u32,
 ) -> F {
     let u = UNIT_POS_X as usize;
     m[u] = max;
@@ -53,7 +52,7 @@ fn cube_log_sum_exp<F: Float>(
 
 /// Sum across the cube; every unit returns the total.
 #[cube]
-fn cube_sum<F: Float>(value: F, s: &mut SharedMemory<F>, #[comptime] units: u32) -> F {
+fn cube_sum<F: Float>(value: F, s: &mut SharedMemory<F>) -> F {
     let u = UNIT_POS_X as usize;
     s[u] = value;
     sync_cube();
@@ -118,8 +117,8 @@ fn kl_rows_kernel<F: Float>(
     }
     let mut m = SharedMemory::<F>::new(units as usize);
     let mut z = SharedMemory::<F>::new(units as usize);
-    let lse_t = cube_log_sum_exp::<F>(mt, zt, &mut m, &mut z, units);
-    let lse_s = cube_log_sum_exp::<F>(ms, zs, &mut m, &mut z, units);
+    let lse_t = cube_log_sum_exp::<F>(mt, zt, &mut m, &mut z);
+    let lse_s = cube_log_sum_exp::<F>(ms, zs, &mut m, &mut z);
     let scale = F::cast_from(grad_scale) * inv_temperature;
 
     let mut part = F::new(0.0);
@@ -137,7 +136,7 @@ fn kl_rows_kernel<F: Float>(
         }
         i += step;
     }
-    let total = cube_sum::<F>(part, &mut m, units);
+    let total = cube_sum::<F>(part, &mut m);
     if comptime!(reverse) {
         // d/dz_j of sum ps (log ps - log pt) = ps_j (log ps_j - log pt_j - row loss).
         let mut i = u;
