@@ -35,6 +35,14 @@ fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
+fn host_f32(t: FloatTensor<Flex>) -> Vec<f32> {
+    float::<Flex, 2>(t)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data")
+}
+
 /// The CPU: importance through the tensor-op reference (measured at 2.5% over a plain forward,
 /// `cargo bench -p distillery-ops --bench calibrate`), KL through the host loop over rows.
 impl KernelBackend for Flex {
@@ -56,15 +64,25 @@ impl KernelBackend for Flex {
         direction: KlDirection,
         grad_scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let teacher = float::<Self, 2>(teacher);
-        let [rows, vocab] = teacher.dims();
-        let device = teacher.device();
-        let t = teacher.into_data().into_vec::<f32>().expect("f32 logits");
-        let s = float::<Self, 2>(student)
-            .into_data()
-            .into_vec::<f32>()
-            .expect("f32 logits");
-        let (losses, grad) = kl_rows_host(&t, &s, vocab, temperature, direction, grad_scale);
+        let [rows, vocab] = teacher.layout().shape().dims::<2>();
+        let device = Default::default();
+        // Read the logits in place when they are contiguous f32, as they are out of the lm_head.
+        let (t_copy, s_copy);
+        let t = match teacher.as_slice::<f32>() {
+            Some(t) => t,
+            None => {
+                t_copy = host_f32(teacher);
+                &t_copy
+            }
+        };
+        let s = match student.as_slice::<f32>() {
+            Some(s) => s,
+            None => {
+                s_copy = host_f32(student);
+                &s_copy
+            }
+        };
+        let (losses, grad) = kl_rows_host(t, s, vocab, temperature, direction, grad_scale);
         let losses: Vec<f32> = losses.into_iter().map(|l| l as f32).collect();
         (
             Tensor::<Self, 1>::from_data(TensorData::new(losses, [rows]), &device)

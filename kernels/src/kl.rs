@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
 
 use crate::KernelBackend;
 
@@ -178,9 +178,17 @@ pub fn kl_loss<B: KernelBackend>(
             let [parent] = ops.parents;
             let upstream = grads.consume::<B>(&ops.node);
             if let Some(node) = parent {
-                let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(ops.state))
-                    * Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(upstream))
-                        .reshape([1, 1]);
+                let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(ops.state));
+                let upstream: f32 =
+                    Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(upstream))
+                        .into_scalar()
+                        .elem();
+                // A loss used as is (upstream 1) hands the stored gradient over without a copy.
+                let grad = if upstream == 1.0 {
+                    grad
+                } else {
+                    grad.mul_scalar(upstream)
+                };
                 grads.register::<B>(node.id, grad.into_primitive().tensor());
             }
         }
