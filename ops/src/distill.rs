@@ -21,13 +21,34 @@ use crate::train::{self, Objective, cross_entropy};
 
 pub struct Distill;
 
-struct Kd {
+/// The distillation objective: the frozen teacher and how its logits are matched.
+pub struct Kd {
     teacher: Decoder<B>,
     temperature: f64,
     direction: KlDirection,
     /// Restrict the forward KL to the teacher's `top_k` tokens (0: the whole vocabulary).
     top_k: usize,
     ce_weight: f64,
+}
+
+impl Kd {
+    /// Forward or reverse KL at `temperature`, optionally restricted to the teacher's `top_k`
+    /// tokens (0: whole vocabulary), mixed with data cross-entropy at `ce_weight` (0: pure KD).
+    pub fn new(
+        teacher: Decoder<B>,
+        temperature: f64,
+        direction: KlDirection,
+        top_k: usize,
+        ce_weight: f64,
+    ) -> Kd {
+        Kd {
+            teacher,
+            temperature,
+            direction,
+            top_k,
+            ce_weight,
+        }
+    }
 }
 
 impl Objective for Kd {

@@ -404,6 +404,97 @@ fn validation_loss(
     total / n as f64
 }
 
+/// What one optimizer step did.
+pub struct StepOutcome {
+    pub student: Decoder<TB>,
+    /// The loss summed over micro-batches (each scaled by 1 / micro-batches): the batch's mean.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens predicted in the step.
+    pub tokens: u64,
+}
+
+/// A loss or gradient that is NaN or infinite; `param` indexes the module's parameters in
+/// visiting order.
+pub struct NonFinite {
+    pub what: &'static str,
+    pub param: Option<usize>,
+}
+
+/// One optimizer step: loss and gradients over the micro-batches (`[micro_batch]` sequences
+/// each, accumulated), clipping by the global norm, then AdamW at `lr`.
+pub fn optimizer_step(
+    student: Decoder<TB>,
+    state: &mut AdamState,
+    objective: &dyn Objective,
+    micro_batches: &[Vec<Vec<u32>>],
+    cfg: &TrainConfig,
+    lr: f64,
+) -> Result<StepOutcome, NonFinite> {
+    let accum = micro_batches.len();
+    let mut grads_acc: Option<burn::optim::GradientsParams> = None;
+    let mut loss_sum = 0.0;
+    let mut tokens = 0u64;
+    for batch in micro_batches {
+        let (input, targets) = split(batch);
+        let loss = objective.loss(&student, &input, &targets, batch.len()) / accum as f64;
+        let value = loss
+            .clone()
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .unwrap()[0];
+        if !value.is_finite() {
+            return Err(NonFinite {
+                what: "loss",
+                param: None,
+            });
+        }
+        loss_sum += value;
+        let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &student);
+        grads_acc = Some(match grads_acc {
+            None => grads,
+            Some(acc) => add_grads(acc, grads, &student),
+        });
+        tokens += batch.iter().map(|s| s.len() as u64 - 1).sum::<u64>();
+    }
+    let mut grads = grads_acc.expect("at least one micro batch");
+    let mut norms = GradNorms {
+        grads: &grads,
+        sq: Vec::new(),
+    };
+    student.visit(&mut norms);
+    if let Some(i) = norms.sq.iter().position(|x| !x.is_finite()) {
+        return Err(NonFinite {
+            what: "gradient",
+            param: Some(i),
+        });
+    }
+    let norm = norms.sq.iter().sum::<f64>().sqrt();
+    let scale = if cfg.clip > 0.0 && norm > cfg.clip {
+        cfg.clip / norm
+    } else {
+        1.0
+    };
+    let mut mapper = AdamStep {
+        grads: &mut grads,
+        state,
+        cfg,
+        lr,
+        scale,
+        index: 0,
+    };
+    let student = student.map(&mut mapper);
+    state.step += 1;
+    Ok(StepOutcome {
+        student,
+        loss: loss_sum,
+        grad_norm: norm,
+        tokens,
+    })
+}
+
 /// Inputs (all but the last token) and targets (all but the first) of sequences.
 fn split(seqs: &[Vec<u32>]) -> (Vec<u32>, Vec<u32>) {
     let input = seqs
@@ -498,63 +589,25 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
     let mut tokens_done = 0u64;
     for step in start..steps {
         let lr = cfg.lr_at(step);
-        let mut grads_acc: Option<burn::optim::GradientsParams> = None;
-        let mut loss_sum = 0.0;
-        for a in 0..accum {
-            let base = step * cfg.global_batch + a * cfg.micro_batch;
-            let batch: Vec<Vec<u32>> = (0..cfg.micro_batch)
-                .map(|e| train[(base + e) % train.len()].clone())
-                .collect();
-            let (input, targets) = split(&batch);
-            let loss = objective.loss(&student, &input, &targets, batch.len()) / accum as f64;
-            let value = loss
-                .clone()
-                .into_data()
-                .convert::<f64>()
-                .to_vec::<f64>()
-                .unwrap()[0];
-            if !value.is_finite() {
-                return Err(nan_error(step, "loss", None, last_ckpt_step, &ckpt));
+        let micro_batches: Vec<Vec<Vec<u32>>> = (0..accum)
+            .map(|a| {
+                let base = step * cfg.global_batch + a * cfg.micro_batch;
+                (0..cfg.micro_batch)
+                    .map(|e| train[(base + e) % train.len()].clone())
+                    .collect()
+            })
+            .collect();
+        let outcome = match optimizer_step(student, &mut state, objective, &micro_batches, &cfg, lr)
+        {
+            Ok(o) => o,
+            Err(NonFinite { what, param }) => {
+                let param = param.map(|i| names[i].as_str());
+                return Err(nan_error(step, what, param, last_ckpt_step, &ckpt));
             }
-            loss_sum += value;
-            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &student);
-            grads_acc = Some(match grads_acc {
-                None => grads,
-                Some(acc) => add_grads(acc, grads, &student),
-            });
-            tokens_done += (batch.len() * (cfg.seq_len - 1)) as u64;
-        }
-        let mut grads = grads_acc.expect("at least one micro batch");
-        let mut norms = GradNorms {
-            grads: &grads,
-            sq: Vec::new(),
         };
-        student.visit(&mut norms);
-        if let Some(i) = norms.sq.iter().position(|x| !x.is_finite()) {
-            return Err(nan_error(
-                step,
-                "gradient",
-                Some(&names[i]),
-                last_ckpt_step,
-                &ckpt,
-            ));
-        }
-        let norm = norms.sq.iter().sum::<f64>().sqrt();
-        let scale = if cfg.clip > 0.0 && norm > cfg.clip {
-            cfg.clip / norm
-        } else {
-            1.0
-        };
-        let mut mapper = AdamStep {
-            grads: &mut grads,
-            state: &mut state,
-            cfg: &cfg,
-            lr,
-            scale,
-            index: 0,
-        };
-        student = student.map(&mut mapper);
-        state.step += 1;
+        student = outcome.student;
+        tokens_done += outcome.tokens;
+        let (loss_sum, norm) = (outcome.loss, outcome.grad_norm);
         let mut m = json!({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": norm,
                             "tokens": (step + 1) as u64 * (cfg.global_batch * cfg.seq_len) as u64});
         let last = step + 1 == steps;

@@ -1,0 +1,130 @@
+//! Distillation throughput on the CPU, side by side with PyTorch: one optimizer step is the
+//! teacher's forward (no graph), the student's forward and backward through the forward KL, global
+//! norm clipping and AdamW. Teacher and student are both SmolLM2-135M (the GGUF's dequantized
+//! weights), same thread count, batch and sequence length on both sides.
+//! `cargo bench -p distillery-ops --bench distill` (needs the GGUF in the cache's downloads; the
+//! PyTorch column needs `DISTILLERY_TORCH_PYTHON` pointing at a python with torch and transformers).
+
+#[path = "../../tests/support/demo_files.rs"]
+mod demo_files;
+
+use std::time::Instant;
+
+use distillery_kernels::KlDirection;
+use distillery_ops::distill::Kd;
+use distillery_ops::model::checkpoint::load_model;
+use distillery_ops::model::decoder::Decoder;
+use distillery_ops::runtime::{self, Backend as B, TrainBackend as TB};
+use distillery_ops::train::{AdamState, TrainConfig, optimizer_step};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let gguf = match demo_files::smollm2_gguf() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let threads = env(
+        "THREADS",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    let (batch, seq, steps) = (env("BATCH", 4), env("SEQ", 128), env("STEPS", 3));
+    let cfg = TrainConfig {
+        tokens: (batch * seq * (steps + 1)) as u64,
+        seq_len: seq,
+        micro_batch: batch,
+        global_batch: batch,
+        lr: 1e-4,
+        min_lr: 1e-5,
+        warmup_steps: 0,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        clip: 1.0,
+        checkpoint_every: 0,
+        val_every: 0,
+        val_sequences: 0,
+    };
+    let m = load_model(&gguf).unwrap();
+    let device = runtime::device();
+    let ours = runtime::with_threads(threads, || {
+        let teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+        let mut student = Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap();
+        let kd = Kd::new(teacher, 1.0, KlDirection::Forward, 0, 0.0);
+        let mut state = AdamState {
+            step: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        let vocab = m.config.vocab_size;
+        let batches = |k: usize| {
+            vec![
+                (0..batch)
+                    .map(|b| {
+                        (0..seq + 1)
+                            .map(|i| ((k * 131 + b * 7 + i) * 7919 % vocab) as u32)
+                            .collect()
+                    })
+                    .collect::<Vec<Vec<u32>>>(),
+            ]
+        };
+        let mut run = |k: usize, student: Decoder<TB>| {
+            let lr = cfg.lr_at(k);
+            match optimizer_step(student, &mut state, &kd, &batches(k), &cfg, lr) {
+                Ok(o) => o,
+                Err(e) => panic!("non-finite {} at step {k}", e.what),
+            }
+        };
+        // One step outside the clock: the first allocates the optimizer state.
+        student = run(0, student).student;
+        let t = Instant::now();
+        for k in 1..=steps {
+            student = run(k, student).student;
+        }
+        (batch * seq * steps) as f64 / t.elapsed().as_secs_f64()
+    });
+    let torch = std::env::var("DISTILLERY_TORCH_PYTHON")
+        .ok()
+        .and_then(|py| {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/torch_distill.py");
+            let out = std::process::Command::new(py)
+                .args([
+                    script,
+                    gguf.to_str().unwrap(),
+                    &threads.to_string(),
+                    &batch.to_string(),
+                    &seq.to_string(),
+                    &steps.to_string(),
+                ])
+                .output()
+                .ok()?;
+            let line = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()?
+                .to_string();
+            serde_json::from_str::<serde_json::Value>(&line).ok()?["tokens_per_second"].as_f64()
+        });
+    println!(
+        "SmolLM2-135M -> SmolLM2-135M distillation step (teacher fwd + student fwd/bwd + AdamW), batch {batch} x seq {seq}, {threads} threads, {}",
+        runtime::BACKEND_NAME
+    );
+    println!(
+        "{:<16} {:>16} {:>8}",
+        "distillery t/s", "pytorch t/s", "ratio"
+    );
+    println!(
+        "{:<16.0} {:>16} {:>8}",
+        ours,
+        torch.map_or("-".into(), |x| format!("{x:.0}")),
+        torch.map_or("-".into(), |x| format!("{:.2}", ours / x))
+    );
+}
