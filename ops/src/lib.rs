@@ -1,9 +1,10 @@
 //! The model and every op that touches tensors: Llama/Mistral decoders on Burn, checkpoint IO,
-//! tokenizers and datasets, and the pipeline's ops (calibrate, score, prune, train, distill, evaluate).
+//! tokenizers and datasets, and the pipeline's ops (calibrate, score, depth_scan, prune, search, train, distill, evaluate).
 
 pub mod calibrate;
 pub mod compare;
 pub mod data;
+pub mod depth_scan;
 pub mod distill;
 pub mod estimate;
 pub mod evaluate;
@@ -34,6 +35,7 @@ pub fn builtin() -> OpRegistry {
         .register(distill::Distill)
         .register(compare::Compare)
         .register(search::Search)
+        .register(depth_scan::DepthScan)
         .set_source_describer(estimate::describe_source);
     r
 }

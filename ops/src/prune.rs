@@ -380,7 +380,7 @@ impl Op for Prune {
                 Port::optional(
                     "target",
                     ArtifactKind::Report,
-                    "a search report: its winner sets the axes the parameters leave unset",
+                    "a search or depth_scan report: its winner sets the axes the parameters leave unset",
                 ),
             ],
             output: ArtifactKind::Model,
@@ -502,12 +502,20 @@ impl Op for Prune {
         let config = load_config(&model_in.path)?;
         let mut target = PruneTarget::from_params(&ctx.params)?;
         if let Some(report) = ctx.inputs.get("target") {
-            let w = crate::search::read_winner(&report.path)?;
+            // A search report sets widths and a layer count; a depth scan, the layers to drop.
+            let w = if report.path.join(crate::depth_scan::SCAN_FILE).is_file() {
+                crate::depth_scan::read_winner(&report.path)?
+            } else {
+                crate::search::read_winner(&report.path)?
+            };
             target.hidden_size = target.hidden_size.or(w.hidden_size);
             target.intermediate_size = target.intermediate_size.or(w.intermediate_size);
             target.num_attention_heads = target.num_attention_heads.or(w.num_attention_heads);
             if target.drop_layers.is_empty() {
                 target.num_layers = target.num_layers.or(w.num_layers);
+            }
+            if target.drop_layers.is_empty() && target.num_layers.is_none() {
+                target.drop_layers = w.drop_layers;
             }
         }
         if let Some(p) = target.problems(&config).first() {
@@ -515,11 +523,21 @@ impl Op for Prune {
         }
         let model = runtime::open_model(model_in)?;
         let method = ctx.params.str("method")?;
+        // Dropping listed layers ranks nothing: no scores needed, channels stay in order.
+        let shaped = target.apply_to(&config);
+        let depth_only = !target.drop_layers.is_empty()
+            && (shaped.hidden_size, shaped.intermediate_size)
+                == (config.hidden_size, config.intermediate_size)
+            && (shaped.num_attention_heads, shaped.num_key_value_heads)
+                == (config.num_attention_heads, config.num_key_value_heads);
         let scores = match (method, ctx.inputs.get("scores")) {
             ("importance", Some(s)) => ImportanceScores::read(&s.path)?,
+            ("importance", None) if depth_only => {
+                baseline_scores(&model.weights, &config, "magnitude", ctx.seed)?
+            }
             ("importance", None) => {
                 return Err(OpError::Invalid(
-                    "method \"importance\" needs a `scores` input".into(),
+                    "method \"importance\" needs a `scores` input (only a pure drop_layers target does without)".into(),
                 ));
             }
             (m, _) => baseline_scores(&model.weights, &config, m, ctx.seed)?,
@@ -531,7 +549,8 @@ impl Op for Prune {
                 "the scores were computed for a model of another shape".into(),
             ));
         }
-        let plan = PrunePlan::new(&scores, &target, ctx.params.str("order")? == "importance");
+        let importance_order = ctx.params.str("order")? == "importance" && !depth_only;
+        let plan = PrunePlan::new(&scores, &target, importance_order);
         let new = target.apply_to(&config);
         let dtype = match ctx.params.str("dtype")? {
             "same" => model.weights.dominant_dtype(),

@@ -181,7 +181,7 @@ impl ImportanceScores {
     }
 }
 
-fn bar_chart_svg(title: &str, values: &[f32]) -> String {
+pub(crate) fn bar_chart_svg(title: &str, values: &[f32]) -> String {
     let (w, h, pad) = (640.0, 240.0, 30.0);
     let max = values.iter().cloned().fold(f32::MIN, f32::max).max(1e-12);
     let bw = (w - 2.0 * pad) / values.len().max(1) as f32;

@@ -19,7 +19,6 @@ use crate::op::{
 use crate::prune::{PrunePlan, PruneTarget, prune_tensor};
 use crate::runtime::{self, Backend as B};
 use crate::score::ImportanceScores;
-use crate::train::cross_entropy;
 
 pub const SEARCH_FILE: &str = "search.json";
 
@@ -242,20 +241,7 @@ fn search(ctx: &OpContext) -> Result<(), OpError> {
             &Weights::from_memory(model.path.clone(), tensors),
             &device,
         )?;
-        let mut total = 0.0;
-        for s in &seqs {
-            let logits = decoder.forward(crate::model::decoder::tokens_tensor::<B>(
-                &s[..s.len() - 1],
-                1,
-                &device,
-            ));
-            total += cross_entropy(logits, &s[1..])
-                .into_data()
-                .convert::<f64>()
-                .to_vec::<f64>()
-                .unwrap()[0];
-        }
-        let loss = total / seqs.len().max(1) as f64;
+        let loss = crate::depth_scan::mean_lm_loss(&decoder, &seqs);
         ranked.push(json!({"target": target_json(target), "parameters": params, "val_loss": loss}));
         ctx.progress.set((i + 1) as u64);
     }

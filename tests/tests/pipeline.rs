@@ -176,3 +176,101 @@ fn the_method_end_to_end_and_a_changed_lr_reruns_only_what_follows() {
         .collect();
     assert_eq!(ran, ["distilled", "eval_distilled", "table"]);
 }
+
+#[test]
+fn depth_scan_ranks_removals_and_its_winner_drives_prune() {
+    let env = Env::new();
+    common::tiny_model_and_text(&env);
+    // A three-layer model (sharded bf16), so that a block of two leaves one layer.
+    let src = common::golden("llama3-untied-bf16-sharded");
+    let model = env.path("deep");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    std::fs::copy(
+        common::golden("char-tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    env.write(
+        "r.toml",
+        r#"
+[recipe]
+name = "scan"
+
+[sources.teacher]
+kind = "model"
+path = "deep"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+
+[steps.scan]
+op = "depth_scan"
+inputs = { model = "sources.teacher", data = "sources.text" }
+params = { block_length = 2, samples = 2, seq_len = 32 }
+
+[steps.shallow]
+op = "prune"
+inputs = { model = "sources.teacher", target = "steps.scan" }
+"#,
+    );
+    let out = env.run(&["run", "r.toml"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown: serde_json::Value =
+        serde_json::from_slice(&env.ok(&["show", "r.toml", "scan", "--json"]).stdout).unwrap();
+    let dir = std::path::PathBuf::from(shown["path"].as_str().unwrap());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("depth_scan.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["layers"].as_array().unwrap().len(), 3, "{report}");
+    let blocks = report["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 2, "{report}");
+    let best = blocks
+        .iter()
+        .map(|b| b["val_loss"].as_f64().unwrap())
+        .fold(f64::MAX, f64::min);
+    assert_eq!(report["winner"]["val_loss"].as_f64().unwrap(), best);
+    let baseline = report["baseline_val_loss"].as_f64().unwrap();
+    assert!(baseline.is_finite() && baseline > 0.0, "{report}");
+    for b in blocks {
+        assert!(
+            (b["delta"].as_f64().unwrap() - (b["val_loss"].as_f64().unwrap() - baseline)).abs()
+                < 1e-9
+        );
+    }
+    assert!(dir.join("depth_scan.svg").is_file());
+
+    let shallow = text(&env.ok(&["show", "r.toml", "shallow"]));
+    assert!(shallow.contains(": 1 layers, hidden 48"), "{shallow}");
+    // The kept layer is the one the winning block leaves; channels stay in their order.
+    let pruned: serde_json::Value =
+        serde_json::from_slice(&env.ok(&["show", "r.toml", "shallow", "--json"]).stdout).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(pruned["path"].as_str().unwrap()).join("prune_plan.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let dropped: Vec<u64> = report["winner"]["drop_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let kept: Vec<u64> = (0..3).filter(|l| !dropped.contains(l)).collect();
+    assert_eq!(plan["plan"]["layers"], serde_json::json!(kept), "{plan}");
+    assert_eq!(
+        plan["plan"]["hidden"],
+        serde_json::json!((0..48).collect::<Vec<u64>>())
+    );
+    let scan_text = text(&env.ok(&["show", "r.toml", "scan"]));
+    assert!(
+        scan_text.contains("blocks of 2 layers removed"),
+        "{scan_text}"
+    );
+}
