@@ -15,7 +15,7 @@ use distillery_ops::distill::Kd;
 use distillery_ops::model::checkpoint::load_model;
 use distillery_ops::model::decoder::Decoder;
 use distillery_ops::runtime::{self, Backend as B, TrainBackend as TB};
-use distillery_ops::train::{AdamState, TrainConfig, optimizer_step};
+use distillery_ops::train::{AdamState, Student, TrainConfig, optimizer_step};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -58,7 +58,8 @@ fn main() {
     let device = runtime::device();
     let ours = runtime::with_threads(threads, || {
         let teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
-        let mut student = Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap();
+        let mut student =
+            Student::plain(Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap());
         let kd = Kd::new(teacher, 1.0, KlDirection::Forward, 0, 0.0);
         let mut state = AdamState {
             step: 0,
@@ -77,7 +78,7 @@ fn main() {
                     .collect::<Vec<Vec<u32>>>(),
             ]
         };
-        let mut run = |k: usize, student: Decoder<TB>| {
+        let mut run = |k: usize, student: Student<TB>| {
             let lr = cfg.lr_at(k);
             match optimizer_step(student, &mut state, &kd, &batches(k), &cfg, lr) {
                 Ok(o) => o,

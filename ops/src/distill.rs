@@ -1,7 +1,9 @@
 //! The `distill` op (Minitron §4): the pruned student learns the frozen teacher's next-token
 //! distribution. Loss per token: forward KL(teacher ‖ student) on softmax(logits / T) (or reverse
 //! KL), averaged over tokens; optionally plus cross-entropy on the data with the KD term rescaled to
-//! its magnitude. Teacher and student must share the vocabulary.
+//! its magnitude, and an intermediate-state loss `1 − cos(proj(student_h), teacher_h)` on chosen
+//! pairs of block outputs through learned projections, rescaled to the logit loss each step.
+//! Teacher and student must share the vocabulary.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,13 +13,13 @@ use distillery_kernels::KlDirection;
 use distillery_kernels::kl::{kl_loss, topk_kl_reference};
 
 use crate::model::checkpoint::load_config;
-use crate::model::decoder::{Decoder, tokens_tensor};
+use crate::model::decoder::{Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
 use crate::op::{
     Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
     Params, Port, Problem,
 };
 use crate::runtime::{self, Backend as B, TrainBackend as TB};
-use crate::train::{self, Objective, cross_entropy};
+use crate::train::{self, Objective, Student, cross_entropy};
 
 pub struct Distill;
 
@@ -29,6 +31,59 @@ pub struct Kd {
     /// Restrict the forward KL to the teacher's `top_k` tokens (0: the whole vocabulary).
     top_k: usize,
     ce_weight: f64,
+    /// Intermediate-state loss: (student layer, teacher layer) block outputs to align, each
+    /// through its learned projection; empty for none.
+    hidden: HiddenLoss,
+}
+
+/// `1 − cos(proj(student_h), teacher_h)` on chosen layer pairs, averaged over tokens and pairs,
+/// rescaled to the logit loss's magnitude each step and weighted by `weight`.
+#[derive(Clone, Debug, Default)]
+pub struct HiddenLoss {
+    pub pairs: Vec<(usize, usize)>,
+    pub weight: f64,
+    pub student_hidden: usize,
+    pub teacher_hidden: usize,
+}
+
+/// Collects the block outputs of chosen layers during a forward.
+struct BlockOutputs<Bk: burn::tensor::backend::Backend> {
+    layers: Vec<usize>,
+    out: BTreeMap<usize, Tensor<Bk, 3>>,
+}
+
+impl<Bk: burn::tensor::backend::Backend> BlockOutputs<Bk> {
+    fn of(layers: Vec<usize>) -> Self {
+        BlockOutputs {
+            layers,
+            out: BTreeMap::new(),
+        }
+    }
+}
+
+impl<Bk: burn::tensor::backend::Backend> Hooks<Bk> for BlockOutputs<Bk> {
+    fn wants(&self) -> HookSet {
+        if self.layers.is_empty() {
+            HookSet::NONE
+        } else {
+            HookSet::of(&[HookPoint::BlockOutput])
+        }
+    }
+    fn activation(&mut self, layer: usize, point: HookPoint, t: &Tensor<Bk, 3>) {
+        if point == HookPoint::BlockOutput && self.layers.contains(&layer) {
+            self.out.insert(layer, t.clone());
+        }
+    }
+}
+
+/// Mean over tokens of `1 − cos(a, b)` along the last axis: `[batch, seq, d]` twice → scalar.
+fn cosine_distance<Bk: burn::tensor::backend::Backend>(
+    a: Tensor<Bk, 3>,
+    b: Tensor<Bk, 3>,
+) -> Tensor<Bk, 1> {
+    let dot = (a.clone() * b.clone()).sum_dim(2);
+    let norms = (a.powf_scalar(2.0).sum_dim(2) * b.powf_scalar(2.0).sum_dim(2)).sqrt();
+    (dot / (norms + 1e-12)).mean().neg() + 1.0
 }
 
 impl Kd {
@@ -47,24 +102,36 @@ impl Kd {
             direction,
             top_k,
             ce_weight,
+            hidden: HiddenLoss::default(),
         }
+    }
+
+    /// Adds an intermediate-state loss.
+    pub fn with_hidden_loss(mut self, hidden: HiddenLoss) -> Kd {
+        self.hidden = hidden;
+        self
     }
 }
 
 impl Objective for Kd {
     fn loss(
         &self,
-        student: &Decoder<TB>,
+        student: &Student<TB>,
         input: &[u32],
         targets: &[u32],
         batch: usize,
     ) -> Tensor<TB, 1> {
         let device = runtime::device();
+        let pairs = &self.hidden.pairs;
+        let mut t_hooks = BlockOutputs::of(pairs.iter().map(|p| p.1).collect());
+        let mut s_hooks = BlockOutputs::of(pairs.iter().map(|p| p.0).collect());
         // The teacher runs without an autodiff graph.
         let t_logits = self
             .teacher
-            .forward(tokens_tensor::<B>(input, batch, &device));
-        let s_logits = student.forward(tokens_tensor::<TB>(input, batch, &device));
+            .forward_with_hooks(tokens_tensor::<B>(input, batch, &device), &mut t_hooks);
+        let s_logits = student
+            .model
+            .forward_with_hooks(tokens_tensor::<TB>(input, batch, &device), &mut s_hooks);
         let [b, s, v] = s_logits.dims();
         let t = t_logits.reshape([b * s, v]);
         let st = s_logits.clone().reshape([b * s, v]);
@@ -74,18 +141,42 @@ impl Objective for Kd {
             // The fused kernel: loss and gradient in one pass, no [tokens, vocab] temporaries.
             kl_loss(t, st, self.temperature, self.direction)
         };
-        if self.ce_weight > 0.0 {
+        let logit_loss = if self.ce_weight > 0.0 {
             let ce = cross_entropy(s_logits, targets);
             // KD rescaled to the CE's magnitude (a constant factor: no gradient through the ratio).
             let ratio = ce.clone().detach() / (kd.clone().detach() + 1e-12);
             ce * self.ce_weight + kd * ratio * (1.0 - self.ce_weight)
         } else {
             kd
+        };
+        if pairs.is_empty() {
+            return logit_loss;
         }
+        let mut hidden = Tensor::<TB, 1>::zeros([1], &device);
+        for (i, (ls, lt)) in pairs.iter().enumerate() {
+            let h_s = s_hooks.out.remove(ls).expect("hooked student layer");
+            let h_t = Tensor::<TB, 3>::from_inner(t_hooks.out[lt].clone());
+            let [b, s, hs] = h_s.dims();
+            let w = student.projections[i].val(); // [student_hidden, teacher_hidden]
+            let projected =
+                h_s.reshape([b * s, hs])
+                    .matmul(w)
+                    .reshape([b, s, self.hidden.teacher_hidden]);
+            hidden = hidden + cosine_distance(projected, h_t);
+        }
+        let hidden = hidden / pairs.len() as f64;
+        // Rescaled to the logit loss each step (a constant factor: no gradient through it).
+        let ratio = logit_loss.clone().detach() / (hidden.clone().detach() + 1e-12);
+        logit_loss + hidden * ratio * self.hidden.weight
     }
 
     fn name(&self) -> &'static str {
         "distillation"
+    }
+
+    fn projections(&self) -> Vec<[usize; 2]> {
+        let h = &self.hidden;
+        vec![[h.student_hidden, h.teacher_hidden]; h.pairs.len()]
     }
 }
 
@@ -116,6 +207,17 @@ impl Op for Distill {
                 ParamType::Float,
                 ParamValue::Float(0.0),
                 "weight of data cross-entropy (KD rescaled to its magnitude); 0: pure KD",
+            ),
+            ParamSpec::optional(
+                "hidden_pairs",
+                ParamType::IntPairs,
+                "[student layer, teacher layer] block outputs (0-indexed) aligned by 1 − cos through a learned projection",
+            ),
+            ParamSpec::with_default(
+                "hidden_weight",
+                ParamType::Float,
+                ParamValue::Float(1.0),
+                "weight of the intermediate-state loss, rescaled each step to the logit loss's magnitude",
             ),
         ]);
         OpSignature {
@@ -172,20 +274,37 @@ impl Op for Distill {
         out
     }
 
-    fn plan_check(&self, _: &Params, inputs: &BTreeMap<String, Artifact>) -> Vec<Problem> {
+    fn plan_check(&self, p: &Params, inputs: &BTreeMap<String, Artifact>) -> Vec<Problem> {
         let (Some(s), Some(t)) = (inputs.get("student"), inputs.get("teacher")) else {
             return Vec::new();
         };
-        match (load_config(&s.path), load_config(&t.path)) {
-            (Ok(s), Ok(t)) if s.vocab_size != t.vocab_size => vec![Problem {
+        let (Ok(s), Ok(t)) = (load_config(&s.path), load_config(&t.path)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if s.vocab_size != t.vocab_size {
+            out.push(Problem {
                 param: None,
                 message: format!(
                     "student vocabulary ({}) differs from the teacher's ({}): distillation needs one vocabulary",
                     s.vocab_size, t.vocab_size
                 ),
-            }],
-            _ => Vec::new(),
+            });
         }
+        for (ls, lt) in p.int_pairs("hidden_pairs").unwrap_or_default() {
+            let (sl, tl) = (s.num_hidden_layers as i64, t.num_hidden_layers as i64);
+            if !(0..sl).contains(&ls) || !(0..tl).contains(&lt) {
+                out.push(Problem {
+                    param: Some("hidden_pairs".into()),
+                    message: format!(
+                        "pair [{ls}, {lt}] is out of range: the student has layers 0..{}, the teacher 0..{}",
+                        sl - 1,
+                        tl - 1
+                    ),
+                });
+            }
+        }
+        out
     }
 
     fn estimate(
@@ -221,6 +340,7 @@ impl Op for Distill {
                 &teacher_model.weights,
                 &runtime::device(),
             )?;
+            let teacher_hidden = teacher_model.config.hidden_size;
             drop(teacher_model);
             let kd = Kd {
                 teacher,
@@ -232,6 +352,17 @@ impl Op for Distill {
                 },
                 top_k: ctx.params.int("top_k")? as usize,
                 ce_weight: ctx.params.float("ce_weight")?,
+                hidden: HiddenLoss {
+                    pairs: ctx
+                        .params
+                        .int_pairs("hidden_pairs")?
+                        .into_iter()
+                        .map(|(a, b)| (a.max(0) as usize, b.max(0) as usize))
+                        .collect(),
+                    weight: ctx.params.float("hidden_weight")?,
+                    student_hidden: student_cfg.hidden_size,
+                    teacher_hidden,
+                },
             };
             train::run(ctx, &kd, "student")
         })
@@ -239,5 +370,81 @@ impl Op for Distill {
 
     fn summarize(&self, out_dir: &Path) -> Option<String> {
         train::summarize(out_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::checkpoint::load_model;
+    use burn::module::Param;
+    use burn::tensor::TensorData;
+
+    fn golden_model() -> crate::model::checkpoint::LoadedModel {
+        load_model(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/llama-gqa-tied-f32"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn cosine_distance_is_zero_for_parallel_and_two_for_opposite_vectors() {
+        let device = runtime::device();
+        let a = Tensor::<B, 3>::from_data(
+            TensorData::new(vec![1f32, 2.0, 3.0, -1.0, 0.5, 2.0], [1, 2, 3]),
+            &device,
+        );
+        let same = cosine_distance(a.clone(), a.clone() * 4.0).into_scalar();
+        let opposite = cosine_distance(a.clone(), a.neg()).into_scalar();
+        assert!(same.abs() < 1e-6, "{same}");
+        assert!((opposite - 2.0).abs() < 1e-6, "{opposite}");
+    }
+
+    #[test]
+    fn hidden_loss_is_rescaled_to_the_logit_loss_and_trains_the_projection() {
+        let m = golden_model();
+        let device = runtime::device();
+        let h = m.config.hidden_size;
+        let teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+        let student = Student {
+            model: Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap(),
+            projections: vec![Param::from_tensor(
+                Tensor::<TB, 2>::from_data(
+                    TensorData::new(train::identity_projection(h, h), [h, h]),
+                    &device,
+                )
+                .require_grad(),
+            )],
+        };
+        let input: Vec<u32> = (0..16).map(|i| (i * 7 % 100) as u32).collect();
+        let targets: Vec<u32> = (1..17).map(|i| (i * 7 % 100) as u32).collect();
+        // Student and teacher are the same model: the KL is zero, so the logit loss is the
+        // cross-entropy share; the student's layer 0 against the teacher's layer 1 differ.
+        let plain = Kd::new(teacher.clone(), 1.0, KlDirection::Forward, 0, 0.5);
+        let logit = plain.loss(&student, &input, &targets, 2).into_scalar() as f64;
+        let kd = Kd::new(teacher, 1.0, KlDirection::Forward, 0, 0.5).with_hidden_loss(HiddenLoss {
+            pairs: vec![(0, 1)],
+            weight: 0.3,
+            student_hidden: h,
+            teacher_hidden: h,
+        });
+        assert_eq!(kd.projections(), vec![[h, h]]);
+        let loss = kd.loss(&student, &input, &targets, 2);
+        let total = loss.clone().into_scalar() as f64;
+        assert!(logit > 0.0);
+        assert!(
+            (total - logit * 1.3).abs() < 1e-4 * logit,
+            "{total} vs 1.3 × {logit}"
+        );
+        let grads = loss.backward();
+        let g = student.projections[0]
+            .val()
+            .grad(&grads)
+            .expect("projection gradient");
+        let norm = g.powf_scalar(2.0).sum().into_scalar();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "projection gradient norm {norm}"
+        );
     }
 }

@@ -309,6 +309,24 @@ impl Params {
             Some(v) => Err(wrong(name, "a list of integers", v)),
         }
     }
+    /// A list of `[a, b]` integer pairs; absent is empty.
+    pub fn int_pairs(&self, name: &str) -> Result<Vec<(i64, i64)>, OpError> {
+        let expected = "a list of [a, b] integer pairs";
+        match self.0.get(name) {
+            None => Ok(Vec::new()),
+            Some(ParamValue::List(items)) => items
+                .iter()
+                .map(|v| match v {
+                    ParamValue::List(p) => match p.as_slice() {
+                        [ParamValue::Int(a), ParamValue::Int(b)] => Ok((*a, *b)),
+                        _ => Err(wrong(name, expected, v)),
+                    },
+                    v => Err(wrong(name, expected, v)),
+                })
+                .collect(),
+            Some(v) => Err(wrong(name, expected, v)),
+        }
+    }
     /// A problem for each named integer parameter below 1 (counts, sizes, steps).
     pub fn require_positive(&self, names: &[&str]) -> Vec<Problem> {
         names

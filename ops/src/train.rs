@@ -21,6 +21,35 @@ use crate::op::{OpContext, OpError, ParamSpec, ParamType, ParamValue, Params, Pr
 use crate::runtime::{self, Backend as B, TrainBackend as TB};
 use crate::stats::{read_vectors, write_vectors};
 
+/// What a training op optimizes: the model, plus the learned projections `[student_hidden,
+/// teacher_hidden]` of intermediate-state losses (empty for plain training). Only the model is
+/// saved as the output; the projections live in the resumable checkpoints.
+#[derive(Module, Debug)]
+pub struct Student<B: burn::tensor::backend::Backend> {
+    pub model: Decoder<B>,
+    pub projections: Vec<Param<Tensor<B, 2>>>,
+}
+
+impl<Bk: burn::tensor::backend::Backend> Student<Bk> {
+    /// A student without projections.
+    pub fn plain(model: Decoder<Bk>) -> Student<Bk> {
+        Student {
+            model,
+            projections: Vec::new(),
+        }
+    }
+}
+
+/// A rectangular identity `[rows, cols]`: the projection's starting point (maps the student's
+/// leading channels onto the teacher's; the cosine loss is undefined at zero).
+pub fn identity_projection(rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = vec![0f32; rows * cols];
+    for i in 0..rows.min(cols) {
+        w[i * cols + i] = 1.0;
+    }
+    w
+}
+
 /// Hyperparameters of a run, from the step's parameters.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
@@ -272,12 +301,17 @@ pub trait Objective {
     /// Loss of the student on `[batch, seq]` inputs with `[batch, seq]` next-token targets.
     fn loss(
         &self,
-        student: &Decoder<TB>,
+        student: &Student<TB>,
         input: &[u32],
         targets: &[u32],
         batch: usize,
     ) -> Tensor<TB, 1>;
     fn name(&self) -> &'static str;
+    /// Shapes `[student_hidden, teacher_hidden]` of the learned projections this objective uses,
+    /// in the order `loss` reads `student.projections`.
+    fn projections(&self) -> Vec<[usize; 2]> {
+        Vec::new()
+    }
 }
 
 /// Plain next-token cross-entropy.
@@ -298,12 +332,14 @@ pub fn cross_entropy<Bk: burn::tensor::backend::Backend>(
 impl Objective for CrossEntropy {
     fn loss(
         &self,
-        student: &Decoder<TB>,
+        student: &Student<TB>,
         input: &[u32],
         targets: &[u32],
         batch: usize,
     ) -> Tensor<TB, 1> {
-        let logits = student.forward(tokens_tensor::<TB>(input, batch, &runtime::device()));
+        let logits = student
+            .model
+            .forward(tokens_tensor::<TB>(input, batch, &runtime::device()));
         cross_entropy(logits, targets)
     }
     fn name(&self) -> &'static str {
@@ -383,10 +419,58 @@ fn load_state(dir: &Path, step: usize) -> Result<AdamState, OpError> {
     Ok(state)
 }
 
+fn save_projections(dir: &Path, student: &Student<TB>) -> Result<(), OpError> {
+    let v: std::collections::BTreeMap<String, Vec<f32>> = student
+        .projections
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                format!("p.{i:05}"),
+                p.val().inner().into_data().to_vec::<f32>().unwrap(),
+            )
+        })
+        .collect();
+    write_vectors(&dir.join("projections.safetensors"), &v)
+}
+
+/// The projections of `shapes`: from a checkpoint directory when given, else identities.
+fn projections(
+    shapes: &[[usize; 2]],
+    checkpoint: Option<&Path>,
+) -> Result<Vec<Param<Tensor<TB, 2>>>, OpError> {
+    let saved = match checkpoint {
+        Some(dir) => Some(read_vectors(&dir.join("projections.safetensors"))?),
+        None => None,
+    };
+    let device = runtime::device();
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &[r, c])| {
+            let w = match &saved {
+                Some(v) => v
+                    .get(&format!("p.{i:05}"))
+                    .filter(|w| w.len() == r * c)
+                    .cloned()
+                    .ok_or_else(|| {
+                        OpError::Invalid(format!(
+                            "the checkpoint has no projection {i} of shape [{r}, {c}]"
+                        ))
+                    })?,
+                None => identity_projection(r, c),
+            };
+            Ok(Param::from_tensor(
+                Tensor::<TB, 2>::from_data(TensorData::new(w, [r, c]), &device).require_grad(),
+            ))
+        })
+        .collect()
+}
+
 /// Mean loss over held-out sequences (no gradients).
 fn validation_loss(
     objective: &dyn Objective,
-    model: &Decoder<TB>,
+    model: &Student<TB>,
     val: &[Vec<u32>],
     micro: usize,
 ) -> f64 {
@@ -406,7 +490,7 @@ fn validation_loss(
 
 /// What one optimizer step did.
 pub struct StepOutcome {
-    pub student: Decoder<TB>,
+    pub student: Student<TB>,
     /// The loss summed over micro-batches (each scaled by 1 / micro-batches): the batch's mean.
     pub loss: f64,
     /// The global gradient norm before clipping.
@@ -425,7 +509,7 @@ pub struct NonFinite {
 /// One optimizer step: loss and gradients over the micro-batches (`[micro_batch]` sequences
 /// each, accumulated), clipping by the global norm, then AdamW at `lr`.
 pub fn optimizer_step(
-    student: Decoder<TB>,
+    student: Student<TB>,
     state: &mut AdamState,
     objective: &dyn Objective,
     micro_batches: &[Vec<Vec<u32>>],
@@ -560,12 +644,18 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
         ctx.progress
             .note(&format!("resuming from the checkpoint at step {start}"));
         (
-            Decoder::<TB>::load(&config, &saved.weights, &device)?,
+            Student {
+                model: Decoder::<TB>::load(&config, &saved.weights, &device)?,
+                projections: projections(&objective.projections(), Some(&ckpt))?,
+            },
             load_state(&ckpt, start)?,
         )
     } else {
         (
-            Decoder::<TB>::load(&config, &src.weights, &device)?,
+            Student {
+                model: Decoder::<TB>::load(&config, &src.weights, &device)?,
+                projections: projections(&objective.projections(), None)?,
+            },
             AdamState {
                 step: 0,
                 m: Vec::new(),
@@ -579,7 +669,15 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
             names: Vec::new(),
         };
         student.visit(&mut n);
+        // Named as in the checkpoint: `layers.0.mlp.down_proj`, `projections.1`.
         n.names
+            .into_iter()
+            .map(|name| {
+                name.strip_prefix("model.")
+                    .map(str::to_string)
+                    .unwrap_or(name)
+            })
+            .collect::<Vec<_>>()
     };
 
     ctx.progress.phase(objective.name(), steps as u64, "steps");
@@ -632,7 +730,7 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
     }
     let secs = t0.elapsed().as_secs_f64();
     let dtype = dtype_for(ctx, &src)?;
-    let trained = student.valid();
+    let trained = student.model.valid();
     save_decoder(
         &ctx.out_dir,
         &trained,
@@ -672,7 +770,7 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
 fn add_grads(
     mut acc: burn::optim::GradientsParams,
     mut more: burn::optim::GradientsParams,
-    model: &Decoder<TB>,
+    model: &Student<TB>,
 ) -> burn::optim::GradientsParams {
     struct Add<'a> {
         acc: &'a mut burn::optim::GradientsParams,
@@ -699,7 +797,7 @@ fn add_grads(
 #[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
     ckpt: &Path,
-    student: &Decoder<TB>,
+    student: &Student<TB>,
     state: &AdamState,
     config: &ModelConfig,
     src: &LoadedModel,
@@ -713,13 +811,14 @@ fn write_checkpoint(
     std::fs::create_dir_all(&tmp).map_err(|e| OpError::io(&tmp, "create", e))?;
     save_decoder(
         &tmp,
-        &student.valid(),
+        &student.model.valid(),
         config,
         DType::F32,
         src,
         &json!({"checkpoint_step": step}),
     )?;
     save_state(&tmp, state)?;
+    save_projections(&tmp, student)?;
     let s = json!({"step": step, "key": key, "metrics": metrics});
     let p = tmp.join("state.json");
     std::fs::write(&p, s.to_string()).map_err(|e| OpError::io(&p, "write", e))?;

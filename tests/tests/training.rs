@@ -31,6 +31,26 @@ inputs = { model = "sources.base", data = "sources.text" }
 params = { tokens = 8192, seq_len = 32, micro_batch = 2, global_batch = 4, warmup_steps = 2, lr = 1e-3, checkpoint_every = 1, val_sequences = 4 }
 "#;
 
+/// Distillation with the fused KL, a cross-entropy share and an intermediate-state loss, whose
+/// learned projection must survive the kill too.
+const DISTILL_RECIPE: &str = r#"
+[recipe]
+seed = 3
+
+[sources.base]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+
+[steps.tuned]
+op = "distill"
+inputs = { student = "sources.base", teacher = "sources.base", data = "sources.text" }
+params = { tokens = 8192, seq_len = 32, micro_batch = 2, global_batch = 4, warmup_steps = 2, lr = 1e-3, checkpoint_every = 1, val_sequences = 4, ce_weight = 0.5, hidden_pairs = [[0, 1]], hidden_weight = 0.5 }
+"#;
+
 fn output_hash(env: &Env, cache: &Path) -> String {
     let out = env
         .command(&["show", "r.toml", "tuned", "--json"])
@@ -51,9 +71,18 @@ fn output_hash(env: &Env, cache: &Path) -> String {
 
 #[test]
 fn killed_training_resumes_bit_identical() {
+    kill_and_resume(RECIPE);
+}
+
+#[test]
+fn killed_distillation_with_a_learned_projection_resumes_bit_identical() {
+    kill_and_resume(DISTILL_RECIPE);
+}
+
+fn kill_and_resume(recipe: &str) {
     let env = Env::new();
     setup(&env);
-    env.write("r.toml", RECIPE);
+    env.write("r.toml", recipe);
     let clean = env.path("cache-clean");
     let out = env
         .command(&["run", "r.toml"])
