@@ -16,7 +16,7 @@ fi
 cargo test --workspace --doc
 
 # The CubeCL kernels against their references on wgpu: a software Vulkan (lavapipe) is enough.
-# Without an adapter the kernel tests say so and pass, unless DISTILLERY_REQUIRE_WGPU=1 (CI).
+# Without an adapter the kernel tests say so and pass, unless DISTILLERY_REQUIRE_GPU=1 (CI).
 cargo nextest run -p distillery-kernels --features wgpu --profile "$profile" --test cube
 
 # The GPU builds of the whole tool must keep compiling.

@@ -1,31 +1,34 @@
-//! The CubeCL kernels against their references, on wgpu (lavapipe, a software Vulkan, in CI).
-//! Without a Vulkan or Metal adapter these tests say so and pass, unless
-//! `DISTILLERY_REQUIRE_WGPU=1` (set by `.ci/run`), which makes a missing adapter a failure.
-#![cfg(feature = "wgpu")]
+//! The CubeCL kernels against their references: on CUDA with `--features cuda`, else on wgpu
+//! (lavapipe, a software Vulkan, in CI). They need a device: without one they say so and pass,
+//! unless `DISTILLERY_REQUIRE_GPU=1` (`.ci/run` sets it for lavapipe, `scripts/gpu-check.sh` for
+//! CUDA), which makes a missing device a failure.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use burn::backend::wgpu::{CubeBackend, WgpuDevice, WgpuRuntime};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Distribution, Tensor, TensorData, TensorPrimitive};
 use distillery_kernels::importance::accumulate_reference;
 use distillery_kernels::kl::{kl_loss, kl_reference};
 use distillery_kernels::{KernelBackend, KlDirection};
 
-type W = CubeBackend<WgpuRuntime, f32, i32, u32>;
+#[cfg(feature = "cuda")]
+type W = burn::backend::Cuda<f32, i32>;
+#[cfg(not(feature = "cuda"))]
+type W = burn::backend::Wgpu<f32, i32, u32>;
+type Device = burn::tensor::Device<W>;
 
-/// The wgpu device, or None (with a note) when this machine has no adapter.
-fn device() -> Option<WgpuDevice> {
-    let device = WgpuDevice::default();
+/// The device, or None (with a note) when this machine has none.
+fn device() -> Option<Device> {
     let probe =
-        std::panic::catch_unwind(|| Tensor::<W, 1>::zeros([1], &WgpuDevice::default()).into_data());
+        std::panic::catch_unwind(|| Tensor::<W, 1>::zeros([1], &Device::default()).into_data());
     match probe {
-        Ok(_) => Some(device),
-        Err(_) if std::env::var("DISTILLERY_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
+        Ok(_) => Some(Device::default()),
+        Err(_) if std::env::var("DISTILLERY_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!(
-                "DISTILLERY_REQUIRE_WGPU=1 but wgpu found no adapter: install mesa-vulkan-drivers"
+                "DISTILLERY_REQUIRE_GPU=1 but there is no device (wgpu: install mesa-vulkan-drivers; cuda: a driver)"
             )
         }
         Err(_) => {
-            eprintln!("skipped: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+            eprintln!("skipped: no device (wgpu: install mesa-vulkan-drivers for lavapipe)");
             None
         }
     }
@@ -35,12 +38,12 @@ fn device() -> Option<WgpuDevice> {
 fn pair<const D: usize>(
     shape: [usize; D],
     std: f64,
-    wgpu: &WgpuDevice,
+    device: &Device,
 ) -> (Tensor<Flex, D>, Tensor<W, D>) {
     let host =
         Tensor::<Flex, D>::random(shape, Distribution::Normal(0.0, std), &Default::default());
     let data = host.to_data();
-    (host, Tensor::from_data(data, wgpu))
+    (host, Tensor::from_data(data, device))
 }
 
 fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {

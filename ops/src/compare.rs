@@ -17,7 +17,7 @@ impl Op for Compare {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "compare",
-            version: 1,
+            version: 2,
             doc: "put evaluation reports side by side",
             inputs: PORTS
                 .iter()
@@ -78,8 +78,15 @@ impl Op for Compare {
 }
 
 fn render(rows: &[Value]) -> String {
+    // The label column fits the longest label.
+    let w = rows
+        .iter()
+        .filter_map(|r| r["label"].as_str().map(|l| l.chars().count()))
+        .max()
+        .unwrap_or(0)
+        .max(14);
     let mut out = format!(
-        "{:<14} {:>11} {:>10} {:>10} {:>14} {:>10}\n",
+        "{:<w$} {:>11} {:>10} {:>10} {:>14} {:>10}\n",
         "model", "parameters", "token ppl", "word ppl", "pair acc", "tokens/s"
     );
     for r in rows {
@@ -94,7 +101,7 @@ fn render(rows: &[Value]) -> String {
             None => "-".into(),
         };
         out.push_str(&format!(
-            "{:<14} {:>10.1}M {:>10} {:>10} {:>14} {:>10}\n",
+            "{:<w$} {:>10.1}M {:>10} {:>10} {:>14} {:>10}\n",
             r["label"].as_str().unwrap_or("?"),
             rep["model"]["parameters"].as_f64().unwrap_or(0.0) / 1e6,
             f(&rep["perplexity"]["token_perplexity"], 2),

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU checks, in two halves, because the GPU machine reaches no registry and cannot build:
+#
+#   scripts/gpu-check.sh build   here: builds the CUDA kernel tests, the kernel benchmark and the
+#                                CUDA `distillery` into gpu-bin/ (name it in the device run's carry)
+#   scripts/gpu-check.sh run     on the GPU machine: runs them and prints their figures
+#
+# FEATURE=wgpu does the same on wgpu (lavapipe here), which checks this script without a GPU.
+# Bench sizes: TOKENS, VOCAB, REPS (see kernels/benches/cube.rs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+feature="${FEATURE:-cuda}"
+bin=gpu-bin
+
+executable() { # cargo's JSON messages on stdin -> the path of the built test or bench executable
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["test"], ["bench"]):
+        print(m["executable"])' | tail -1
+}
+
+case "${1:-}" in
+build)
+  mkdir -p "$bin"
+  cargo build --release -p distillery --features "$feature"
+  cp target/release/distillery "$bin/distillery"
+  cp "$(cargo test --release -p distillery-kernels --features "$feature" --test cube --no-run \
+        --message-format=json 2>/dev/null | executable)" "$bin/kernel-tests"
+  cp "$(cargo bench -p distillery-kernels --features "$feature" --bench cube --no-run \
+        --message-format=json 2>/dev/null | executable)" "$bin/kernel-bench"
+  strip "$bin"/* 2>/dev/null || true
+  echo "$feature" > "$bin/FEATURE"
+  du -sh "$bin"/*
+  ;;
+run)
+  [ -x "$bin/distillery" ] || { echo "no $bin/: run 'scripts/gpu-check.sh build' first and carry $bin" >&2; exit 2; }
+  echo "== device"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  echo "== kernel tests against their references ($(cat "$bin/FEATURE"))"
+  DISTILLERY_REQUIRE_GPU=1 "$bin/kernel-tests" --test-threads 1
+  echo "== kernel benchmark"
+  "$bin/kernel-bench"
+  echo "== the method on a tiny model, every op on the GPU backend"
+  work="$(mktemp -d)"
+  mkdir -p "$work/model" "$work/data"
+  cp tests/golden/llama-gqa-tied-f32/* "$work/model/"
+  cp tests/golden/char-tokenizer.json "$work/model/tokenizer.json"
+  for i in $(seq 0 299); do
+    echo "Line $i: the quick brown fox jumps over the lazy dog, $((i * 7 % 13)) times."
+  done > "$work/data/train.txt"
+  cp tests/gpu/tiny.toml "$work/r.toml"
+  DISTILLERY_CACHE="$work/cache" "$bin/distillery" run "$work/r.toml"
+  DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/r.toml" table
+  DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/r.toml" distilled
+  rm -rf "$work"
+  ;;
+*)
+  sed -n '2,10p' "$0" >&2
+  exit 2
+  ;;
+esac
