@@ -25,6 +25,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    runtime::tune_allocator();
     let gguf = match demo_files::smollm2_gguf() {
         Ok(p) => p,
         Err(e) => {

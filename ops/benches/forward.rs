@@ -13,6 +13,7 @@ use distillery_ops::model::decoder::{Decoder, tokens_tensor};
 use distillery_ops::runtime::{self, Backend as B};
 
 fn main() {
+    runtime::tune_allocator();
     let gguf = match demo_files::smollm2_gguf() {
         Ok(p) => p,
         Err(e) => {

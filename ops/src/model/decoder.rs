@@ -6,7 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
@@ -116,52 +116,118 @@ fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> 
     x.reshape([b * s, i]).matmul(w).reshape([b, s, o])
 }
 
-/// Rotates pairs (i, i + d/2): Hugging Face's `rotate_half` convention.
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+/// Rotary embeddings for one forward, built once and shared by every layer. Hugging Face's
+/// `rotate_half` convention (pairs (i, i + d/2)): `x * cos + rotate_half(x) * sin`, with
+/// `rotate_half` as a matmul by a signed permutation (exact in f32), which keeps every step
+/// contiguous; slicing and concatenating halves went through strided copies.
+pub struct Rope<B: Backend> {
+    /// `[batch, seq, heads, head_dim]`, for the queries. Materialized over the batch: Flex's
+    /// broadcasting binary ops take a strided path many times slower than same-shape ones.
+    cos_q: Tensor<B, 4>,
+    sin_q: Tensor<B, 4>,
+    /// `[batch, seq, kv_heads, head_dim]`, for the keys.
+    cos_k: Tensor<B, 4>,
+    sin_k: Tensor<B, 4>,
+    /// `[head_dim, head_dim]`: `x @ rotate = rotate_half(x)`.
+    rotate: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// `inv_freq [head_dim / 2]`; angles in f32 like transformers (position × inv_freq in f32).
+    fn new(
+        inv_freq: &[f32],
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        device: &B::Device,
+    ) -> Self {
+        let half = inv_freq.len();
+        let d = 2 * half;
+        let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
+        for pos in 0..seq {
+            let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let table = |v: &[f32], n: usize| -> Tensor<B, 4> {
+            let mut t = Vec::with_capacity(seq * n * d);
+            for row in v.chunks(d) {
+                for _ in 0..n {
+                    t.extend_from_slice(row);
+                }
+            }
+            let t = t.repeat(batch);
+            Tensor::from_data(TensorData::new(t, [batch, seq, n, d]), device)
+        };
+        let mut rotate = vec![0f32; d * d];
+        for o in 0..half {
+            rotate[(o + half) * d + o] = -1.0;
+            rotate[o * d + o + half] = 1.0;
+        }
+        Rope {
+            cos_q: table(&cos, heads),
+            sin_q: table(&sin, heads),
+            cos_k: table(&cos, kv_heads),
+            sin_k: table(&sin, kv_heads),
+            rotate: Tensor::from_data(TensorData::new(rotate, [d, d]), device),
+        }
+    }
+
+    /// `x [batch, seq, n, head_dim]` with `n` the query (`keys` false) or KV head count.
+    fn apply(&self, x: Tensor<B, 4>, keys: bool) -> Tensor<B, 4> {
+        let [b, s, n, d] = x.dims();
+        let rotated = x
+            .clone()
+            .reshape([b * s * n, d])
+            .matmul(self.rotate.clone())
+            .reshape([b, s, n, d]);
+        let (cos, sin) = if keys {
+            (&self.cos_k, &self.sin_k)
+        } else {
+            (&self.cos_q, &self.sin_q)
+        };
+        x * cos.clone() + rotated * sin.clone()
+    }
 }
 
 impl<B: Backend> Attention<B> {
-    /// `x: [batch, seq, hidden]`, `cos`/`sin`: `[1, 1, seq, head_dim]`, `mask`: `[1, 1, seq, seq]`
-    /// true where attention is not allowed. Returns the context before o_proj
-    /// `[batch, seq, heads * head_dim]` and the output `[batch, seq, hidden]`.
+    /// `x: [batch, seq, hidden]`, `bias`: `[batch, kv_heads, seq * rep, seq]` (0 where attention is allowed,
+    /// -inf where not; `rep` query heads per KV group, rows ordered (position, head)). Returns the
+    /// context before o_proj `[batch, seq, heads * head_dim]` and the output `[batch, seq, hidden]`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
-        mask: &Tensor<B, 4, Bool>,
+        rope: &Rope<B>,
+        bias: &Tensor<B, 4>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = linear(x.clone(), &self.q_proj)
-            .reshape([b, s, h, d])
-            .swap_dims(1, 2);
-        let k = linear(x.clone(), &self.k_proj)
-            .reshape([b, s, kvh, d])
-            .swap_dims(1, 2);
+        let rep = h / kvh;
+        // RoPE in the projections' own layout [batch, seq, heads, head_dim].
+        let q = rope.apply(linear(x.clone(), &self.q_proj).reshape([b, s, h, d]), false);
+        let k = rope.apply(
+            linear(x.clone(), &self.k_proj).reshape([b, s, kvh, d]),
+            true,
+        );
         let v = linear(x, &self.v_proj)
             .reshape([b, s, kvh, d])
-            .swap_dims(1, 2);
-        let q = apply_rope(q, cos, sin);
-        let k = apply_rope(k, cos, sin);
-        // Grouped-query attention: the `rep` query heads of a KV group are stacked along the
-        // sequence axis, so each group is one matmul against its K and V (no copies of K/V).
-        let rep = h / kvh;
-        let q = q.reshape([b, kvh, rep * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-        let scores = scores.mask_fill(
-            mask.clone().repeat_dim(2, rep).expand([b, kvh, rep * s, s]),
-            f32::NEG_INFINITY,
-        );
+            .swap_dims(1, 2); // [b, kvh, s, d]
+        // Grouped-query attention: the `rep` query heads of a KV group are stacked with the
+        // positions, rows (position, head), so each group is one matmul against its K and V (no
+        // copies of K/V) and one transpose of [seq, group] blocks gets there.
+        let q = q
+            .reshape([b, s, kvh, rep * d])
+            .swap_dims(1, 2)
+            .reshape([b, kvh, s * rep, d]);
+        let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, s]
+        let scores = q.matmul(k_t) / (d as f64).sqrt() + bias.clone();
         let probs = softmax(scores, 3);
         let context = probs
-            .matmul(v)
-            .reshape([b, h, s, d])
+            .matmul(v) // [b, kvh, s * rep, d]
+            .reshape([b, kvh, s, rep * d])
             .swap_dims(1, 2)
             .reshape([b, s, h * d]);
         let out = linear(context.clone(), &self.o_proj);
@@ -418,35 +484,34 @@ impl<B: Backend> Decoder<B> {
         out
     }
 
-    fn rope_tables(&self, seq: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * half * 2);
-        let mut sin = Vec::with_capacity(seq * half * 2);
-        for pos in 0..seq {
-            // Angles in f32 like transformers (position * inv_freq in float32).
-            let angles: Vec<f32> = self.inv_freq.iter().map(|f| pos as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
-        let d = half * 2;
-        (
-            Tensor::from_data(TensorData::new(cos, [1, 1, seq, d]), device),
-            Tensor::from_data(TensorData::new(sin, [1, 1, seq, d]), device),
-        )
-    }
-
-    fn causal_mask(&self, seq: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
-        let window = self.layers.first().and_then(|b| b.self_attn.sliding_window);
-        let mut mask = Vec::with_capacity(seq * seq);
+    /// The additive attention mask `[batch, kv_heads, seq * rep, seq]` for `rep` query heads
+    /// stacked per KV group (rows ordered (position, head)): -inf above the diagonal and outside
+    /// Mistral's sliding window, else 0. Built once per forward and shared by every layer;
+    /// materialized to the scores' shape because broadcasting adds are slow on Flex.
+    fn causal_bias(&self, batch: usize, seq: usize, device: &B::Device) -> Tensor<B, 4> {
+        let Some(attn) = self.layers.first().map(|b| &b.self_attn) else {
+            return Tensor::zeros([batch, 1, seq, seq], device);
+        };
+        let rep = attn.n_heads / attn.n_kv_heads;
+        let window = attn.sliding_window;
+        let mut bias = Vec::with_capacity(rep * seq * seq);
         for i in 0..seq {
-            for j in 0..seq {
-                let outside_window = window.is_some_and(|w| i >= j + w);
-                mask.push(j > i || outside_window);
+            let row: Vec<f32> = (0..seq)
+                .map(|j| {
+                    let hidden = j > i || window.is_some_and(|w| i >= j + w);
+                    if hidden { f32::NEG_INFINITY } else { 0.0 }
+                })
+                .collect();
+            for _ in 0..rep {
+                bias.extend_from_slice(&row);
             }
         }
-        Tensor::from_data(TensorData::new(mask, [1, 1, seq, seq]), device)
+        let groups = batch * attn.n_kv_heads;
+        let bias = bias.repeat(groups);
+        Tensor::from_data(
+            TensorData::new(bias, [batch, attn.n_kv_heads, seq * rep, seq]),
+            device,
+        )
     }
 
     /// Hidden states after the final norm: `tokens [batch, seq] -> [batch, seq, hidden]`.
@@ -460,8 +525,14 @@ impl<B: Backend> Decoder<B> {
             .val()
             .select(0, tokens.reshape([b * s]))
             .reshape([b, s, hidden]);
-        let (cos, sin) = self.rope_tables(s, &device);
-        let mask = self.causal_mask(s, &device);
+        let rope = match self.layers.first() {
+            Some(block) => {
+                let a = &block.self_attn;
+                Rope::new(&self.inv_freq, b, s, a.n_heads, a.n_kv_heads, &device)
+            }
+            None => Rope::new(&self.inv_freq, b, s, 1, 1, &device),
+        };
+        let bias = self.causal_bias(b, s, &device);
         for (l, block) in self.layers.iter().enumerate() {
             if want.contains(HookPoint::BlockInput) {
                 hooks.activation(l, HookPoint::BlockInput, &x);
@@ -470,7 +541,7 @@ impl<B: Backend> Decoder<B> {
             if want.contains(HookPoint::AttnNorm) {
                 hooks.activation(l, HookPoint::AttnNorm, &normed);
             }
-            let (context, attn) = block.self_attn.forward(normed, &cos, &sin, &mask);
+            let (context, attn) = block.self_attn.forward(normed, &rope, &bias);
             if want.contains(HookPoint::AttnContext) {
                 hooks.activation(l, HookPoint::AttnContext, &context);
             }
