@@ -30,20 +30,31 @@ pub fn accumulate_reference<B: Backend>(
 /// written for the host so that CPU runs do not allocate the `[batch, seq, d]` temporaries.
 /// `acc` and `activation` are row-major f32.
 pub fn accumulate_host(acc: &mut [f32], activation: &[f32], batch: usize, seq: usize) {
+    use rayon::prelude::*;
     let d = acc.len();
     assert_eq!(activation.len(), batch * seq * d);
-    let mut sums = vec![0f64; d];
-    for b in 0..batch {
-        sums.iter_mut().for_each(|s| *s = 0.0);
-        for s in 0..seq {
-            let row = &activation[(b * seq + s) * d..(b * seq + s + 1) * d];
-            for (sum, x) in sums.iter_mut().zip(row) {
-                *sum += x.abs() as f64;
+    // Batch rows in parallel, each summing |A| over its sequence in f64; then the squares of the
+    // means are added in batch order, so the result does not depend on the thread count.
+    let squares: Vec<Vec<f64>> = activation
+        .par_chunks(seq * d)
+        .map(|rows| {
+            let mut sums = vec![0f64; d];
+            for row in rows.chunks_exact(d) {
+                for (sum, x) in sums.iter_mut().zip(row) {
+                    *sum += x.abs() as f64;
+                }
             }
-        }
-        for (a, sum) in acc.iter_mut().zip(&sums) {
-            let m = sum / seq as f64;
-            *a += (m * m) as f32;
+            sums.iter()
+                .map(|s| {
+                    let m = s / seq as f64;
+                    m * m
+                })
+                .collect()
+        })
+        .collect();
+    for sq in squares {
+        for (a, m2) in acc.iter_mut().zip(sq) {
+            *a += m2 as f32;
         }
     }
 }

@@ -43,8 +43,12 @@ fn main() {
     plain();
     let mut t_plain = f64::MAX;
     let mut t_stats = f64::MAX;
-    // Interleaved, best of three each: the machine is shared and noisy.
-    for _ in 0..3 {
+    // Interleaved, best of REPS (7) each: the machine is shared and noisy.
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7);
+    for _ in 0..reps {
         let t = Instant::now();
         plain();
         t_plain = t_plain.min(t.elapsed().as_secs_f64());

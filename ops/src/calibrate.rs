@@ -70,7 +70,7 @@ impl Op for Calibrate {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "calibrate",
-            version: 1,
+            version: 2,
             doc: "accumulate activation statistics for importance estimation (forward only)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to calibrate"),

@@ -901,7 +901,7 @@ impl crate::op::Op for Train {
     fn signature(&self) -> crate::op::OpSignature {
         crate::op::OpSignature {
             name: "train",
-            version: 1,
+            version: 2,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

@@ -121,7 +121,7 @@ impl Op for Evaluate {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "evaluate",
-            version: 1,
+            version: 2,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),
