@@ -35,6 +35,26 @@ pub fn mean_lm_loss(decoder: &Decoder<B>, seqs: &[Vec<u32>]) -> f64 {
     total / seqs.len().max(1) as f64
 }
 
+/// The held-out sequences an op scores candidates on: the `data` input tokenized with the
+/// model's tokenizer, packed into `seq_len`-token sequences from the recipe seed, the first
+/// `samples` of them.
+pub fn validation_sequences(
+    ctx: &OpContext,
+    model: &crate::model::checkpoint::LoadedModel,
+) -> Result<Vec<Vec<u32>>, OpError> {
+    let c = &model.config;
+    let tok = runtime::tokenizer(model)?;
+    let data = tokenized(ctx.input("data")?, &tok)?;
+    let mut seqs = pack(
+        &data,
+        ctx.params.usize("seq_len")?.min(c.max_position_embeddings),
+        c.eos_id().unwrap_or(0),
+        ctx.seed,
+    )?;
+    seqs.truncate(ctx.params.usize("samples")?);
+    Ok(seqs)
+}
+
 /// The layers a removal drops: `[start, start + length)`.
 fn without(decoder: &Decoder<B>, start: usize, length: usize) -> Decoder<B> {
     let mut d = decoder.clone();
@@ -141,15 +161,7 @@ fn scan(ctx: &OpContext) -> Result<(), OpError> {
             "block_length {block} would remove all {layers} layers of the model, or more"
         )));
     }
-    let tok = runtime::tokenizer(&model)?;
-    let data = tokenized(ctx.input("data")?, &tok)?;
-    let mut seqs = pack(
-        &data,
-        p.usize("seq_len")?.min(c.max_position_embeddings),
-        c.eos_id().unwrap_or(0),
-        ctx.seed,
-    )?;
-    seqs.truncate(p.usize("samples")?);
+    let seqs = validation_sequences(ctx, &model)?;
     let decoder = Decoder::<B>::load(&c, &model.weights, &runtime::device())?;
     drop(model);
 
@@ -240,13 +252,9 @@ fn scan(ctx: &OpContext) -> Result<(), OpError> {
         .iter()
         .map(|r| r["delta"].as_f64().unwrap_or(0.0) as f32)
         .collect();
-    let w = |name: &str, body: String| {
-        let p = ctx.out_dir.join(name);
-        std::fs::write(&p, body).map_err(|e| OpError::io(&p, "write", e))
-    };
-    w(SCAN_FILE, serde_json::to_string_pretty(&report).unwrap())?;
-    w("depth_scan.txt", text)?;
-    w(
+    ctx.write_output(SCAN_FILE, serde_json::to_string_pretty(&report).unwrap())?;
+    ctx.write_output("depth_scan.txt", text)?;
+    ctx.write_output(
         "depth_scan.svg",
         crate::score::bar_chart_svg("validation loss increase with each layer removed", &deltas),
     )

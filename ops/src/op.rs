@@ -426,6 +426,12 @@ impl OpContext<'_> {
             .get(port)
             .ok_or_else(|| OpError::Invalid(format!("input `{port}` is not wired")))
     }
+
+    /// Writes one file of the output.
+    pub fn write_output(&self, name: &str, body: impl AsRef<[u8]>) -> Result<(), OpError> {
+        let p = self.out_dir.join(name);
+        std::fs::write(&p, body).map_err(|e| OpError::io(&p, "write", e))
+    }
 }
 
 /// A problem found before running: a parameter (when `param` is set) or the inputs.

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::data::{pack, tokenized};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Decoder;
 use crate::model::weights::Weights;
@@ -213,15 +212,7 @@ fn search(ctx: &OpContext) -> Result<(), OpError> {
         )));
     }
     let top: Vec<_> = all.iter().take(p.usize("top_k")?).cloned().collect();
-    let tok = runtime::tokenizer(&model)?;
-    let data = tokenized(ctx.input("data")?, &tok)?;
-    let mut seqs = pack(
-        &data,
-        p.usize("seq_len")?.min(c.max_position_embeddings),
-        c.eos_id().unwrap_or(0),
-        ctx.seed,
-    )?;
-    seqs.truncate(p.usize("samples")?);
+    let seqs = crate::depth_scan::validation_sequences(ctx, &model)?;
     let device = runtime::device();
     ctx.progress
         .phase("scoring candidates", top.len() as u64, "candidates");
@@ -270,10 +261,6 @@ fn search(ctx: &OpContext) -> Result<(), OpError> {
             r["val_loss"].as_f64().unwrap_or(f64::NAN)
         ));
     }
-    let w = |name: &str, body: String| {
-        let p = ctx.out_dir.join(name);
-        std::fs::write(&p, body).map_err(|e| OpError::io(&p, "write", e))
-    };
-    w(SEARCH_FILE, serde_json::to_string_pretty(&report).unwrap())?;
-    w("search.txt", text)
+    ctx.write_output(SEARCH_FILE, serde_json::to_string_pretty(&report).unwrap())?;
+    ctx.write_output("search.txt", text)
 }
