@@ -44,6 +44,28 @@ pub struct HiddenLoss {
     pub weight: f64,
     pub student_hidden: usize,
     pub teacher_hidden: usize,
+    /// The teacher channel each student hidden channel was kept from (a pruned student's
+    /// `prune_plan.json`), where the projections start; None: a rectangular identity.
+    pub channel_map: Option<Vec<usize>>,
+}
+
+/// The teacher channel of each of a pruned student's `student_hidden` channels, from the
+/// `prune_plan.json` the prune op leaves beside the checkpoint; None when there is none or it
+/// does not fit these two models.
+fn kept_channels(
+    student: &Path,
+    student_hidden: usize,
+    teacher_hidden: usize,
+) -> Option<Vec<usize>> {
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("prune_plan.json")).ok()?)
+            .ok()?;
+    let hidden: Vec<usize> = plan["plan"]["hidden"]
+        .as_array()?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as usize))
+        .collect::<Option<_>>()?;
+    (hidden.len() == student_hidden && hidden.iter().all(|&j| j < teacher_hidden)).then_some(hidden)
 }
 
 /// Collects the block outputs of chosen layers during a forward.
@@ -174,9 +196,15 @@ impl Objective for Kd {
         "distillation"
     }
 
-    fn projections(&self) -> Vec<[usize; 2]> {
+    fn projections(&self) -> Vec<train::ProjectionInit> {
         let h = &self.hidden;
-        vec![[h.student_hidden, h.teacher_hidden]; h.pairs.len()]
+        let (r, c) = (h.student_hidden, h.teacher_hidden);
+        (0..h.pairs.len())
+            .map(|_| train::ProjectionInit {
+                shape: [r, c],
+                weights: train::selection_projection(r, c, h.channel_map.as_deref()),
+            })
+            .collect()
     }
 }
 
@@ -362,6 +390,11 @@ impl Op for Distill {
                     weight: ctx.params.float("hidden_weight")?,
                     student_hidden: student_cfg.hidden_size,
                     teacher_hidden,
+                    channel_map: kept_channels(
+                        &ctx.input("student")?.path,
+                        student_cfg.hidden_size,
+                        teacher_hidden,
+                    ),
                 },
             };
             train::run(ctx, &kd, "student")
@@ -410,7 +443,7 @@ mod tests {
             model: Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap(),
             projections: vec![Param::from_tensor(
                 Tensor::<TB, 2>::from_data(
-                    TensorData::new(train::identity_projection(h, h), [h, h]),
+                    TensorData::new(train::selection_projection(h, h, None), [h, h]),
                     &device,
                 )
                 .require_grad(),
@@ -427,8 +460,10 @@ mod tests {
             weight: 0.3,
             student_hidden: h,
             teacher_hidden: h,
+            channel_map: None,
         });
-        assert_eq!(kd.projections(), vec![[h, h]]);
+        assert_eq!(kd.projections().len(), 1);
+        assert_eq!(kd.projections()[0].shape, [h, h]);
         let loss = kd.loss(&student, &input, &targets, 2);
         let total = loss.clone().into_scalar() as f64;
         assert!(logit > 0.0);
@@ -446,5 +481,28 @@ mod tests {
             norm > 0.0 && norm.is_finite(),
             "projection gradient norm {norm}"
         );
+    }
+
+    #[test]
+    fn projections_start_from_the_channels_a_pruned_student_kept() {
+        assert_eq!(
+            train::selection_projection(2, 3, Some(&[2, 0])),
+            vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+        );
+        assert_eq!(
+            train::selection_projection(2, 3, None),
+            vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("prune_plan.json"),
+            r#"{"plan": {"hidden": [4, 1, 3]}}"#,
+        )
+        .unwrap();
+        assert_eq!(kept_channels(dir.path(), 3, 6), Some(vec![4, 1, 3]));
+        // A plan that does not fit these models is not used.
+        assert_eq!(kept_channels(dir.path(), 2, 6), None);
+        assert_eq!(kept_channels(dir.path(), 3, 4), None);
+        assert_eq!(kept_channels(Path::new("/nonexistent"), 3, 6), None);
     }
 }

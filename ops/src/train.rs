@@ -40,12 +40,22 @@ impl<Bk: burn::tensor::backend::Backend> Student<Bk> {
     }
 }
 
-/// A rectangular identity `[rows, cols]`: the projection's starting point (maps the student's
-/// leading channels onto the teacher's; the cosine loss is undefined at zero).
-pub fn identity_projection(rows: usize, cols: usize) -> Vec<f32> {
+/// A learned projection's shape `[rows, cols]` and starting weights (row-major).
+pub struct ProjectionInit {
+    pub shape: [usize; 2],
+    pub weights: Vec<f32>,
+}
+
+/// A selection matrix `[rows, cols]` sending row `i` to column `map[i]`, or to column `i` without
+/// a map (a rectangular identity). Projections start there: the cosine loss is undefined at zero,
+/// and a pruned student's hidden channel `i` is its teacher's channel `map[i]`.
+pub fn selection_projection(rows: usize, cols: usize, map: Option<&[usize]>) -> Vec<f32> {
     let mut w = vec![0f32; rows * cols];
-    for i in 0..rows.min(cols) {
-        w[i * cols + i] = 1.0;
+    for i in 0..rows {
+        let j = map.map_or(i, |m| m[i]);
+        if j < cols {
+            w[i * cols + j] = 1.0;
+        }
     }
     w
 }
@@ -307,9 +317,9 @@ pub trait Objective {
         batch: usize,
     ) -> Tensor<TB, 1>;
     fn name(&self) -> &'static str;
-    /// Shapes `[student_hidden, teacher_hidden]` of the learned projections this objective uses,
-    /// in the order `loss` reads `student.projections`.
-    fn projections(&self) -> Vec<[usize; 2]> {
+    /// The learned projections this objective uses (`[student_hidden, teacher_hidden]`), in the
+    /// order `loss` reads `student.projections`.
+    fn projections(&self) -> Vec<ProjectionInit> {
         Vec::new()
     }
 }
@@ -434,9 +444,9 @@ fn save_projections(dir: &Path, student: &Student<TB>) -> Result<(), OpError> {
     write_vectors(&dir.join("projections.safetensors"), &v)
 }
 
-/// The projections of `shapes`: from a checkpoint directory when given, else identities.
+/// The projections: from a checkpoint directory when given, else their starting weights.
 fn projections(
-    shapes: &[[usize; 2]],
+    inits: &[ProjectionInit],
     checkpoint: Option<&Path>,
 ) -> Result<Vec<Param<Tensor<TB, 2>>>, OpError> {
     let saved = match checkpoint {
@@ -444,10 +454,11 @@ fn projections(
         None => None,
     };
     let device = runtime::device();
-    shapes
+    inits
         .iter()
         .enumerate()
-        .map(|(i, &[r, c])| {
+        .map(|(i, init)| {
+            let [r, c] = init.shape;
             let w = match &saved {
                 Some(v) => v
                     .get(&format!("p.{i:05}"))
@@ -458,7 +469,7 @@ fn projections(
                             "the checkpoint has no projection {i} of shape [{r}, {c}]"
                         ))
                     })?,
-                None => identity_projection(r, c),
+                None => init.weights.clone(),
             };
             Ok(Param::from_tensor(
                 Tensor::<TB, 2>::from_data(TensorData::new(w, [r, c]), &device).require_grad(),
