@@ -116,6 +116,10 @@ fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> 
     x.reshape([b * s, i]).matmul(w).reshape([b, s, o])
 }
 
+/// Largest causal bias materialized to the scores' full shape (elements, 256 MiB of f32); past it
+/// the bias stays `[1, 1, seq * rep, seq]` and broadcasts.
+const MATERIALIZED_BIAS_LIMIT: usize = 1 << 26;
+
 /// Rotary embeddings for one forward, built once and shared by every layer. Hugging Face's
 /// `rotate_half` convention (pairs (i, i + d/2)): `x * cos + rotate_half(x) * sin`, with
 /// `rotate_half` as a matmul by a signed permutation (exact in f32), which keeps every step
@@ -194,7 +198,8 @@ impl<B: Backend> Rope<B> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// `x: [batch, seq, hidden]`, `bias`: `[batch, kv_heads, seq * rep, seq]` (0 where attention is allowed,
+    /// `x: [batch, seq, hidden]`, `bias`: `[batch, kv_heads, seq * rep, seq]` or broadcastable to it
+    /// (0 where attention is allowed,
     /// -inf where not; `rep` query heads per KV group, rows ordered (position, head)). Returns the
     /// context before o_proj `[batch, seq, heads * head_dim]` and the output `[batch, seq, hidden]`.
     pub fn forward(
@@ -489,6 +494,16 @@ impl<B: Backend> Decoder<B> {
     /// Mistral's sliding window, else 0. Built once per forward and shared by every layer;
     /// materialized to the scores' shape because broadcasting adds are slow on Flex.
     fn causal_bias(&self, batch: usize, seq: usize, device: &B::Device) -> Tensor<B, 4> {
+        self.causal_bias_up_to(batch, seq, MATERIALIZED_BIAS_LIMIT, device)
+    }
+
+    fn causal_bias_up_to(
+        &self,
+        batch: usize,
+        seq: usize,
+        limit: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
         let Some(attn) = self.layers.first().map(|b| &b.self_attn) else {
             return Tensor::zeros([batch, 1, seq, seq], device);
         };
@@ -507,6 +522,10 @@ impl<B: Backend> Decoder<B> {
             }
         }
         let groups = batch * attn.n_kv_heads;
+        if groups * bias.len() > limit {
+            // Long sequences: a second scores-sized tensor would cost more than the strided add.
+            return Tensor::from_data(TensorData::new(bias, [1, 1, seq * rep, seq]), device);
+        }
         let bias = bias.repeat(groups);
         Tensor::from_data(
             TensorData::new(bias, [batch, attn.n_kv_heads, seq * rep, seq]),
@@ -602,4 +621,30 @@ pub fn tokens_tensor<B: Backend>(
 ) -> Tensor<B, 2, Int> {
     let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(data, [batch, ids.len() / batch]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::checkpoint::load_model;
+    use burn::backend::Flex;
+
+    #[test]
+    fn the_broadcast_causal_bias_equals_the_materialized_one() {
+        let m = load_model(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/golden/mistral-window-f16"),
+        )
+        .unwrap();
+        let device = Default::default();
+        let d = Decoder::<Flex>::load(&m.config, &m.weights, &device).unwrap();
+        let full = d.causal_bias_up_to(2, 9, usize::MAX, &device);
+        let small = d.causal_bias_up_to(2, 9, 0, &device);
+        assert_eq!(small.dims()[..2], [1, 1]);
+        let shape = full.dims();
+        assert_eq!(
+            small.expand(shape).into_data().to_vec::<f32>().unwrap(),
+            full.into_data().to_vec::<f32>().unwrap()
+        );
+    }
 }
