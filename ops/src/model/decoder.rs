@@ -120,6 +120,9 @@ fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> 
 /// the bias stays `[1, 1, seq * rep, seq]` and broadcasts.
 const MATERIALIZED_BIAS_LIMIT: usize = 1 << 26;
 
+/// Largest RoPE table materialized over the batch (elements, 64 MiB of f32).
+const MATERIALIZED_ROPE_LIMIT: usize = 1 << 24;
+
 /// Rotary embeddings for one forward, built once and shared by every layer. Hugging Face's
 /// `rotate_half` convention (pairs (i, i + d/2)): `x * cos + rotate_half(x) * sin`, with
 /// `rotate_half` as a matmul by a signed permutation (exact in f32), which keeps every step
@@ -163,8 +166,14 @@ impl<B: Backend> Rope<B> {
                     t.extend_from_slice(row);
                 }
             }
-            let t = t.repeat(batch);
-            Tensor::from_data(TensorData::new(t, [batch, seq, n, d]), device)
+            // Past the limit (large batches of long sequences) the table broadcasts instead.
+            let copies = if batch * t.len() <= MATERIALIZED_ROPE_LIMIT {
+                batch
+            } else {
+                1
+            };
+            let t = t.repeat(copies);
+            Tensor::from_data(TensorData::new(t, [copies, seq, n, d]), device)
         };
         let mut rotate = vec![0f32; d * d];
         for o in 0..half {
