@@ -79,6 +79,11 @@ pub fn execute(
         .iter()
         .filter(|p| p.status == Status::Run)
         .collect();
+    // Steps found in the cache count as this recipe's last run of them too (the entry may have
+    // come from another recipe): the next plan explains changes against them.
+    for p in plan.steps.iter().filter(|p| p.status == Status::Cached) {
+        write_record(store, recipe, &p.name, &record_of(recipe, p));
+    }
     let mut summary = RunSummary {
         cached: plan
             .steps
@@ -218,6 +223,22 @@ pub fn execute(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// What `plan` compares the next run of this step against.
+fn record_of(recipe: &Recipe, p: &PlannedStep) -> StepRecord {
+    let step = &recipe.steps[p.index];
+    StepRecord {
+        key: p.key,
+        op: p.op.clone(),
+        op_version: p.op_version,
+        params: step.params.to_json(),
+        inputs: step
+            .inputs
+            .iter()
+            .filter_map(|i| Some((i.port.clone(), (i.written.clone(), *p.inputs.get(&i.port)?))))
+            .collect(),
+    }
+}
+
 fn run_step(
     recipe: &Recipe,
     plan: &Plan,
@@ -255,17 +276,7 @@ fn run_step(
             message: format!("took over the lock of a process that died holding it ({dead})"),
         });
     }
-    let record = StepRecord {
-        key: p.key,
-        op: p.op.clone(),
-        op_version: p.op_version,
-        params: step.params.to_json(),
-        inputs: step
-            .inputs
-            .iter()
-            .filter_map(|i| Some((i.port.clone(), (i.written.clone(), *p.inputs.get(&i.port)?))))
-            .collect(),
-    };
+    let record = record_of(recipe, p);
     if !forced && store.contains(&p.key) {
         write_record(store, recipe, &p.name, &record);
         return Ok(Outcome::CachedMeanwhile);

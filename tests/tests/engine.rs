@@ -96,6 +96,24 @@ resources = { threads = 2 }
 }
 
 #[test]
+fn a_recipe_whose_steps_came_from_another_recipes_cache_explains_its_next_change() {
+    let env = Env::new();
+    env.write("first.toml", FOUR);
+    env.ok(&["run", "first.toml"]);
+    // Same steps under another name: everything is cached, nothing runs.
+    env.write(
+        "second.toml",
+        &FOUR.replace("name = \"four\"", "name = \"second\""),
+    );
+    env.executions();
+    env.ok(&["run", "second.toml"]);
+    assert!(env.executions().is_empty());
+    // Its next change is explained against what it found, not called new.
+    let plan = text(&env.ok(&["plan", "second.toml", "--set", "steps.a.params.lr=3e-4"]));
+    assert!(plan.contains("param `a.lr` changed 1e-4 → 3e-4"), "{plan}");
+}
+
+#[test]
 fn plan_explains_rewiring_and_forcing_and_json_events_are_ndjson() {
     let env = Env::new();
     env.write("r.toml", FOUR);
