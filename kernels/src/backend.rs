@@ -10,9 +10,6 @@ use crate::kl::{KlDirection, kl_rows_host};
 
 /// A backend that runs distillery's fused kernels.
 pub trait KernelBackend: Backend {
-    /// What computes the kernels on this backend, for reports ("host", "cubecl").
-    const KERNELS: &'static str;
-
     /// `acc [d]` plus `sum_b (mean_s |activation[b, s, :]|)^2` for `activation [batch, seq, d]`.
     fn importance_accumulate(
         acc: FloatTensor<Self>,
@@ -45,8 +42,6 @@ fn host_f32(t: FloatTensor<Flex>) -> Vec<f32> {
 
 /// The CPU: both kernels as host loops over the tensors' memory, read in place.
 impl KernelBackend for Flex {
-    const KERNELS: &'static str = "host";
-
     fn importance_accumulate(
         acc: FloatTensor<Self>,
         activation: FloatTensor<Self>,

@@ -15,8 +15,6 @@ use crate::kl::KlDirection;
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBackend
     for CubeBackend<R, F, I, BT>
 {
-    const KERNELS: &'static str = "cubecl";
-
     fn importance_accumulate(acc: CubeTensor<R>, activation: CubeTensor<R>) -> CubeTensor<R> {
         importance::accumulate::<R, F>(acc, activation)
     }
