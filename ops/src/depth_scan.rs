@@ -6,54 +6,16 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::data::{pack, tokenized};
-use crate::model::decoder::{Decoder, tokens_tensor};
+use crate::model::decoder::Decoder;
 use crate::op::{
     ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue, Params,
     Port, Problem,
 };
 use crate::prune::PruneTarget;
 use crate::runtime::{self, Backend as B};
-use crate::train::cross_entropy;
+use crate::validation;
 
 pub const SCAN_FILE: &str = "depth_scan.json";
-
-/// Mean next-token loss of `decoder` over `seqs`, one sequence at a time.
-pub fn mean_lm_loss(decoder: &Decoder<B>, seqs: &[Vec<u32>]) -> f64 {
-    let device = runtime::device();
-    let total: f64 = seqs
-        .iter()
-        .map(|s| {
-            let logits = decoder.forward(tokens_tensor::<B>(&s[..s.len() - 1], 1, &device));
-            cross_entropy(logits, &s[1..])
-                .into_data()
-                .convert::<f64>()
-                .to_vec::<f64>()
-                .unwrap()[0]
-        })
-        .sum();
-    total / seqs.len().max(1) as f64
-}
-
-/// The held-out sequences an op scores candidates on: the `data` input tokenized with the
-/// model's tokenizer, packed into `seq_len`-token sequences from the recipe seed, the first
-/// `samples` of them.
-pub fn validation_sequences(
-    ctx: &OpContext,
-    model: &crate::model::checkpoint::LoadedModel,
-) -> Result<Vec<Vec<u32>>, OpError> {
-    let c = &model.config;
-    let tok = runtime::tokenizer(model)?;
-    let data = tokenized(ctx.input("data")?, &tok)?;
-    let mut seqs = pack(
-        &data,
-        ctx.params.usize("seq_len")?.min(c.max_position_embeddings),
-        c.eos_id().unwrap_or(0),
-        ctx.seed,
-    )?;
-    seqs.truncate(ctx.params.usize("samples")?);
-    Ok(seqs)
-}
 
 /// The layers a removal drops: `[start, start + length)`.
 fn without(decoder: &Decoder<B>, start: usize, length: usize) -> Decoder<B> {
@@ -94,26 +56,15 @@ impl Op for DepthScan {
                 Port::new("data", ArtifactKind::Dataset, "validation texts"),
             ],
             output: ArtifactKind::Report,
-            params: vec![
-                ParamSpec::with_default(
-                    "block_length",
-                    ParamType::Int,
-                    I(1),
-                    "also scan every contiguous block of this many layers (1: single layers only)",
-                ),
-                ParamSpec::with_default(
-                    "samples",
-                    ParamType::Int,
-                    I(8),
-                    "validation sequences per removal",
-                ),
-                ParamSpec::with_default(
-                    "seq_len",
-                    ParamType::Int,
-                    I(256),
-                    "tokens per validation sequence",
-                ),
-            ],
+            params: vec![ParamSpec::with_default(
+                "block_length",
+                ParamType::Int,
+                I(1),
+                "also scan every contiguous block of this many layers (1: single layers only)",
+            )]
+            .into_iter()
+            .chain(validation::params())
+            .collect(),
         }
     }
 
@@ -161,7 +112,7 @@ fn scan(ctx: &OpContext) -> Result<(), OpError> {
             "block_length {block} would remove all {layers} layers of the model, or more"
         )));
     }
-    let seqs = validation_sequences(ctx, &model)?;
+    let seqs = validation::sequences(ctx, &model)?;
     let decoder = Decoder::<B>::load(&c, &model.weights, &runtime::device())?;
     drop(model);
 
@@ -174,12 +125,12 @@ fn scan(ctx: &OpContext) -> Result<(), OpError> {
         removals.len() as u64 + 1,
         "evaluations",
     );
-    let baseline = mean_lm_loss(&decoder, &seqs);
+    let baseline = validation::mean_lm_loss(&decoder, &seqs);
     ctx.progress.set(1);
     let mut single = Vec::new();
     let mut blocks = Vec::new();
     for (i, &(start, length)) in removals.iter().enumerate() {
-        let loss = mean_lm_loss(&without(&decoder, start, length), &seqs);
+        let loss = validation::mean_lm_loss(&without(&decoder, start, length), &seqs);
         let row = json!({
             "drop_layers": (start..start + length).collect::<Vec<_>>(),
             "val_loss": loss,

@@ -17,6 +17,7 @@ pub mod search;
 pub mod stats;
 pub mod tokenize;
 pub mod train;
+pub mod validation;
 
 pub use op::{
     Artifact, ArtifactKind, Estimate, NoProgress, Op, OpContext, OpError, OpRegistry, OpSignature,

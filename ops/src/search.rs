@@ -18,6 +18,7 @@ use crate::op::{
 use crate::prune::{PrunePlan, PruneTarget, prune_tensor};
 use crate::runtime::{self, Backend as B};
 use crate::score::ImportanceScores;
+use crate::validation;
 
 pub const SEARCH_FILE: &str = "search.json";
 
@@ -154,19 +155,10 @@ impl Op for Search {
                     I(10),
                     "largest candidates under budget to score",
                 ),
-                ParamSpec::with_default(
-                    "samples",
-                    ParamType::Int,
-                    I(8),
-                    "validation sequences per candidate",
-                ),
-                ParamSpec::with_default(
-                    "seq_len",
-                    ParamType::Int,
-                    I(256),
-                    "tokens per validation sequence",
-                ),
-            ],
+            ]
+            .into_iter()
+            .chain(validation::params())
+            .collect(),
         }
     }
 
@@ -212,7 +204,7 @@ fn search(ctx: &OpContext) -> Result<(), OpError> {
         )));
     }
     let top: Vec<_> = all.iter().take(p.usize("top_k")?).cloned().collect();
-    let seqs = crate::depth_scan::validation_sequences(ctx, &model)?;
+    let seqs = validation::sequences(ctx, &model)?;
     let device = runtime::device();
     ctx.progress
         .phase("scoring candidates", top.len() as u64, "candidates");
@@ -232,7 +224,7 @@ fn search(ctx: &OpContext) -> Result<(), OpError> {
             &Weights::from_memory(model.path.clone(), tensors),
             &device,
         )?;
-        let loss = crate::depth_scan::mean_lm_loss(&decoder, &seqs);
+        let loss = validation::mean_lm_loss(&decoder, &seqs);
         ranked.push(json!({"target": target_json(target), "parameters": params, "val_loss": loss}));
         ctx.progress.set((i + 1) as u64);
     }
