@@ -2,8 +2,7 @@
 //! against the same forward without hooks, side by side (SmolLM2-135M, 8 x 256 tokens).
 //! `cargo bench -p distillery-ops --bench calibrate`
 
-#[path = "../../tests/support/demo_files.rs"]
-mod demo_files;
+mod support;
 
 use std::time::Instant;
 
@@ -14,12 +13,8 @@ use distillery_ops::runtime::{self, Backend as B};
 
 fn main() {
     runtime::tune_allocator();
-    let gguf = match demo_files::smollm2_gguf() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
+    let Some(gguf) = support::smollm2() else {
+        return;
     };
     let m = load_model(&gguf).unwrap();
     let device = runtime::device();
@@ -44,10 +39,7 @@ fn main() {
     let mut t_plain = f64::MAX;
     let mut t_stats = f64::MAX;
     // Interleaved, best of REPS (7) each: the machine is shared and noisy.
-    let reps: usize = std::env::var("REPS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(7);
+    let reps = support::env_usize("REPS", 7);
     for _ in 0..reps {
         let t = Instant::now();
         plain();

@@ -5,8 +5,7 @@
 //! `cargo bench -p distillery-ops --bench distill` (needs the GGUF in the cache's downloads; the
 //! PyTorch column needs `DISTILLERY_TORCH_PYTHON` pointing at a python with torch and transformers).
 
-#[path = "../../tests/support/demo_files.rs"]
-mod demo_files;
+mod support;
 
 use std::time::Instant;
 
@@ -17,27 +16,17 @@ use distillery_ops::model::decoder::Decoder;
 use distillery_ops::runtime::{self, Backend as B, TrainBackend as TB};
 use distillery_ops::train::{AdamState, Student, TrainConfig, optimizer_step};
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     runtime::tune_allocator();
-    let gguf = match demo_files::smollm2_gguf() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
+    let Some(gguf) = support::smollm2() else {
+        return;
     };
-    let threads = env(
-        "THREADS",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    let threads = support::threads();
+    let (batch, seq, steps) = (
+        support::env_usize("BATCH", 4),
+        support::env_usize("SEQ", 128),
+        support::env_usize("STEPS", 3),
     );
-    let (batch, seq, steps) = (env("BATCH", 4), env("SEQ", 128), env("STEPS", 3));
     let cfg = TrainConfig {
         tokens: (batch * seq * (steps + 1)) as u64,
         seq_len: seq,
@@ -94,27 +83,17 @@ fn main() {
         }
         (batch * seq * steps) as f64 / t.elapsed().as_secs_f64()
     });
-    let torch = std::env::var("DISTILLERY_TORCH_PYTHON")
-        .ok()
-        .and_then(|py| {
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/torch_distill.py");
-            let out = std::process::Command::new(py)
-                .args([
-                    script,
-                    gguf.to_str().unwrap(),
-                    &threads.to_string(),
-                    &batch.to_string(),
-                    &seq.to_string(),
-                    &steps.to_string(),
-                ])
-                .output()
-                .ok()?;
-            let line = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()?
-                .to_string();
-            serde_json::from_str::<serde_json::Value>(&line).ok()?["tokens_per_second"].as_f64()
-        });
+    let torch = support::torch(
+        "torch_distill.py",
+        &[
+            gguf.to_string_lossy().into_owned(),
+            threads.to_string(),
+            batch.to_string(),
+            seq.to_string(),
+            steps.to_string(),
+        ],
+    )
+    .and_then(|v| v["tokens_per_second"].as_f64());
     println!(
         "SmolLM2-135M -> SmolLM2-135M distillation step (teacher fwd + student fwd/bwd + AdamW), batch {batch} x seq {seq}, {threads} threads, {}",
         runtime::BACKEND_NAME

@@ -3,8 +3,7 @@
 //! `cargo bench -p distillery-ops --bench forward` (needs the GGUF in the cache's downloads; the
 //! PyTorch column needs `DISTILLERY_TORCH_PYTHON` pointing at a python with torch and transformers).
 
-#[path = "../../tests/support/demo_files.rs"]
-mod demo_files;
+mod support;
 
 use std::time::Instant;
 
@@ -14,21 +13,10 @@ use distillery_ops::runtime::{self, Backend as B};
 
 fn main() {
     runtime::tune_allocator();
-    let gguf = match demo_files::smollm2_gguf() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
+    let Some(gguf) = support::smollm2() else {
+        return;
     };
-    let threads: usize = std::env::var("THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+    let threads = support::threads();
     let seq = 256;
     let reps = 3;
     let batches = [1usize, 8];
@@ -51,28 +39,16 @@ fn main() {
             ours.push((b * seq * reps) as f64 / t.elapsed().as_secs_f64());
         }
     });
-    let torch: Option<serde_json::Value> =
-        std::env::var("DISTILLERY_TORCH_PYTHON")
-            .ok()
-            .and_then(|py| {
-                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/torch_forward.py");
-                let out = std::process::Command::new(py)
-                    .args([
-                        script,
-                        gguf.to_str().unwrap(),
-                        &threads.to_string(),
-                        &seq.to_string(),
-                        "1,8",
-                        &reps.to_string(),
-                    ])
-                    .output()
-                    .ok()?;
-                let line = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .last()?
-                    .to_string();
-                serde_json::from_str(&line).ok()
-            });
+    let torch = support::torch(
+        "torch_forward.py",
+        &[
+            gguf.to_string_lossy().into_owned(),
+            threads.to_string(),
+            seq.to_string(),
+            "1,8".into(),
+            reps.to_string(),
+        ],
+    );
     println!(
         "SmolLM2-135M forward, seq {seq}, {threads} threads, {}",
         runtime::BACKEND_NAME
