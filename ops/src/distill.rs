@@ -250,7 +250,8 @@ impl Op for Distill {
         ]);
         OpSignature {
             name: "distill",
-            version: 2,
+            // 3: writes tokenizer_config.json.
+            version: 3,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(

@@ -368,7 +368,8 @@ impl Op for Prune {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "prune",
-            version: 1,
+            // 2: writes tokenizer_config.json.
+            version: 2,
             doc: "slice a model along width and depth by importance (Minitron)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to prune"),
@@ -565,6 +566,7 @@ impl Op for Prune {
             tokenizer_json: model.tokenizer_json.as_deref(),
             tokenizer_files: &model.tokenizer_files,
             generation_config: model.generation_config.as_ref(),
+            tokenizer_config: model.tokenizer_config.as_ref(),
             provenance: &ctx.provenance,
         };
         crate::model::save_checkpoint(&ctx.out_dir, &new, &opts, |name| {

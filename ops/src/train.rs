@@ -382,6 +382,7 @@ fn save_decoder(
         tokenizer_json: src.tokenizer_json.as_deref(),
         tokenizer_files: &src.tokenizer_files,
         generation_config: src.generation_config.as_ref(),
+        tokenizer_config: src.tokenizer_config.as_ref(),
         provenance,
     };
     crate::model::save_checkpoint(dir, config, &opts, |n| {
@@ -912,7 +913,8 @@ impl crate::op::Op for Train {
     fn signature(&self) -> crate::op::OpSignature {
         crate::op::OpSignature {
             name: "train",
-            version: 2,
+            // 3: writes tokenizer_config.json.
+            version: 3,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

@@ -87,6 +87,7 @@ fn save_then_load_is_bit_identical_with_the_same_config() {
             tokenizer_json: None,
             tokenizer_files: &m.tokenizer_files,
             generation_config: m.generation_config.as_ref(),
+            tokenizer_config: None,
             provenance: &provenance,
         };
         distillery_ops::model::save_checkpoint(out.path(), &m.config, &opts, |n| {

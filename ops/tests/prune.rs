@@ -81,6 +81,7 @@ fn prune_and_load(
         tokenizer_json: None,
         tokenizer_files: &[],
         generation_config: None,
+        tokenizer_config: None,
         provenance: &provenance,
     };
     distillery_ops::model::save_checkpoint(out.path(), &new, &opts, |n| {

@@ -55,6 +55,22 @@ fn smollm2_gguf_matches_transformers() {
         assert_eq!(tok.encode(text).unwrap(), expected, "tokens of {text:?}");
     }
 
+    // The tokenizer_config.json written next to a derived checkpoint: the fast tokenizer class
+    // (else AutoTokenizer appends Llama's `<s>`, `</s>`, `<unk>` past the vocabulary) and the
+    // GGUF's special tokens and chat template.
+    let tc = m.tokenizer_config.as_ref().unwrap();
+    assert_eq!(tc["tokenizer_class"], "PreTrainedTokenizerFast");
+    assert_eq!(
+        (tc["bos_token"].as_str(), tc["eos_token"].as_str()),
+        (Some("<|im_start|>"), Some("<|im_end|>"))
+    );
+    assert!(
+        tc["chat_template"]
+            .as_str()
+            .is_some_and(|t| t.contains("<|im_start|>")),
+        "{tc}"
+    );
+
     // Logits of one sequence.
     let device = Default::default();
     let decoder = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();

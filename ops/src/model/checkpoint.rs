@@ -28,6 +28,9 @@ pub struct LoadedModel {
     pub tokenizer_files: Vec<PathBuf>,
     /// generation_config.json, when the source has one.
     pub generation_config: Option<serde_json::Value>,
+    /// A tokenizer_config.json made for a source that has no such file (a GGUF's chat template and
+    /// special tokens); None for a directory, whose own file is among `tokenizer_files`.
+    pub tokenizer_config: Option<serde_json::Value>,
     pub path: PathBuf,
 }
 
@@ -54,6 +57,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
         tokenizer_json,
         tokenizer_files,
         generation_config,
+        tokenizer_config: None,
         path: path.to_path_buf(),
     })
 }
@@ -73,6 +77,8 @@ pub struct SaveOptions<'a> {
     pub tokenizer_json: Option<&'a str>,
     pub tokenizer_files: &'a [PathBuf],
     pub generation_config: Option<&'a serde_json::Value>,
+    /// Written as tokenizer_config.json when `tokenizer_files` has none.
+    pub tokenizer_config: Option<&'a serde_json::Value>,
     /// Recipe, step, key, tool version: written to `distillery.json`.
     pub provenance: &'a serde_json::Value,
 }
@@ -137,6 +143,25 @@ pub fn save_checkpoint(
         let to = dir.join("tokenizer.json");
         std::fs::write(&to, t).map_err(|e| ModelError::io(&to, "write", e))?;
     }
+    // Without tokenizer_config.json, transformers' AutoTokenizer falls back to the architecture's
+    // slow-tokenizer defaults (Llama: `<s>`, `</s>`, `<unk>` appended past the vocabulary).
+    let has_config = opts
+        .tokenizer_files
+        .iter()
+        .any(|f| f.file_name().is_some_and(|n| n == "tokenizer_config.json"));
+    if !has_config && dir.join("tokenizer.json").is_file() {
+        let generated;
+        let tc = match opts.tokenizer_config {
+            Some(tc) => tc,
+            None => {
+                let json = std::fs::read_to_string(dir.join("tokenizer.json"))
+                    .map_err(|e| ModelError::io(&dir.join("tokenizer.json"), "read", e))?;
+                generated = tokenizer_config(config, &json, None, None);
+                &generated
+            }
+        };
+        write_json(&dir.join("tokenizer_config.json"), tc)?;
+    }
     write_json(&dir.join("distillery.json"), opts.provenance)?;
     if opts.provenance.get("recipe").is_some() {
         let card = model_card(config, opts.provenance);
@@ -144,6 +169,56 @@ pub fn save_checkpoint(
         std::fs::write(&p, card).map_err(|e| ModelError::io(&p, "write", e))?;
     }
     Ok(())
+}
+
+/// A tokenizer_config.json for a `tokenizer.json` that came without one: the fast tokenizer class
+/// (so nothing is added to the vocabulary), the BOS/EOS tokens named by `config`, the context
+/// length, and a chat template where the source had one.
+pub fn tokenizer_config(
+    config: &ModelConfig,
+    tokenizer_json: &str,
+    chat_template: Option<&str>,
+    add_bos_token: Option<bool>,
+) -> serde_json::Value {
+    let parsed: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap_or_default();
+    let content = |id: i64| -> Option<String> {
+        let added = parsed["added_tokens"].as_array().and_then(|a| {
+            a.iter()
+                .find(|t| t["id"].as_i64() == Some(id))
+                .and_then(|t| t["content"].as_str())
+        });
+        let vocab = || {
+            parsed["model"]["vocab"]
+                .as_object()?
+                .iter()
+                .find(|(_, v)| v.as_i64() == Some(id))
+                .map(|(k, _)| k.as_str())
+        };
+        added.or_else(vocab).map(String::from)
+    };
+    let mut tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.max_position_embeddings,
+        "clean_up_tokenization_spaces": false,
+    });
+    if let Some(bos) = config.bos_token_id.and_then(content) {
+        tc["bos_token"] = bos.into();
+    }
+    let eos = match &config.eos_token_id {
+        Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_i64()),
+        Some(v) => v.as_i64(),
+        None => None,
+    };
+    if let Some(eos) = eos.and_then(content) {
+        tc["eos_token"] = eos.into();
+    }
+    if let Some(t) = chat_template {
+        tc["chat_template"] = t.into();
+    }
+    if let Some(b) = add_bos_token {
+        tc["add_bos_token"] = b.into();
+    }
+    tc
 }
 
 /// A short model card from the provenance: what made this checkpoint and how to reproduce it.
@@ -182,4 +257,40 @@ fn model_card(config: &ModelConfig, prov: &serde_json::Value) -> String {
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {
     std::fs::write(path, serde_json::to_string_pretty(value).unwrap() + "\n")
         .map_err(|e| ModelError::io(path, "write", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_tokenizer_json_gets_a_fast_tokenizer_config_naming_its_special_tokens() {
+        let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
+        let m = load_model(&golden.join("llama-gqa-tied-f32")).unwrap();
+        let mut config = m.config.clone();
+        config.bos_token_id = Some(1);
+        config.eos_token_id = Some(serde_json::json!([2, 1]));
+        let json = std::fs::read_to_string(golden.join("char-tokenizer.json")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let provenance = serde_json::json!({});
+        let opts = SaveOptions {
+            dtype: DType::F32,
+            shard_bytes: u64::MAX,
+            tokenizer_json: Some(&json),
+            tokenizer_files: &[],
+            generation_config: None,
+            tokenizer_config: None,
+            provenance: &provenance,
+        };
+        save_checkpoint(out.path(), &config, &opts, |n| Ok(m.weights.f32(n)?.1)).unwrap();
+        let tc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(tc["tokenizer_class"], "PreTrainedTokenizerFast");
+        assert_eq!(tc["bos_token"], "<s>");
+        assert_eq!(tc["eos_token"], "</s>");
+        assert_eq!(tc["model_max_length"], config.max_position_embeddings);
+        assert!(tc.get("chat_template").is_none());
+    }
 }

@@ -47,6 +47,12 @@ impl Meta {
             _ => None,
         }
     }
+    fn as_bool(&self) -> Option<bool> {
+        match self {
+            Meta::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
 }
 
 /// ggml tensor types distillery can dequantize.
@@ -543,13 +549,24 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     }
     let weights = Weights::from_memory(path.to_path_buf(), tensors);
     weights.check_against(&config)?;
-    let tokenizer_json = Some(tokenizer_json(&file)?.to_string());
+    let tokenizer_json = tokenizer_json(&file)?.to_string();
+    let tokenizer_config = crate::model::checkpoint::tokenizer_config(
+        &config,
+        &tokenizer_json,
+        file.metadata
+            .get("tokenizer.chat_template")
+            .and_then(Meta::as_str),
+        file.metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Meta::as_bool),
+    );
     Ok(LoadedModel {
         config,
         weights,
-        tokenizer_json,
+        tokenizer_json: Some(tokenizer_json),
         tokenizer_files: Vec::new(),
         generation_config: None,
+        tokenizer_config: Some(tokenizer_config),
         path: path.to_path_buf(),
     })
 }
