@@ -53,6 +53,16 @@ run)
   DISTILLERY_CACHE="$work/cache" "$bin/distillery" run "$work/r.toml"
   DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/r.toml" table
   DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/r.toml" distilled
+  if [ "$(cat "$bin/FEATURE")" = cuda ]; then
+    # wgpu has no bf16; on CUDA the same recipe again with bf16 matmuls (f32 master weights).
+    echo "== the same with compute = bfloat16"
+    bf16=()
+    for s in stats distilled eval_teacher eval_pruned eval_distilled; do
+      bf16+=(--set "steps.$s.params.compute=bfloat16")
+    done
+    DISTILLERY_CACHE="$work/cache" "$bin/distillery" run "$work/r.toml" "${bf16[@]}"
+    DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/r.toml" table "${bf16[@]}"
+  fi
   rm -rf "$work"
   ;;
 *)

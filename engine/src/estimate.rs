@@ -195,6 +195,6 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
         out.push_str(&n);
         out.push('\n');
     }
-    out.push_str("  (training memory: 16 bytes/param for bf16 weights and grads, f32 master and Adam; activations extra)\n");
+    out.push_str("  (training memory: 16 bytes/param for f32 weights, grads and Adam moments; frozen models 2 bytes/param with compute = \"bfloat16\", else 4; activations extra)\n");
     out
 }

@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 use distillery_kernels::importance::accumulate;
 
 use crate::data::{pack, tokenized};
-use crate::model::decoder::{Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
+use crate::model::decoder::{Compute, Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
 use crate::op::{
     ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue, Params,
     Port, Problem,
@@ -96,6 +96,12 @@ impl Op for Calibrate {
                     ParamValue::Int(1),
                     "sequences per forward pass",
                 ),
+                ParamSpec::with_default(
+                    "compute",
+                    ParamType::Choice(&Compute::NAMES),
+                    ParamValue::Str("float32".into()),
+                    "dtype the matmuls run in (bfloat16 also stores the matrices in bf16); statistics accumulate in f32",
+                ),
             ],
         }
     }
@@ -114,8 +120,11 @@ impl Op for Calibrate {
         let tokens = (p.int("samples").ok()? * p.int("seq_len").ok()?) as f64;
         Some(crate::op::Estimate {
             flops: 2.0 * params * tokens,
-            memory_bytes: crate::estimate::INFER_BYTES_PER_PARAM * params,
-            basis: "2·P·T forward only; bf16 weights".into(),
+            memory_bytes: crate::estimate::infer_bytes_per_param(p) * params,
+            basis: format!(
+                "2·P·T forward only; {} bytes/param",
+                crate::estimate::infer_bytes_per_param(p)
+            ),
             ..Default::default()
         })
     }
@@ -133,7 +142,10 @@ fn calibrate(ctx: &OpContext) -> Result<(), OpError> {
     let device = runtime::device();
     let model = runtime::open_model(ctx.input("model")?)?;
     let tok = runtime::tokenizer(&model)?;
-    let decoder = Decoder::<B>::load(&model.config, &model.weights, &device)?;
+    let compute = Compute::from_name(ctx.params.str("compute")?).unwrap_or_default();
+    let decoder = Decoder::<B>::load(&model.config, &model.weights, &device)?
+        .with_compute(compute)
+        .store_matrices_in_compute_dtype();
     let samples = ctx.params.usize("samples")?;
     let seq_len = ctx
         .params

@@ -13,7 +13,7 @@ use distillery_kernels::KlDirection;
 use distillery_kernels::kl::{kl_loss, topk_kl_reference};
 
 use crate::model::checkpoint::load_config;
-use crate::model::decoder::{Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
+use crate::model::decoder::{Compute, Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
 use crate::op::{
     Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
     Params, Port, Problem,
@@ -347,11 +347,11 @@ impl Op for Distill {
         let tokens = p.int("tokens").ok()? as f64;
         let mut e = crate::estimate::model_estimate(&s);
         e.flops = 2.0 * pt * tokens + 6.0 * ps * tokens;
-        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps
-            + crate::estimate::INFER_BYTES_PER_PARAM * pt;
-        e.basis =
-            "2·P_teacher·T + 6·P_student·T; student 16 bytes/param, bf16 teacher 2 bytes/param"
-                .into();
+        let teacher_bytes = crate::estimate::infer_bytes_per_param(p);
+        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps + teacher_bytes * pt;
+        e.basis = format!(
+            "2·P_teacher·T + 6·P_student·T; student 16 bytes/param, teacher {teacher_bytes} bytes/param"
+        );
         Some(e)
     }
 
@@ -364,11 +364,15 @@ impl Op for Distill {
                     "student and teacher vocabularies differ".into(),
                 ));
             }
+            // Frozen: in bf16 compute its matrices are stored in bf16 too (2 bytes a parameter).
+            let compute = Compute::from_name(ctx.params.str("compute")?).unwrap_or_default();
             let teacher = Decoder::<B>::load(
                 &teacher_model.config,
                 &teacher_model.weights,
                 &runtime::device(),
-            )?;
+            )?
+            .with_compute(compute)
+            .store_matrices_in_compute_dtype();
             let teacher_hidden = teacher_model.config.hidden_size;
             drop(teacher_model);
             let kd = Kd {

@@ -30,8 +30,15 @@ pub fn input_config(inputs: &BTreeMap<String, Estimate>, port: &str) -> Option<M
     ModelConfig::from_json_str(&cfg.to_string()).ok()
 }
 
-/// Bytes per parameter to train with bf16 compute: bf16 weights (2) and gradients (2), f32 master
-/// weights (4), Adam moments (8). Activations come on top and depend on micro batch and sequence.
+/// Bytes per parameter to train: f32 weights (4) and gradients (4) and Adam moments (8); bf16
+/// compute casts each matrix transiently. Activations come on top and depend on micro batch and
+/// sequence.
 pub const TRAIN_BYTES_PER_PARAM: f64 = 16.0;
-/// Bytes per parameter of a frozen bf16 model.
-pub const INFER_BYTES_PER_PARAM: f64 = 2.0;
+
+/// Bytes per parameter of a frozen model in the `compute` parameter's dtype (matrices stored in it).
+pub fn infer_bytes_per_param(p: &crate::op::Params) -> f64 {
+    match p.str("compute") {
+        Ok("bfloat16") => 2.0,
+        _ => 4.0,
+    }
+}

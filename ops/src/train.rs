@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::data::{pack, tokenized};
 use crate::model::checkpoint::{LoadedModel, SaveOptions, load_model};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{Decoder, tokens_tensor};
+use crate::model::decoder::{Compute, Decoder, tokens_tensor};
 use crate::model::weights::DType;
 use crate::op::{OpContext, OpError, ParamSpec, ParamType, ParamValue, Params, Problem};
 use crate::runtime::{self, Backend as B, TrainBackend as TB};
@@ -78,6 +78,8 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     pub val_every: usize,
     pub val_sequences: usize,
+    /// The dtype matmuls run in; weights and optimizer state stay f32.
+    pub compute: Compute,
 }
 
 /// The parameters every training op takes.
@@ -150,6 +152,12 @@ pub fn params() -> Vec<ParamSpec> {
             "held-out sequences for validation loss",
         ),
         ParamSpec::with_default(
+            "compute",
+            ParamType::Choice(&Compute::NAMES),
+            ParamValue::Str("float32".into()),
+            "dtype the matmuls run in; bfloat16 keeps f32 master weights and optimizer state (for CUDA)",
+        ),
+        ParamSpec::with_default(
             "dtype",
             ParamType::Choice(&["same", "float32", "bfloat16", "float16"]),
             ParamValue::Str("same".into()),
@@ -176,6 +184,7 @@ impl TrainConfig {
             checkpoint_every: p.usize("checkpoint_every")?,
             val_every: p.usize("val_every")?,
             val_sequences: p.usize("val_sequences")?,
+            compute: Compute::from_name(p.str("compute")?).unwrap_or_default(),
         })
     }
 
@@ -657,7 +666,8 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
             .note(&format!("resuming from the checkpoint at step {start}"));
         (
             Student {
-                model: Decoder::<TB>::load(&config, &saved.weights, &device)?,
+                model: Decoder::<TB>::load(&config, &saved.weights, &device)?
+                    .with_compute(cfg.compute),
                 projections: projections(&objective.projections(), Some(&ckpt))?,
             },
             load_state(&ckpt, start)?,
@@ -665,7 +675,8 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
     } else {
         (
             Student {
-                model: Decoder::<TB>::load(&config, &src.weights, &device)?,
+                model: Decoder::<TB>::load(&config, &src.weights, &device)?
+                    .with_compute(cfg.compute),
                 projections: projections(&objective.projections(), None)?,
             },
             AdamState {
@@ -948,7 +959,7 @@ impl crate::op::Op for Train {
         let mut e = crate::estimate::model_estimate(&c);
         e.flops = 6.0 * params * tokens;
         e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params;
-        e.basis = "6·P·T; 16 bytes/param (bf16 weights and grads, f32 master and Adam), activations extra".into();
+        e.basis = "6·P·T; 16 bytes/param (f32 weights, grads and Adam), activations extra".into();
         Some(e)
     }
 

@@ -168,3 +168,57 @@ fn a_blow_up_stops_the_step_and_commits_nothing() {
     assert!(err.contains("nothing was committed"), "{err}");
     assert_eq!(common::entries(&env.cache()), 0);
 }
+
+/// `show --json` of the step: its data directory's train.json and config.json, and the model
+/// file's hash.
+fn trained(env: &Env, cache: &Path) -> (serde_json::Value, serde_json::Value, String) {
+    let out = env
+        .command(&["show", "r.toml", "tuned", "--json"])
+        .env("DISTILLERY_CACHE", cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dir = Path::new(v["path"].as_str().unwrap());
+    let read = |f: &str| serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap());
+    (
+        read("train.json").unwrap(),
+        read("config.json").unwrap(),
+        output_hash(env, cache),
+    )
+}
+
+#[test]
+fn bf16_compute_distills_like_f32_with_f32_master_weights() {
+    let env = Env::new();
+    setup(&env);
+    let run = |compute: &str| {
+        let recipe = DISTILL_RECIPE.replace(
+            "checkpoint_every = 1,",
+            &format!("checkpoint_every = 100, compute = \"{compute}\","),
+        );
+        env.write("r.toml", &recipe);
+        let cache = env.dir.path().join(compute);
+        let out = env
+            .command(&["run", "r.toml"])
+            .env("DISTILLERY_CACHE", &cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        trained(&env, &cache)
+    };
+    let (f32_run, _, f32_hash) = run("float32");
+    let (bf16_run, bf16_config, bf16_hash) = run("bfloat16");
+    assert_ne!(f32_hash, bf16_hash, "bf16 compute changed nothing");
+    let (a, b) = (
+        f32_run["final_val_loss"].as_f64().unwrap(),
+        bf16_run["final_val_loss"].as_f64().unwrap(),
+    );
+    eprintln!("validation loss: f32 compute {a:.4}, bf16 compute {b:.4}");
+    assert!(
+        (a - b).abs() < 0.05 * a,
+        "validation loss f32 {a} vs bf16 {b}"
+    );
+    // The written checkpoint holds the f32 master weights (the source's dtype), not bf16 copies.
+    assert_eq!(bf16_config["torch_dtype"], "float32");
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use crate::data::tokenized;
-use crate::model::decoder::Decoder;
+use crate::model::decoder::{Compute, Decoder};
 use crate::op::{
     Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
     Params, Port, Problem,
@@ -162,6 +162,12 @@ impl Op for Evaluate {
                     ParamValue::Int(0),
                     "score at most this many multiple-choice items (0: all)",
                 ),
+                ParamSpec::with_default(
+                    "compute",
+                    ParamType::Choice(&Compute::NAMES),
+                    ParamValue::Str("float32".into()),
+                    "dtype the matmuls run in (bfloat16 also stores the matrices in bf16)",
+                ),
             ],
         }
     }
@@ -180,7 +186,7 @@ impl Op for Evaluate {
         let tokens = p.int("max_tokens").ok()? as f64;
         Some(crate::op::Estimate {
             flops: 2.0 * params * tokens,
-            memory_bytes: crate::estimate::INFER_BYTES_PER_PARAM * params,
+            memory_bytes: crate::estimate::infer_bytes_per_param(p) * params,
             basis: if tokens > 0.0 {
                 "2·P·T over max_tokens".into()
             } else {
@@ -205,7 +211,10 @@ impl Evaluate {
         let model = runtime::open_model(ctx.input("model")?)?;
         let tok = runtime::tokenizer(&model)?;
         ctx.progress.phase("loading", 1, "model");
-        let decoder = Decoder::<B>::load(&model.config, &model.weights, &device)?;
+        let compute = Compute::from_name(ctx.params.str("compute")?).unwrap_or_default();
+        let decoder = Decoder::<B>::load(&model.config, &model.weights, &device)?
+            .with_compute(compute)
+            .store_matrices_in_compute_dtype();
         let (params_total, params_non_embed) = model.config.parameter_count();
         let mut report = json!({
             "model": {

@@ -6,7 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
@@ -107,13 +107,55 @@ pub struct Attention<B: Backend> {
     pub sliding_window: Option<usize>,
 }
 
+/// The dtype matmuls run in. Weights (the f32 master copy when training), norms, softmax, the
+/// residual stream and every hooked activation stay f32; `Bf16` casts both operands of each matmul
+/// to bf16 and the product back to f32, as PyTorch's autocast does. Gradients flow back through
+/// the casts, so the optimizer sees f32 gradients of f32 weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compute {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Compute {
+    /// Recipe names, as in checkpoint dtypes.
+    pub const NAMES: [&'static str; 2] = ["float32", "bfloat16"];
+
+    pub fn from_name(name: &str) -> Option<Compute> {
+        match name {
+            "float32" => Some(Compute::F32),
+            "bfloat16" => Some(Compute::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Compute::F32 => FloatDType::F32,
+            Compute::Bf16 => FloatDType::BF16,
+        }
+    }
+}
+
+/// `a @ b` in the compute dtype, the product in f32 (casts are no-ops in f32).
+fn matmul<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+    c: Compute,
+) -> Tensor<B, D> {
+    a.cast(c.dtype())
+        .matmul(b.cast(c.dtype()))
+        .cast(FloatDType::F32)
+}
+
 /// `x [batch, seq, in] @ w [in, out]` as one 2-D matmul (a broadcast 3-D matmul is much slower
 /// on the CPU backends).
-fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>) -> Tensor<B, 3> {
+fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>, c: Compute) -> Tensor<B, 3> {
     let [b, s, i] = x.dims();
     let w = w.val();
     let o = w.dims()[1];
-    x.reshape([b * s, i]).matmul(w).reshape([b, s, o])
+    matmul(x.reshape([b * s, i]), w, c).reshape([b, s, o])
 }
 
 /// Largest causal bias materialized to the scores' full shape (elements, 256 MiB of f32); past it
@@ -216,17 +258,21 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         bias: &Tensor<B, 4>,
+        c: Compute,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = h / kvh;
         // RoPE in the projections' own layout [batch, seq, heads, head_dim].
-        let q = rope.apply(linear(x.clone(), &self.q_proj).reshape([b, s, h, d]), false);
+        let q = rope.apply(
+            linear(x.clone(), &self.q_proj, c).reshape([b, s, h, d]),
+            false,
+        );
         let k = rope.apply(
-            linear(x.clone(), &self.k_proj).reshape([b, s, kvh, d]),
+            linear(x.clone(), &self.k_proj, c).reshape([b, s, kvh, d]),
             true,
         );
-        let v = linear(x, &self.v_proj)
+        let v = linear(x, &self.v_proj, c)
             .reshape([b, s, kvh, d])
             .swap_dims(1, 2); // [b, kvh, s, d]
         // Grouped-query attention: the `rep` query heads of a KV group are stacked with the
@@ -237,14 +283,13 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2)
             .reshape([b, kvh, s * rep, d]);
         let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, s]
-        let scores = q.matmul(k_t) / (d as f64).sqrt() + bias.clone();
+        let scores = matmul(q, k_t, c) / (d as f64).sqrt() + bias.clone();
         let probs = softmax(scores, 3);
-        let context = probs
-            .matmul(v) // [b, kvh, s * rep, d]
+        let context = matmul(probs, v, c) // [b, kvh, s * rep, d]
             .reshape([b, kvh, s, rep * d])
             .swap_dims(1, 2)
             .reshape([b, s, h * d]);
-        let out = linear(context.clone(), &self.o_proj);
+        let out = linear(context.clone(), &self.o_proj, c);
         (context, out)
     }
 }
@@ -260,9 +305,9 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden] -> ([batch, seq, ffn] intermediate, [batch, seq, hidden])`
-    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let inter = silu(linear(x.clone(), &self.gate_proj)) * linear(x, &self.up_proj);
-        let out = linear(inter.clone(), &self.down_proj);
+    pub fn forward(&self, x: Tensor<B, 3>, c: Compute) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let inter = silu(linear(x.clone(), &self.gate_proj, c)) * linear(x, &self.up_proj, c);
+        let out = linear(inter.clone(), &self.down_proj, c);
         (inter, out)
     }
 }
@@ -285,6 +330,9 @@ pub struct Decoder<B: Backend> {
     pub lm_head: Option<Param<Tensor<B, 2>>>,
     /// RoPE inverse frequencies `[head_dim / 2]`, already scaled (llama3).
     pub inv_freq: Vec<f32>,
+    /// The dtype matmuls run in (f32 unless [`Decoder::with_compute`] says otherwise).
+    #[module(skip)]
+    pub compute: Compute,
 }
 
 /// RoPE inverse frequencies, with Llama 3.1's scaling where configured. Rounded the way
@@ -422,7 +470,45 @@ impl<B: Backend> Decoder<B> {
                 Some(param2(weights, "lm_head.weight", true, device)?)
             },
             inv_freq: rope_inv_freq(config),
+            compute: Compute::F32,
         })
+    }
+
+    /// Runs the matmuls in `compute` from now on.
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        self.compute = compute;
+        self
+    }
+
+    /// Stores the matrices (projections, embedding, head) in the compute dtype, for a frozen model:
+    /// a bf16 teacher holds 2 bytes per parameter instead of 4. Norm weights stay f32.
+    pub fn store_matrices_in_compute_dtype(self) -> Self {
+        let dt = self.compute.dtype();
+        let cast = |p: Param<Tensor<B, 2>>| p.map(|t| t.cast(dt));
+        Decoder {
+            embed_tokens: cast(self.embed_tokens),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|b| Block {
+                    self_attn: Attention {
+                        q_proj: cast(b.self_attn.q_proj),
+                        k_proj: cast(b.self_attn.k_proj),
+                        v_proj: cast(b.self_attn.v_proj),
+                        o_proj: cast(b.self_attn.o_proj),
+                        ..b.self_attn
+                    },
+                    mlp: Mlp {
+                        gate_proj: cast(b.mlp.gate_proj),
+                        up_proj: cast(b.mlp.up_proj),
+                        down_proj: cast(b.mlp.down_proj),
+                    },
+                    ..b
+                })
+                .collect(),
+            lm_head: self.lm_head.map(cast),
+            ..self
+        }
     }
 
     /// Every tensor under its Hugging Face name and layout, as f32 (for saving).
@@ -552,7 +638,8 @@ impl<B: Backend> Decoder<B> {
             .embed_tokens
             .val()
             .select(0, tokens.reshape([b * s]))
-            .reshape([b, s, hidden]);
+            .reshape([b, s, hidden])
+            .cast(FloatDType::F32);
         let rope = match self.layers.first() {
             Some(block) => {
                 let a = &block.self_attn;
@@ -569,7 +656,7 @@ impl<B: Backend> Decoder<B> {
             if want.contains(HookPoint::AttnNorm) {
                 hooks.activation(l, HookPoint::AttnNorm, &normed);
             }
-            let (context, attn) = block.self_attn.forward(normed, &rope, &bias);
+            let (context, attn) = block.self_attn.forward(normed, &rope, &bias, self.compute);
             if want.contains(HookPoint::AttnContext) {
                 hooks.activation(l, HookPoint::AttnContext, &context);
             }
@@ -579,7 +666,7 @@ impl<B: Backend> Decoder<B> {
             if want.contains(HookPoint::MlpNorm) {
                 hooks.activation(l, HookPoint::MlpNorm, &normed);
             }
-            let (inter, mlp) = block.mlp.forward(normed);
+            let (inter, mlp) = block.mlp.forward(normed, self.compute);
             if want.contains(HookPoint::MlpIntermediate) {
                 hooks.activation(l, HookPoint::MlpIntermediate, &inter);
             }
@@ -595,15 +682,12 @@ impl<B: Backend> Decoder<B> {
     /// Projects hidden states to logits: `[batch, seq, hidden] -> [batch, seq, vocab]`.
     pub fn logits_of(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(w) => linear(hidden, w),
+            Some(w) => linear(hidden, w, self.compute),
             None => {
                 let [b, s, h] = hidden.dims();
                 let e = self.embed_tokens.val();
                 let v = e.dims()[0];
-                hidden
-                    .reshape([b * s, h])
-                    .matmul(e.transpose())
-                    .reshape([b, s, v])
+                matmul(hidden.reshape([b * s, h]), e.transpose(), self.compute).reshape([b, s, v])
             }
         }
     }
@@ -637,6 +721,93 @@ mod tests {
     use super::*;
     use crate::model::checkpoint::load_model;
     use burn::backend::Flex;
+
+    fn golden(name: &str) -> crate::model::checkpoint::LoadedModel {
+        load_model(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/golden")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    /// Max |a - b| and max |b|.
+    fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+        a.iter().zip(b).fold((0f32, 0f32), |(d, m), (x, y)| {
+            (d.max((x - y).abs()), m.max(y.abs()))
+        })
+    }
+
+    #[test]
+    fn bf16_compute_and_stored_bf16_matrices_stay_near_f32() {
+        let m = golden("llama-gqa-tied-f32");
+        let device = Default::default();
+        let ids: Vec<u32> = (0..24).map(|i| (i * 7 % 50) as u32).collect();
+        let logits = |d: &Decoder<Flex>| {
+            d.forward(tokens_tensor::<Flex>(&ids, 2, &device))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        };
+        let f32_model = Decoder::<Flex>::load(&m.config, &m.weights, &device).unwrap();
+        let exact = logits(&f32_model);
+        let bf16 = f32_model.with_compute(Compute::Bf16);
+        let mixed = logits(&bf16);
+        let (diff, scale) = max_diff(&mixed, &exact);
+        // bf16 keeps 8 bits of mantissa: products are off by parts in 1e3, never by parts in 10.
+        assert!(
+            diff > 1e-6,
+            "bf16 compute gave f32 logits: the casts did nothing"
+        );
+        assert!(
+            diff < 0.05 * scale,
+            "max |Δ| {diff} against max |logit| {scale}"
+        );
+        let stored = bf16.store_matrices_in_compute_dtype();
+        assert_eq!(
+            stored.layers[0].mlp.up_proj.val().dtype(),
+            burn::tensor::DType::BF16
+        );
+        assert_eq!(
+            stored.layers[0].input_layernorm.weight.val().dtype(),
+            burn::tensor::DType::F32
+        );
+        // Stored bf16 matrices round once what bf16 compute rounds at every matmul; only the
+        // embedding rows entering the residual stream differ (rounded here, f32 there).
+        let (diff, _) = max_diff(&logits(&stored), &exact);
+        assert!(
+            diff < 0.05 * scale,
+            "stored: max |Δ| {diff} against max |logit| {scale}"
+        );
+    }
+
+    #[test]
+    fn bf16_compute_trains_f32_weights_with_f32_gradients_near_the_f32_ones() {
+        use burn::backend::Autodiff;
+        type A = Autodiff<Flex>;
+        let m = golden("llama-gqa-tied-f32");
+        let device = Default::default();
+        let ids: Vec<u32> = (0..16).map(|i| (i * 5 % 40) as u32).collect();
+        let grad = |c: Compute| {
+            let d = Decoder::<A>::load(&m.config, &m.weights, &device)
+                .unwrap()
+                .with_compute(c);
+            let loss = d
+                .forward(tokens_tensor::<A>(&ids, 2, &device))
+                .powf_scalar(2.0)
+                .mean();
+            let grads = loss.backward();
+            let g = d.layers[0].mlp.gate_proj.val().grad(&grads).unwrap();
+            assert_eq!(g.dtype(), burn::tensor::DType::F32);
+            g.into_data().to_vec::<f32>().unwrap()
+        };
+        let (exact, mixed) = (grad(Compute::F32), grad(Compute::Bf16));
+        let (diff, scale) = max_diff(&mixed, &exact);
+        assert!(
+            diff > 0.0 && diff < 0.05 * scale,
+            "max |Δ| {diff} against {scale}"
+        );
+    }
 
     #[test]
     fn the_broadcast_causal_bias_equals_the_materialized_one() {
