@@ -8,6 +8,7 @@
 mod backend;
 #[cfg(feature = "cube")]
 pub mod cube;
+pub mod fused;
 pub mod importance;
 pub mod kl;
 

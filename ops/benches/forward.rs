@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use distillery_ops::model::checkpoint::load_model;
 use distillery_ops::model::decoder::{Decoder, tokens_tensor};
+use distillery_ops::model::fast;
 use distillery_ops::runtime::{self, Backend as B};
 
 fn main() {
@@ -23,20 +24,27 @@ fn main() {
     let m = load_model(&gguf).unwrap();
     let device = runtime::device();
     let decoder = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+    // Both CPU paths side by side: the fused host loops and the plain tensor ops.
     let mut ours = Vec::new();
     runtime::with_threads(threads, || {
         for &b in &batches {
             let ids: Vec<u32> = (0..b * seq).map(|i| (i * 7919 % 49152) as u32).collect();
-            let _ = decoder
-                .forward(tokens_tensor::<B>(&ids, b, &device))
-                .into_data();
-            let t = Instant::now();
-            for _ in 0..reps {
+            let mut rate = [0f64; 2];
+            for (i, fused) in [true, false].into_iter().enumerate() {
+                fast::set_enabled(fused);
                 let _ = decoder
                     .forward(tokens_tensor::<B>(&ids, b, &device))
                     .into_data();
+                let t = Instant::now();
+                for _ in 0..reps {
+                    let _ = decoder
+                        .forward(tokens_tensor::<B>(&ids, b, &device))
+                        .into_data();
+                }
+                rate[i] = (b * seq * reps) as f64 / t.elapsed().as_secs_f64();
             }
-            ours.push((b * seq * reps) as f64 / t.elapsed().as_secs_f64());
+            fast::set_enabled(true);
+            ours.push(rate);
         }
     });
     let torch = support::torch(
@@ -54,17 +62,20 @@ fn main() {
         runtime::BACKEND_NAME
     );
     println!(
-        "{:<8} {:>14} {:>14} {:>8}",
-        "batch", "distillery t/s", "pytorch t/s", "ratio"
+        "{:<8} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "batch", "fused t/s", "unfused t/s", "pytorch t/s", "fused/unfused", "fused/pytorch"
     );
     for (i, &b) in batches.iter().enumerate() {
         let t = torch.as_ref().and_then(|v| v[b.to_string()].as_f64());
+        let [fused, unfused] = ours[i];
         println!(
-            "{:<8} {:>14.0} {:>14} {:>8}",
+            "{:<8} {:>12.0} {:>12.0} {:>12} {:>14.2} {:>14}",
             b,
-            ours[i],
+            fused,
+            unfused,
             t.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into()),
-            t.map(|x| format!("{:.2}", ours[i] / x))
+            fused / unfused,
+            t.map(|x| format!("{:.2}", fused / x))
                 .unwrap_or_else(|| "-".into())
         );
     }

@@ -10,6 +10,7 @@ use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::model::ModelError;
 use crate::model::config::ModelConfig;
+use crate::model::fast;
 use crate::model::weights::Weights;
 
 /// Where a forward pass can hand an activation to a hook.
@@ -86,6 +87,10 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// `[batch, seq, d] -> [batch, seq, d]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = match fast::rms_norm(x, &self.weight.val(), self.eps) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
         let var = x.clone().powf_scalar(2.0).mean_dim(2);
         let x = x * (var + self.eps).sqrt().recip();
         x * self.weight.val().unsqueeze_dims::<3>(&[0, 1])
@@ -170,6 +175,15 @@ const MATERIALIZED_ROPE_LIMIT: usize = 1 << 24;
 /// `rotate_half` as a matmul by a signed permutation (exact in f32), which keeps every step
 /// contiguous; slicing and concatenating halves went through strided copies.
 pub struct Rope<B: Backend> {
+    /// `[seq, head_dim]` row-major, for the fused host loop.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// The tables as tensors for the tensor-op path; None on the fast path (Flex), which reads
+    /// `cos`/`sin` directly.
+    tensors: Option<RopeTensors<B>>,
+}
+
+struct RopeTensors<B: Backend> {
     /// `[batch, seq, heads, head_dim]`, for the queries. Materialized over the batch: Flex's
     /// broadcasting binary ops take a strided path many times slower than same-shape ones.
     cos_q: Tensor<B, 4>,
@@ -201,6 +215,53 @@ impl<B: Backend> Rope<B> {
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
+        let tensors = (!fast::is_flex::<B>())
+            .then(|| RopeTensors::new(&cos, &sin, d, batch, seq, heads, kv_heads, device));
+        Rope { cos, sin, tensors }
+    }
+
+    /// `x [batch, seq, n, head_dim]` with `n` the query (`keys` false) or KV head count.
+    fn apply(&self, x: Tensor<B, 4>, keys: bool) -> Tensor<B, 4> {
+        let x = match fast::rope(x, &self.cos, &self.sin) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
+        let [b, s, n, d] = x.dims();
+        let built;
+        let t = match &self.tensors {
+            Some(t) => t,
+            None => {
+                built = RopeTensors::new(&self.cos, &self.sin, d, b, s, n, n, &x.device());
+                &built
+            }
+        };
+        let rotated = x
+            .clone()
+            .reshape([b * s * n, d])
+            .matmul(t.rotate.clone())
+            .reshape([b, s, n, d]);
+        let (cos, sin) = if keys {
+            (&t.cos_k, &t.sin_k)
+        } else {
+            (&t.cos_q, &t.sin_q)
+        };
+        x * cos.clone() + rotated * sin.clone()
+    }
+}
+
+impl<B: Backend> RopeTensors<B> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cos: &[f32],
+        sin: &[f32],
+        d: usize,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        device: &B::Device,
+    ) -> Self {
+        let half = d / 2;
         let table = |v: &[f32], n: usize| -> Tensor<B, 4> {
             let mut t = Vec::with_capacity(seq * n * d);
             for row in v.chunks(d) {
@@ -222,29 +283,13 @@ impl<B: Backend> Rope<B> {
             rotate[(o + half) * d + o] = -1.0;
             rotate[o * d + o + half] = 1.0;
         }
-        Rope {
-            cos_q: table(&cos, heads),
-            sin_q: table(&sin, heads),
-            cos_k: table(&cos, kv_heads),
-            sin_k: table(&sin, kv_heads),
+        RopeTensors {
+            cos_q: table(cos, heads),
+            sin_q: table(sin, heads),
+            cos_k: table(cos, kv_heads),
+            sin_k: table(sin, kv_heads),
             rotate: Tensor::from_data(TensorData::new(rotate, [d, d]), device),
         }
-    }
-
-    /// `x [batch, seq, n, head_dim]` with `n` the query (`keys` false) or KV head count.
-    fn apply(&self, x: Tensor<B, 4>, keys: bool) -> Tensor<B, 4> {
-        let [b, s, n, d] = x.dims();
-        let rotated = x
-            .clone()
-            .reshape([b * s * n, d])
-            .matmul(self.rotate.clone())
-            .reshape([b, s, n, d]);
-        let (cos, sin) = if keys {
-            (&self.cos_k, &self.sin_k)
-        } else {
-            (&self.cos_q, &self.sin_q)
-        };
-        x * cos.clone() + rotated * sin.clone()
     }
 }
 
@@ -283,8 +328,13 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2)
             .reshape([b, kvh, s * rep, d]);
         let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, s]
-        let scores = matmul(q, k_t, c) / (d as f64).sqrt() + bias.clone();
-        let probs = softmax(scores, 3);
+        // Scaled by multiplying, as transformers does (`head_dim ** -0.5`).
+        let scale = (d as f64).powf(-0.5);
+        let scores = matmul(q, k_t, c);
+        let probs = match fast::attention_probs(scores, scale as f32, bias) {
+            Ok(probs) => probs,
+            Err(scores) => softmax(scores * scale + bias.clone(), 3),
+        };
         let context = matmul(probs, v, c) // [b, kvh, s * rep, d]
             .reshape([b, kvh, s, rep * d])
             .swap_dims(1, 2)
@@ -306,7 +356,11 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden] -> ([batch, seq, ffn] intermediate, [batch, seq, hidden])`
     pub fn forward(&self, x: Tensor<B, 3>, c: Compute) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let inter = silu(linear(x.clone(), &self.gate_proj, c)) * linear(x, &self.up_proj, c);
+        let gate = linear(x.clone(), &self.gate_proj, c);
+        let inter = match fast::swiglu(gate, linear(x, &self.up_proj, c)) {
+            Ok(inter) => inter,
+            Err((gate, up)) => silu(gate) * up,
+        };
         let out = linear(inter.clone(), &self.down_proj, c);
         (inter, out)
     }
@@ -589,7 +643,13 @@ impl<B: Backend> Decoder<B> {
     /// Mistral's sliding window, else 0. Built once per forward and shared by every layer;
     /// materialized to the scores' shape because broadcasting adds are slow on Flex.
     fn causal_bias(&self, batch: usize, seq: usize, device: &B::Device) -> Tensor<B, 4> {
-        self.causal_bias_up_to(batch, seq, MATERIALIZED_BIAS_LIMIT, device)
+        // The fused softmax reads a bias that repeats over batch and groups.
+        let limit = if fast::is_flex::<B>() {
+            0
+        } else {
+            MATERIALIZED_BIAS_LIMIT
+        };
+        self.causal_bias_up_to(batch, seq, limit, device)
     }
 
     fn causal_bias_up_to(
@@ -779,6 +839,36 @@ mod tests {
             diff < 0.05 * scale,
             "stored: max |Δ| {diff} against max |logit| {scale}"
         );
+    }
+
+    #[test]
+    fn the_fused_cpu_path_equals_the_tensor_op_path() {
+        use burn::backend::Autodiff;
+        // Autodiff<Flex> is not Flex: it takes the tensor-op path, the reference here.
+        type A = Autodiff<Flex>;
+        for name in [
+            "llama-gqa-tied-f32",
+            "mistral-window-f16",
+            "llama3-untied-bf16-sharded",
+        ] {
+            let m = golden(name);
+            let device = Default::default();
+            let ids: Vec<u32> = (0..40).map(|i| (i * 11 % 60) as u32).collect();
+            let fused = Decoder::<Flex>::load(&m.config, &m.weights, &device)
+                .unwrap()
+                .forward(tokens_tensor::<Flex>(&ids, 2, &device))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let reference = Decoder::<A>::load(&m.config, &m.weights, &device)
+                .unwrap()
+                .forward(tokens_tensor::<A>(&ids, 2, &device))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let (diff, scale) = max_diff(&fused, &reference);
+            assert!(diff <= 1e-5 * scale.max(1.0), "{name}: max |Δ| {diff}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod fast;
 pub mod gguf;
 pub mod tokenizer;
 pub mod weights;

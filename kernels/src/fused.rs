@@ -1,0 +1,242 @@
+//! Forward-only fused host loops for the CPU decoder. Each reads its inputs once and writes one
+//! output where the tensor-op chain makes a temporary (and a pass over memory) per step; rows run
+//! in parallel with rayon. They round like transformers' f32 ops, so the tensor-op path in ops
+//! (also the autodiff path) is their reference.
+
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task: enough work to amortize the task, few enough to balance.
+const ROWS_PER_TASK: usize = 16;
+
+/// RMSNorm over rows of `w.len()`: `(x * rsqrt(mean(x²) + eps)) * w`. The mean of squares is
+/// summed in f64 (one row of SmolLM2's residual stream can hold 1e4 beside values near 1, where an
+/// f32 running sum drops the small squares), then rounded to f32 as transformers keeps it.
+/// `x [rows, d]`, `w [d]` → `[rows, d]`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(x.par_chunks(d * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                let var = (sq / d as f64) as f32;
+                let r = 1.0 / (var + eps).sqrt();
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                    *o = (x * r) * w;
+                }
+            }
+        });
+    out
+}
+
+/// `e^x` in f32 within 2 ulp of libm where `e^x` is a normal f32, branch-free so that the
+/// compiler vectorizes a loop of it (libm's `expf` is a scalar call per element). Below
+/// `ln(f32::MIN_POSITIVE)` it returns 0 (libm returns subnormals there), above `ln(f32::MAX)`
+/// infinity. Cody-Waite reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, and a degree-7 polynomial.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LO: f32 = -87.336_54;
+    const HI: f32 = 88.722_83;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let c = x.clamp(LO, HI);
+    let n = (c * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    // Taylor coefficients of e^r to r^7 (|r| <= 0.347: the remainder is below f32's ulp).
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    // 2^n through the exponent bits, in two halves: n is within [-126, 128] after the clamp, and
+    // 2^128 or 2^-126 alone would overflow or leave the normal range.
+    let n = n as i32;
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let e = p * pow2(n >> 1) * pow2(n - (n >> 1));
+    if x < LO {
+        0.0
+    } else if x > HI {
+        f32::INFINITY
+    } else {
+        e
+    }
+}
+
+/// `softmax(x * scale + bias)` over rows of `cols`, the form attention takes. `x [rows, cols]`;
+/// `bias` holds a whole number of rows and repeats over `x`'s (a causal mask shared by every
+/// batch and head); `-inf` in it gives exactly 0. The row sum is accumulated in f64.
+pub fn softmax_scaled_biased(x: &[f32], scale: f32, bias: &[f32], cols: usize) -> Vec<f32> {
+    let bias_rows = bias.len() / cols;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(cols * ROWS_PER_TASK)
+        .zip(x.par_chunks(cols * ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(task, (out, x))| {
+            for (i, (o, x)) in out
+                .chunks_exact_mut(cols)
+                .zip(x.chunks_exact(cols))
+                .enumerate()
+            {
+                let row = (task * ROWS_PER_TASK + i) % bias_rows;
+                let b = &bias[row * cols..(row + 1) * cols];
+                let mut max = f32::NEG_INFINITY;
+                for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
+                    *o = x * scale + b;
+                    max = max.max(*o);
+                }
+                let mut sum = 0f64;
+                for o in o.iter_mut() {
+                    *o = exp_f32(*o - max);
+                    sum += *o as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for o in o.iter_mut() {
+                    *o *= inv;
+                }
+            }
+        });
+    out
+}
+
+/// SwiGLU: `silu(gate) * up` with `silu(g) = g / (1 + e^-g)`, element by element.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + exp_f32(-g)) * u;
+            }
+        });
+    out
+}
+
+/// Rotary embedding in Hugging Face's `rotate_half` convention on rows of `d` values:
+/// `out[i] = x[i] cos[i] - x[i + d/2] sin[i]`, `out[i + d/2] = x[i + d/2] cos[i + d/2] + x[i] sin[i + d/2]`.
+/// `x [positions, heads, d]` row-major, `cos`/`sin` `[positions, d]`.
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize) -> Vec<f32> {
+    let half = d / 2;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(heads * d)
+        .zip(x.par_chunks(heads * d))
+        .enumerate()
+        .for_each(|(pos, (out, x))| {
+            let positions = cos.len() / d;
+            let p = pos % positions;
+            let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
+            for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                for i in 0..half {
+                    o[i] = x[i] * c[i] - x[i + half] * s[i];
+                    o[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+                }
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_2_ulp_of_libm() {
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x < 88.5 {
+            let (a, b) = (exp_f32(x), x.exp());
+            worst = worst.max(a.to_bits().abs_diff(b.to_bits()));
+            x += 0.000_731;
+        }
+        assert!(worst <= 2, "{worst} ulp");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-200.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn softmax_matches_the_definition_and_masks_exactly() {
+        let (rows, cols) = (6, 5);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.7)
+            .collect();
+        // Two bias rows repeating: causal-style -inf above a diagonal.
+        let bias: Vec<f32> = (0..2 * cols)
+            .map(|i| {
+                if i % cols > i / cols + 2 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.25
+                }
+            })
+            .collect();
+        let got = softmax_scaled_biased(&x, 0.5, &bias, cols);
+        for r in 0..rows {
+            let b = &bias[(r % 2) * cols..][..cols];
+            let z: Vec<f64> = (0..cols)
+                .map(|c| x[r * cols + c] as f64 * 0.5 + b[c] as f64)
+                .collect();
+            let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+            for c in 0..cols {
+                let want = (z[c] - max).exp() / sum;
+                let g = got[r * cols + c];
+                if b[c] == f32::NEG_INFINITY {
+                    assert_eq!(g, 0.0);
+                } else {
+                    assert!(
+                        (g as f64 - want).abs() <= 1e-6 * want,
+                        "{r},{c}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_formula_on_a_row_with_a_massive_value() {
+        let x = [1.0e4f32, 0.5, -2.0, 3.0];
+        let w = [1.0f32, 2.0, 0.5, -1.0];
+        let got = rms_norm(&x, &w, 1e-5);
+        let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 4.0;
+        for i in 0..4 {
+            let want = x[i] as f64 / (ms + 1e-5).sqrt() * w[i] as f64;
+            assert!(
+                (got[i] as f64 - want).abs() <= 2e-7 * want.abs().max(1e-3),
+                "{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_and_rope_match_their_definitions() {
+        let g: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.37).collect();
+        let u: Vec<f32> = (0..100).map(|i| (i as f32) * 0.01 - 0.3).collect();
+        for ((o, g), u) in swiglu(&g, &u).iter().zip(&g).zip(&u) {
+            let want = (*g as f64) / (1.0 + (-*g as f64).exp()) * *u as f64;
+            assert!((*o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-6));
+        }
+        // Two positions, two heads of d = 4.
+        let x: Vec<f32> = (0..16).map(|i| i as f32 + 1.0).collect();
+        let (cos, sin): (Vec<f32>, Vec<f32>) =
+            (0..8).map(|i| ((i as f32).cos(), (i as f32).sin())).unzip();
+        let got = rope(&x, &cos, &sin, 2, 4);
+        for p in 0..2 {
+            for h in 0..2 {
+                let row = &x[(p * 2 + h) * 4..][..4];
+                let rotated = [-row[2], -row[3], row[0], row[1]];
+                for i in 0..4 {
+                    let want = row[i] * cos[p * 4 + i] + rotated[i] * sin[p * 4 + i];
+                    assert_eq!(got[(p * 2 + h) * 4 + i], want);
+                }
+            }
+        }
+    }
+}

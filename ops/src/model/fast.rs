@@ -1,0 +1,149 @@
+//! The CPU decoder's fast path. When the backend is Flex itself (a forward without autodiff:
+//! evaluate, calibrate, the teacher in distill) and matmuls run in f32, RMSNorm, SwiGLU and RoPE
+//! run as the fused host loops of `distillery_kernels::fused` and attention as Flex's own fused
+//! op, instead of chains of tensor ops with a temporary per step. Every other backend, and
+//! autodiff, takes the tensor-op path, which is also the reference the tests hold these to.
+
+use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use burn::backend::Flex;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+
+type FlexPrimitive = FloatTensor<Flex>;
+
+/// Off with `DISTILLERY_UNFUSED=1` or [`set_enabled`]: benchmarks time both paths in one run.
+static ENABLED: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u8 = 2;
+
+/// Turns the fast path on or off for the whole process.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on as u8, Ordering::Relaxed);
+}
+
+fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var("DISTILLERY_UNFUSED").map_or(true, |v| v.is_empty() || v == "0");
+            set_enabled(on);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Whether `B` is Flex without autodiff and the fast path is on.
+pub fn is_flex<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Flex>() && enabled()
+}
+
+/// The Flex primitive inside a `Tensor<B, D>` with `B` = Flex.
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexPrimitive {
+    let any: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    *any.downcast::<FlexPrimitive>().expect("checked by is_flex")
+}
+
+/// Runs `f` on the f32 values of `t`, read in place when contiguous.
+fn with_values<R>(t: &FlexPrimitive, f: impl FnOnce(&[f32]) -> R) -> R {
+    match t.as_slice::<f32>() {
+        Some(values) => f(values),
+        None => {
+            let copy = Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t.clone()))
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 data");
+            f(&copy)
+        }
+    }
+}
+
+/// A `Tensor<B, D>` (with `B` = Flex) holding `values`.
+fn tensor<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+    let t = Tensor::<Flex, D>::from_data(TensorData::new(values, shape), &Default::default());
+    let any: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    let primitive = *any
+        .downcast::<FloatTensor<B>>()
+        .expect("checked by is_flex");
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+fn f32_flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    is_flex::<B>() && t.dtype() == DType::F32
+}
+
+/// `x [batch, seq, d]` normalized by `w [d]`; `Err(x)` back when the fast path does not apply.
+pub fn rms_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    if !f32_flex(&x) || !f32_flex(w) {
+        return Err(x);
+    }
+    let shape = x.dims();
+    let (x, w) = (primitive(x), primitive(w.clone()));
+    let out = with_values(&x, |x| {
+        with_values(&w, |w| {
+            distillery_kernels::fused::rms_norm(x, w, eps as f32)
+        })
+    });
+    Ok(tensor(out, shape))
+}
+
+/// `silu(gate) * up`, both `[batch, seq, ffn]`; `Err` hands both back.
+#[allow(clippy::type_complexity)]
+pub fn swiglu<B: Backend>(
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>)> {
+    if !f32_flex(&gate) || !f32_flex(&up) {
+        return Err((gate, up));
+    }
+    let shape = gate.dims();
+    let (g, u) = (primitive(gate), primitive(up));
+    let out = with_values(&g, |g| {
+        with_values(&u, |u| distillery_kernels::fused::swiglu(g, u))
+    });
+    Ok(tensor(out, shape))
+}
+
+/// RoPE on `x [batch, seq, heads, head_dim]` with `cos`/`sin` tables `[seq, head_dim]`.
+pub fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &[f32],
+    sin: &[f32],
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    if !f32_flex(&x) {
+        return Err(x);
+    }
+    let shape = x.dims();
+    let [_, _, heads, d] = shape;
+    let x = primitive(x);
+    let out = with_values(&x, |x| {
+        distillery_kernels::fused::rope(x, cos, sin, heads, d)
+    });
+    Ok(tensor(out, shape))
+}
+
+/// `softmax(scores * scale + bias)` over the last dimension: `scores [batch, groups, rows, cols]`,
+/// `bias` `[1, 1, rows, cols]` or `scores`' shape.
+pub fn attention_probs<B: Backend>(
+    scores: Tensor<B, 4>,
+    scale: f32,
+    bias: &Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    if !f32_flex(&scores) || !f32_flex(bias) {
+        return Err(scores);
+    }
+    let shape = scores.dims();
+    let (x, b) = (primitive(scores), primitive(bias.clone()));
+    let out = with_values(&x, |x| {
+        with_values(&b, |b| {
+            distillery_kernels::fused::softmax_scaled_biased(x, scale, b, shape[3])
+        })
+    });
+    Ok(tensor(out, shape))
+}
