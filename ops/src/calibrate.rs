@@ -70,7 +70,8 @@ impl Op for Calibrate {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "calibrate",
-            version: 2,
+            // 3: the fused CPU forward (rounds differently from the tensor ops).
+            version: 3,
             doc: "accumulate activation statistics for importance estimation (forward only)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to calibrate"),

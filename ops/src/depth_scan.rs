@@ -49,7 +49,8 @@ impl Op for DepthScan {
         use ParamValue::Int as I;
         OpSignature {
             name: "depth_scan",
-            version: 1,
+            // 2: the fused CPU forward.
+            version: 2,
             doc: "validation loss with each layer, and each contiguous block of layers, removed",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to scan"),

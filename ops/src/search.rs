@@ -105,7 +105,8 @@ impl Op for Search {
         use ParamValue::{Float, Int as I};
         OpSignature {
             name: "search",
-            version: 2,
+            // 3: the fused CPU forward.
+            version: 3,
             doc: "rank candidate shapes under a parameter budget by validation loss right after pruning",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to prune"),

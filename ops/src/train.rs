@@ -924,8 +924,8 @@ impl crate::op::Op for Train {
     fn signature(&self) -> crate::op::OpSignature {
         crate::op::OpSignature {
             name: "train",
-            // 3: writes tokenizer_config.json.
-            version: 3,
+            // 3: writes tokenizer_config.json. 4: the fused CPU forward for validation.
+            version: 4,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

@@ -121,7 +121,8 @@ impl Op for Evaluate {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "evaluate",
-            version: 2,
+            // 3: the fused CPU forward.
+            version: 3,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),
