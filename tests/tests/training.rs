@@ -51,15 +51,20 @@ inputs = { student = "sources.base", teacher = "sources.base", data = "sources.t
 params = { tokens = 8192, seq_len = 32, micro_batch = 2, global_batch = 4, warmup_steps = 2, lr = 1e-3, checkpoint_every = 1, val_sequences = 4, ce_weight = 0.5, hidden_pairs = [[0, 1]], hidden_weight = 0.5 }
 "#;
 
-fn output_hash(env: &Env, cache: &Path) -> String {
+/// `show --json` of the step `tuned`.
+fn shown(env: &Env, cache: &Path) -> serde_json::Value {
     let out = env
         .command(&["show", "r.toml", "tuned", "--json"])
         .env("DISTILLERY_CACHE", cache)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let files = v["manifest"]["files"].as_array().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The blake3 of the written model file, from the step's manifest.
+fn model_hash(shown: &serde_json::Value) -> String {
+    let files = shown["manifest"]["files"].as_array().unwrap();
     files
         .iter()
         .find(|f| f["path"] == "model.safetensors")
@@ -67,6 +72,10 @@ fn output_hash(env: &Env, cache: &Path) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+fn output_hash(env: &Env, cache: &Path) -> String {
+    model_hash(&shown(env, cache))
 }
 
 #[test]
@@ -169,22 +178,15 @@ fn a_blow_up_stops_the_step_and_commits_nothing() {
     assert_eq!(common::entries(&env.cache()), 0);
 }
 
-/// `show --json` of the step: its data directory's train.json and config.json, and the model
-/// file's hash.
+/// The step's train.json and config.json, and the model file's hash.
 fn trained(env: &Env, cache: &Path) -> (serde_json::Value, serde_json::Value, String) {
-    let out = env
-        .command(&["show", "r.toml", "tuned", "--json"])
-        .env("DISTILLERY_CACHE", cache)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = shown(env, cache);
     let dir = Path::new(v["path"].as_str().unwrap());
     let read = |f: &str| serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap());
     (
         read("train.json").unwrap(),
         read("config.json").unwrap(),
-        output_hash(env, cache),
+        model_hash(&v),
     )
 }
 
