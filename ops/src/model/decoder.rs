@@ -641,7 +641,8 @@ impl<B: Backend> Decoder<B> {
     /// The additive attention mask `[batch, kv_heads, seq * rep, seq]` for `rep` query heads
     /// stacked per KV group (rows ordered (position, head)): -inf above the diagonal and outside
     /// Mistral's sliding window, else 0. Built once per forward and shared by every layer;
-    /// materialized to the scores' shape because broadcasting adds are slow on Flex.
+    /// materialized to the scores' shape where the tensor-op softmax adds it (Flex's broadcasting
+    /// adds are slow), repeating over batch and groups where the fused CPU softmax reads it.
     fn causal_bias(&self, batch: usize, seq: usize, device: &B::Device) -> Tensor<B, 4> {
         // The fused softmax reads a bias that repeats over batch and groups.
         let limit = if fast::is_flex::<B>() {
