@@ -143,7 +143,7 @@ fn calibrate(ctx: &OpContext) -> Result<(), OpError> {
     let device = runtime::device();
     let model = runtime::open_model(ctx.input("model")?)?;
     let tok = runtime::tokenizer(&model)?;
-    let compute = Compute::from_name(ctx.params.str("compute")?).unwrap_or_default();
+    let compute = runtime::compute(&ctx.params)?;
     let decoder = Decoder::<B>::load(&model.config, &model.weights, &device)?
         .with_compute(compute)
         .store_matrices_in_compute_dtype();

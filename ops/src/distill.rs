@@ -13,7 +13,7 @@ use distillery_kernels::KlDirection;
 use distillery_kernels::kl::{kl_loss, topk_kl_reference};
 
 use crate::model::checkpoint::load_config;
-use crate::model::decoder::{Compute, Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
+use crate::model::decoder::{Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
 use crate::op::{
     Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
     Params, Port, Problem,
@@ -365,7 +365,7 @@ impl Op for Distill {
                 ));
             }
             // Frozen: in bf16 compute its matrices are stored in bf16 too (2 bytes a parameter).
-            let compute = Compute::from_name(ctx.params.str("compute")?).unwrap_or_default();
+            let compute = runtime::compute(&ctx.params)?;
             let teacher = Decoder::<B>::load(
                 &teacher_model.config,
                 &teacher_model.weights,

@@ -3,6 +3,7 @@
 
 use crate::model::ModelError;
 use crate::model::checkpoint::{LoadedModel, load_model};
+use crate::model::decoder::Compute;
 use crate::model::tokenizer::Tokenizer;
 use crate::op::{Artifact, OpError};
 
@@ -31,6 +32,20 @@ pub type TrainBackend = burn::backend::Autodiff<Backend>;
 
 pub fn device() -> burn::tensor::Device<Backend> {
     Default::default()
+}
+
+/// The step's `compute` parameter, refused up front when this build's device cannot run it
+/// (wgpu has no bf16) rather than failing inside the first matmul.
+pub fn compute(params: &crate::op::Params) -> Result<Compute, OpError> {
+    use burn::tensor::backend::Backend as _;
+    let compute = Compute::from_name(params.str("compute")?).unwrap_or_default();
+    if compute == Compute::Bf16 && !Backend::supports_dtype(&device(), burn::tensor::DType::BF16) {
+        return Err(OpError::Invalid(format!(
+            "compute = \"bfloat16\" needs bf16 arithmetic, which this build's device ({BACKEND_NAME}) lacks; \
+             set compute = \"float32\", or run a CUDA build (--features cuda) or the CPU build"
+        )));
+    }
+    Ok(compute)
 }
 
 /// Keeps freed tensor buffers in the process instead of handing them back to the kernel and

@@ -614,6 +614,7 @@ fn split(seqs: &[Vec<u32>]) -> (Vec<u32>, Vec<u32>) {
 /// and a loss curve into the output directory.
 pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Result<(), OpError> {
     let cfg = TrainConfig::from_params(&ctx.params)?;
+    runtime::compute(&ctx.params)?;
     let device = runtime::device();
     let src = runtime::open_model(ctx.input(model_port)?)?;
     let tok = runtime::tokenizer(&src)?;

@@ -212,7 +212,7 @@ impl Evaluate {
         let model = runtime::open_model(ctx.input("model")?)?;
         let tok = runtime::tokenizer(&model)?;
         ctx.progress.phase("loading", 1, "model");
-        let compute = Compute::from_name(ctx.params.str("compute")?).unwrap_or_default();
+        let compute = runtime::compute(&ctx.params)?;
         let decoder = Decoder::<B>::load(&model.config, &model.weights, &device)?
             .with_compute(compute)
             .store_matrices_in_compute_dtype();
