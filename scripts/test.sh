@@ -14,6 +14,8 @@ else
   cargo test --workspace "$@"
 fi
 cargo test --workspace --doc
+# The benchmarks must keep compiling: built in the test profile (the dependencies above), not run.
+cargo test --workspace --benches --no-run
 
 # The CubeCL kernels against their references on wgpu: a software Vulkan (lavapipe) is enough.
 # Without an adapter the kernel tests say so and pass, unless DISTILLERY_REQUIRE_GPU=1 (CI).

@@ -43,6 +43,7 @@ fn main() {
         checkpoint_every: 0,
         val_every: 0,
         val_sequences: 0,
+        compute: Default::default(),
     };
     let m = load_model(&gguf).unwrap();
     let device = runtime::device();
