@@ -119,13 +119,11 @@ impl Op for Calibrate {
         let c = crate::estimate::input_config(inputs, "model")?;
         let params = c.parameter_count().0 as f64;
         let tokens = (p.int("samples").ok()? * p.int("seq_len").ok()?) as f64;
+        let bytes = crate::estimate::infer_bytes_per_param(p);
         Some(crate::op::Estimate {
             flops: 2.0 * params * tokens,
-            memory_bytes: crate::estimate::infer_bytes_per_param(p) * params,
-            basis: format!(
-                "2·P·T forward only; {} bytes/param",
-                crate::estimate::infer_bytes_per_param(p)
-            ),
+            memory_bytes: bytes * params,
+            basis: format!("2·P·T forward only; {bytes} bytes/param"),
             ..Default::default()
         })
     }

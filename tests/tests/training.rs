@@ -78,6 +78,16 @@ fn output_hash(env: &Env, cache: &Path) -> String {
     model_hash(&shown(env, cache))
 }
 
+/// `run r.toml` into `cache`, which must succeed.
+fn run_into(env: &Env, cache: &Path) {
+    let out = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_CACHE", cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 #[test]
 fn killed_training_resumes_bit_identical() {
     kill_and_resume(RECIPE);
@@ -93,12 +103,7 @@ fn kill_and_resume(recipe: &str) {
     setup(&env);
     env.write("r.toml", recipe);
     let clean = env.path("cache-clean");
-    let out = env
-        .command(&["run", "r.toml"])
-        .env("DISTILLERY_CACHE", &clean)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    run_into(&env, &clean);
     let expected = output_hash(&env, &clean);
 
     // Kill at a step that depends on the clock: somewhere after the first checkpoint.
@@ -200,13 +205,8 @@ fn bf16_compute_distills_like_f32_with_f32_master_weights() {
             &format!("checkpoint_every = 100, compute = \"{compute}\","),
         );
         env.write("r.toml", &recipe);
-        let cache = env.dir.path().join(compute);
-        let out = env
-            .command(&["run", "r.toml"])
-            .env("DISTILLERY_CACHE", &cache)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
+        let cache = env.path(compute);
+        run_into(&env, &cache);
         trained(&env, &cache)
     };
     let (f32_run, _, f32_hash) = run("float32");

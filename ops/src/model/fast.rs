@@ -1,8 +1,9 @@
 //! The CPU decoder's fast path. When the backend is Flex itself (a forward without autodiff:
-//! evaluate, calibrate, the teacher in distill) and matmuls run in f32, RMSNorm, SwiGLU and RoPE
-//! run as the fused host loops of `distillery_kernels::fused` and attention as Flex's own fused
-//! op, instead of chains of tensor ops with a temporary per step. Every other backend, and
-//! autodiff, takes the tensor-op path, which is also the reference the tests hold these to.
+//! evaluate, calibrate, the teacher in distill, validation) and matmuls run in f32, RMSNorm,
+//! SwiGLU, RoPE and the attention softmax run as the fused host loops of
+//! `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step. Every
+//! other backend, and autodiff, takes the tensor-op path, which is also the reference the tests
+//! hold these to.
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -39,10 +40,15 @@ pub fn is_flex<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<Flex>() && enabled()
 }
 
+/// `value` as the type it is known to be (`B`'s primitive as Flex's or back, with `B` = Flex).
+fn same_type<From: 'static, To: 'static>(value: From) -> To {
+    let any: Box<dyn Any> = Box::new(value);
+    *any.downcast::<To>().expect("checked by is_flex")
+}
+
 /// The Flex primitive inside a `Tensor<B, D>` with `B` = Flex.
 fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexPrimitive {
-    let any: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    *any.downcast::<FlexPrimitive>().expect("checked by is_flex")
+    same_type(t.into_primitive().tensor())
 }
 
 /// Runs `f` on the f32 values of `t`, read in place when contiguous.
@@ -63,10 +69,7 @@ fn with_values<R>(t: &FlexPrimitive, f: impl FnOnce(&[f32]) -> R) -> R {
 /// A `Tensor<B, D>` (with `B` = Flex) holding `values`.
 fn tensor<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
     let t = Tensor::<Flex, D>::from_data(TensorData::new(values, shape), &Default::default());
-    let any: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    let primitive = *any
-        .downcast::<FloatTensor<B>>()
-        .expect("checked by is_flex");
+    let primitive: FloatTensor<B> = same_type(t.into_primitive().tensor());
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
