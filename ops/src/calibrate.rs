@@ -70,8 +70,9 @@ impl Op for Calibrate {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "calibrate",
-            // 3: the fused CPU forward (rounds differently from the tensor ops).
-            version: 3,
+            // 3: the fused CPU forward (rounds differently from the tensor ops). 4: the fused CPU
+            // attention.
+            version: 4,
             doc: "accumulate activation statistics for importance estimation (forward only)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to calibrate"),

@@ -49,8 +49,8 @@ impl Op for DepthScan {
         use ParamValue::Int as I;
         OpSignature {
             name: "depth_scan",
-            // 2: the fused CPU forward.
-            version: 2,
+            // 2: the fused CPU forward. 3: the fused CPU attention.
+            version: 3,
             doc: "validation loss with each layer, and each contiguous block of layers, removed",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to scan"),

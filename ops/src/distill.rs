@@ -250,8 +250,9 @@ impl Op for Distill {
         ]);
         OpSignature {
             name: "distill",
-            // 3: writes tokenizer_config.json. 4: the fused CPU forward for the teacher.
-            version: 4,
+            // 3: writes tokenizer_config.json. 4: the fused CPU forward for the teacher. 5: the fused
+            // CPU attention.
+            version: 5,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(

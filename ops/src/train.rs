@@ -925,8 +925,9 @@ impl crate::op::Op for Train {
     fn signature(&self) -> crate::op::OpSignature {
         crate::op::OpSignature {
             name: "train",
-            // 3: writes tokenizer_config.json. 4: the fused CPU forward for validation.
-            version: 4,
+            // 3: writes tokenizer_config.json. 4: the fused CPU forward for validation. 5: the fused
+            // CPU attention.
+            version: 5,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

@@ -121,8 +121,8 @@ impl Op for Evaluate {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "evaluate",
-            // 3: the fused CPU forward.
-            version: 3,
+            // 3: the fused CPU forward. 4: the fused CPU attention.
+            version: 4,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),

@@ -294,15 +294,16 @@ impl<B: Backend> RopeTensors<B> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// `x: [batch, seq, hidden]`, `bias`: `[batch, kv_heads, seq * rep, seq]` or broadcastable to it
-    /// (0 where attention is allowed,
-    /// -inf where not; `rep` query heads per KV group, rows ordered (position, head)). Returns the
-    /// context before o_proj `[batch, seq, heads * head_dim]` and the output `[batch, seq, hidden]`.
+    /// `x: [batch, seq, hidden]`; `bias()` gives the additive mask `[batch, kv_heads, seq * rep,
+    /// seq]` or one broadcastable to it (0 where attention is allowed, -inf where not; `rep` query
+    /// heads per KV group, rows ordered (position, head)), built only when a path needs it. Returns
+    /// the context before o_proj `[batch, seq, heads * head_dim]` and the output
+    /// `[batch, seq, hidden]`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        bias: &Tensor<B, 4>,
+        bias: &dyn Fn() -> Tensor<B, 4>,
         c: Compute,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, s, _] = x.dims();
@@ -317,28 +318,38 @@ impl<B: Backend> Attention<B> {
             linear(x.clone(), &self.k_proj, c).reshape([b, s, kvh, d]),
             true,
         );
-        let v = linear(x, &self.v_proj, c)
-            .reshape([b, s, kvh, d])
-            .swap_dims(1, 2); // [b, kvh, s, d]
-        // Grouped-query attention: the `rep` query heads of a KV group are stacked with the
-        // positions, rows (position, head), so each group is one matmul against its K and V (no
-        // copies of K/V) and one transpose of [seq, group] blocks gets there.
-        let q = q
-            .reshape([b, s, kvh, rep * d])
-            .swap_dims(1, 2)
-            .reshape([b, kvh, s * rep, d]);
-        let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, s]
+        let v = linear(x, &self.v_proj, c).reshape([b, s, kvh, d]);
         // Scaled by multiplying, as transformers does (`head_dim ** -0.5`).
         let scale = (d as f64).powf(-0.5);
-        let scores = matmul(q, k_t, c);
-        let probs = match fast::attention_probs(scores, scale as f32, bias) {
-            Ok(probs) => probs,
-            Err(scores) => softmax(scores * scale + bias.clone(), 3),
+        let fused = match c {
+            // The fused CPU attention multiplies in f32; bf16 compute keeps the tensor ops.
+            Compute::F32 => fast::causal_attention(q, k, v, self.sliding_window, scale as f32),
+            Compute::Bf16 => Err((q, k, v)),
         };
-        let context = matmul(probs, v, c) // [b, kvh, s * rep, d]
-            .reshape([b, kvh, s, rep * d])
-            .swap_dims(1, 2)
-            .reshape([b, s, h * d]);
+        let context = match fused {
+            Ok(context) => context.reshape([b, s, h * d]),
+            Err((q, k, v)) => {
+                let v = v.swap_dims(1, 2); // [b, kvh, s, d]
+                // Grouped-query attention: the `rep` query heads of a KV group are stacked with
+                // the positions, rows (position, head), so each group is one matmul against its
+                // K and V (no copies of K/V) and one transpose of [seq, group] blocks gets there.
+                let q =
+                    q.reshape([b, s, kvh, rep * d])
+                        .swap_dims(1, 2)
+                        .reshape([b, kvh, s * rep, d]);
+                let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, s]
+                let scores = matmul(q, k_t, c);
+                let bias = bias();
+                let probs = match fast::attention_probs(scores, scale as f32, &bias) {
+                    Ok(probs) => probs,
+                    Err(scores) => softmax(scores * scale + bias, 3),
+                };
+                matmul(probs, v, c) // [b, kvh, s * rep, d]
+                    .reshape([b, kvh, s, rep * d])
+                    .swap_dims(1, 2)
+                    .reshape([b, s, h * d])
+            }
+        };
         let out = linear(context.clone(), &self.o_proj, c);
         (context, out)
     }
@@ -708,7 +719,13 @@ impl<B: Backend> Decoder<B> {
             }
             None => Rope::new(&self.inv_freq, b, s, 1, 1, &device),
         };
-        let bias = self.causal_bias(b, s, &device);
+        // Built on first use, once per forward: the fused CPU attention needs none.
+        let bias_cell = std::cell::OnceCell::new();
+        let bias = || {
+            bias_cell
+                .get_or_init(|| self.causal_bias(b, s, &device))
+                .clone()
+        };
         for (l, block) in self.layers.iter().enumerate() {
             if want.contains(HookPoint::BlockInput) {
                 hooks.activation(l, HookPoint::BlockInput, &x);

@@ -1,9 +1,9 @@
 //! The CPU decoder's fast path. When the backend is Flex itself (a forward without autodiff:
 //! evaluate, calibrate, the teacher in distill, validation) and matmuls run in f32, RMSNorm,
-//! SwiGLU, RoPE and the attention softmax run as the fused host loops of
-//! `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step. Every
-//! other backend, and autodiff, takes the tensor-op path, which is also the reference the tests
-//! hold these to.
+//! SwiGLU, RoPE, the attention softmax and (f32 compute) the whole causal attention run as the
+//! fused host loops of `distillery_kernels::fused` instead of chains of tensor ops with a
+//! temporary per step. Every other backend, and autodiff, takes the tensor-op path, which is also
+//! the reference the tests hold these to.
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -146,6 +146,42 @@ pub fn attention_probs<B: Backend>(
     let out = with_values(&x, |x| {
         with_values(&b, |b| {
             distillery_kernels::fused::softmax_scaled_biased(x, scale, b, shape[3])
+        })
+    });
+    Ok(tensor(out, shape))
+}
+
+/// Causal attention on `q [batch, seq, heads, head_dim]` (after RoPE) and `k`/`v` `[batch, seq,
+/// kv_heads, head_dim]` with `distillery_kernels::fused::causal_attention`: the context `[batch,
+/// seq, heads, head_dim]`; `Err` hands all three back.
+#[allow(clippy::type_complexity)]
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    if !f32_flex(&q) || !f32_flex(&k) || !f32_flex(&v) {
+        return Err((q, k, v));
+    }
+    let shape = q.dims();
+    let [batch, seq, heads, head_dim] = shape;
+    let kv_heads = k.dims()[2];
+    let attention = distillery_kernels::fused::AttentionShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        window,
+    };
+    let (q, k, v) = (primitive(q), primitive(k), primitive(v));
+    let out = with_values(&q, |q| {
+        with_values(&k, |k| {
+            with_values(&v, |v| {
+                distillery_kernels::fused::causal_attention(q, k, v, attention, scale)
+            })
         })
     });
     Ok(tensor(out, shape))
