@@ -8,6 +8,54 @@ use rayon::prelude::*;
 /// Rows handed to one rayon task: enough work to amortize the task, few enough to balance.
 const ROWS_PER_TASK: usize = 16;
 
+/// Partial sums per lane group: a fixed order (so results are deterministic) that the compiler
+/// vectorizes, where one running f64 sum waits on each add's latency.
+const LANES: usize = 8;
+
+/// `Σ f(x)` in f64 over `LANES` interleaved partial sums.
+#[inline(always)]
+fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// The largest of `x` (`-inf` when empty), over 16 lanes.
+#[inline(always)]
+fn max_f32(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v);
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// Softmax of one row in place: `e^(x - max)` normalized by its sum, accumulated in f64.
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) {
+    let max = max_f32(row);
+    for o in row.iter_mut() {
+        *o = exp_f32(*o - max);
+    }
+    let inv = (1.0 / sum_f64(row, |v| v)) as f32;
+    for o in row.iter_mut() {
+        *o *= inv;
+    }
+}
+
 /// RMSNorm over rows of `w.len()`: `(x * rsqrt(mean(x²) + eps)) * w`. The mean of squares is
 /// summed in f64 (one row of SmolLM2's residual stream can hold 1e4 beside values near 1, where an
 /// f32 running sum drops the small squares), then rounded to f32 as transformers keeps it.
@@ -19,7 +67,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .zip(x.par_chunks(d * ROWS_PER_TASK))
         .for_each(|(out, x)| {
             for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                let sq = sum_f64(x, |v| v * v);
                 let var = (sq / d as f64) as f32;
                 let r = 1.0 / (var + eps).sqrt();
                 for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
@@ -85,20 +133,10 @@ pub fn softmax_scaled_biased(x: &[f32], scale: f32, bias: &[f32], cols: usize) -
             {
                 let row = (task * ROWS_PER_TASK + i) % bias_rows;
                 let b = &bias[row * cols..(row + 1) * cols];
-                let mut max = f32::NEG_INFINITY;
                 for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
                     *o = x * scale + b;
-                    max = max.max(*o);
                 }
-                let mut sum = 0f64;
-                for o in o.iter_mut() {
-                    *o = exp_f32(*o - max);
-                    sum += *o as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                for o in o.iter_mut() {
-                    *o *= inv;
-                }
+                softmax_row(o);
             }
         });
     out
@@ -250,20 +288,10 @@ pub fn causal_attention(
                 let p = p0 + r;
                 let (lo, hi) = (first_visible(p) - c0, p + 1 - c0);
                 let visible = &mut row[lo..hi];
-                let mut max = f32::NEG_INFINITY;
                 for o in visible.iter_mut() {
                     *o *= scale;
-                    max = max.max(*o);
                 }
-                let mut sum = 0f64;
-                for o in visible.iter_mut() {
-                    *o = exp_f32(*o - max);
-                    sum += *o as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                for o in visible.iter_mut() {
-                    *o *= inv;
-                }
+                softmax_row(visible);
                 row[..lo].fill(0.0);
                 row[hi..].fill(0.0);
             }
