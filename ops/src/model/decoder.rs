@@ -143,12 +143,20 @@ impl Compute {
     }
 }
 
-/// `a @ b` in the compute dtype, the product in f32 (casts are no-ops in f32).
+/// `a @ b` in the compute dtype, the product in f32 (casts are no-ops in f32). On the CPU fast
+/// path an f32 product goes straight to the `gemm` crate ([`fast::matmul`]).
 fn matmul<B: Backend, const D: usize>(
     a: Tensor<B, D>,
     b: Tensor<B, D>,
     c: Compute,
 ) -> Tensor<B, D> {
+    let (a, b) = match c {
+        Compute::F32 => match fast::matmul(a, b) {
+            Ok(product) => return product,
+            Err(operands) => operands,
+        },
+        Compute::Bf16 => (a, b),
+    };
     a.cast(c.dtype())
         .matmul(b.cast(c.dtype()))
         .cast(FloatDType::F32)

@@ -186,3 +186,83 @@ pub fn causal_attention<B: Backend>(
     });
     Ok(tensor(out, shape))
 }
+
+/// Where `t` may be read as f32 matrices: `(storage, start, strides)`.
+fn f32_view(t: &FlexPrimitive) -> (&[f32], usize, &[isize]) {
+    let layout = t.layout();
+    (t.storage::<f32>(), layout.start_offset(), layout.strides())
+}
+
+/// Below this many multiply-adds a product runs on one thread (Flex's own threshold).
+const PARALLEL_MACS: usize = 192 * 192 * 192;
+
+/// `a [.., m, k] @ b [.., k, n]` in f32 by the `gemm` crate (the kernel Flex itself calls) into
+/// an output this path allocates: Flex's matmul output goes through a zeroed byte buffer that
+/// Burn then copies to realign, a second allocation and a pass over memory per product (400 MiB
+/// for batch-8 SmolLM2 logits). `Err` hands both back where it does not apply (another backend
+/// or dtype, broadcast batch dimensions).
+#[allow(clippy::type_complexity)]
+pub fn matmul<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    let (da, db) = (a.dims(), b.dims());
+    if !f32_flex(&a)
+        || !f32_flex(&b)
+        || D < 2
+        || da[..D - 2] != db[..D - 2]
+        || da[D - 1] != db[D - 2]
+    {
+        return Err((a, b));
+    }
+    let (pa, pb) = (primitive(a), primitive(b));
+    let ((sa, oa, ta), (sb, ob, tb)) = (f32_view(&pa), f32_view(&pb));
+    let (m, k, n) = (da[D - 2], da[D - 1], db[D - 1]);
+    let batch: usize = da[..D - 2].iter().product();
+    let mut out = vec![0f32; batch * m * n];
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let stride = |t: &[isize], d: usize| t[d];
+    for (i, dst) in out.chunks_mut((m * n).max(1)).enumerate().take(batch) {
+        // This batch index's element offset in each operand, from its strides.
+        let (mut rest, mut at_a, mut at_b) = (i, oa as isize, ob as isize);
+        for d in (0..D - 2).rev() {
+            let idx = (rest % da[d]) as isize;
+            rest /= da[d];
+            at_a += idx * stride(ta, d);
+            at_b += idx * stride(tb, d);
+        }
+        // SAFETY: Flex's layouts describe views inside their storage, so every element
+        // `at + i * rows + j * cols` of these m × k and k × n views lies in `sa` / `sb`; `dst` is
+        // this batch's m × n row-major block of `out`. With `read_dst` false gemm only writes dst.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                sa.as_ptr().offset(at_a),
+                stride(ta, D - 1),
+                stride(ta, D - 2),
+                sb.as_ptr().offset(at_b),
+                stride(tb, D - 1),
+                stride(tb, D - 2),
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    let mut shape = da;
+    shape[D - 1] = n;
+    Ok(tensor(out, shape))
+}
