@@ -266,3 +266,47 @@ pub fn matmul<B: Backend, const D: usize>(
     shape[D - 1] = n;
     Ok(tensor(out, shape))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn matmul_equals_flexs_own_on_transposed_permuted_and_batched_views() {
+        if !enabled() {
+            return;
+        }
+        let device = Default::default();
+        let a = Tensor::<Flex, 4>::random([2, 3, 5, 7], Distribution::Default, &device);
+        // A view with every stride changed: [2, 3, 7, 4] from a [3, 4, 2, 7] tensor.
+        let b = Tensor::<Flex, 4>::random([3, 4, 2, 7], Distribution::Default, &device)
+            .permute([2, 0, 3, 1]);
+        let want = a.clone().matmul(b.clone()).into_data();
+        let got = matmul(a, b).ok().unwrap().into_data();
+        assert_eq!(got.shape, want.shape);
+        // The same gemm call on the same views: the same bits.
+        assert_eq!(
+            got.as_slice::<f32>().unwrap(),
+            want.as_slice::<f32>().unwrap()
+        );
+        // Transposed 2-D weights, as the decoder holds them, past the threading threshold.
+        let x = Tensor::<Flex, 2>::random([200, 192], Distribution::Default, &device);
+        let w = Tensor::<Flex, 2>::random([300, 192], Distribution::Default, &device).transpose();
+        let want = x.clone().matmul(w.clone()).into_data();
+        let got = matmul(x, w).ok().unwrap().into_data();
+        assert_eq!(
+            got.as_slice::<f32>().unwrap(),
+            want.as_slice::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn matmul_hands_back_what_it_does_not_take() {
+        let device = Default::default();
+        let a = Tensor::<Flex, 3>::random([2, 3, 4], Distribution::Default, &device);
+        let b = Tensor::<Flex, 3>::random([1, 4, 5], Distribution::Default, &device);
+        // Broadcast batch dimensions stay with Flex.
+        assert!(matmul(a, b).is_err());
+    }
+}
