@@ -449,12 +449,32 @@ fn param2<B: Backend>(
     device: &B::Device,
 ) -> Result<Param<Tensor<B, 2>>, ModelError> {
     let (shape, data) = w.f32(name)?;
-    let t = Tensor::<B, 2>::from_data(TensorData::new(data, [shape[0], shape[1]]), device);
-    Ok(Param::from_tensor(if transpose {
-        t.transpose()
+    let (rows, cols) = (shape[0], shape[1]);
+    // Transposed on the host into a contiguous `[in, out]`, not kept as a strided view of the
+    // checkpoint's `[out, in]`: the CPU matmul then reads weights in place where a view made it
+    // repack every weight on every call.
+    let t = if transpose {
+        TensorData::new(transposed(&data, rows, cols), [cols, rows])
     } else {
-        t
-    }))
+        TensorData::new(data, [rows, cols])
+    };
+    Ok(Param::from_tensor(Tensor::<B, 2>::from_data(t, device)))
+}
+
+/// `x [rows, cols]` row-major → `[cols, rows]` row-major, in tiles that stay in cache.
+fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut out = vec![0f32; x.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = x[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 fn param1<B: Backend>(
