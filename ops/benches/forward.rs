@@ -19,64 +19,103 @@ fn main() {
     };
     let threads = support::threads();
     let seq = 256;
-    let reps = 3;
+    let reps = support::env_usize("REPS", 3);
     let batches = [1usize, 8];
     let m = load_model(&gguf).unwrap();
     let device = runtime::device();
     let decoder = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
-    // Both CPU paths side by side: the fused host loops and the plain tensor ops.
-    let mut ours = Vec::new();
-    runtime::with_threads(threads, || {
-        for &b in &batches {
-            let ids: Vec<u32> = (0..b * seq).map(|i| (i * 7919 % 49152) as u32).collect();
-            let mut rate = [0f64; 2];
-            for (i, fused) in [true, false].into_iter().enumerate() {
-                fast::set_enabled(fused);
-                let _ = decoder
-                    .forward(tokens_tensor::<B>(&ids, b, &device))
-                    .into_data();
-                let t = Instant::now();
-                for _ in 0..reps {
+    // Rounds of ours (both CPU paths) then PyTorch, the best of each kept: this machine is shared,
+    // and one run of either side can land in a slow minute.
+    let rounds = support::env_usize("ROUNDS", 3);
+    let mut best = vec![[0f64; 3]; batches.len()]; // fused, unfused, pytorch
+    let mut round_ratios = vec![Vec::new(); batches.len()];
+    for _ in 0..rounds {
+        runtime::with_threads(threads, || {
+            for (bi, &b) in batches.iter().enumerate() {
+                let ids: Vec<u32> = (0..b * seq).map(|i| (i * 7919 % 49152) as u32).collect();
+                for (i, fused) in [true, false].into_iter().enumerate() {
+                    fast::set_enabled(fused);
                     let _ = decoder
                         .forward(tokens_tensor::<B>(&ids, b, &device))
                         .into_data();
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        let _ = decoder
+                            .forward(tokens_tensor::<B>(&ids, b, &device))
+                            .into_data();
+                    }
+                    let rate = (b * seq * reps) as f64 / t.elapsed().as_secs_f64();
+                    best[bi][i] = best[bi][i].max(rate);
+                    if fused {
+                        round_ratios[bi].push(rate);
+                    }
                 }
-                rate[i] = (b * seq * reps) as f64 / t.elapsed().as_secs_f64();
+                fast::set_enabled(true);
             }
-            fast::set_enabled(true);
-            ours.push(rate);
+        });
+        let torch = support::torch(
+            "torch_forward.py",
+            &[
+                gguf.to_string_lossy().into_owned(),
+                threads.to_string(),
+                seq.to_string(),
+                "1,8".into(),
+                reps.to_string(),
+            ],
+        );
+        for (bi, &b) in batches.iter().enumerate() {
+            match torch.as_ref().and_then(|v| v[b.to_string()].as_f64()) {
+                Some(t) => {
+                    best[bi][2] = best[bi][2].max(t);
+                    let fused = round_ratios[bi].pop().unwrap_or(0.0);
+                    round_ratios[bi].push(fused / t);
+                }
+                None => round_ratios[bi].clear(),
+            }
         }
-    });
-    let torch = support::torch(
-        "torch_forward.py",
-        &[
-            gguf.to_string_lossy().into_owned(),
-            threads.to_string(),
-            seq.to_string(),
-            "1,8".into(),
-            reps.to_string(),
-        ],
-    );
+    }
     println!(
-        "SmolLM2-135M forward, seq {seq}, {threads} threads, {}",
+        "SmolLM2-135M forward, seq {seq}, {threads} threads, {}, best of {rounds} rounds",
         runtime::BACKEND_NAME
     );
     println!(
-        "{:<8} {:>12} {:>12} {:>12} {:>14} {:>14}",
-        "batch", "fused t/s", "unfused t/s", "pytorch t/s", "fused/unfused", "fused/pytorch"
+        "{:<8} {:>12} {:>12} {:>12} {:>14} {:>14} {:>18}",
+        "batch",
+        "fused t/s",
+        "unfused t/s",
+        "pytorch t/s",
+        "fused/unfused",
+        "fused/pytorch",
+        "per round min-max"
     );
-    for (i, &b) in batches.iter().enumerate() {
-        let t = torch.as_ref().and_then(|v| v[b.to_string()].as_f64());
-        let [fused, unfused] = ours[i];
+    for (bi, &b) in batches.iter().enumerate() {
+        let [fused, unfused, torch] = best[bi];
+        let has_torch = torch > 0.0;
+        let per_round = &round_ratios[bi];
+        let (lo, hi) = per_round
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
         println!(
-            "{:<8} {:>12.0} {:>12.0} {:>12} {:>14.2} {:>14}",
+            "{:<8} {:>12.0} {:>12.0} {:>12} {:>14.2} {:>14} {:>18}",
             b,
             fused,
             unfused,
-            t.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into()),
+            if has_torch {
+                format!("{torch:.0}")
+            } else {
+                "-".into()
+            },
             fused / unfused,
-            t.map(|x| format!("{:.2}", fused / x))
-                .unwrap_or_else(|| "-".into())
+            if has_torch {
+                format!("{:.2}", fused / torch)
+            } else {
+                "-".into()
+            },
+            if per_round.is_empty() {
+                "-".into()
+            } else {
+                format!("{lo:.2}-{hi:.2}")
+            }
         );
     }
 }
