@@ -67,15 +67,48 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .zip(x.par_chunks(d * ROWS_PER_TASK))
         .for_each(|(out, x)| {
             for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let sq = sum_f64(x, |v| v * v);
-                let var = (sq / d as f64) as f32;
-                let r = 1.0 / (var + eps).sqrt();
-                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                    *o = (x * r) * w;
-                }
+                normalize_row(x, w, eps, o);
             }
         });
     out
+}
+
+/// One row of [`rms_norm`]: `out = (x * rsqrt(mean(x²) + eps)) * w`.
+#[inline(always)]
+fn normalize_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sq = sum_f64(x, |v| v * v);
+    let var = (sq / w.len() as f64) as f32;
+    let r = 1.0 / (var + eps).sqrt();
+    for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
+        *o = (x * r) * w;
+    }
+}
+
+/// The residual add and the RMSNorm after it in one pass: `h = x + delta` (rounded as the
+/// tensor add) and [`rms_norm`]`(h)`. `x`, `delta` `[rows, d]`, `w [d]` → `(h, normed)`.
+pub fn add_rms_norm(x: &[f32], delta: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), delta.len(), "residual and update lengths");
+    let d = w.len();
+    let (mut h, mut out) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+    h.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(out.par_chunks_mut(d * ROWS_PER_TASK))
+        .zip(
+            x.par_chunks(d * ROWS_PER_TASK)
+                .zip(delta.par_chunks(d * ROWS_PER_TASK)),
+        )
+        .for_each(|((h, out), (x, delta))| {
+            for ((h, o), (x, delta)) in h
+                .chunks_exact_mut(d)
+                .zip(out.chunks_exact_mut(d))
+                .zip(x.chunks_exact(d).zip(delta.chunks_exact(d)))
+            {
+                for ((h, &x), &dx) in h.iter_mut().zip(x).zip(delta) {
+                    *h = x + dx;
+                }
+                normalize_row(h, w, eps, o);
+            }
+        });
+    (h, out)
 }
 
 /// `e^x` in f32 within 2 ulp of libm where `e^x` is a normal f32, branch-free so that the
@@ -497,5 +530,21 @@ mod tests {
                 assert!((g - w).abs() < 2e-5, "window {window:?} at {i}: {g} vs {w}");
             }
         }
+    }
+
+    #[test]
+    fn add_rms_norm_is_the_add_then_rms_norm() {
+        let (rows, d) = (37, 24);
+        let x: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 37) % 101) as f32 / 7.0 - 6.0)
+            .collect();
+        let delta: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 13) % 53) as f32 / 3.0 - 8.0)
+            .collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 / 10.0).collect();
+        let (h, normed) = add_rms_norm(&x, &delta, &w, 1e-5);
+        let want_h: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        assert_eq!(h, want_h);
+        assert_eq!(normed, rms_norm(&want_h, &w, 1e-5));
     }
 }

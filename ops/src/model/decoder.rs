@@ -95,6 +95,22 @@ impl<B: Backend> RmsNorm<B> {
         let x = x * (var + self.eps).sqrt().recip();
         x * self.weight.val().unsqueeze_dims::<3>(&[0, 1])
     }
+
+    /// The residual add before a norm: `(h, norm(h))` with `h = x + delta`, in one pass on the
+    /// CPU fast path.
+    pub fn forward_residual(
+        &self,
+        x: Tensor<B, 3>,
+        delta: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        match fast::add_rms_norm(x, delta, &self.weight.val(), self.eps) {
+            Ok(pair) => pair,
+            Err((x, delta)) => {
+                let h = x + delta;
+                (h.clone(), self.forward(h))
+            }
+        }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -754,11 +770,25 @@ impl<B: Backend> Decoder<B> {
                 .get_or_init(|| self.causal_bias(b, s, &device))
                 .clone()
         };
+        // Each block's MLP output is added to the residual stream by the next norm (the next
+        // block's input norm, or the final one), fused with it on the CPU fast path.
+        let mut mlp_out: Option<Tensor<B, 3>> = None;
+        let last = self.layers.len().checked_sub(1);
         for (l, block) in self.layers.iter().enumerate() {
+            let normed;
+            (x, normed) = match mlp_out.take() {
+                Some(mlp) => block.input_layernorm.forward_residual(x, mlp),
+                None => {
+                    let normed = block.input_layernorm.forward(x.clone());
+                    (x, normed)
+                }
+            };
+            if l > 0 && want.contains(HookPoint::BlockOutput) {
+                hooks.activation(l - 1, HookPoint::BlockOutput, &x);
+            }
             if want.contains(HookPoint::BlockInput) {
                 hooks.activation(l, HookPoint::BlockInput, &x);
             }
-            let normed = block.input_layernorm.forward(x.clone());
             if want.contains(HookPoint::AttnNorm) {
                 hooks.activation(l, HookPoint::AttnNorm, &normed);
             }
@@ -767,8 +797,7 @@ impl<B: Backend> Decoder<B> {
                 hooks.activation(l, HookPoint::AttnContext, &context);
             }
             drop(context);
-            let h = x + attn;
-            let normed = block.post_attention_layernorm.forward(h.clone());
+            let (h, normed) = block.post_attention_layernorm.forward_residual(x, attn);
             if want.contains(HookPoint::MlpNorm) {
                 hooks.activation(l, HookPoint::MlpNorm, &normed);
             }
@@ -777,12 +806,19 @@ impl<B: Backend> Decoder<B> {
                 hooks.activation(l, HookPoint::MlpIntermediate, &inter);
             }
             drop(inter);
-            x = h + mlp;
-            if want.contains(HookPoint::BlockOutput) {
-                hooks.activation(l, HookPoint::BlockOutput, &x);
-            }
+            x = h;
+            mlp_out = Some(mlp);
         }
-        self.norm.forward(x)
+        match (mlp_out, last) {
+            (Some(mlp), Some(last)) => {
+                let (x, normed) = self.norm.forward_residual(x, mlp);
+                if want.contains(HookPoint::BlockOutput) {
+                    hooks.activation(last, HookPoint::BlockOutput, &x);
+                }
+                normed
+            }
+            _ => self.norm.forward(x),
+        }
     }
 
     /// Projects hidden states to logits: `[batch, seq, hidden] -> [batch, seq, vocab]`.

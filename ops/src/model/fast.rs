@@ -96,6 +96,30 @@ pub fn rms_norm<B: Backend>(
     Ok(tensor(out, shape))
 }
 
+/// `h = x + delta` and RMSNorm(`h`) by `w` in one pass, both `[batch, seq, d]`; `Err` hands `x`
+/// and `delta` back.
+#[allow(clippy::type_complexity)]
+pub fn add_rms_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Result<(Tensor<B, 3>, Tensor<B, 3>), (Tensor<B, 3>, Tensor<B, 3>)> {
+    if !f32_flex(&x) || !f32_flex(&delta) || !f32_flex(w) || x.dims() != delta.dims() {
+        return Err((x, delta));
+    }
+    let shape = x.dims();
+    let (x, delta, w) = (primitive(x), primitive(delta), primitive(w.clone()));
+    let (h, out) = with_values(&x, |x| {
+        with_values(&delta, |delta| {
+            with_values(&w, |w| {
+                distillery_kernels::fused::add_rms_norm(x, delta, w, eps as f32)
+            })
+        })
+    });
+    Ok((tensor(h, shape), tensor(out, shape)))
+}
+
 /// `silu(gate) * up`, both `[batch, seq, ffn]`; `Err` hands both back.
 #[allow(clippy::type_complexity)]
 pub fn swiglu<B: Backend>(
