@@ -242,9 +242,9 @@ impl SharedOut {
     }
 }
 
-/// Causal grouped-query attention, `softmax(q kᵀ · scale + mask) v`, computed only where the mask
-/// lets a query see a key: per (batch, head, block of positions) one matmul against the visible
-/// keys, the masked softmax of [`softmax_scaled_biased`] on those columns, one matmul by the
+/// Causal grouped-query attention, `softmax(q kᵀ · scale + mask) v`, computed only where the
+/// mask lets a query see a key: per (batch, head, block of positions) one matmul against the visible
+/// keys, the row softmax of [`softmax_scaled_biased`] on those columns, one matmul by the
 /// visible values, written straight into the context's layout. The tensor-op path makes the whole
 /// `seq × seq` scores (half of it masked), a mask, and transposed copies of q and the context.
 /// Masked keys contribute exact zeros there, so the two agree to rounding of the matmuls.
@@ -291,8 +291,8 @@ pub fn causal_attention(
             let q_at = ((b * seq + p0) * heads + h) * d;
             let kv_at = ((b * seq + c0) * kv_heads + g) * d;
             let kv_row = (kv_heads * d) as isize;
-            // SAFETY: the operand views stay inside q, k and v (positions p0..p1 and c0..c1 of batch b,
-            // head h or group g); `scores` holds rows × cols.
+            // SAFETY: the operand views stay inside q, k and v (positions p0..p1 and c0..c1 of
+            // batch b, head h or group g); `scores` holds rows × cols.
             unsafe {
                 gemm::gemm(
                     rows,
@@ -328,8 +328,8 @@ pub fn causal_attention(
                 row[..lo].fill(0.0);
                 row[hi..].fill(0.0);
             }
-            // SAFETY: this task alone writes rows p0..p1 of head h in batch b; the views stay inside
-            // v and `out` as above.
+            // SAFETY: this task alone writes rows p0..p1 of head h in batch b; the views stay
+            // inside v and `out` as above.
             unsafe {
                 gemm::gemm(
                     rows,

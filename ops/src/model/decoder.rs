@@ -1,7 +1,7 @@
 //! The Llama/Mistral decoder on Burn, generic over the backend:
 //! `h = x + attn(norm(x)); h + mlp(norm(h))`, with RoPE, grouped-query attention, SwiGLU and an
-//! explicit head_dim. Linear weights are held transposed (`[in, out]`) so a projection is one matmul;
-//! loading and saving translate from and to Hugging Face's `[out, in]`.
+//! explicit head_dim. Linear weights are held transposed (contiguous `[in, out]`) so a projection
+//! is one matmul; loading and saving translate from and to Hugging Face's `[out, in]`.
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
@@ -467,8 +467,8 @@ fn param2<B: Backend>(
     let (shape, data) = w.f32(name)?;
     let (rows, cols) = (shape[0], shape[1]);
     // Transposed on the host into a contiguous `[in, out]`, not kept as a strided view of the
-    // checkpoint's `[out, in]`: the CPU matmul then reads weights in place where a view made it
-    // repack every weight on every call.
+    // checkpoint's `[out, in]`: the CPU gemm packs weights by reading along their rows instead of
+    // gathering across them (SmolLM2 forward, batch 1: about 640 → 700 tokens/s).
     let t = if transpose {
         TensorData::new(transposed(&data, rows, cols), [cols, rows])
     } else {
@@ -773,7 +773,6 @@ impl<B: Backend> Decoder<B> {
         // Each block's MLP output is added to the residual stream by the next norm (the next
         // block's input norm, or the final one), fused with it on the CPU fast path.
         let mut mlp_out: Option<Tensor<B, 3>> = None;
-        let last = self.layers.len().checked_sub(1);
         for (l, block) in self.layers.iter().enumerate() {
             let normed;
             (x, normed) = match mlp_out.take() {
@@ -809,15 +808,15 @@ impl<B: Backend> Decoder<B> {
             x = h;
             mlp_out = Some(mlp);
         }
-        match (mlp_out, last) {
-            (Some(mlp), Some(last)) => {
+        match mlp_out {
+            Some(mlp) => {
                 let (x, normed) = self.norm.forward_residual(x, mlp);
                 if want.contains(HookPoint::BlockOutput) {
-                    hooks.activation(last, HookPoint::BlockOutput, &x);
+                    hooks.activation(self.layers.len() - 1, HookPoint::BlockOutput, &x);
                 }
                 normed
             }
-            _ => self.norm.forward(x),
+            None => self.norm.forward(x),
         }
     }
 
