@@ -294,26 +294,11 @@ pub fn causal_attention(
             // SAFETY: the operand views stay inside q, k and v (positions p0..p1 and c0..c1 of
             // batch b, head h or group g); `scores` holds rows × cols.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    cols,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    false,
-                    q.as_ptr().add(q_at),
-                    1,
-                    (heads * d) as isize,
-                    k.as_ptr().add(kv_at),
-                    kv_row,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                gemm_f32(
+                    [rows, cols, d],
+                    (scores.as_mut_ptr(), cols as isize),
+                    (q.as_ptr().add(q_at), (heads * d) as isize, 1),
+                    (k.as_ptr().add(kv_at), 1, kv_row),
                 );
             }
             for (r, row) in scores.chunks_exact_mut(cols).enumerate() {
@@ -331,30 +316,54 @@ pub fn causal_attention(
             // SAFETY: this task alone writes rows p0..p1 of head h in batch b; the views stay
             // inside v and `out` as above.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    cols,
-                    shared.at(q_at),
-                    1,
-                    (heads * d) as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    cols as isize,
-                    v.as_ptr().add(kv_at),
-                    1,
-                    kv_row,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                gemm_f32(
+                    [rows, d, cols],
+                    (shared.at(q_at), (heads * d) as isize),
+                    (scores.as_ptr(), cols as isize, 1),
+                    (v.as_ptr().add(kv_at), kv_row, 1),
                 );
             }
         });
     out
+}
+
+/// `dst [m, n] = a [m, k] · b [k, n]` on this thread by the `gemm` crate, for raw f32 views given
+/// as `(pointer, row stride)` for `dst` (columns contiguous) and `(pointer, row stride, column
+/// stride)` for `a` and `b`. `dst` is written, never read.
+///
+/// # Safety
+/// Every element of the three views must lie inside live allocations, and `dst` must not overlap
+/// `a` or `b` or be written by anyone else meanwhile.
+unsafe fn gemm_f32(
+    [m, n, k]: [usize; 3],
+    (dst, dst_rs): (*mut f32, isize),
+    (a, a_rs, a_cs): (*const f32, isize, isize),
+    (b, b_rs, b_cs): (*const f32, isize, isize),
+) {
+    // SAFETY: forwarded from the caller; `read_dst` false with alpha 0 never reads `dst`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            false,
+            a,
+            a_cs,
+            a_rs,
+            b,
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 #[cfg(test)]
