@@ -1,9 +1,9 @@
 //! The CPU decoder's fast path. When the backend is Flex itself (a forward without autodiff:
-//! evaluate, calibrate, the teacher in distill, validation) and matmuls run in f32, RMSNorm,
-//! SwiGLU, RoPE, the attention softmax and (f32 compute) the whole causal attention run as the
-//! fused host loops of `distillery_kernels::fused` instead of chains of tensor ops with a
-//! temporary per step. Every other backend, and autodiff, takes the tensor-op path, which is also
-//! the reference the tests hold these to.
+//! evaluate, calibrate, the teacher in distill, validation) and matmuls run in f32, RMSNorm (with
+//! the residual add before it), SwiGLU, RoPE and the whole causal attention run as the fused host
+//! loops of `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step,
+//! and matmuls call the `gemm` crate into outputs of their own. Every other backend, and autodiff,
+//! takes the tensor-op path, which is also the reference the tests hold these to.
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicU8, Ordering};
