@@ -299,6 +299,7 @@ pub fn causal_attention(
                     (scores.as_mut_ptr(), cols as isize),
                     (q.as_ptr().add(q_at), (heads * d) as isize, 1),
                     (k.as_ptr().add(kv_at), 1, kv_row),
+                    false,
                 );
             }
             for (r, row) in scores.chunks_exact_mut(cols).enumerate() {
@@ -321,25 +322,36 @@ pub fn causal_attention(
                     (shared.at(q_at), (heads * d) as isize),
                     (scores.as_ptr(), cols as isize, 1),
                     (v.as_ptr().add(kv_at), kv_row, 1),
+                    false,
                 );
             }
         });
     out
 }
 
-/// `dst [m, n] = a [m, k] · b [k, n]` on this thread by the `gemm` crate, for raw f32 views given
-/// as `(pointer, row stride)` for `dst` (columns contiguous) and `(pointer, row stride, column
-/// stride)` for `a` and `b`. `dst` is written, never read.
+/// Below this many multiply-adds a product runs on one thread (Flex's own threshold).
+const PARALLEL_MACS: usize = 192 * 192 * 192;
+
+/// `dst [m, n] = a [m, k] · b [k, n]` by the `gemm` crate (the kernel under Flex's matmul), for
+/// raw f32 views given as `(pointer, row stride)` for `dst` (columns contiguous) and `(pointer,
+/// row stride, column stride)` for `a` and `b`. `dst` is written, never read. With `parallel`,
+/// products past Flex's threshold split over the rayon pool; otherwise it runs on this thread.
 ///
 /// # Safety
 /// Every element of the three views must lie inside live allocations, and `dst` must not overlap
 /// `a` or `b` or be written by anyone else meanwhile.
-unsafe fn gemm_f32(
+pub unsafe fn gemm_f32(
     [m, n, k]: [usize; 3],
     (dst, dst_rs): (*mut f32, isize),
     (a, a_rs, a_cs): (*const f32, isize, isize),
     (b, b_rs, b_cs): (*const f32, isize, isize),
+    parallel: bool,
 ) {
+    let parallelism = if parallel && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: forwarded from the caller; `read_dst` false with alpha 0 never reads `dst`.
     unsafe {
         gemm::gemm(
@@ -361,7 +373,7 @@ unsafe fn gemm_f32(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }

@@ -217,13 +217,10 @@ fn f32_view(t: &FlexPrimitive) -> (&[f32], usize, &[isize]) {
     (t.storage::<f32>(), layout.start_offset(), layout.strides())
 }
 
-/// Below this many multiply-adds a product runs on one thread (Flex's own threshold).
-const PARALLEL_MACS: usize = 192 * 192 * 192;
-
-/// `a [.., m, k] @ b [.., k, n]` in f32 by the `gemm` crate (the kernel Flex itself calls) into
-/// an output this path allocates: Flex's matmul output goes through a zeroed byte buffer that
-/// Burn then copies to realign, a second allocation and a pass over memory per product (400 MiB
-/// for batch-8 SmolLM2 logits). `Err` hands both back where it does not apply (another backend
+/// `a [.., m, k] @ b [.., k, n]` in f32 by [`distillery_kernels::fused::gemm_f32`] (the `gemm`
+/// crate, the kernel Flex itself calls) into an output this path allocates: Flex's matmul output
+/// goes through a zeroed byte buffer that Burn then copies to realign, a second allocation and a
+/// pass over memory per product (400 MiB for batch-8 SmolLM2 logits). `Err` hands both back where it does not apply (another backend
 /// or dtype, broadcast batch dimensions).
 #[allow(clippy::type_complexity)]
 pub fn matmul<B: Backend, const D: usize>(
@@ -244,45 +241,25 @@ pub fn matmul<B: Backend, const D: usize>(
     let (m, k, n) = (da[D - 2], da[D - 1], db[D - 1]);
     let batch: usize = da[..D - 2].iter().product();
     let mut out = vec![0f32; batch * m * n];
-    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    let stride = |t: &[isize], d: usize| t[d];
     for (i, dst) in out.chunks_mut((m * n).max(1)).enumerate().take(batch) {
         // This batch index's element offset in each operand, from its strides.
         let (mut rest, mut at_a, mut at_b) = (i, oa as isize, ob as isize);
         for d in (0..D - 2).rev() {
             let idx = (rest % da[d]) as isize;
             rest /= da[d];
-            at_a += idx * stride(ta, d);
-            at_b += idx * stride(tb, d);
+            at_a += idx * ta[d];
+            at_b += idx * tb[d];
         }
         // SAFETY: Flex's layouts describe views inside their storage, so every element
         // `at + i * rows + j * cols` of these m × k and k × n views lies in `sa` / `sb`; `dst` is
-        // this batch's m × n row-major block of `out`. With `read_dst` false gemm only writes dst.
+        // this batch's m × n row-major block of `out`.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                sa.as_ptr().offset(at_a),
-                stride(ta, D - 1),
-                stride(ta, D - 2),
-                sb.as_ptr().offset(at_b),
-                stride(tb, D - 1),
-                stride(tb, D - 2),
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
+            distillery_kernels::fused::gemm_f32(
+                [m, n, k],
+                (dst.as_mut_ptr(), n as isize),
+                (sa.as_ptr().offset(at_a), ta[D - 2], ta[D - 1]),
+                (sb.as_ptr().offset(at_b), tb[D - 2], tb[D - 1]),
+                true,
             );
         }
     }
