@@ -20,7 +20,17 @@ fn main() {
     let threads = support::threads();
     let seq = 256;
     let reps = support::env_usize("REPS", 3);
-    let batches = [1usize, 8];
+    let batches: Vec<usize> = std::env::var("BATCHES")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .map(|b| {
+            b.trim()
+                .parse()
+                .expect("BATCHES is a comma-separated list of batch sizes")
+        })
+        .collect();
+    // UNFUSED=0 skips Flex's own path (the middle column), e.g. under a profiler.
+    let with_unfused = support::env_usize("UNFUSED", 1) != 0;
     let m = load_model(&gguf).unwrap();
     let device = runtime::device();
     let decoder = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
@@ -34,6 +44,9 @@ fn main() {
             for (bi, &b) in batches.iter().enumerate() {
                 let ids: Vec<u32> = (0..b * seq).map(|i| (i * 7919 % 49152) as u32).collect();
                 for (i, fused) in [true, false].into_iter().enumerate() {
+                    if !fused && !with_unfused {
+                        continue;
+                    }
                     fast::set_enabled(fused);
                     let _ = decoder
                         .forward(tokens_tensor::<B>(&ids, b, &device))
@@ -59,7 +72,11 @@ fn main() {
                 gguf.to_string_lossy().into_owned(),
                 threads.to_string(),
                 seq.to_string(),
-                "1,8".into(),
+                batches
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 reps.to_string(),
             ],
         );
@@ -96,16 +113,24 @@ fn main() {
             .iter()
             .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
         println!(
-            "{:<8} {:>12.0} {:>12.0} {:>12} {:>14.2} {:>14} {:>18}",
+            "{:<8} {:>12.0} {:>12} {:>12} {:>14} {:>14} {:>18}",
             b,
             fused,
-            unfused,
+            if with_unfused {
+                format!("{unfused:.0}")
+            } else {
+                "-".into()
+            },
             if has_torch {
                 format!("{torch:.0}")
             } else {
                 "-".into()
             },
-            fused / unfused,
+            if with_unfused {
+                format!("{:.2}", fused / unfused)
+            } else {
+                "-".into()
+            },
             if has_torch {
                 format!("{:.2}", fused / torch)
             } else {

@@ -71,8 +71,8 @@ impl Op for Calibrate {
         OpSignature {
             name: "calibrate",
             // 3: the fused CPU forward (rounds differently from the tensor ops). 4: the fused CPU
-            // attention.
-            version: 4,
+            // attention. 5: its key product reads transposed keys.
+            version: 5,
             doc: "accumulate activation statistics for importance estimation (forward only)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to calibrate"),

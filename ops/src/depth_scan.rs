@@ -49,8 +49,9 @@ impl Op for DepthScan {
         use ParamValue::Int as I;
         OpSignature {
             name: "depth_scan",
-            // 2: the fused CPU forward. 3: the fused CPU attention.
-            version: 3,
+            // 2: the fused CPU forward. 3: the fused CPU attention. 4: its key product reads
+            // transposed keys.
+            version: 4,
             doc: "validation loss with each layer, and each contiguous block of layers, removed",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to scan"),

@@ -251,8 +251,8 @@ impl Op for Distill {
         OpSignature {
             name: "distill",
             // 3: writes tokenizer_config.json. 4: the fused CPU forward for the teacher. 5: the fused
-            // CPU attention.
-            version: 5,
+            // CPU attention. 6: its key product reads transposed keys.
+            version: 6,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(

@@ -105,8 +105,9 @@ impl Op for Search {
         use ParamValue::{Float, Int as I};
         OpSignature {
             name: "search",
-            // 3: the fused CPU forward. 4: the fused CPU attention.
-            version: 4,
+            // 3: the fused CPU forward. 4: the fused CPU attention. 5: its key product reads
+            // transposed keys.
+            version: 5,
             doc: "rank candidate shapes under a parameter budget by validation loss right after pruning",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to prune"),

@@ -926,8 +926,8 @@ impl crate::op::Op for Train {
         crate::op::OpSignature {
             name: "train",
             // 3: writes tokenizer_config.json. 4: the fused CPU forward for validation. 5: the fused
-            // CPU attention.
-            version: 5,
+            // CPU attention. 6: its key product reads transposed keys.
+            version: 6,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

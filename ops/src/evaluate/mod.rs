@@ -121,8 +121,9 @@ impl Op for Evaluate {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "evaluate",
-            // 3: the fused CPU forward. 4: the fused CPU attention.
-            version: 4,
+            // 3: the fused CPU forward. 4: the fused CPU attention. 5: its key product reads
+            // transposed keys (other rounding where a row block has a single row).
+            version: 5,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),

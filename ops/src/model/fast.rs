@@ -240,8 +240,12 @@ pub fn matmul<B: Backend, const D: usize>(
     let ((sa, oa, ta), (sb, ob, tb)) = (f32_view(&pa), f32_view(&pb));
     let (m, k, n) = (da[D - 2], da[D - 1], db[D - 1]);
     let batch: usize = da[..D - 2].iter().product();
-    let mut out = vec![0f32; batch * m * n];
-    for (i, dst) in out.chunks_mut((m * n).max(1)).enumerate().take(batch) {
+    let len = batch * m * n;
+    // Not zeroed first, since gemm writes every element: zeroing was a memset of every product's
+    // output.
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let base = out.as_mut_ptr();
+    for i in (0..batch).filter(|_| m * n > 0) {
         // This batch index's element offset in each operand, from its strides.
         let (mut rest, mut at_a, mut at_b) = (i, oa as isize, ob as isize);
         for d in (0..D - 2).rev() {
@@ -251,18 +255,21 @@ pub fn matmul<B: Backend, const D: usize>(
             at_b += idx * tb[d];
         }
         // SAFETY: Flex's layouts describe views inside their storage, so every element
-        // `at + i * rows + j * cols` of these m × k and k × n views lies in `sa` / `sb`; `dst` is
-        // this batch's m × n row-major block of `out`.
+        // `at + i * rows + j * cols` of these m × k and k × n views lies in `sa` / `sb`; the
+        // destination is this batch's m × n row-major block of `out`'s capacity, which gemm
+        // writes without reading.
         unsafe {
             distillery_kernels::fused::gemm_f32(
                 [m, n, k],
-                (dst.as_mut_ptr(), n as isize),
+                (base.add(i * m * n), n as isize),
                 (sa.as_ptr().offset(at_a), ta[D - 2], ta[D - 1]),
                 (sb.as_ptr().offset(at_b), tb[D - 2], tb[D - 1]),
                 true,
             );
         }
     }
+    // SAFETY: the loop above wrote all `len` elements (none when m · n = 0).
+    unsafe { out.set_len(len) };
     let mut shape = da;
     shape[D - 1] = n;
     Ok(tensor(out, shape))
@@ -300,6 +307,19 @@ mod tests {
             got.as_slice::<f32>().unwrap(),
             want.as_slice::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn matmul_over_an_empty_inner_dimension_is_zeros() {
+        if !enabled() {
+            return;
+        }
+        // The output is never zeroed up front: gemm must write it even with nothing to sum.
+        let device = Default::default();
+        let a = Tensor::<Flex, 2>::zeros([3, 0], &device);
+        let b = Tensor::<Flex, 2>::zeros([0, 4], &device);
+        let got = matmul(a, b).ok().unwrap().into_data();
+        assert_eq!(got.as_slice::<f32>().unwrap(), &[0f32; 12]);
     }
 
     #[test]
