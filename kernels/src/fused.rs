@@ -177,7 +177,8 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let c = x.clamp(LO, HI);
-    let n = (c * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = c * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
     // Taylor coefficients of e^r to r^7 (|r| <= 0.347: the remainder is below f32's ulp).
     let p = 1.0 / 5040.0;
@@ -189,9 +190,11 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.0;
     let p = p * r + 1.0;
     // 2^n through the exponent bits, in two halves: n is within [-126, 128] after the clamp, and
-    // 2^128 or 2^-126 alone would overflow or leave the normal range.
-    let n = n as i32;
-    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    // 2^128 or 2^-126 alone would overflow or leave the normal range. n as an integer comes from
+    // `shifted`'s low mantissa bits (its ulp is 1), not `n as i32`: that saturating conversion
+    // stays scalar, one instruction per element, in an otherwise vectorized loop.
+    let n = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let pow2 = |k: i32| f32::from_bits((k.wrapping_add(127) as u32) << 23);
     let e = p * pow2(n >> 1) * pow2(n - (n >> 1));
     if x < LO {
         0.0
@@ -374,30 +377,45 @@ pub fn causal_attention(
     let mut out = vec![0f32; q.len()];
     let shared = SharedOut(out.as_mut_ptr());
     let blocks = seq.div_ceil(ROW_BLOCK);
-    (0..batch * heads * blocks)
+    // One task per (batch, KV head, block of positions), its `rep` query heads stacked as the
+    // rows of one product against the group's keys: three times the rows per gemm call for
+    // SmolLM2 (heads 9, KV heads 3), where the crate's per-call cost weighed on 32-row blocks.
+    (0..batch * kv_heads * blocks)
         .into_par_iter()
-        .for_each_init(Vec::new, |scores, task| {
-            let (b, h, blk) = (
-                task / (heads * blocks),
-                task / blocks % heads,
+        .for_each_init(AttentionScratch::default, |scratch, task| {
+            let (b, g, blk) = (
+                task / (kv_heads * blocks),
+                task / blocks % kv_heads,
                 task % blocks,
             );
-            let g = h / rep;
             let (p0, p1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(seq));
             let (c0, c1) = (first_visible(p0), p1);
             let (rows, cols) = (p1 - p0, c1 - c0);
-            scores.resize(rows * cols, 0f32);
-            let q_at = ((b * seq + p0) * heads + h) * d;
+            let AttentionScratch {
+                q_rows,
+                scores,
+                context,
+            } = scratch;
+            // Rows (head r of the group, position p0 + i) at r · rows + i.
+            let q_row = |r: usize, i: usize| ((b * seq + p0 + i) * heads + g * rep + r) * d;
+            q_rows.clear();
+            for r in 0..rep {
+                for i in 0..rows {
+                    q_rows.extend_from_slice(&q[q_row(r, i)..][..d]);
+                }
+            }
+            scores.resize(rep * rows * cols, 0f32);
+            context.resize(rep * rows * d, 0f32);
             let kv_at = ((b * seq + c0) * kv_heads + g) * d;
             let kv_row = (kv_heads * d) as isize;
             let k_t_at = (b * kv_heads + g) * d * seq + c0;
-            // SAFETY: the operand views stay inside q, k_t and v (positions p0..p1 and c0..c1 of
-            // batch b, head h or group g); `scores` holds rows × cols.
+            // SAFETY: `q_rows` is (rep · rows) × d, `scores` (rep · rows) × cols; the keys'
+            // view stays inside k_t (positions c0..c1 of batch b, group g).
             unsafe {
                 gemm_f32(
-                    [rows, cols, d],
+                    [rep * rows, cols, d],
                     (scores.as_mut_ptr(), cols as isize),
-                    (q.as_ptr().add(q_at), (heads * d) as isize, 1),
+                    (q_rows.as_ptr(), d as isize, 1),
                     (k_t.as_ptr().add(k_t_at), seq as isize, 1),
                     false,
                 );
@@ -405,9 +423,9 @@ pub fn causal_attention(
             wide(
                 #[inline(always)]
                 || {
-                    for (r, row) in scores.chunks_exact_mut(cols).enumerate() {
-                        // Columns c0 + lo .. c0 + hi are visible from position p0 + r.
-                        let p = p0 + r;
+                    for (row_index, row) in scores.chunks_exact_mut(cols).enumerate() {
+                        // Columns c0 + lo .. c0 + hi are visible from position p.
+                        let p = p0 + row_index % rows;
                         let (lo, hi) = (first_visible(p) - c0, p + 1 - c0);
                         let visible = &mut row[lo..hi];
                         for o in visible.iter_mut() {
@@ -419,19 +437,39 @@ pub fn causal_attention(
                     }
                 },
             );
-            // SAFETY: this task alone writes rows p0..p1 of head h in batch b; the views stay
-            // inside v and `out` as above.
+            // SAFETY: `context` is (rep · rows) × d; the values' view stays inside v as above.
             unsafe {
                 gemm_f32(
-                    [rows, d, cols],
-                    (shared.at(q_at), (heads * d) as isize),
+                    [rep * rows, d, cols],
+                    (context.as_mut_ptr(), d as isize),
                     (scores.as_ptr(), cols as isize, 1),
                     (v.as_ptr().add(kv_at), kv_row, 1),
                     false,
                 );
             }
+            for r in 0..rep {
+                for i in 0..rows {
+                    let src = &context[(r * rows + i) * d..][..d];
+                    // SAFETY: this task alone writes positions p0..p1 of the group's heads in
+                    // batch b: d values at q_row(r, i), inside `out` (q's shape).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), shared.at(q_row(r, i)), d)
+                    };
+                }
+            }
         });
     out
+}
+
+/// A task's buffers in [`causal_attention`], kept across the tasks a thread runs.
+#[derive(Default)]
+struct AttentionScratch {
+    /// The group's queries `[rep · rows, head_dim]`.
+    q_rows: Vec<f32>,
+    /// `[rep · rows, visible keys]`, then the probabilities in place.
+    scores: Vec<f32>,
+    /// `[rep · rows, head_dim]` before it is scattered to the heads' rows of the output.
+    context: Vec<f32>,
 }
 
 /// Below this many multiply-adds a product runs on one thread (Flex's own threshold).
