@@ -96,24 +96,22 @@ fn main() {
         runtime::BACKEND_NAME
     );
     println!(
-        "{:<8} {:>12} {:>12} {:>12} {:>14} {:>14} {:>18}",
+        "{:<8} {:>12} {:>12} {:>12} {:>14} {:>14} {:>22}",
         "batch",
         "fused t/s",
         "unfused t/s",
         "pytorch t/s",
         "fused/unfused",
         "fused/pytorch",
-        "per round min-max"
+        "per round min/med/max"
     );
     for (bi, &b) in batches.iter().enumerate() {
         let [fused, unfused, torch] = best[bi];
         let has_torch = torch > 0.0;
-        let per_round = &round_ratios[bi];
-        let (lo, hi) = per_round
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let mut per_round = round_ratios[bi].clone();
+        per_round.sort_by(f64::total_cmp);
         println!(
-            "{:<8} {:>12.0} {:>12} {:>12} {:>14} {:>14} {:>18}",
+            "{:<8} {:>12.0} {:>12} {:>12} {:>14} {:>14} {:>22}",
             b,
             fused,
             if with_unfused {
@@ -136,10 +134,11 @@ fn main() {
             } else {
                 "-".into()
             },
-            if per_round.is_empty() {
-                "-".into()
-            } else {
-                format!("{lo:.2}-{hi:.2}")
+            match (per_round.first(), per_round.last()) {
+                (Some(lo), Some(hi)) => {
+                    format!("{lo:.2}/{:.2}/{hi:.2}", per_round[per_round.len() / 2])
+                }
+                _ => "-".into(),
             }
         );
     }
