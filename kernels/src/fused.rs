@@ -130,7 +130,7 @@ fn softmax_row(row: &mut [f32]) {
 /// `x [rows, d]`, `w [d]` → `[rows, d]`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0, "whole rows of {d}");
+    assert!(d > 0 && x.len().is_multiple_of(d), "whole rows of {d}");
     // SAFETY: the tasks' chunks cover `out` in whole rows, and normalize_row writes each.
     unsafe {
         filled(x.len(), |out| {
@@ -166,7 +166,7 @@ fn normalize_row(x: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
 pub fn add_rms_norm(x: &[f32], delta: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), delta.len(), "residual and update lengths");
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0, "whole rows of {d}");
+    assert!(d > 0 && x.len().is_multiple_of(d), "whole rows of {d}");
     let mut out = Vec::new();
     // SAFETY: the tasks' chunks cover `h` and `out` in whole rows; each row of `h` is written
     // (the add) before it is read, and normalize_row writes each row of `out`.
@@ -303,7 +303,7 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize) -> Vec<f32> {
     let half = d / 2;
     assert!(
-        d % 2 == 0 && heads > 0 && x.len() % (heads * d) == 0,
+        d.is_multiple_of(2) && heads > 0 && x.len().is_multiple_of(heads * d),
         "whole rows of heads × {d}, d even"
     );
     // SAFETY: the chunks cover `out` in whole positions; each head's two halves are written.
