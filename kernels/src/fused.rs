@@ -342,6 +342,34 @@ pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize) -> Vec<
     }
 }
 
+/// `src [rows, cols]` with row stride `src_rs` → `dst [cols, rows]` row-major, in tiles that
+/// stay in cache. `dst` is written in full.
+pub fn transpose_into(
+    src: &[f32],
+    [rows, cols]: [usize; 2],
+    src_rs: usize,
+    dst: &mut [MaybeUninit<f32>],
+) {
+    const TILE: usize = 32;
+    assert_eq!(dst.len(), rows * cols, "dst holds cols × rows");
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r].write(src[r * src_rs + c]);
+                }
+            }
+        }
+    }
+}
+
+/// `x [rows, cols]` row-major → `[cols, rows]` row-major.
+pub fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * cols, "x holds rows × cols");
+    // SAFETY: transpose_into writes all of its destination.
+    unsafe { filled(x.len(), |dst| transpose_into(x, [rows, cols], cols, dst)) }
+}
+
 /// The shapes of one causal attention: `batch × seq` positions, `heads` query heads sharing
 /// `kv_heads` key/value heads, `head_dim` values per head, and Mistral's sliding `window` (each
 /// position sees itself and the `window - 1` before it) where set.
@@ -358,24 +386,25 @@ pub struct AttentionShape {
 /// Query positions per task: each task's scores block is `ROW_BLOCK × (visible keys)`.
 const ROW_BLOCK: usize = 32;
 
-/// A pointer the tasks of [`causal_attention`] share: each writes its own rows of one head.
+/// Raw pointers handed to parallel tasks, for tasks that write disjoint parts of one output
+/// (each use says which) and only read the rest.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint (position, head) rows and nothing reads them until all finish.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+struct Shared<P>(P);
+// SAFETY: at each use, the tasks write disjoint elements and nothing reads them until all finish.
+unsafe impl<P> Send for Shared<P> {}
+unsafe impl<P> Sync for Shared<P> {}
 
-impl SharedOut {
+impl<P: Copy> Shared<P> {
     /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
-    fn at(&self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
+    fn get(&self) -> P {
+        self.0
     }
 }
 
 /// Causal grouped-query attention, `softmax(q kᵀ · scale + mask) v`, computed only where the
-/// mask lets a query see a key: per (batch, head, block of positions) one matmul against the visible
-/// keys, the row softmax of [`softmax_scaled_biased`] on those columns, one matmul by the
-/// visible values, written straight into the context's layout. The tensor-op path makes the whole
+/// mask lets a query see a key: per (batch, KV group, block of positions) one matmul of the
+/// group's query heads against the visible keys, the row softmax of [`softmax_scaled_biased`] on
+/// those columns, one matmul by the visible values, written into the context's layout. The tensor-op path makes the whole
 /// `seq × seq` scores (half of it masked), a mask, and transposed copies of q and the context.
 /// Masked keys contribute exact zeros there, so the two agree to rounding of the matmuls.
 ///
@@ -409,27 +438,21 @@ pub fn causal_attention(
     // product's operand with unit stride along keys, gemm reads them in place. Given `k` as is, it
     // regathered (transposed) the visible keys for every query head and row block, element by
     // element: about 5% of a SmolLM2 forward in a profile.
-    // SAFETY: one chunk per (batch, group), and in each every (position, dimension) is written.
+    // SAFETY: one chunk per (batch, group), each written in full by transpose_into.
     let k_t = unsafe {
         filled(k.len(), |k_t| {
             k_t.par_chunks_mut(d * seq)
                 .enumerate()
                 .for_each(|(bg, dst)| {
                     let (b, g) = (bg / kv_heads, bg % kv_heads);
-                    for (j, key) in k[b * seq * kv_heads * d..(b + 1) * seq * kv_heads * d]
-                        .chunks_exact(kv_heads * d)
-                        .enumerate()
-                    {
-                        for (dd, &x) in key[g * d..(g + 1) * d].iter().enumerate() {
-                            dst[dd * seq + j].write(x);
-                        }
-                    }
+                    let keys = &k[(b * seq * kv_heads + g) * d..];
+                    transpose_into(keys, [seq, d], kv_heads * d, dst);
                 })
         })
     };
     // Filled by the tasks below, not zeroed first.
     let mut out: Vec<f32> = Vec::with_capacity(q.len());
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = Shared(out.as_mut_ptr());
     let blocks = seq.div_ceil(ROW_BLOCK);
     // One task per (batch, KV head, block of positions), its `rep` query heads stacked as the
     // rows of one product against the group's keys: three times the rows per gemm call for
@@ -508,7 +531,11 @@ pub fn causal_attention(
                     // SAFETY: this task alone writes positions p0..p1 of the group's heads in
                     // batch b: d values at q_row(r, i), inside `out` (q's shape).
                     unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), shared.at(q_row(r, i)), d)
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            shared.get().add(q_row(r, i)),
+                            d,
+                        )
                     };
                 }
             }
@@ -579,18 +606,20 @@ pub unsafe fn gemm_f32(
             )
         };
     }
-    let views = GemmViews { dst, a, b };
+    // Blocks write disjoint columns of `dst` and only read `a` and `b`.
+    let views = Shared((dst, a, b));
     (0..blocks).into_par_iter().for_each(|block| {
         let j0 = block * width;
         let j1 = if block + 1 == blocks { n } else { j0 + width };
         // SAFETY: columns j0..j1 of the caller's views (so inside them); blocks write disjoint
         // columns of `dst`.
+        let (dst, a, b) = views.get();
         unsafe {
             gemm_on(
                 [m, j1 - j0, k],
-                (views.dst().add(j0), dst_rs),
-                (views.a(), a_rs, a_cs),
-                (views.b().offset(j0 as isize * b_cs), b_rs, b_cs),
+                (dst.add(j0), dst_rs),
+                (a, a_rs, a_cs),
+                (b.offset(j0 as isize * b_cs), b_rs, b_cs),
                 gemm::Parallelism::None,
             )
         }
@@ -599,30 +628,6 @@ pub unsafe fn gemm_f32(
 
 /// Column blocks of a threaded [`gemm_f32`] start at multiples of this (a vector of f32 lanes).
 const COLUMN_ALIGN: usize = 16;
-
-/// The operands of one [`gemm_f32`], shared by its column-block tasks.
-#[derive(Clone, Copy)]
-struct GemmViews {
-    dst: *mut f32,
-    a: *const f32,
-    b: *const f32,
-}
-// SAFETY: the tasks read `a` and `b` and write disjoint columns of `dst`.
-unsafe impl Send for GemmViews {}
-unsafe impl Sync for GemmViews {}
-
-impl GemmViews {
-    /// Through methods, so closures capture the whole (Sync) struct, not its raw fields.
-    fn dst(&self) -> *mut f32 {
-        self.dst
-    }
-    fn a(&self) -> *const f32 {
-        self.a
-    }
-    fn b(&self) -> *const f32 {
-        self.b
-    }
-}
 
 /// One `gemm` crate call for [`gemm_f32`].
 ///

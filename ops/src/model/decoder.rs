@@ -470,27 +470,14 @@ fn param2<B: Backend>(
     // checkpoint's `[out, in]`: the CPU gemm packs weights by reading along their rows instead of
     // gathering across them (SmolLM2 forward, batch 1: about 640 → 700 tokens/s).
     let t = if transpose {
-        TensorData::new(transposed(&data, rows, cols), [cols, rows])
+        TensorData::new(
+            distillery_kernels::fused::transposed(&data, rows, cols),
+            [cols, rows],
+        )
     } else {
         TensorData::new(data, [rows, cols])
     };
     Ok(Param::from_tensor(Tensor::<B, 2>::from_data(t, device)))
-}
-
-/// `x [rows, cols]` row-major → `[cols, rows]` row-major, in tiles that stay in cache.
-fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
-    let mut out = vec![0f32; x.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = x[r * cols + c];
-                }
-            }
-        }
-    }
-    out
 }
 
 fn param1<B: Backend>(

@@ -220,8 +220,8 @@ fn f32_view(t: &FlexPrimitive) -> (&[f32], usize, &[isize]) {
 /// `a [.., m, k] @ b [.., k, n]` in f32 by [`distillery_kernels::fused::gemm_f32`] (the `gemm`
 /// crate, the kernel Flex itself calls) into an output this path allocates: Flex's matmul output
 /// goes through a zeroed byte buffer that Burn then copies to realign, a second allocation and a
-/// pass over memory per product (400 MiB for batch-8 SmolLM2 logits). `Err` hands both back where it does not apply (another backend
-/// or dtype, broadcast batch dimensions).
+/// pass over memory per product (400 MiB for batch-8 SmolLM2 logits). `Err` hands both back where
+/// it does not apply (another backend or dtype, broadcast batch dimensions).
 #[allow(clippy::type_complexity)]
 pub fn matmul<B: Backend, const D: usize>(
     a: Tensor<B, D>,
