@@ -26,6 +26,11 @@ pub enum CacheError {
         holder: String,
         waited: Duration,
     },
+    #[error("`{}` exists and is not empty; choose an empty or new directory, or pass --replace to replace it", path.display())]
+    Exists { path: PathBuf },
+    /// A source (a model directory, dataset files) that cannot be read as one.
+    #[error("source file `{}`: {why}", path.display())]
+    Source { path: PathBuf, why: String },
     #[error("bundle `{}` is not valid: {why}", path.display())]
     Bundle { path: PathBuf, why: String },
 }

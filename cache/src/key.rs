@@ -11,7 +11,10 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Version of the key scheme (this module's encoding). Bump it when the encoding changes.
-pub const KEY_SCHEME_VERSION: u32 = 1;
+///
+/// History: 2 added the recipe seed for ops that use it and keyed source files by names relative
+/// to their file set (never absolute paths).
+pub const KEY_SCHEME_VERSION: u32 = 2;
 
 /// A 256-bit content key, written as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -196,6 +199,8 @@ pub struct KeyParts<'a> {
     pub params: &'a Canon,
     /// Input port name to the key of the artifact wired into it.
     pub inputs: &'a BTreeMap<String, CacheKey>,
+    /// The recipe seed, for an op whose result depends on it; `None` leaves it out of the key.
+    pub seed: Option<u64>,
 }
 
 impl KeyParts<'_> {
@@ -214,6 +219,9 @@ impl KeyParts<'_> {
         top.insert("op_version".into(), Canon::Int(self.op_version as i128));
         top.insert("params".into(), self.params.clone());
         top.insert("inputs".into(), Canon::Map(inputs));
+        if let Some(seed) = self.seed {
+            top.insert("seed".into(), Canon::Int(seed as i128));
+        }
         let mut hasher = blake3::Hasher::new_derive_key("distillery step key");
         hasher.update(&Canon::Map(top).encode());
         hasher.finalize().into()
@@ -232,6 +240,7 @@ mod tests {
             op_version: 1,
             params: &params,
             inputs,
+            seed: None,
         }
         .key()
     }
@@ -276,8 +285,23 @@ mod tests {
             op_version: 1,
             params: &params,
             inputs: &inputs,
+            seed: None,
         };
         let k = base.key();
+        let seeded = KeyParts {
+            seed: Some(42),
+            ..base.clone()
+        }
+        .key();
+        assert_ne!(k, seeded);
+        assert_ne!(
+            seeded,
+            KeyParts {
+                seed: Some(7),
+                ..base.clone()
+            }
+            .key()
+        );
         assert_ne!(
             k,
             KeyParts {

@@ -22,8 +22,10 @@ pub mod sources;
 pub mod store;
 
 pub use error::{CacheError, Result};
-pub use key::{CacheKey, Canon, KeyParts};
+pub use key::{CacheKey, Canon, KEY_SCHEME_VERSION, KeyParts};
 pub use lock::KeyLock;
-pub use maintain::{Corruption, GcReport, materialize_dir, materialize_file};
+pub use maintain::{
+    Corruption, ExportMode, GcReport, export_dir, materialize_dir, materialize_file,
+};
 pub use sources::SourceHasher;
 pub use store::{CommitInfo, Entry, FileRecord, Manifest, Partial, Pin, Store};

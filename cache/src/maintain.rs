@@ -256,6 +256,80 @@ pub fn materialize_dir(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How [`export_dir`] treats an existing target and the files it writes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExportMode {
+    /// Replace a non-empty target (atomically: the new tree is complete before the old goes).
+    pub replace: bool,
+    /// Write independent, writable copies instead of read-only hard links into the cache.
+    pub copy: bool,
+}
+
+/// Writes the tree `src` (an entry's data) to `dst`. A `dst` that exists and is not an empty
+/// directory is refused unless `mode.replace`: two outputs never mix in one folder.
+///
+/// Errors: [`CacheError::Exists`] for a non-empty target; I/O errors name the path.
+pub fn export_dir(src: &Path, dst: &Path, mode: ExportMode) -> Result<()> {
+    let occupied = match fs::read_dir(dst) {
+        Ok(mut it) => it.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(_) if dst.exists() => true, // a file, say
+        Err(e) => return Err(io_err(dst, "read", e)),
+    };
+    if occupied && !mode.replace {
+        return Err(CacheError::Exists {
+            path: dst.to_path_buf(),
+        });
+    }
+    let parent = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| io_err(parent, "create", e))?;
+    let name = dst.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let staging = parent.join(format!(".{name}.export-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let write = || -> Result<()> {
+        if mode.copy {
+            fs::create_dir_all(&staging).map_err(|e| io_err(&staging, "create", e))?;
+            for rel in walk_files(src)? {
+                let to = staging.join(&rel);
+                if let Some(p) = to.parent() {
+                    fs::create_dir_all(p).map_err(|e| io_err(p, "create", e))?;
+                }
+                fs::copy(src.join(&rel), &to).map_err(|e| io_err(&to, "copy", e))?;
+                let mut perms = fs::metadata(&to).map_err(|e| io_err(&to, "stat", e))?.permissions();
+                #[allow(clippy::permissions_set_readonly_false)]
+                perms.set_readonly(false);
+                fs::set_permissions(&to, perms).map_err(|e| io_err(&to, "make writable", e))?;
+            }
+            Ok(())
+        } else {
+            materialize_dir(src, &staging)
+        }
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    if occupied || dst.exists() {
+        let old = parent.join(format!(".{name}.replaced-{}", std::process::id()));
+        fs::rename(dst, &old).map_err(|e| io_err(dst, "move the old export aside", e))?;
+        let renamed = fs::rename(&staging, dst);
+        if renamed.is_err() {
+            let _ = fs::rename(&old, dst);
+        } else if old.is_dir() {
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            let _ = fs::remove_file(&old);
+        }
+        renamed.map_err(|e| io_err(dst, "move the export into place", e))?;
+    } else {
+        fs::rename(&staging, dst).map_err(|e| io_err(dst, "move the export into place", e))?;
+    }
+    Ok(())
+}
+
 /// One file by hard link, else reflink, else copy. An existing target is replaced.
 pub fn materialize_file(from: &Path, to: &Path) -> Result<()> {
     if to.exists() {

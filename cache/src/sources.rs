@@ -103,6 +103,89 @@ impl SourceHasher {
     }
 }
 
+/// The files under a source directory, as `/`-separated names relative to it, sorted; hidden
+/// files (a leading `.` in any component) are skipped. Symbolic links are followed, so a Hugging
+/// Face hub snapshot (whose files link into `blobs/`) reads like the resolved copy.
+///
+/// Errors: a dangling link, or one that leads to something other than a file or directory, names
+/// the link and its target.
+pub fn walk_source_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+        if depth > 32 {
+            return Err(crate::CacheError::Source {
+                path: dir.to_path_buf(),
+                why: "directories nest more than 32 deep (a symbolic link loop?)".into(),
+            });
+        }
+        for item in fs::read_dir(dir).map_err(|e| io_err(dir, "list", e))? {
+            let item = item.map_err(|e| io_err(dir, "list", e))?;
+            let name = item.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = item.path();
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    return Err(match fs::read_link(&path) {
+                        Ok(target) => crate::CacheError::Source {
+                            path,
+                            why: format!(
+                                "a dangling symbolic link to `{}` ({e}); restore the file it points to (for a Hugging Face hub folder, download the snapshot again)",
+                                target.display()
+                            ),
+                        },
+                        Err(_) => io_err(&path, "stat", e),
+                    });
+                }
+            };
+            let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+            if meta.is_dir() {
+                walk(&path, &rel, depth + 1, out)?;
+            } else if meta.is_file() {
+                out.push((rel, path));
+            } else {
+                return Err(crate::CacheError::Source {
+                    path,
+                    why: "neither a file nor a directory (a source may hold only those)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, "", 0, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// The deepest directory holding every one of `files` (absolute paths), and each file's name
+/// relative to it (`/`-separated): what a file set's key is made of, so that moving the set
+/// keeps its key and renaming a file inside it does not.
+pub fn relative_to_common_dir(files: &[PathBuf]) -> Vec<(String, PathBuf)> {
+    let parents: Vec<Vec<std::path::Component>> = files
+        .iter()
+        .map(|f| f.parent().map(|p| p.components().collect()).unwrap_or_default())
+        .collect();
+    let mut common = parents.first().cloned().unwrap_or_default();
+    for p in &parents[1.min(parents.len())..] {
+        let n = common.iter().zip(p).take_while(|(a, b)| a == b).count();
+        common.truncate(n);
+    }
+    let base: PathBuf = common.iter().collect();
+    files
+        .iter()
+        .map(|f| {
+            let rel = f.strip_prefix(&base).unwrap_or(f);
+            let name: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().to_string())
+                .collect();
+            (name.join("/"), f.clone())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +237,19 @@ mod tests {
             )
             .unwrap(),
             ka
+        );
+        // A file set is named relative to its common directory: moving it keeps the names.
+        let names = |v: Vec<(String, PathBuf)>| v.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        assert_eq!(
+            names(relative_to_common_dir(&[
+                "/x/data/a/1.txt".into(),
+                "/x/data/b/2.txt".into()
+            ])),
+            ["a/1.txt", "b/2.txt"]
+        );
+        assert_eq!(
+            names(relative_to_common_dir(&["/elsewhere/deeper/data/a/1.txt".into()])),
+            ["1.txt"]
         );
         // Changed content (size changes): new key.
         fs::write(&a, b"hello world").unwrap();

@@ -33,6 +33,10 @@ pub struct FileRecord {
     pub path: String,
     pub size: u64,
     pub blake3: String,
+    /// Modification time (ns since the epoch) when committed: a cheap witness that the file was
+    /// not edited in place since (an exported hard link shares the inode). Absent in old entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i128>,
 }
 
 /// What the committer knows about the step; the store adds files and times.
@@ -173,6 +177,29 @@ impl Store {
         self.entry_dir(key).join("manifest.json").is_file()
     }
 
+    /// The first file of the entry for `key` whose size or modification time differs from its
+    /// manifest (edited in place, through an exported hard link say), with what differs; `None`
+    /// when the entry looks intact or does not exist. Only `stat`s: `cache verify` re-hashes.
+    pub fn modified_file(&self, key: &CacheKey) -> Option<String> {
+        let entry = self.get(key).ok()??;
+        let data = entry.data_dir();
+        for f in &entry.manifest.files {
+            let path = data.join(&f.path);
+            let Ok(meta) = fs::metadata(&path) else {
+                return Some(format!("`{}` is missing", f.path));
+            };
+            if meta.len() != f.size {
+                return Some(format!("`{}` changed size {} → {}", f.path, f.size, meta.len()));
+            }
+            if let Some(t) = f.mtime_ns
+                && mtime_ns(&meta) != t
+            {
+                return Some(format!("`{}` was modified after it was committed", f.path));
+            }
+        }
+        None
+    }
+
     /// Every committed entry (unreadable ones are skipped; `verify` reports them).
     pub fn entries(&self) -> Result<Vec<Entry>> {
         let dir = self.root.join("entries");
@@ -213,6 +240,17 @@ impl Store {
         let dir = self.root.join("scratch").join(key.to_hex());
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create the scratch directory", e))?;
         Ok(dir)
+    }
+
+    /// Removes the scratch directory of `key` (checkpoints of an interrupted run), so that the
+    /// next run starts from nothing. Call it while holding the key's lock.
+    pub fn clear_scratch(&self, key: &CacheKey) -> Result<()> {
+        let dir = self.root.join("scratch").join(key.to_hex());
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&dir, "remove the scratch directory", e)),
+        }
     }
 
     /// Starts writing the entry for `key` into a fresh partial directory.
@@ -292,27 +330,42 @@ impl Store {
         Ok(keys)
     }
 
-    /// Every pin; a pin whose lock file no longer exists is dropped.
+    /// Every pin, read only. A pin whose recipe or lock file is gone still keeps its keys (the
+    /// file may be on another branch); only [`Store::unpin`] removes a pin.
     pub fn pins(&self) -> Result<Vec<Pin>> {
+        Ok(self.pin_files()?.into_iter().map(|(_, pin)| pin).collect())
+    }
+
+    fn pin_files(&self) -> Result<Vec<(PathBuf, Pin)>> {
         let dir = self.root.join("pins");
         let mut pins = Vec::new();
         for item in fs::read_dir(&dir).map_err(|e| io_err(&dir, "list pins", e))? {
-            let Ok(item) = item else { continue };
-            let Ok(text) = fs::read_to_string(item.path()) else {
-                continue;
-            };
-            let Ok(pin) = serde_json::from_str::<Pin>(&text) else {
-                continue;
-            };
-            if let Some(lock) = &pin.lock_file
-                && !lock.exists()
-            {
-                let _ = fs::remove_file(item.path());
-                continue;
-            }
-            pins.push(pin);
+            let item = item.map_err(|e| io_err(&dir, "list pins", e))?;
+            let text = fs::read_to_string(item.path())
+                .map_err(|e| io_err(&item.path(), "read the pin", e))?;
+            // An unreadable pin must not let gc delete what it protected.
+            let pin = serde_json::from_str::<Pin>(&text).map_err(|e| CacheError::Corrupt {
+                path: item.path(),
+                why: format!("pin is not valid JSON ({e}); fix or remove it before gc"),
+            })?;
+            pins.push((item.path(), pin));
         }
+        pins.sort_by(|a, b| a.1.name.cmp(&b.1.name));
         Ok(pins)
+    }
+
+    /// Removes the pins `which` selects (unless `dry_run`) and returns them.
+    pub fn unpin(&self, which: &dyn Fn(&Pin) -> bool, dry_run: bool) -> Result<Vec<Pin>> {
+        let mut removed = Vec::new();
+        for (file, pin) in self.pin_files()? {
+            if which(&pin) {
+                if !dry_run {
+                    fs::remove_file(&file).map_err(|e| io_err(&file, "remove the pin", e))?;
+                }
+                removed.push(pin);
+            }
+        }
+        Ok(removed)
     }
 
     /// Records a pin under `name` (replacing an older one of that name).
@@ -329,7 +382,8 @@ impl Store {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pin {
     pub name: String,
-    /// The lock file this pin stands for; when it is gone the pin is too.
+    /// The recipe or lock file this pin stands for. When it is gone the pin stays (and says so
+    /// in `gc`); `distillery cache unpin` releases it.
     pub lock_file: Option<PathBuf>,
     pub keys: BTreeSet<CacheKey>,
 }
@@ -398,10 +452,17 @@ impl Partial {
             File::open(&path)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_err(&path, "sync", e))?;
+            // Entries are immutable: read-only files, so that an exported hard link cannot be
+            // edited by accident (root is not stopped by this; the mtime below still tells).
+            let meta = fs::metadata(&path).map_err(|e| io_err(&path, "stat", e))?;
+            let mut perms = meta.permissions();
+            perms.set_readonly(true);
+            fs::set_permissions(&path, perms).map_err(|e| io_err(&path, "make read-only", e))?;
             files.push(FileRecord {
                 path: rel,
                 size,
                 blake3: hash,
+                mtime_ns: Some(mtime_ns(&meta)),
             });
         }
         sync_tree_dirs(&data)?;
@@ -498,6 +559,11 @@ pub fn walk_files(dir: &Path) -> Result<Vec<String>> {
     walk(dir, dir, &mut out)?;
     out.sort();
     Ok(out)
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
 }
 
 /// blake3 (hex) and size of a file, streaming (memory-mapped for large files).

@@ -177,10 +177,21 @@ fn gc_keeps_pins_and_respects_a_size_budget() {
     let r = store.gc(&BTreeSet::new(), Some(400), false).unwrap();
     assert_eq!(r.freed_bytes, 200);
     assert!(store.contains(&keys[0]) && !store.contains(&keys[1]) && store.contains(&keys[2]));
-    // The lock file is gone: so is the pin.
+    // The lock file is gone (another branch, say): the pin still holds, through dry runs too.
     fs::remove_file(&lock_file).unwrap();
+    let pins_before = fs::read_dir(dir.path().join("c/pins")).unwrap().count();
+    store.gc(&BTreeSet::new(), None, true).unwrap();
+    assert_eq!(fs::read_dir(dir.path().join("c/pins")).unwrap().count(), pins_before);
     let r = store.gc(&BTreeSet::new(), None, false).unwrap();
-    assert_eq!(r.freed_bytes, 400);
+    assert_eq!(r.freed_bytes, 300);
+    assert!(store.contains(&keys[0]));
+    // Released only by an explicit unpin; a dry unpin removes nothing.
+    let missing = |p: &Pin| p.lock_file.as_ref().is_some_and(|f| !f.exists());
+    assert_eq!(store.unpin(&missing, true).unwrap().len(), 1);
+    assert_eq!(store.pins().unwrap().len(), 1);
+    assert_eq!(store.unpin(&missing, false).unwrap().len(), 1);
+    let r = store.gc(&BTreeSet::new(), None, false).unwrap();
+    assert_eq!(r.freed_bytes, 100);
     assert!(store.entries().unwrap().is_empty());
 }
 

@@ -156,6 +156,12 @@ enum Command {
         /// Write a bundle (recipe, lock, outputs) that `cache import` takes on another machine
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// Replace a non-empty --to directory (atomically) instead of refusing
+        #[arg(long, requires = "to")]
+        replace: bool,
+        /// Write editable copies instead of read-only hard links into the cache
+        #[arg(long, requires = "to")]
+        copy: bool,
     },
     /// Write RECIPE.lock: source hashes, step keys, output hashes
     Lock {
@@ -189,6 +195,19 @@ enum CacheCommand {
     Import { bundle: PathBuf },
     /// Print the cache directory
     Dir,
+    /// List what gc keeps: each pin (a lock file, a recipe's last run), its keys, whether its file exists
+    Pins,
+    /// Release pins: those of the given recipe or lock files, or with --missing those whose file is gone
+    Unpin {
+        /// Recipe or lock files whose pins to release
+        files: Vec<PathBuf>,
+        /// Release every pin whose recipe or lock file no longer exists
+        #[arg(long)]
+        missing: bool,
+        /// Say what would be released, release nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// A failure with its exit code, already worded for the terminal.
@@ -208,12 +227,70 @@ impl Failure {
 
 impl From<distillery_cache::CacheError> for Failure {
     fn from(e: distillery_cache::CacheError) -> Self {
-        Failure::new(exit::OTHER, format!("error: {e}"))
+        let code = match e {
+            distillery_cache::CacheError::Exists { .. } => exit::USER,
+            _ => exit::OTHER,
+        };
+        Failure::new(code, format!("error: {e}"))
     }
+}
+
+/// Ends the process as SIGPIPE would as soon as the reader of stdout or stderr (a pipe or
+/// socket) goes away, not at the next write: a step may run for an hour without printing, and
+/// `distillery run r.toml 2>&1 | head -1` must not wait for it. Nothing is committed by a killed
+/// step; its scratch checkpoints stay for the next run.
+fn watch_outputs() {
+    fn is_stream(fd: i32) -> bool {
+        // SAFETY: fstat on a descriptor number with a zeroed out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return false;
+        }
+        matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK)
+    }
+    let fds: Vec<i32> = [1, 2].into_iter().filter(|&fd| is_stream(fd)).collect();
+    if fds.is_empty() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("output-watch".into())
+        .spawn(move || {
+            loop {
+                for &fd in &fds {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: 0,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd, no wait. A write end reports POLLERR once
+                    // its read end is closed.
+                    let n = unsafe { libc::poll(&mut p, 1, 0) };
+                    if n > 0 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                        // SAFETY: default SIGPIPE disposition (set in main_with): ends the process.
+                        unsafe {
+                            libc::raise(libc::SIGPIPE);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
 }
 
 /// Entry point of the binary, with the ops it ships (tests pass their own as well).
 pub fn main_with(registry: OpRegistry) -> ExitCode {
+    // A closed stdout or stderr (`| head`) ends the process quietly, as for any Unix tool,
+    // instead of a panic in println! or a progress thread dying while the main thread waits.
+    // A running step is cut short: nothing is committed and its scratch checkpoints stay.
+    // SAFETY: set before any thread is started; restores the default disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // `DISTILLERY_CACHE=` (set but empty) means "not set", not an empty --cache-dir.
+    if std::env::var_os("DISTILLERY_CACHE").is_some_and(|v| v.is_empty()) {
+        // SAFETY: as above, no other thread exists yet.
+        unsafe { std::env::remove_var("DISTILLERY_CACHE") };
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -226,6 +303,7 @@ pub fn main_with(registry: OpRegistry) -> ExitCode {
         // SAFETY: set before any thread is started.
         unsafe { std::env::set_var("DISTILLERY_CACHE", dir) };
     }
+    watch_outputs();
     match dispatch(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -298,7 +376,7 @@ fn plan_for(
             .render(),
         )
     })?;
-    make_plan(recipe, graph, registry, store, sources, selection).map_err(|d| {
+    let plan = make_plan(recipe, graph, registry, store, sources, selection).map_err(|d| {
         Failure::new(
             exit::USER,
             RecipeErrors {
@@ -307,7 +385,12 @@ fn plan_for(
             }
             .render(),
         )
-    })
+    })?;
+    // Warnings on stderr: stdout stays the command's output (JSON with --json).
+    for w in &plan.warnings {
+        eprint!("{}", w.render(&recipe.map));
+    }
+    Ok(plan)
 }
 
 /// Loads a recipe, opens the cache and plans every step: what `show`, `export` and `lock` start from.
@@ -331,8 +414,11 @@ fn planned(
 }
 
 fn reporter(cli: &Cli) -> Box<dyn Reporter> {
-    if cli.json {
+    if cli.json && matches!(cli.command, Command::Run { .. }) {
         Box::new(JsonReporter::new())
+    } else if cli.json {
+        // Other commands print one JSON document on stdout; their events (hashing) go aside.
+        Box::new(JsonReporter::on_stderr())
     } else {
         Box::new(HumanReporter::new(cli.quiet))
     }
@@ -534,6 +620,8 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
             steps,
             to,
             bundle,
+            replace,
+            copy,
         } => {
             let (recipe, store, plan) = planned(&cli, args, registry, reporter.as_ref())?;
             let mut keys = Vec::new();
@@ -555,8 +643,20 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                     ));
                 }
                 let entry = store.get(&keys[0])?.expect("checked above");
-                distillery_cache::materialize_dir(&entry.data_dir(), dir)?;
+                distillery_cache::export_dir(
+                    &entry.data_dir(),
+                    dir,
+                    distillery_cache::ExportMode {
+                        replace: *replace,
+                        copy: *copy,
+                    },
+                )?;
                 println!("{}", dir.display());
+                if !*copy && !cli.quiet {
+                    eprintln!(
+                        "note: the files are read-only hard links into the cache (no second copy); pass --copy for files to edit"
+                    );
+                }
             } else if let Some(dir) = bundle {
                 let lock = LockFile::from_plan(&recipe, &plan, &store);
                 let recipe_text = std::fs::read_to_string(&recipe.path).unwrap_or_default();
@@ -607,6 +707,21 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                 None => None,
             };
             let report = store.gc(&BTreeSet::new(), max, *dry_run)?;
+            let orphaned: Vec<_> = store
+                .pins()?
+                .into_iter()
+                .filter(|p| p.lock_file.as_ref().is_some_and(|f| !f.exists()))
+                .collect();
+            if !orphaned.is_empty() && !cli.quiet {
+                // On stderr: stdout stays the report (and JSON with --json).
+                for pin in &orphaned {
+                    eprintln!(
+                        "note: kept {} entries of {} (its file is gone; `distillery cache unpin --missing` releases them)",
+                        pin.keys.len(),
+                        pin.name
+                    );
+                }
+            }
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&report).unwrap());
             } else {
@@ -628,6 +743,58 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
             let store = open_store(&cli)?;
             match command {
                 CacheCommand::Dir => println!("{}", store.root().display()),
+                CacheCommand::Pins => {
+                    let pins = store.pins()?;
+                    if cli.json {
+                        let v: Vec<_> = pins.iter().map(|p| serde_json::json!({
+                            "name": p.name, "file": p.lock_file,
+                            "file_exists": p.lock_file.as_ref().map(|f| f.exists()),
+                            "keys": p.keys,
+                        })).collect();
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+                    } else {
+                        for p in &pins {
+                            let gone = p.lock_file.as_ref().is_some_and(|f| !f.exists());
+                            println!(
+                                "{:>4} entries  {}{}",
+                                p.keys.len(),
+                                p.name,
+                                if gone { " (file gone)" } else { "" }
+                            );
+                        }
+                    }
+                }
+                CacheCommand::Unpin {
+                    files,
+                    missing,
+                    dry_run,
+                } => {
+                    if files.is_empty() && !missing {
+                        return Err(Failure::new(
+                            exit::USER,
+                            "error: name the recipe or lock files whose pins to release, or pass --missing\n",
+                        ));
+                    }
+                    let wanted: Vec<PathBuf> = files
+                        .iter()
+                        .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| {
+                            std::env::current_dir().map(|d| d.join(f)).unwrap_or(f.clone())
+                        }))
+                        .collect();
+                    let removed = store.unpin(
+                        &|p| {
+                            p.lock_file.as_ref().is_some_and(|f| {
+                                (*missing && !f.exists()) || wanted.iter().any(|w| w == f)
+                            })
+                        },
+                        *dry_run,
+                    )?;
+                    let verb = if *dry_run { "would release" } else { "released" };
+                    for p in &removed {
+                        println!("{verb} {} ({} entries)", p.name, p.keys.len());
+                    }
+                    println!("{verb} {} pins", removed.len());
+                }
                 CacheCommand::Verify => {
                     let mut n = 0;
                     let problems = store.verify(&mut |_| n += 1)?;

@@ -101,6 +101,8 @@ pub struct Diagnostic {
     pub span: Option<Span>,
     /// "did you mean ...", "expected ..."
     pub help: Option<String>,
+    /// A warning: said, but the command goes on.
+    pub warning: bool,
 }
 
 impl Diagnostic {
@@ -109,7 +111,14 @@ impl Diagnostic {
             message: message.into(),
             span,
             help: None,
+            warning: false,
         }
+    }
+
+    /// The same message as a warning.
+    pub fn as_warning(mut self) -> Self {
+        self.warning = true;
+        self
     }
 
     pub fn at(span: &Span, message: impl Into<String>) -> Self {
@@ -134,7 +143,8 @@ impl Diagnostic {
 
     /// rustc-style rendering.
     pub fn render(&self, sources: &SourceMap) -> String {
-        let mut out = format!("error: {}\n", self.message);
+        let level = if self.warning { "warning" } else { "error" };
+        let mut out = format!("{level}: {}\n", self.message);
         if let Some(span) = &self.span {
             let loc = sources.locate(span);
             let (line_no, line, caret) = sources.excerpt(span);
@@ -153,6 +163,7 @@ impl Diagnostic {
     pub fn to_json(&self, sources: &SourceMap) -> serde_json::Value {
         serde_json::json!({
             "message": self.message,
+            "level": if self.warning { "warning" } else { "error" },
             "location": self.location(sources),
             "help": self.help,
         })

@@ -236,6 +236,8 @@ fn record_of(recipe: &Recipe, p: &PlannedStep) -> StepRecord {
             .iter()
             .filter_map(|i| Some((i.port.clone(), (i.written.clone(), *p.inputs.get(&i.port)?))))
             .collect(),
+        seed: p.seed,
+        key_scheme: distillery_cache::KEY_SCHEME_VERSION,
     }
 }
 
@@ -262,6 +264,11 @@ fn run_step(
         },
     };
     let forced = p.reasons.contains(&crate::plan::Reason::Forced);
+    // An entry edited in place is recomputed and replaced, like a forced one.
+    let replace = forced
+        || p.reasons
+            .iter()
+            .any(|r| matches!(r, crate::plan::Reason::EntryModified { .. }));
     let lock = store
         .lock(&p.key, opts.lock_timeout, &mut |holder| {
             reporter.event(Event::StepWaiting {
@@ -277,7 +284,7 @@ fn run_step(
         });
     }
     let record = record_of(recipe, p);
-    if !forced && store.contains(&p.key) {
+    if !replace && store.contains(&p.key) {
         write_record(store, recipe, &p.name, &record);
         return Ok(Outcome::CachedMeanwhile);
     }
@@ -308,6 +315,10 @@ fn run_step(
         inputs.insert(input.port.clone(), artifact);
     }
     let partial = store.begin(&p.key).map_err(cache_err)?;
+    if forced {
+        // `--force` recomputes from nothing: checkpoints a killed run left would be resumed.
+        store.clear_scratch(&p.key).map_err(cache_err)?;
+    }
     let scratch_dir = store.scratch_dir(&p.key).map_err(cache_err)?;
     let progress = StepProgress::new(&p.name, reporter);
     let ctx = OpContext {
@@ -316,7 +327,7 @@ fn run_step(
         params: step.params.clone(),
         out_dir: partial.data_dir(),
         scratch_dir,
-        seed: recipe.seed,
+        seed: p.seed,
         threads,
         progress: &progress,
         provenance: serde_json::json!({
@@ -327,6 +338,7 @@ fn run_step(
             "op_version": p.op_version,
             "key": p.key.to_hex(),
             "params": step.params.to_json(),
+            "seed": p.seed,
             "inputs": p.inputs.iter().map(|(k, v)| (k.clone(), v.to_hex())).collect::<BTreeMap<_, _>>(),
             "tool_version": TOOL_VERSION,
         }),
@@ -366,7 +378,7 @@ fn run_step(
         tool_version: TOOL_VERSION.to_string(),
         started: Some(started),
     };
-    if forced {
+    if replace {
         partial.commit_replacing(info)
     } else {
         partial.commit(info)

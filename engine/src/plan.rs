@@ -65,8 +65,21 @@ pub enum Reason {
         old: u32,
         new: u32,
     },
+    /// The recipe seed changed and this step's op uses it.
+    SeedChanged {
+        old: String,
+        new: String,
+    },
+    /// The cache key scheme of this distillery differs from the one of the last run: every key
+    /// moved, whatever else changed.
+    KeySchemeChanged {
+        old: u32,
+        new: u32,
+    },
     /// Computed before with this very key, but the entry is gone (gc, a different cache).
     EntryMissing,
+    /// The entry is there, but a file of it was changed in place since it was committed.
+    EntryModified { what: String },
 }
 
 impl fmt::Display for Reason {
@@ -94,6 +107,15 @@ impl fmt::Display for Reason {
             Reason::OpVersionChanged { op, old, new } => {
                 write!(f, "op `{op}` version changed {old} → {new}")
             }
+            Reason::SeedChanged { old, new } => write!(f, "recipe seed changed {old} → {new}"),
+            Reason::KeySchemeChanged { old, new } => write!(
+                f,
+                "cache key scheme changed {old} → {new} (a distillery update; every key moved)"
+            ),
+            Reason::EntryModified { what } => write!(
+                f,
+                "the cached output was edited in place ({what}); recomputing it"
+            ),
             Reason::EntryMissing => {
                 write!(f, "output not in the cache (removed, or another cache)")
             }
@@ -119,11 +141,15 @@ pub struct PlannedStep {
     pub kind: ArtifactKind,
     pub key: CacheKey,
     pub inputs: BTreeMap<String, CacheKey>,
+    /// The recipe seed when the op uses it (then it is part of the key), else `None`.
+    pub seed: Option<u64>,
     pub status: Status,
     pub reasons: Vec<Reason>,
 }
 
 pub struct Plan {
+    /// What the ops' plan checks allow but warn about, with the place in the recipe.
+    pub warnings: Vec<Diagnostic>,
     pub sources: Vec<ResolvedSource>,
     /// In topological order.
     pub steps: Vec<PlannedStep>,
@@ -163,6 +189,16 @@ pub struct StepRecord {
     pub params: serde_json::Value,
     /// port → (reference as written, key)
     pub inputs: BTreeMap<String, (String, CacheKey)>,
+    /// The recipe seed, when the op used it.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// The key scheme the key was made with (records from before it was written: scheme 1).
+    #[serde(default = "first_key_scheme")]
+    pub key_scheme: u32,
+}
+
+fn first_key_scheme() -> u32 {
+    1
 }
 
 fn records_dir(store: &Store, recipe: &Recipe) -> PathBuf {
@@ -281,22 +317,24 @@ pub fn resolve_sources(
                     }
                 };
                 let files = if p.is_dir() {
-                    match distillery_cache::store::walk_files(&p) {
-                        Ok(f) => f
-                            .into_iter()
-                            .filter(|f| !f.starts_with('.'))
-                            .map(|f| (f.clone(), p.join(&f)))
-                            .collect(),
+                    // Names relative to the checkpoint directory; links (hub snapshots) followed.
+                    match distillery_cache::sources::walk_source_files(&p) {
+                        Ok(f) => f,
                         Err(e) => {
-                            diags.push(Diagnostic::at(span, e.to_string()));
+                            diags.push(
+                                Diagnostic::at(span, format!("model source `{}`: {e}", src.name))
+                                    .help("a model directory holds files (or links to files) only"),
+                            );
                             continue;
                         }
                     }
                 } else if p.is_file() {
-                    vec![(
-                        p.file_name().unwrap().to_string_lossy().to_string(),
-                        p.clone(),
-                    )]
+                    // One file (a GGUF): its content and format count, not its name.
+                    let ext = p
+                        .extension()
+                        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                        .unwrap_or_default();
+                    vec![(format!("model.{ext}"), p.clone())]
                 } else {
                     diags.push(
                         Diagnostic::at(
@@ -344,6 +382,7 @@ pub fn resolve_sources(
                             continue;
                         }
                     };
+                    let before_exclude = matches.len();
                     let matches: Vec<PathBuf> = matches
                         .into_iter()
                         .filter(|p| {
@@ -357,7 +396,18 @@ pub fn resolve_sources(
                             })
                         })
                         .collect();
-                    if matches.is_empty() {
+                    if matches.is_empty() && before_exclude > 0 {
+                        diags.push(
+                            Diagnostic::at(
+                                span,
+                                format!(
+                                    "`{pattern}` matches {before_exclude} files, but `exclude` removed them all"
+                                ),
+                            )
+                            .help("narrow `exclude` (its patterns match file names or whole paths)"),
+                        );
+                        failed = true;
+                    } else if matches.is_empty() {
                         diags.push(
                             Diagnostic::at(
                                 span,
@@ -376,19 +426,9 @@ pub fn resolve_sources(
                     continue;
                 }
                 let files: Vec<PathBuf> = found.into_iter().collect();
-                // Names relative to the recipe keep keys independent of where the checkout lives.
-                let named: Vec<(String, PathBuf)> = files
-                    .iter()
-                    .map(|p| {
-                        (
-                            p.strip_prefix(&base)
-                                .unwrap_or(p)
-                                .to_string_lossy()
-                                .to_string(),
-                            p.clone(),
-                        )
-                    })
-                    .collect();
+                // Names relative to the files' common directory: where the set lives (the
+                // checkout, the cache's downloads) is never part of the key; names inside it are.
+                let named = distillery_cache::sources::relative_to_common_dir(&files);
                 let mut options = BTreeMap::new();
                 let mut decl = BTreeMap::new();
                 decl.insert("kind".to_string(), Canon::Str("dataset".into()));
@@ -501,26 +541,44 @@ pub fn make_plan(
             };
             inputs.insert(input.port.clone(), key);
         }
+        let seed = op.uses_seed(&step.params).then_some(recipe.seed);
         let key = KeyParts {
             recipe_format: RECIPE_FORMAT,
             op: &step.op,
             op_version: sig.version,
             params: &params,
             inputs: &inputs,
+            seed,
         }
         .key();
         keys[i] = Some(key);
-        let cached = store.contains(&key);
+        let modified = if store.contains(&key) {
+            store.modified_file(&key)
+        } else {
+            None
+        };
+        let cached = store.contains(&key) && modified.is_none();
         let (status, reasons) = if !targets.contains(&i) {
             (Status::Skipped, Vec::new())
         } else if forced.contains(&i) {
             (Status::Run, vec![Reason::Forced])
+        } else if let Some(what) = modified {
+            (Status::Run, vec![Reason::EntryModified { what }])
         } else if cached {
             (Status::Cached, Vec::new())
         } else {
             (
                 Status::Run,
-                explain(recipe, store, i, key, &sig.version, &params, &inputs),
+                explain(
+                    recipe,
+                    store,
+                    i,
+                    key,
+                    &sig.version,
+                    &params,
+                    &inputs,
+                    seed,
+                ),
             )
         };
         planned.push(PlannedStep {
@@ -531,12 +589,14 @@ pub fn make_plan(
             kind: sig.output,
             key,
             inputs,
+            seed,
             status,
             reasons,
         });
     }
     // Op checks that need the inputs (a pruning target against the model's config, say).
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     for p in &planned {
         if p.status == Status::Skipped {
             continue;
@@ -562,16 +622,19 @@ pub fn make_plan(
             }
         }
         let op = registry.get(&step.op).expect("validated op");
-        for problem in op.plan_check(&step.params, &available) {
+        let at = |problem: &distillery_ops::Problem| {
             let span = problem
                 .param
                 .as_ref()
                 .and_then(|n| step.param_spans.get(n))
                 .unwrap_or(&step.span);
-            problems.push(Diagnostic::at(
-                span,
-                format!("step `{}`: {}", step.name, problem.message),
-            ));
+            Diagnostic::at(span, format!("step `{}`: {}", step.name, problem.message))
+        };
+        for problem in op.plan_check(&step.params, &available) {
+            problems.push(at(&problem));
+        }
+        for problem in op.plan_warnings(&step.params, &available) {
+            warnings.push(at(&problem).as_warning());
         }
     }
     if !problems.is_empty() {
@@ -597,11 +660,13 @@ pub fn make_plan(
         }
     }
     Ok(Plan {
+        warnings,
         sources,
         steps: planned,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn explain(
     recipe: &Recipe,
     store: &Store,
@@ -610,6 +675,7 @@ fn explain(
     op_version: &u32,
     params: &Canon,
     inputs: &BTreeMap<String, CacheKey>,
+    seed: Option<u64>,
 ) -> Vec<Reason> {
     let step = &recipe.steps[i];
     let Some(record) = read_record(store, recipe, &step.name) else {
@@ -619,6 +685,19 @@ fn explain(
         return vec![Reason::EntryMissing];
     }
     let mut reasons = Vec::new();
+    let scheme_moved = record.key_scheme != distillery_cache::KEY_SCHEME_VERSION;
+    if scheme_moved {
+        reasons.push(Reason::KeySchemeChanged {
+            old: record.key_scheme,
+            new: distillery_cache::KEY_SCHEME_VERSION,
+        });
+    } else if record.seed != seed && seed.is_some() {
+        let show = |s: Option<u64>| s.map_or("unused".to_string(), |s| s.to_string());
+        reasons.push(Reason::SeedChanged {
+            old: show(record.seed),
+            new: show(seed),
+        });
+    }
     if record.op != step.op {
         reasons.push(Reason::OpChanged {
             old: record.op.clone(),
@@ -660,6 +739,10 @@ fn explain(
         let Some(&now) = inputs.get(&input.port) else {
             continue;
         };
+        if scheme_moved {
+            // Every input key moved with the scheme; naming each would only hide the reason.
+            break;
+        }
         match record.inputs.get(&input.port) {
             Some((written, _)) if *written != input.written => reasons.push(Reason::InputRewired {
                 port: input.port.clone(),

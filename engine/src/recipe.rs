@@ -283,12 +283,17 @@ impl Checker<'_> {
         }
 
         let mut sources = Vec::new();
+        // Declared but invalid (already reported): references to them are not errors of their own.
+        let mut broken_sources = std::collections::HashSet::new();
         if let Some(node) = root.get("sources")
             && let Some(t) = self.as_table(node, "[sources]")
         {
             for (key, node) in &t.entries {
-                if let Some(s) = self.source(&key.name, &key.span, node) {
-                    sources.push(s);
+                match self.source(&key.name, &key.span, node) {
+                    Some(s) => sources.push(s),
+                    None => {
+                        broken_sources.insert(key.name.clone());
+                    }
                 }
             }
         }
@@ -333,6 +338,7 @@ impl Checker<'_> {
         for (key, table) in &step_tables {
             let ctx = WireCtx {
                 sources: &sources,
+                broken_sources: &broken_sources,
                 source_index: &source_index,
                 step_index: &step_index,
                 step_kinds: &step_kinds,
@@ -724,6 +730,7 @@ impl Checker<'_> {
         if ns == "sources" {
             match w.source_index.get(name) {
                 Some(&i) => Some((Ref::Source(i), Some(w.sources[i].kind))),
+                None if w.broken_sources.contains(name) => None,
                 None => {
                     let help = closest(name, w.sources.iter().map(|s| s.name.as_str()))
                         .map(|c| format!("did you mean `sources.{c}`?"))
@@ -872,6 +879,7 @@ impl Checker<'_> {
 
 struct WireCtx<'a> {
     sources: &'a [SourceDecl],
+    broken_sources: &'a std::collections::HashSet<String>,
     source_index: &'a HashMap<&'a str, usize>,
     step_index: &'a HashMap<&'a str, usize>,
     step_kinds: &'a [Option<ArtifactKind>],

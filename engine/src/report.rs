@@ -63,15 +63,25 @@ pub trait Reporter: Send + Sync {
     fn event(&self, event: Event);
 }
 
-/// NDJSON on stdout; progress throttled to a few lines a second per step.
+/// NDJSON on stdout (or stderr); progress throttled to a few lines a second per step.
 pub struct JsonReporter {
     last: Mutex<HashMap<String, Instant>>,
+    stderr: bool,
 }
 
 impl JsonReporter {
     pub fn new() -> Self {
         JsonReporter {
             last: Mutex::new(HashMap::new()),
+            stderr: false,
+        }
+    }
+
+    /// Events on stderr: for commands whose stdout is one JSON document (`plan --json`).
+    pub fn on_stderr() -> Self {
+        JsonReporter {
+            stderr: true,
+            ..Self::new()
         }
     }
 }
@@ -99,9 +109,14 @@ impl Reporter for JsonReporter {
             last.insert(step.clone(), now);
         }
         let line = serde_json::to_string(&event).unwrap();
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        if self.stderr {
+            let mut out = std::io::stderr().lock();
+            let _ = writeln!(out, "{line}");
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
     }
 }
 

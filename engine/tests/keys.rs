@@ -126,6 +126,7 @@ fn key_of(text: &str, registry: &OpRegistry) -> CacheKey {
         op_version: 1,
         params: &params,
         inputs: &inputs,
+        seed: None,
     }
     .key()
 }

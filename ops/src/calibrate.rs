@@ -129,6 +129,11 @@ impl Op for Calibrate {
         })
     }
 
+    /// Always: the calibration samples are drawn by shuffling packed sequences from the seed.
+    fn uses_seed(&self, _params: &Params) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || calibrate(ctx))
     }
@@ -154,7 +159,7 @@ fn calibrate(ctx: &OpContext) -> Result<(), OpError> {
     let batch = ctx.params.usize("batch")?;
     let data = tokenized(ctx.input("data")?, &tok)?;
     let eos = model.config.eos_id().unwrap_or(0);
-    let mut seqs = pack(&data, seq_len, eos, ctx.seed)?;
+    let mut seqs = pack(&data, seq_len, eos, ctx.seed()?)?;
     if seqs.len() < samples {
         ctx.progress.note(&format!("the data has {} sequences of {seq_len} tokens; using all of them (asked for {samples})", seqs.len()));
     }

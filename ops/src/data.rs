@@ -79,8 +79,28 @@ pub fn read_documents(artifact: &Artifact) -> Result<Vec<Document>, OpError> {
 /// A dataset as token ids, documents kept apart.
 pub struct TokenizedDataset {
     pub docs: Vec<Vec<u32>>,
-    /// Words of the original text (for word perplexity).
+    /// Words of the original text (for word perplexity), counted as lm-evaluation-harness
+    /// does ([`harness_word_count`]).
     pub words: usize,
+    /// UTF-8 bytes of the original text (for byte perplexity and bits per byte); 0 when read
+    /// from a tokenized dataset written before bytes were recorded.
+    pub bytes: usize,
+}
+
+/// Words of a document as lm-evaluation-harness 0.4 counts them for word perplexity:
+/// `len(re.split(r"\s+", doc))`, so one more than the runs of whitespace (a trailing newline
+/// counts as a word boundary before an empty word).
+pub fn harness_word_count(doc: &str) -> usize {
+    let mut runs = 0;
+    let mut in_space = false;
+    for c in doc.chars() {
+        let space = c.is_whitespace();
+        if space && !in_space {
+            runs += 1;
+        }
+        in_space = space;
+    }
+    runs + 1
 }
 
 impl TokenizedDataset {
@@ -100,7 +120,7 @@ impl TokenizedDataset {
         let p = dir.join(TOKENS_FILE);
         std::fs::write(&p, bytes).map_err(|e| OpError::io(&p, "write", e))?;
         let p = dir.join(INDEX_FILE);
-        let json = serde_json::json!({"docs": index, "words": self.words, "tokens": start});
+        let json = serde_json::json!({"docs": index, "words": self.words, "bytes": self.bytes, "tokens": start});
         std::fs::write(&p, json.to_string()).map_err(|e| OpError::io(&p, "write", e))
     }
 
@@ -130,6 +150,7 @@ impl TokenizedDataset {
         Ok(TokenizedDataset {
             docs,
             words: v["words"].as_u64().unwrap_or(0) as usize,
+            bytes: v["bytes"].as_u64().unwrap_or(0) as usize,
         })
     }
 }
@@ -144,12 +165,13 @@ pub fn tokenized(artifact: &Artifact, tokenizer: &Tokenizer) -> Result<Tokenized
     if docs.is_empty() {
         return Err(OpError::Invalid("the dataset has no documents".into()));
     }
-    let words = docs.iter().map(|d| d.text.split_whitespace().count()).sum();
+    let words = docs.iter().map(|d| harness_word_count(&d.text)).sum();
+    let bytes = docs.iter().map(|d| d.text.len()).sum();
     let docs = docs
         .iter()
         .map(|d| tokenizer.encode(&d.text))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(TokenizedDataset { docs, words })
+    Ok(TokenizedDataset { docs, words, bytes })
 }
 
 /// A small, fast, seedable generator (splitmix64): data order must not depend on a crate's version.
@@ -204,10 +226,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn words_are_counted_like_the_harness() {
+        // len(re.split(r"\s+", doc)) in Python.
+        assert_eq!(harness_word_count("a b\n"), 3);
+        assert_eq!(harness_word_count("a  b"), 2);
+        assert_eq!(harness_word_count(""), 1);
+        assert_eq!(harness_word_count(" a"), 2);
+        assert_eq!(harness_word_count("one\n\ntwo three"), 3);
+    }
+
+    #[test]
     fn packing_is_deterministic_and_eos_separated() {
         let data = TokenizedDataset {
             docs: vec![vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9]],
             words: 0,
+            bytes: 0,
         };
         let a = pack(&data, 3, 0, 7).unwrap();
         assert_eq!(a, pack(&data, 3, 0, 7).unwrap());

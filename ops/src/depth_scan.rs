@@ -94,6 +94,11 @@ impl Op for DepthScan {
         }
     }
 
+    /// Always: the held-out sequences are packed and shuffled from the seed.
+    fn uses_seed(&self, _params: &Params) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || scan(ctx))
     }

@@ -356,6 +356,11 @@ impl Op for Distill {
         Some(e)
     }
 
+    /// Always: data order (and learned projections' initialization) come from the seed.
+    fn uses_seed(&self, _params: &Params) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || {
             let teacher_model = runtime::open_model(ctx.input("teacher")?)?;

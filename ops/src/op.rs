@@ -411,8 +411,9 @@ pub struct OpContext<'a> {
     pub out_dir: PathBuf,
     /// Survives interruptions of this very step (same key); for checkpoints to resume from.
     pub scratch_dir: PathBuf,
-    /// The recipe's seed.
-    pub seed: u64,
+    /// The recipe's seed, given only to an op whose [`Op::uses_seed`] says it reads it (the seed is
+    /// then part of the step's key); read it through [`OpContext::seed`].
+    pub seed: Option<u64>,
     /// Threads the op may use.
     pub threads: usize,
     pub progress: &'a dyn Progress,
@@ -425,6 +426,17 @@ impl OpContext<'_> {
         self.inputs
             .get(port)
             .ok_or_else(|| OpError::Invalid(format!("input `{port}` is not wired")))
+    }
+
+    /// The recipe's seed. An op that reads it without declaring it in [`Op::uses_seed`] gets an
+    /// error instead of a value, so a seed can never change a result its key does not name.
+    pub fn seed(&self) -> Result<u64, OpError> {
+        self.seed.ok_or_else(|| {
+            OpError::Failed(format!(
+                "step `{}` read the recipe seed, but its op does not declare that it uses it (a bug in distillery: the seed would be missing from its key)",
+                self.step
+            ))
+        })
     }
 
     /// Writes one file of the output.
@@ -482,6 +494,23 @@ pub trait Op: Send + Sync {
     /// Checks against the inputs available when planning (sources, and outputs already in the
     /// cache): cheap reads only, such as a model's config.json, never its tensors.
     fn plan_check(&self, _params: &Params, _inputs: &BTreeMap<String, Artifact>) -> Vec<Problem> {
+        Vec::new()
+    }
+
+    /// Whether the result with these parameters depends on the recipe seed (data order, shuffles,
+    /// initializations, sampling, random baselines). When true the seed is part of the step's key
+    /// and [`OpContext::seed`] gives it; when false the key leaves it out and the op cannot read it.
+    fn uses_seed(&self, _params: &Params) -> bool {
+        false
+    }
+
+    /// Like [`Op::plan_check`], for what is allowed but likely unwanted (a pruned shape that
+    /// transformers 5 will not load, say): reported as warnings, the run goes on.
+    fn plan_warnings(
+        &self,
+        _params: &Params,
+        _inputs: &BTreeMap<String, Artifact>,
+    ) -> Vec<Problem> {
         Vec::new()
     }
 

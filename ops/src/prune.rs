@@ -88,13 +88,31 @@ impl PruneTarget {
                 _ => {}
             }
         }
-        let kv = self.num_key_value_heads.unwrap_or(c.num_key_value_heads);
-        let heads = self.num_attention_heads.unwrap_or(c.num_attention_heads);
-        if kv > 0 && heads % kv != 0 {
+        // The shape the target derives (KV groups alone take their query heads with them).
+        let derived = self.apply_to(c);
+        let (kv, heads) = (derived.num_key_value_heads, derived.num_attention_heads);
+        let per_group = c.num_attention_heads / c.num_key_value_heads.max(1);
+        let param = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "num_key_value_heads"
+        };
+        if kv > 0 && heads > 0 && heads % kv != 0 {
             bad(
-                "num_attention_heads",
+                param,
                 format!(
-                    "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}: every KV group keeps the same number of heads"
+                    "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}: every KV group keeps the same number of heads (try {} or {} heads)",
+                    (heads / kv).max(1) * kv,
+                    (heads / kv + 1).min(per_group) * kv
+                ),
+            );
+        } else if kv > 0 && heads / kv > per_group {
+            bad(
+                param,
+                format!(
+                    "num_attention_heads {heads} over num_key_value_heads {kv} asks for {} query heads per KV group, but each group has only {per_group}: keep at most {} heads, or more KV groups",
+                    heads / kv,
+                    per_group * kv
                 ),
             );
         }
@@ -144,8 +162,42 @@ impl PruneTarget {
         dropped.dedup();
         n.num_hidden_layers = self
             .num_layers
-            .unwrap_or(c.num_hidden_layers - dropped.len());
+            .unwrap_or(c.num_hidden_layers.saturating_sub(dropped.len()));
+        if self.num_layers.is_none() {
+            let kept: Vec<usize> = (0..c.num_hidden_layers)
+                .filter(|l| !dropped.contains(l))
+                .collect();
+            n.layer_types = c.keep_layers(&kept).layer_types;
+        } else if let Some(kinds) = &c.layer_types {
+            // Which layers survive is decided by the scores (`PrunePlan`); until then the
+            // per-layer kinds are known only when they are all alike.
+            n.layer_types = kinds
+                .iter()
+                .all(|k| *k == kinds[0])
+                .then(|| vec![kinds[0].clone(); n.num_hidden_layers]);
+        }
         n
+    }
+
+    /// transformers 5 refuses a config whose `hidden_size` is not a multiple of
+    /// `num_attention_heads`, even with an explicit `head_dim`: a message naming the rule and the
+    /// nearest sizes it loads, or `None` when the pruned shape loads.
+    pub fn transformers5_shape_problem(&self, c: &ModelConfig) -> Option<String> {
+        let n = self.apply_to(c);
+        let (h, heads) = (n.hidden_size, n.num_attention_heads);
+        if heads == 0 || h % heads == 0 {
+            return None;
+        }
+        let below = h / heads * heads;
+        let above = (below + heads).min(c.hidden_size);
+        let sizes = if above > h && above % heads == 0 && below > 0 {
+            format!("{below} or {above}")
+        } else {
+            below.to_string()
+        };
+        Some(format!(
+            "hidden_size {h} is not a multiple of num_attention_heads {heads}: transformers 5 refuses to load such a config (even with an explicit head_dim); the nearest loadable hidden_size is {sizes}"
+        ))
     }
 }
 
@@ -436,6 +488,12 @@ impl Op for Prune {
                     ParamValue::Int(5_000_000_000),
                     "bytes per safetensors shard",
                 ),
+                ParamSpec::with_default(
+                    "strict_shapes",
+                    ParamType::Bool,
+                    ParamValue::Bool(false),
+                    "refuse (instead of warning about) a shape transformers 5 will not load: hidden_size not a multiple of num_attention_heads",
+                ),
             ],
         }
     }
@@ -477,12 +535,51 @@ impl Op for Prune {
             return Vec::new();
         };
         match PruneTarget::from_params(params) {
-            Ok(t) => t.problems(&config),
+            Ok(t) => {
+                let mut problems = t.problems(&config);
+                if params.bool("strict_shapes").unwrap_or(false)
+                    && let Some(message) = t.transformers5_shape_problem(&config)
+                {
+                    problems.push(Problem {
+                        param: Some("hidden_size".into()),
+                        message,
+                    });
+                }
+                problems
+            }
             Err(e) => vec![Problem {
                 param: None,
                 message: e.to_string(),
             }],
         }
+    }
+
+    fn plan_warnings(
+        &self,
+        params: &Params,
+        inputs: &std::collections::BTreeMap<String, Artifact>,
+    ) -> Vec<Problem> {
+        if params.bool("strict_shapes").unwrap_or(false) {
+            return Vec::new(); // an error then, from plan_check
+        }
+        let (Some(model), Ok(t)) = (inputs.get("model"), PruneTarget::from_params(params)) else {
+            return Vec::new();
+        };
+        let Ok(config) = load_config(&model.path) else {
+            return Vec::new();
+        };
+        if !t.problems(&config).is_empty() {
+            return Vec::new();
+        }
+        t.transformers5_shape_problem(&config)
+            .map(|message| Problem {
+                param: Some("hidden_size".into()),
+                message: format!(
+                    "{message} (set strict_shapes = true to make this an error)"
+                ),
+            })
+            .into_iter()
+            .collect()
     }
 
     fn estimate(
@@ -495,6 +592,11 @@ impl Op for Prune {
         let mut e = crate::estimate::model_estimate(&t.apply_to(&c));
         e.basis = "streamed tensor by tensor: one tensor resident at a time".into();
         Some(e)
+    }
+
+    /// Only the `random` baseline draws from the seed; importance and magnitude are deterministic.
+    fn uses_seed(&self, params: &Params) -> bool {
+        params.str("method").is_ok_and(|m| m == "random")
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
@@ -534,14 +636,18 @@ impl Op for Prune {
         let scores = match (method, ctx.inputs.get("scores")) {
             ("importance", Some(s)) => ImportanceScores::read(&s.path)?,
             ("importance", None) if depth_only => {
-                baseline_scores(&model.weights, &config, "magnitude", ctx.seed)?
+                baseline_scores(&model.weights, &config, "magnitude", 0)?
             }
             ("importance", None) => {
                 return Err(OpError::Invalid(
                     "method \"importance\" needs a `scores` input (only a pure drop_layers target does without)".into(),
                 ));
             }
-            (m, _) => baseline_scores(&model.weights, &config, m, ctx.seed)?,
+            (m, _) => {
+                // Only the random baseline draws from the seed (see `uses_seed`).
+                let seed = if m == "random" { ctx.seed()? } else { 0 };
+                baseline_scores(&model.weights, &config, m, seed)?
+            }
         };
         if scores.config.hidden_size != config.hidden_size
             || scores.config.num_hidden_layers != config.num_hidden_layers
@@ -552,7 +658,9 @@ impl Op for Prune {
         }
         let importance_order = ctx.params.str("order")? == "importance" && !depth_only;
         let plan = PrunePlan::new(&scores, &target, importance_order);
-        let new = target.apply_to(&config);
+        let mut new = target.apply_to(&config);
+        // Per-layer lists follow the layers the plan kept.
+        new.layer_types = config.keep_layers(&plan.layers).layer_types;
         let dtype = match ctx.params.str("dtype")? {
             "same" => model.weights.dominant_dtype(),
             other => DType::from_torch_name(other).unwrap(),

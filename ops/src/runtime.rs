@@ -76,7 +76,9 @@ pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T 
 
 /// Opens a model input (a checkpoint directory or a GGUF file).
 pub fn open_model(artifact: &Artifact) -> Result<LoadedModel, OpError> {
-    Ok(load_model(&artifact.path)?)
+    let model = load_model(&artifact.path)?;
+    model.weights.check_finite()?;
+    Ok(model)
 }
 
 /// The model's tokenizer.

@@ -23,6 +23,9 @@ use crate::validation;
 pub const SEARCH_FILE: &str = "search.json";
 
 /// Every grid shape within the reductions allowed, under `budget` parameters, largest first.
+/// With `loadable_only`, only shapes transformers 5 loads (`hidden_size` a multiple of
+/// `num_attention_heads`).
+#[allow(clippy::too_many_arguments)]
 pub fn candidates(
     c: &ModelConfig,
     budget: u64,
@@ -31,6 +34,7 @@ pub fn candidates(
     layer_step: usize,
     max_width: f64,
     max_depth: f64,
+    loadable_only: bool,
 ) -> Vec<(PruneTarget, u64)> {
     let grid = |full: usize, step: usize, max_cut: f64| -> Vec<usize> {
         let min = ((full as f64) * (1.0 - max_cut)).ceil() as usize;
@@ -53,6 +57,9 @@ pub fn candidates(
         for &hidden in &grid(c.hidden_size, hidden_step, max_width) {
             for &ffn in &grid(c.intermediate_size, ffn_step, max_width) {
                 for &h in &heads {
+                    if loadable_only && hidden % h != 0 {
+                        continue;
+                    }
                     let t = PruneTarget {
                         hidden_size: Some(hidden),
                         intermediate_size: Some(ffn),
@@ -152,6 +159,12 @@ impl Op for Search {
                     "largest fraction of layers removed",
                 ),
                 ParamSpec::with_default(
+                    "loadable_only",
+                    ParamType::Bool,
+                    ParamValue::Bool(true),
+                    "propose only shapes transformers 5 loads (hidden_size a multiple of num_attention_heads)",
+                ),
+                ParamSpec::with_default(
                     "top_k",
                     ParamType::Int,
                     I(10),
@@ -174,6 +187,11 @@ impl Op for Search {
             "seq_len",
             "parameter_budget",
         ])
+    }
+
+    /// Always: the held-out sequences are packed and shuffled from the seed.
+    fn uses_seed(&self, _params: &Params) -> bool {
+        true
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
@@ -199,6 +217,7 @@ fn search(ctx: &OpContext) -> Result<(), OpError> {
         p.usize("layer_step")?,
         p.float("max_width_reduction")?,
         p.float("max_depth_reduction")?,
+        p.bool("loadable_only")?,
     );
     if all.is_empty() {
         return Err(OpError::Invalid(format!(

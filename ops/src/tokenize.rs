@@ -11,7 +11,8 @@ impl Op for Tokenize {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "tokenize",
-            version: 1,
+            // 2: words counted as lm-evaluation-harness does; UTF-8 bytes recorded.
+            version: 2,
             doc: "tokenize a dataset once with a model's tokenizer",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "whose tokenizer to use"),

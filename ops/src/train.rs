@@ -625,7 +625,7 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
         &data,
         cfg.seq_len.min(config.max_position_embeddings),
         eos,
-        ctx.seed,
+        ctx.seed()?,
     )?;
     if seqs.len() <= cfg.val_sequences {
         return Err(OpError::Invalid(format!(
@@ -963,6 +963,11 @@ impl crate::op::Op for Train {
         e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params;
         e.basis = "6·P·T; 16 bytes/param (f32 weights, grads and Adam), activations extra".into();
         Some(e)
+    }
+
+    /// Always: data order and the held-out split come from the seed.
+    fn uses_seed(&self, _params: &Params) -> bool {
+        true
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {

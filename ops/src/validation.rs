@@ -54,7 +54,7 @@ pub fn sequences(ctx: &OpContext, model: &LoadedModel) -> Result<Vec<Vec<u32>>, 
         &data,
         ctx.params.usize("seq_len")?.min(c.max_position_embeddings),
         c.eos_id().unwrap_or(0),
-        ctx.seed,
+        ctx.seed()?,
     )?;
     seqs.truncate(ctx.params.usize("samples")?);
     Ok(seqs)

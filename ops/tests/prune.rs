@@ -276,7 +276,7 @@ fn search_grid_respects_budget_and_reductions() {
         r#"{"architectures":["MistralForCausalLM"],"hidden_size":5120,"intermediate_size":14336,"num_hidden_layers":40,
         "num_attention_heads":32,"num_key_value_heads":8,"head_dim":128,"vocab_size":131072,"tie_word_embeddings":false}"#,
     );
-    let c = distillery_ops::search::candidates(&nemo, 8_500_000_000, 256, 512, 2, 0.4, 0.2);
+    let c = distillery_ops::search::candidates(&nemo, 8_500_000_000, 256, 512, 2, 0.4, 0.2, true);
     assert!(!c.is_empty());
     assert!(c.windows(2).all(|w| w[0].1 >= w[1].1), "largest first");
     for (t, p) in &c {
@@ -284,7 +284,10 @@ fn search_grid_respects_budget_and_reductions() {
         assert_eq!(t.apply_to(&nemo).parameter_count().0, *p);
         assert!(t.hidden_size.unwrap() >= 3072 && t.num_layers.unwrap() >= 32);
         assert_eq!(t.num_attention_heads.unwrap() % 8, 0);
+        assert_eq!(t.hidden_size.unwrap() % t.num_attention_heads.unwrap(), 0, "loadable");
     }
+    let any = distillery_ops::search::candidates(&nemo, 8_500_000_000, 256, 512, 2, 0.4, 0.2, false);
+    assert!(any.len() > c.len(), "unloadable shapes are left out by default");
     // Next to MN-Minitron-8B's shape (ffn 11520 is between two 512-steps): hidden 4096, 40 layers.
     assert!(c.iter().any(|(t, _)| t.hidden_size == Some(4096)
         && t.num_layers == Some(40)

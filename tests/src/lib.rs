@@ -233,12 +233,52 @@ impl Op for MakeStats {
     }
 }
 
+/// `draw`: uses the recipe seed; writes it, and whether its scratch directory held anything
+/// when it started (what `--force` must clear).
+pub struct Draw;
+
+impl Op for Draw {
+    fn signature(&self) -> OpSignature {
+        OpSignature {
+            name: "draw",
+            version: 1,
+            doc: "write the recipe seed (test op)",
+            inputs: vec![],
+            output: ArtifactKind::Report,
+            params: shared_params(),
+        }
+    }
+
+    fn uses_seed(&self, _params: &Params) -> bool {
+        true
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
+        let resumed = std::fs::read_dir(&ctx.scratch_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        std::fs::write(ctx.scratch_dir.join("checkpoint"), b"state")
+            .map_err(|e| OpError::io(&ctx.scratch_dir, "write", e))?;
+        common(ctx)?;
+        std::fs::write(
+            ctx.out_dir.join("out.txt"),
+            format!("seed {} resumed {resumed}", ctx.seed()?),
+        )
+        .map_err(|e| OpError::io(&ctx.out_dir, "write", e))
+    }
+
+    fn summarize(&self, out_dir: &Path) -> Option<String> {
+        std::fs::read_to_string(out_dir.join("out.txt")).ok()
+    }
+}
+
 /// The shipped ops plus the test ops.
 pub fn registry() -> OpRegistry {
     let mut r = distillery_ops::builtin();
     r.register(Emit)
         .register(Join)
         .register(Inspect)
-        .register(MakeStats);
+        .register(MakeStats)
+        .register(Draw);
     r
 }

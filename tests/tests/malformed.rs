@@ -68,7 +68,7 @@ fn cases() -> Vec<Case> {
             at: "r.toml:1:8",
             says: &[
                 "step `a` has no `op`",
-                "known ops: calibrate, compare, depth_scan, distill, emit",
+                "known ops: calibrate, compare, depth_scan, distill, draw, emit",
             ],
         },
         Case {

@@ -17,7 +17,7 @@ pub struct Window {
 }
 
 /// The harness's rolling windows over a document: disjoint predictions, each window as long as
-/// possible (`max_len` inputs), the first one seeded with `prefix` (EOS).
+/// possible (`max_len` inputs), the first one seeded with `prefix` (see [`harness_prefix_token`]).
 pub fn rolling_windows(tokens: &[u32], prefix: u32, max_len: usize) -> Vec<Window> {
     let mut stream = Vec::with_capacity(tokens.len() + 1);
     stream.push(prefix);
@@ -36,6 +36,52 @@ pub fn rolling_windows(tokens: &[u32], prefix: u32, max_len: usize) -> Vec<Windo
         pos = end;
     }
     out
+}
+
+/// The token lm-evaluation-harness 0.4 puts before a document or an empty context
+/// (`HFLM.prefix_token_id`): the tokenizer's BOS when it has one, else its EOS. `bos` and `eos`
+/// are the tokenizer's special tokens as ids (from tokenizer_config.json), `config_eos` the
+/// model config's EOS as a last resort.
+pub fn harness_prefix_token(bos: Option<u32>, eos: Option<u32>, config_eos: Option<u32>) -> u32 {
+    bos.or(eos).or(config_eos).unwrap_or(0)
+}
+
+/// One `loglikelihood` request encoded as lm-evaluation-harness 0.4's `HFLM._encode_pair` and
+/// `_loglikelihood_tokens` do: trailing whitespace of the context moves to the continuation; the
+/// continuation's tokens are those of `context + continuation` past the context's own tokens;
+/// an empty context becomes the prefix token; the stream is cut to its last `max_len + 1`
+/// tokens. `encode` tokenizes without special tokens.
+pub fn harness_request<E>(
+    context: &str,
+    continuation: &str,
+    prefix: u32,
+    max_len: usize,
+    encode: &dyn Fn(&str) -> Result<Vec<u32>, E>,
+) -> Result<Window, E> {
+    let trimmed = context.trim_end();
+    let (context, continuation) = if trimmed.len() < context.len() {
+        (trimmed, format!("{}{continuation}", &context[trimmed.len()..]))
+    } else {
+        (context, continuation.to_string())
+    };
+    let (context_ids, continuation_ids) = if context.is_empty() {
+        (vec![prefix], encode(&continuation)?)
+    } else {
+        let whole = encode(&format!("{context}{continuation}"))?;
+        let context_ids = encode(context)?;
+        let cut = context_ids.len().min(whole.len());
+        (context_ids, whole[cut..].to_vec())
+    };
+    let mut stream = context_ids;
+    let scored = continuation_ids.len();
+    stream.extend(continuation_ids);
+    let start = stream.len().saturating_sub(max_len + 1);
+    let s = &stream[start..];
+    Ok(Window {
+        input: s[..s.len().saturating_sub(1)].to_vec(),
+        targets: s[1.min(s.len())..].to_vec(),
+        scored: scored.min(s.len().saturating_sub(1)),
+    })
 }
 
 /// Log-probabilities of each target: `[batch, seq]` inputs of equal length.

@@ -29,9 +29,11 @@ pub struct Choice {
     pub gold: usize,
 }
 
-/// Reads multiple-choice items: JSONL lines `{context, choices, gold}`, or a pair of text files
-/// named `*correct*` and `*wrong*` whose lines are whole texts (HellaSwag pairs): the context is
-/// their common prefix up to a word boundary.
+/// Reads multiple-choice items: JSONL lines `{context, choices, gold}` (the harness's common
+/// spellings also: `query`, `ctx` or `question` for the context, `endings` for the choices,
+/// `label` or `answer` for the gold index), or a pair of text files named `*correct*` and
+/// `*wrong*` whose lines are whole texts (HellaSwag pairs): the context is their common prefix
+/// up to a word boundary. Choices are scored after the target delimiter, as the harness does.
 pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
     let mut items = Vec::new();
     let correct = artifact.files.iter().find(|f| {
@@ -50,13 +52,13 @@ pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
             while cut > 0 && (!a.is_char_boundary(cut) || !a[..cut].ends_with(' ')) {
                 cut -= 1;
             }
+            // The word boundary's space becomes the target delimiter.
             let context = a[..cut].trim_end().to_string();
-            let sep = if context.is_empty() { "" } else { " " };
             items.push(Choice {
                 context,
                 choices: vec![
-                    format!("{sep}{}", a[cut..].trim_start()),
-                    format!("{sep}{}", b[cut..].trim_start()),
+                    a[cut..].trim_start().to_string(),
+                    b[cut..].trim_start().to_string(),
                 ],
                 gold: 0,
             });
@@ -73,12 +75,20 @@ pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
             let at = || format!("{}:{}", path.display(), i + 1);
             let v: Value = serde_json::from_str(line)
                 .map_err(|e| OpError::Invalid(format!("{}: not JSON: {e}", at())))?;
-            let context = v["context"]
-                .as_str()
-                .ok_or_else(|| OpError::Invalid(format!("{}: no string `context`", at())))?;
-            let choices: Vec<String> = v["choices"]
-                .as_array()
-                .ok_or_else(|| OpError::Invalid(format!("{}: no array `choices`", at())))?
+            let field = |names: &[&str]| names.iter().map(|n| &v[*n]).find(|x| !x.is_null());
+            let context = field(&["context", "query", "ctx", "question"])
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    OpError::Invalid(format!(
+                        "{}: no string `context` (or `query`, `ctx`, `question`)",
+                        at()
+                    ))
+                })?;
+            let choices: Vec<String> = field(&["choices", "endings"])
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    OpError::Invalid(format!("{}: no array `choices` (or `endings`)", at()))
+                })?
                 .iter()
                 .map(|c| {
                     c.as_str().map(String::from).ok_or_else(|| {
@@ -86,10 +96,14 @@ pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
                     })
                 })
                 .collect::<Result<_, _>>()?;
-            let gold = v["gold"]
-                .as_u64()
-                .ok_or_else(|| OpError::Invalid(format!("{}: no integer `gold`", at())))?
-                as usize;
+            let gold = field(&["gold", "label", "answer"])
+                .and_then(|g| g.as_u64().or_else(|| g.as_str()?.trim().parse().ok()))
+                .ok_or_else(|| {
+                    OpError::Invalid(format!(
+                        "{}: no integer `gold` (or `label`, `answer`): the index of the right choice",
+                        at()
+                    ))
+                })? as usize;
             if gold >= choices.len() {
                 return Err(OpError::Invalid(format!(
                     "{}: gold {gold} but {} choices",
@@ -105,6 +119,18 @@ pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
         }
     }
     Ok(items)
+}
+
+/// The standard error of a mean of `n` 0/1 outcomes with `k` ones, as lm-evaluation-harness's
+/// `mean_stderr` computes it (sample standard deviation, n − 1, over √n); `None` for n < 2.
+pub fn mean_stderr(k: usize, n: usize) -> Option<f64> {
+    if n < 2 {
+        return None;
+    }
+    let (k, n) = (k as f64, n as f64);
+    let mean = k / n;
+    let var = (k * (1.0 - mean).powi(2) + (n - k) * mean.powi(2)) / (n - 1.0);
+    Some((var / n).sqrt())
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -123,7 +149,9 @@ impl Op for Evaluate {
             name: "evaluate",
             // 3: the fused CPU forward. 4: the fused CPU attention. 5: its key product reads
             // transposed keys (other rounding where a row block has a single row).
-            version: 5,
+            // 6: lm-evaluation-harness conventions: BOS prefix, target delimiter, context/
+            // continuation split, words, bytes, standard errors; non-finite results refused.
+            version: 6,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),
@@ -163,6 +191,12 @@ impl Op for Evaluate {
                     ParamType::Int,
                     ParamValue::Int(0),
                     "score at most this many multiple-choice items (0: all)",
+                ),
+                ParamSpec::with_default(
+                    "target_delimiter",
+                    ParamType::Str,
+                    ParamValue::Str(" ".into()),
+                    "put between a multiple-choice context and each choice (lm-evaluation-harness's target_delimiter)",
                 ),
                 ParamSpec::with_default(
                     "compute",
@@ -233,7 +267,17 @@ impl Evaluate {
         let batch = ctx.params.usize("batch")?;
         let mut forward_tokens = 0usize;
         let mut forward_secs = 0f64;
-        let eos = model.config.eos_id().unwrap_or(0);
+        // The harness's prefix token: the tokenizer's BOS, else its EOS.
+        let special = |key: &str| {
+            let v = model.tokenizer_config.as_ref()?.get(key)?;
+            tok.token_id(v.as_str().or_else(|| v["content"].as_str())?)
+        };
+        let prefix = loglik::harness_prefix_token(
+            special("bos_token"),
+            special("eos_token"),
+            model.config.eos_id(),
+        );
+        let max_len = model.config.max_position_embeddings;
 
         if let Some(data) = ctx.inputs.get("data") {
             let window = ctx
@@ -257,7 +301,7 @@ impl Evaluate {
             let windows: Vec<Window> = ds
                 .docs
                 .iter()
-                .flat_map(|d| rolling_windows(d, eos, window))
+                .flat_map(|d| rolling_windows(d, prefix, window))
                 .collect();
             ctx.progress
                 .phase("perplexity", windows.len() as u64, "windows");
@@ -268,16 +312,26 @@ impl Evaluate {
             forward_secs += t.elapsed().as_secs_f64();
             forward_tokens += windows.iter().map(|w| w.input.len()).sum::<usize>();
             let ll: f64 = scores.iter().sum();
+            if !ll.is_finite() {
+                return Err(OpError::Failed(format!(
+                    "the log-likelihood of the data is {ll}: the model's logits are not finite (its weights passed the load check, so the forward overflowed; try compute = \"float32\")"
+                )));
+            }
             let n = ds.total_tokens();
+            let per = |units: usize| (units > 0).then(|| (-ll / units as f64).exp());
             report["perplexity"] = json!({
                 "documents": ds.docs.len(),
                 "tokens": n,
                 "words": ds.words,
+                "bytes": (ds.bytes > 0).then_some(ds.bytes),
                 "window": window,
                 "windows": windows.len(),
+                "prefix_token": prefix,
                 "loglikelihood": ll,
                 "token_perplexity": (-ll / n as f64).exp(),
-                "word_perplexity": if ds.words > 0 { (-ll / ds.words as f64).exp() } else { f64::NAN },
+                "word_perplexity": per(ds.words),
+                "byte_perplexity": per(ds.bytes),
+                "bits_per_byte": (ds.bytes > 0).then(|| -ll / ds.bytes as f64 / std::f64::consts::LN_2),
             });
         }
 
@@ -292,28 +346,27 @@ impl Evaluate {
                     "the tasks input has no multiple-choice items".into(),
                 ));
             }
-            // Continuation tokens = tokens of context+choice after the context's own tokens.
+            // Requests as the harness builds them: (context, delimiter + choice).
+            let delimiter = ctx.params.str("target_delimiter")?.to_string();
+            let encode = |s: &str| tok.encode(s);
             let mut windows = Vec::new();
             let mut owner = Vec::new();
             for (i, item) in items.iter().enumerate() {
-                let ctx_ids = tok.encode(&item.context)?;
                 for (c, choice) in item.choices.iter().enumerate() {
-                    let whole = tok.encode(&format!("{}{}", item.context, choice))?;
-                    let mut split = ctx_ids.len().min(whole.len().saturating_sub(1));
-                    while split > 0 && whole[..split] != ctx_ids[..split] {
-                        split -= 1;
+                    let w = loglik::harness_request(
+                        &item.context,
+                        &format!("{delimiter}{choice}"),
+                        prefix,
+                        max_len,
+                        &encode,
+                    )?;
+                    if w.scored == 0 {
+                        return Err(OpError::Invalid(format!(
+                            "multiple-choice item {} choice {c} ({choice:?}) has no tokens to score",
+                            i + 1
+                        )));
                     }
-                    let mut stream = vec![eos];
-                    stream.extend_from_slice(&whole);
-                    let max = model.config.max_position_embeddings;
-                    let start = stream.len().saturating_sub(max + 1);
-                    let s = &stream[start..];
-                    let scored = whole.len() - split;
-                    windows.push(Window {
-                        input: s[..s.len() - 1].to_vec(),
-                        targets: s[1..].to_vec(),
-                        scored,
-                    });
+                    windows.push(w);
                     owner.push((i, c));
                 }
             }
@@ -325,6 +378,12 @@ impl Evaluate {
             });
             forward_secs += t.elapsed().as_secs_f64();
             forward_tokens += windows.iter().map(|w| w.input.len()).sum::<usize>();
+            if let Some(((i, c), s)) = owner.iter().zip(&scores).find(|(_, s)| !s.is_finite()) {
+                return Err(OpError::Failed(format!(
+                    "the log-likelihood of multiple-choice item {} choice {c} is {s}: the model's logits are not finite",
+                    i + 1
+                )));
+            }
             let mut best =
                 vec![(f64::NEG_INFINITY, 0usize, f64::NEG_INFINITY, 0usize); items.len()];
             for ((i, c), s) in owner.iter().zip(&scores) {
@@ -353,7 +412,10 @@ impl Evaluate {
                 "correct": correct,
                 "correct_norm": correct_norm,
                 "acc": correct as f64 / items.len() as f64,
+                "acc_stderr": mean_stderr(correct, items.len()),
                 "acc_norm": correct_norm as f64 / items.len() as f64,
+                "acc_norm_stderr": mean_stderr(correct_norm, items.len()),
+                "target_delimiter": delimiter,
             });
         }
         if forward_tokens > 0 {
@@ -394,14 +456,22 @@ pub fn render(r: &Value) -> String {
             p["word_perplexity"].as_f64().unwrap_or(f64::NAN),
             p["tokens"], p["documents"], p["window"]
         ));
+        if let Some(bpb) = p["bits_per_byte"].as_f64() {
+            out.push_str(&format!(
+                "                    {:.4} per byte, {bpb:.4} bits per byte\n",
+                p["byte_perplexity"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
     }
     if let Some(mc) = r.get("multiple_choice") {
         out.push_str(&format!(
-            "multiple choice     acc {:.4} ({}/{}), acc_norm {:.4} ({}/{})\n",
+            "multiple choice     acc {:.4} ± {:.4} ({}/{}), acc_norm {:.4} ± {:.4} ({}/{})\n",
             mc["acc"].as_f64().unwrap_or(0.0),
+            mc["acc_stderr"].as_f64().unwrap_or(f64::NAN),
             mc["correct"],
             mc["items"],
             mc["acc_norm"].as_f64().unwrap_or(0.0),
+            mc["acc_norm_stderr"].as_f64().unwrap_or(f64::NAN),
             mc["correct_norm"],
             mc["items"]
         ));

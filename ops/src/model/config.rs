@@ -3,33 +3,226 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::model::ModelError;
 
-/// Llama 3.1's long-context RoPE frequency scaling (`rope_scaling.rope_type = "llama3"`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RopeScaling {
-    #[serde(alias = "type")]
-    pub rope_type: String,
-    pub factor: f64,
-    #[serde(default = "one")]
-    pub low_freq_factor: f64,
-    #[serde(default = "four")]
-    pub high_freq_factor: f64,
-    #[serde(default = "default_original_max")]
-    pub original_max_position_embeddings: usize,
+/// RoPE frequency scaling, as transformers' `ROPE_INIT_FUNCTIONS` names the kinds
+/// (`modeling_rope_utils.py`). Kinds distillery does not compute (dynamic, yarn, longrope, ...)
+/// are refused by name when the config is read, never replaced by a default.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Position interpolation: every inverse frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's long-context scaling: low frequencies divided by `factor`, high ones kept,
+    /// a smooth ramp between (wavelengths measured against `original_max_position_embeddings`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
 }
 
-fn one() -> f64 {
-    1.0
+impl RopeScaling {
+    /// The `rope_type` transformers uses for this kind.
+    pub fn rope_type(&self) -> &'static str {
+        match self {
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Llama3 { .. } => "llama3",
+        }
+    }
+
+    /// The legacy `rope_scaling` object (transformers 4.46+ reads it, 5.x converts it).
+    pub fn to_json(&self) -> Value {
+        match self {
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        }
+    }
 }
-fn four() -> f64 {
-    4.0
+
+/// RoPE kinds transformers knows that distillery does not compute, refused by name.
+const UNSUPPORTED_ROPE_TYPES: [&str; 4] = ["dynamic", "yarn", "longrope", "proportional"];
+
+/// RoPE as the config states it: `rope_theta` and scaling from transformers 5's
+/// `rope_parameters` or the legacy top-level `rope_theta` / `rope_scaling` (with `type`,
+/// `rope_type` or both), which must agree where both are given.
+fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>), String> {
+    let legacy_theta = match map.remove("rope_theta") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_f64()
+                .ok_or_else(|| format!("field `rope_theta` is {v}, not a number"))?,
+        ),
+    };
+    let legacy_scaling = match map.remove("rope_scaling") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => Some(o),
+        Some(v) => return Err(format!("field `rope_scaling` is {v}, not an object or null")),
+    };
+    let params = match map.remove("rope_parameters") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => Some(o),
+        Some(v) => {
+            return Err(format!(
+                "field `rope_parameters` is {v}, not an object or null"
+            ));
+        }
+    };
+    if let Some(p) = &params
+        && p.values().any(Value::is_object)
+    {
+        return Err("field `rope_parameters` holds one set per layer type (Gemma-3 style); this architecture has one RoPE for all layers".into());
+    }
+    // `partial_rotary_factor` (top level in 4.x, inside rope_parameters in 5.x) rotates only
+    // part of each head; the Llama/Mistral decoder rotates it whole.
+    for (field, v) in [
+        ("partial_rotary_factor", map.remove("partial_rotary_factor")),
+        (
+            "rope_parameters.partial_rotary_factor",
+            params.as_ref().and_then(|p| p.get("partial_rotary_factor").cloned()),
+        ),
+    ] {
+        if let Some(v) = v.filter(|v| !v.is_null())
+            && v.as_f64() != Some(1.0)
+        {
+            return Err(format!(
+                "field `{field}` is {v}; this architecture rotates whole heads (1.0)"
+            ));
+        }
+    }
+    let params_theta = params.as_ref().and_then(|p| p.get("rope_theta")).map(|v| {
+        v.as_f64()
+            .ok_or_else(|| format!("field `rope_parameters.rope_theta` is {v}, not a number"))
+    });
+    let params_theta = params_theta.transpose()?;
+    let theta = match (legacy_theta, params_theta) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "fields `rope_theta` ({a}) and `rope_parameters.rope_theta` ({b}) disagree; keep one"
+            ));
+        }
+        (a, b) => b.or(a).unwrap_or(10000.0), // transformers' default for Llama and Mistral
+    };
+    let scaling_legacy = legacy_scaling
+        .map(|o| parse_scaling("rope_scaling", &o))
+        .transpose()?
+        .flatten();
+    let scaling_params = params
+        .map(|o| parse_scaling("rope_parameters", &o))
+        .transpose()?
+        .flatten();
+    let scaling = match (scaling_legacy, scaling_params) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "fields `rope_scaling` ({}) and `rope_parameters` ({}) disagree; keep one",
+                a.to_json(),
+                b.to_json()
+            ));
+        }
+        (a, b) => b.or(a),
+    };
+    Ok((theta, scaling))
 }
-fn default_original_max() -> usize {
-    8192
+
+/// One scaling object (`rope_scaling` or `rope_parameters`); `None` for the default kind.
+fn parse_scaling(field: &str, o: &Map<String, Value>) -> Result<Option<RopeScaling>, String> {
+    let kind = match (o.get("rope_type"), o.get("type")) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "field `{field}` has `rope_type` {a} and `type` {b}, which disagree; keep one"
+            ));
+        }
+        (Some(v), _) | (None, Some(v)) => v
+            .as_str()
+            .ok_or_else(|| format!("field `{field}.rope_type` is {v}, not a string"))?
+            .to_string(),
+        (None, None) if field == "rope_parameters" => "default".into(),
+        (None, None) => return Err(format!("field `{field}` has no `rope_type` (or `type`)")),
+    };
+    let allowed: &[&str] = match kind.as_str() {
+        "default" => &[],
+        "linear" => &["factor"],
+        "llama3" => &[
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ],
+        k if UNSUPPORTED_ROPE_TYPES.contains(&k) => {
+            return Err(format!(
+                "field `{field}.rope_type` is \"{k}\": distillery computes the \"default\", \"linear\" and \"llama3\" RoPE kinds, not \"{k}\""
+            ));
+        }
+        k => {
+            return Err(format!(
+                "field `{field}.rope_type` is \"{k}\", a RoPE kind distillery does not know (it computes \"default\", \"linear\" and \"llama3\")"
+            ));
+        }
+    };
+    for k in o.keys() {
+        let always = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
+        if !always.contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
+            return Err(format!(
+                "field `{field}.{k}` is not understood for rope_type \"{kind}\" (it would change the model's RoPE)"
+            ));
+        }
+    }
+    let num = |k: &str| -> Result<Option<f64>, String> {
+        o.get(k)
+            .filter(|v| !v.is_null())
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| format!("field `{field}.{k}` is {v}, not a number"))
+            })
+            .transpose()
+    };
+    let factor = || -> Result<f64, String> {
+        let f = num("factor")?
+            .ok_or_else(|| format!("field `{field}.factor` is missing for rope_type \"{kind}\""))?;
+        if f < 1.0 {
+            return Err(format!("field `{field}.factor` is {f}; it must be at least 1"));
+        }
+        Ok(f)
+    };
+    Ok(match kind.as_str() {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: factor()? }),
+        _ => {
+            // transformers requires all four (its llama3 initializer reads them unguarded).
+            let need = |k: &str| -> Result<f64, String> {
+                num(k)?.ok_or_else(|| {
+                    format!("field `{field}.{k}` is missing; rope_type \"llama3\" needs it")
+                })
+            };
+            let original = need("original_max_position_embeddings")? as usize;
+            if original == 0 {
+                return Err(format!(
+                    "field `{field}.original_max_position_embeddings` is 0; it must be positive"
+                ));
+            }
+            Some(RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: original,
+            })
+        }
+    })
 }
 
 /// The geometry and numerics of a decoder.
@@ -50,6 +243,9 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub sliding_window: Option<usize>,
+    /// Per layer, `"full_attention"` or `"sliding_attention"` (transformers' `layer_types`);
+    /// `None` when the config has none (then `sliding_window`, if set, applies to every layer).
+    pub layer_types: Option<Vec<String>>,
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Option<Value>,
     /// Every other field of the original config.json, written back untouched.
@@ -73,14 +269,53 @@ impl ModelConfig {
         let Value::Object(mut map) = value else {
             return Err("expected a JSON object".into());
         };
+        let (rope_theta, rope_scaling) = parse_rope(&mut map)?;
+        // transformers 5 writes `dtype`, 4.x `torch_dtype`: one key, the newer name winning.
+        match (map.remove("dtype"), map.remove("torch_dtype")) {
+            (Some(a), Some(b)) if !a.is_null() && !b.is_null() && a != b => {
+                return Err(format!(
+                    "fields `dtype` ({a}) and `torch_dtype` ({b}) disagree; keep one"
+                ));
+            }
+            (a, b) => {
+                if let Some(v) = a.filter(|v| !v.is_null()).or(b) {
+                    map.insert("torch_dtype".into(), v);
+                }
+            }
+        }
         let mut take = |k: &str| map.remove(k);
+        let model_type = take("model_type");
         let architecture = match take("architectures") {
-            Some(Value::Array(a)) => a
-                .first()
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            _ => String::new(),
+            Some(Value::Array(a)) if !a.is_empty() => {
+                if a.len() > 1 {
+                    return Err(format!(
+                        "field `architectures` lists {} classes; a checkpoint of one model names one",
+                        a.len()
+                    ));
+                }
+                a[0].as_str()
+                    .ok_or_else(|| format!("field `architectures` is {a:?}, not a list of names"))?
+                    .to_string()
+            }
+            None | Some(Value::Null) | Some(Value::Array(_)) => {
+                // As transformers' AutoModelForCausalLM does: the class from `model_type`.
+                match model_type.as_ref().and_then(Value::as_str) {
+                    Some("llama") => "LlamaForCausalLM".to_string(),
+                    Some("mistral") => "MistralForCausalLM".to_string(),
+                    Some(other) => {
+                        return Err(format!(
+                            "field `architectures` is missing and `model_type` is \"{other}\"; distillery supports {}",
+                            SUPPORTED_ARCHITECTURES.join(" and ")
+                        ));
+                    }
+                    None => {
+                        return Err(
+                            "fields `architectures` and `model_type` are both missing; add \"architectures\": [\"LlamaForCausalLM\"] (or the model's class)".into(),
+                        );
+                    }
+                }
+            }
+            Some(v) => return Err(format!("field `architectures` is {v}, not a list of names")),
         };
         if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(format!(
@@ -117,32 +352,45 @@ impl ModelConfig {
         let rms_norm_eps = take("rms_norm_eps")
             .and_then(|v| v.as_f64())
             .unwrap_or(1e-6);
-        let rope_theta = take("rope_theta")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(10000.0);
-        let rope_scaling = match take("rope_scaling") {
-            None | Some(Value::Null) => None,
-            Some(v) => {
-                let s: RopeScaling = serde_json::from_value(v)
-                    .map_err(|e| format!("field `rope_scaling` is not understood: {e}"))?;
-                if s.rope_type != "llama3" {
-                    return Err(format!(
-                        "field `rope_scaling.rope_type` is \"{}\"; distillery supports \"llama3\" (or no scaling)",
-                        s.rope_type
-                    ));
-                }
-                Some(s)
-            }
-        };
         let max_position_embeddings = take("max_position_embeddings")
             .and_then(|v| v.as_u64())
             .unwrap_or(2048) as usize;
         let tie_word_embeddings = take("tie_word_embeddings")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let sliding_window = take("sliding_window")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize);
+        let sliding_window = match take("sliding_window") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                format!("field `sliding_window` is {v}, not a positive integer or null")
+            })? as usize),
+        };
+        let layer_types = match take("layer_types") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => {
+                let mut kinds = Vec::with_capacity(a.len());
+                for (i, v) in a.iter().enumerate() {
+                    match v.as_str() {
+                        Some(k @ ("full_attention" | "sliding_attention")) => kinds.push(k.to_string()),
+                        _ => {
+                            return Err(format!(
+                                "field `layer_types[{i}]` is {v}; this architecture has \"full_attention\" and \"sliding_attention\" layers"
+                            ));
+                        }
+                    }
+                }
+                if kinds.len() != num_hidden_layers {
+                    return Err(format!(
+                        "field `layer_types` has {} entries for {num_hidden_layers} layers (num_hidden_layers)",
+                        kinds.len()
+                    ));
+                }
+                if sliding_window.is_none() && kinds.iter().any(|k| k == "sliding_attention") {
+                    return Err("field `layer_types` names sliding_attention layers but `sliding_window` is null".into());
+                }
+                Some(kinds)
+            }
+            Some(v) => return Err(format!("field `layer_types` is {v}, not a list")),
+        };
         let bos_token_id = take("bos_token_id").and_then(|v| v.as_i64());
         let eos_token_id = take("eos_token_id").filter(|v| !v.is_null());
         for (flag, what) in [
@@ -160,9 +408,8 @@ impl ModelConfig {
                 "field `hidden_act` is \"{act}\"; only \"silu\" (SwiGLU) is supported"
             ));
         }
-        // Both follow from what we checked; to_json writes them again.
+        // Follows from what we checked; to_json writes it again (and model_type).
         map.remove("hidden_act");
-        map.remove("model_type");
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(format!(
                 "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
@@ -183,10 +430,32 @@ impl ModelConfig {
             max_position_embeddings,
             tie_word_embeddings,
             sliding_window,
+            layer_types,
             bos_token_id,
             eos_token_id,
             extra: map,
         })
+    }
+
+    /// The attention window of layer `layer`: `sliding_window` for a `"sliding_attention"`
+    /// layer, or for every layer when the config has no `layer_types`; `None` is full attention.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        match &self.layer_types {
+            Some(kinds) if kinds[layer] != "sliding_attention" => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// The config after keeping only layers `kept` (indices into this config's layers, in
+    /// order): the layer count and every per-layer list follow.
+    pub fn keep_layers(&self, kept: &[usize]) -> ModelConfig {
+        let mut c = self.clone();
+        c.num_hidden_layers = kept.len();
+        c.layer_types = self
+            .layer_types
+            .as_ref()
+            .map(|k| kept.iter().map(|&l| k[l].clone()).collect());
+        c
     }
 
     /// config.json as transformers writes it, with every size explicit.
@@ -216,14 +485,19 @@ impl ModelConfig {
         set("head_dim", self.head_dim.into());
         set("vocab_size", self.vocab_size.into());
         set("rms_norm_eps", self.rms_norm_eps.into());
+        // RoPE in the legacy keys only: transformers 4.46+ reads them, 5.x converts them into
+        // `rope_parameters` (written alongside, they could only contradict each other).
         set("rope_theta", self.rope_theta.into());
         set(
             "rope_scaling",
             self.rope_scaling
                 .as_ref()
-                .map(|s| serde_json::to_value(s).unwrap())
+                .map(RopeScaling::to_json)
                 .unwrap_or(Value::Null),
         );
+        if let Some(kinds) = &self.layer_types {
+            set("layer_types", serde_json::to_value(kinds).unwrap());
+        }
         set(
             "max_position_embeddings",
             self.max_position_embeddings.into(),
@@ -328,6 +602,112 @@ mod tests {
             e.contains("`architectures`") && e.contains("GPT2LMHeadModel"),
             "{e}"
         );
+    }
+
+    /// A tiny Llama config with `extra` fields merged in (as transformers 4.x or 5.x writes them).
+    fn with(extra: &str) -> Result<ModelConfig, String> {
+        let mut v: Value = serde_json::from_str(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":96,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "vocab_size":128,"max_position_embeddings":256}"#,
+        )
+        .unwrap();
+        let e: Value = serde_json::from_str(extra).unwrap();
+        for (k, x) in e.as_object().unwrap() {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        ModelConfig::from_json_str(&v.to_string())
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_are_read() {
+        let c = with(r#"{"rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}}"#).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.clone()), (500000.0, None));
+        let c = with(
+            r#"{"rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64
+            })
+        );
+        // Written back in the legacy keys only, which both 4.46 and 5.x read: no contradiction.
+        let j = c.to_json();
+        assert!(j.get("rope_parameters").is_none(), "{j}");
+        assert_eq!(j["rope_theta"], 500000.0);
+        assert_eq!(j["rope_scaling"]["rope_type"], "llama3");
+        assert_eq!(ModelConfig::from_json_str(&j.to_string()).unwrap(), c);
+    }
+
+    #[test]
+    fn legacy_rope_scaling_spellings() {
+        let both = with(
+            r#"{"rope_theta":500000.0,"rope_scaling":{"type":"llama3","rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}}"#,
+        )
+        .unwrap();
+        assert!(matches!(both.rope_scaling, Some(RopeScaling::Llama3 { .. })));
+        let linear = with(r#"{"rope_scaling":{"type":"linear","factor":2.0}}"#).unwrap();
+        assert_eq!(linear.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(linear.rope_theta, 10000.0);
+        let e = with(r#"{"rope_scaling":{"type":"linear","rope_type":"dynamic","factor":2.0}}"#)
+            .unwrap_err();
+        assert!(e.contains("disagree"), "{e}");
+    }
+
+    #[test]
+    fn rope_that_is_not_computed_is_refused_by_name() {
+        for (json, words) in [
+            (r#"{"rope_scaling":{"rope_type":"yarn","factor":4.0}}"#, ["`rope_scaling.rope_type`", "yarn"]),
+            (r#"{"rope_parameters":{"rope_type":"dynamic","factor":2.0,"rope_theta":1e4}}"#, ["rope_parameters", "dynamic"]),
+            (r#"{"rope_parameters":{"rope_type":"longrope","rope_theta":1e4}}"#, ["rope_parameters", "longrope"]),
+            (r#"{"rope_scaling":{"rope_type":"linear","factor":2.0,"beta_fast":32}}"#, ["beta_fast", "not understood"]),
+            (r#"{"rope_theta":1e4,"rope_parameters":{"rope_theta":5e5}}"#, ["disagree", "rope_theta"]),
+            (r#"{"partial_rotary_factor":0.5}"#, ["partial_rotary_factor", "0.5"]),
+            (r#"{"rope_scaling":{"rope_type":"llama3","factor":8.0}}"#, ["is missing", "llama3"]),
+            (r#"{"rope_parameters":{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}}"#, ["per layer type", "rope_parameters"]),
+        ] {
+            let e = with(json).unwrap_err();
+            assert!(words.iter().all(|w| e.contains(w)), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn architectures_dtype_and_layer_types() {
+        let c = with(r#"{"architectures":null,"model_type":"mistral"}"#).unwrap();
+        assert_eq!(c.architecture, "MistralForCausalLM");
+        let e = with(r#"{"architectures":null,"model_type":"gpt2"}"#).unwrap_err();
+        assert!(e.contains("missing") && e.contains("gpt2"), "{e}");
+        let e = with(r#"{"architectures":null}"#).unwrap_err();
+        assert!(e.contains("both missing"), "{e}");
+        let c = with(r#"{"dtype":"bfloat16"}"#).unwrap();
+        assert_eq!(c.to_json()["torch_dtype"], "bfloat16");
+        assert!(c.to_json().get("dtype").is_none());
+        assert!(with(r#"{"dtype":"bfloat16","torch_dtype":"float32"}"#).is_err());
+        let e = with(r#"{"layer_types":["full_attention"]}"#).unwrap_err();
+        assert!(e.contains("1 entries for 2 layers"), "{e}");
+        let e = with(r#"{"layer_types":["full_attention","sliding_attention"]}"#).unwrap_err();
+        assert!(e.contains("sliding_window"), "{e}");
+        let c = with(r#"{"sliding_window":8,"layer_types":["sliding_attention","full_attention"]}"#)
+            .unwrap();
+        assert_eq!((c.window_of(0), c.window_of(1)), (Some(8), None));
+        let kept = c.keep_layers(&[1]);
+        assert_eq!(kept.layer_types, Some(vec!["full_attention".to_string()]));
+        assert_eq!(kept.to_json()["layer_types"].as_array().unwrap().len(), 1);
+        // Without layer_types the window applies everywhere (Mistral's meaning).
+        let c = with(r#"{"sliding_window":8}"#).unwrap();
+        assert_eq!((c.window_of(0), c.window_of(1)), (Some(8), Some(8)));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::model::ModelError;
-use crate::model::config::ModelConfig;
+use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::fast;
 use crate::model::weights::Weights;
 
@@ -424,7 +424,7 @@ pub struct Decoder<B: Backend> {
     pub compute: Compute,
 }
 
-/// RoPE inverse frequencies, with Llama 3.1's scaling where configured. Rounded the way
+/// RoPE inverse frequencies `[head_dim / 2]`, with linear or Llama 3.1 scaling where configured. Rounded the way
 /// transformers computes them (the exponent in f32, the power rounded to f32, then the
 /// reciprocal and the scaling in f32): an ulp of difference here grows with the position into
 /// logit differences of 1e-4 at a few hundred tokens.
@@ -436,26 +436,47 @@ pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
             1.0f32 / (config.rope_theta.powf(x as f64) as f32)
         })
         .collect();
-    if let Some(s) = &config.rope_scaling {
-        let old = s.original_max_position_embeddings as f32;
-        let (factor, low, high) = (
-            s.factor as f32,
-            s.low_freq_factor as f32,
-            s.high_freq_factor as f32,
-        );
-        let low_wavelen = old / low;
-        let high_wavelen = old / high;
-        for f in inv.iter_mut() {
-            let wavelen = 2.0 * std::f32::consts::PI / *f;
-            if wavelen > low_wavelen {
-                *f /= factor;
-            } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - low) / (high - low);
-                *f = (1.0 - smooth) * *f / factor + smooth * *f;
+    apply_rope_scaling(&mut inv, config.rope_scaling.as_ref());
+    inv
+}
+
+/// Scales RoPE inverse frequencies `[head_dim / 2]` in place (in f32, as transformers does).
+pub fn apply_rope_scaling(inv: &mut [f32], scaling: Option<&RopeScaling>) {
+    match scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => {
+            for f in inv.iter_mut() {
+                *f /= *factor as f32;
             }
         }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => llama3_scale(
+            inv,
+            *factor as f32,
+            *low_freq_factor as f32,
+            *high_freq_factor as f32,
+            *original_max_position_embeddings as f32,
+        ),
     }
-    inv
+}
+
+/// Llama 3.1's scaling of inverse frequencies (transformers' `_compute_llama3_parameters`).
+fn llama3_scale(inv: &mut [f32], factor: f32, low: f32, high: f32, old: f32) {
+    let low_wavelen = old / low;
+    let high_wavelen = old / high;
+    for f in inv.iter_mut() {
+        let wavelen = 2.0 * std::f32::consts::PI / *f;
+        if wavelen > low_wavelen {
+            *f /= factor;
+        } else if wavelen >= high_wavelen {
+            let smooth = (old / wavelen - low) / (high - low);
+            *f = (1.0 - smooth) * *f / factor + smooth * *f;
+        }
+    }
 }
 
 fn param2<B: Backend>(
@@ -536,7 +557,7 @@ impl<B: Backend> Decoder<B> {
                     n_heads: config.num_attention_heads,
                     n_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
-                    sliding_window: config.sliding_window,
+                    sliding_window: config.window_of(l),
                 },
                 post_attention_layernorm: RmsNorm {
                     weight: param1(

@@ -299,6 +299,99 @@ impl GgufFile {
             })
     }
 
+    /// RoPE scaling as a Hugging Face `rope_scaling` object, from the metadata llama.cpp writes
+    /// (`{arch}.rope.scaling.type` / `.factor`, the older `{arch}.rope.scale_linear`) or from a
+    /// `rope_freqs.weight` tensor (Llama 3.x: per-frequency divisors, matched against llama3
+    /// scaling). Kinds distillery does not compute are refused by name.
+    fn rope_scaling(&self, arch: &str, head_dim: usize) -> Result<Option<Value>, ModelError> {
+        let bad = |why: String| ModelError::Gguf {
+            path: self.path.clone(),
+            why,
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let factor = self
+            .metadata
+            .get(&k("rope.scaling.factor"))
+            .and_then(Meta::as_f64);
+        let kind = self
+            .metadata
+            .get(&k("rope.scaling.type"))
+            .and_then(Meta::as_str)
+            .map(str::to_string);
+        let legacy_linear = self
+            .metadata
+            .get(&k("rope.scale_linear"))
+            .and_then(Meta::as_f64)
+            .filter(|f| *f != 1.0);
+        let from_meta = match (kind.as_deref(), legacy_linear) {
+            (None | Some("none"), None) => None,
+            (None | Some("none"), Some(f)) | (Some("linear"), Some(f)) => {
+                Some(json!({"rope_type": "linear", "factor": f}))
+            }
+            (Some("linear"), None) => {
+                let f = factor.ok_or_else(|| {
+                    bad(format!("metadata `{}` is linear but `{}` is missing", k("rope.scaling.type"), k("rope.scaling.factor")))
+                })?;
+                (f != 1.0).then(|| json!({"rope_type": "linear", "factor": f}))
+            }
+            (Some(other), _) => {
+                return Err(bad(format!(
+                    "metadata `{}` is \"{other}\": distillery computes linear and llama3 RoPE scaling, not {other}",
+                    k("rope.scaling.type")
+                )));
+            }
+        };
+        let Some(t) = self.tensors.iter().find(|t| t.name == "rope_freqs.weight") else {
+            return Ok(from_meta);
+        };
+        if from_meta.is_some() {
+            return Err(bad(
+                "the file has both rope scaling metadata and a `rope_freqs.weight` tensor; one of them must go".into(),
+            ));
+        }
+        let divisors = self.dequantize(t);
+        if divisors.len() != head_dim / 2 {
+            return Err(bad(format!(
+                "`rope_freqs.weight` has {} entries for head_dim {head_dim} ({} expected)",
+                divisors.len(),
+                head_dim / 2
+            )));
+        }
+        if divisors.iter().all(|&d| d == 1.0) {
+            return Ok(None);
+        }
+        // llama.cpp's converter writes llama3 scaling as divisors of the inverse frequencies.
+        // The factor is the largest divisor; Llama 3.1–3.3 use low 1, high 4 and 8192 tokens.
+        let theta = self
+            .metadata
+            .get(&k("rope.freq_base"))
+            .and_then(Meta::as_f64)
+            .unwrap_or(10000.0);
+        let factor = divisors.iter().cloned().fold(1.0f32, f32::max) as f64;
+        for (low, high, original) in [(1.0, 4.0, 8192usize), (1.0, 4.0, 4096), (1.0, 4.0, 2048)] {
+            let scaling = crate::model::config::RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original,
+            };
+            let plain: Vec<f32> = (0..head_dim / 2)
+                .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64) as f32))
+                .collect();
+            let mut scaled = plain.clone();
+            crate::model::decoder::apply_rope_scaling(&mut scaled, Some(&scaling));
+            let matches = plain.iter().zip(&scaled).zip(&divisors).all(|((p, s), d)| {
+                ((p / s) - d).abs() <= 1e-3 * d.abs().max(1.0)
+            });
+            if matches {
+                return Ok(Some(scaling.to_json()));
+            }
+        }
+        Err(bad(format!(
+            "`rope_freqs.weight` holds per-frequency RoPE divisors (largest {factor}) that match no llama3 scaling distillery knows (low 1, high 4, original 8192/4096/2048 tokens)"
+        )))
+    }
+
     /// The tensor dequantized to f32, in Hugging Face shape order.
     pub fn dequantize(&self, t: &TensorInfo) -> Vec<f32> {
         let numel: usize = t.shape.iter().product();
@@ -361,6 +454,9 @@ impl GgufFile {
             "max_position_embeddings": self.metadata.get(&k("context_length")).and_then(Meta::as_u64).unwrap_or(2048),
             "tie_word_embeddings": tied,
         });
+        if let Some(scaling) = self.rope_scaling(&arch, head_dim)? {
+            json["rope_scaling"] = scaling;
+        }
         if let Some(b) = self
             .metadata
             .get("tokenizer.ggml.bos_token_id")
@@ -531,6 +627,9 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     let config = file.config()?;
     let mut tensors = BTreeMap::new();
     for t in &file.tensors {
+        if t.name == "rope_freqs.weight" {
+            continue; // RoPE scaling, read into the config
+        }
         let name = hf_name(&t.name).ok_or_else(|| ModelError::Gguf {
             path: path.to_path_buf(),
             why: format!(

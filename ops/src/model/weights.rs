@@ -308,6 +308,24 @@ impl Weights {
         }
     }
 
+    /// Every tensor's values are finite. Errors: the first tensor (by name) holding a NaN or an
+    /// infinity, with the element's flat index and value: a model read with one would turn every
+    /// loss and metric computed from it into NaN far from the cause.
+    pub fn check_finite(&self) -> Result<(), ModelError> {
+        for name in self.names() {
+            let (shape, values) = self.f32(&name)?;
+            if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(ModelError::Checkpoint {
+                    path: self.origin.clone(),
+                    why: format!(
+                        "tensor `{name}` {shape:?} holds {v} at flat index {i}: the weights are corrupt (a diverged training run or a bad conversion); distillery refuses to compute with them"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The dtype most tensors are stored in (what a saved copy should use by default).
     pub fn dominant_dtype(&self) -> DType {
         match &self.backing {
