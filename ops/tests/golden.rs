@@ -50,10 +50,15 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-const CASES: [&str; 3] = [
+/// Saved by transformers 4.46 (make_goldens.py) and by 5.x (make_goldens_v5.py: `rope_parameters`,
+/// `dtype`), which must give the same model.
+const CASES: [&str; 6] = [
     "llama-gqa-tied-f32",
     "llama3-untied-bf16-sharded",
     "mistral-window-f16",
+    "v5-llama3-rope-parameters",
+    "v5-llama-linear",
+    "v5-llama-bos-chartok",
 ];
 
 #[test]
@@ -96,7 +101,11 @@ fn save_then_load_is_bit_identical_with_the_same_config() {
         .unwrap();
         assert!(out.path().join("model.safetensors.index.json").is_file());
         let back = load_model(out.path()).unwrap();
-        assert_eq!(back.config, m.config, "{name}: config changed");
+        // Written in the legacy layout 4.46 reads, and stamped so, whoever saved the source.
+        let (mut a, mut b) = (back.config.clone(), m.config.clone());
+        assert_eq!(a.extra.remove("transformers_version"), Some("4.46.3".into()));
+        b.extra.remove("transformers_version");
+        assert_eq!(a, b, "{name}: config changed");
         for t in m.weights.names() {
             let (meta_a, raw_a) = m.weights.raw(&t).unwrap();
             let (meta_b, raw_b) = back.weights.raw(&t).unwrap();
@@ -108,6 +117,24 @@ fn save_then_load_is_bit_identical_with_the_same_config() {
             serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
                 .unwrap();
         assert_eq!(cfg["head_dim"], m.config.head_dim);
-        assert_eq!(cfg["torch_dtype"], dtype.torch_name());
+        assert_eq!(cfg["dtype"], dtype.torch_name());
+        assert!(cfg.get("torch_dtype").is_none(), "one dtype key");
     }
+}
+
+#[test]
+fn configs_written_back_have_one_spelling_of_rope_and_dtype() {
+    for name in CASES {
+        let m = load_model(&golden_dir(name)).unwrap();
+        let cfg = m.config.to_json();
+        assert!(cfg.get("rope_parameters").is_none(), "{name}: {cfg}");
+        assert!(cfg.get("torch_dtype").is_none(), "{name}: {cfg}");
+        assert!(cfg["rope_theta"].is_number(), "{name}: {cfg}");
+    }
+    // A 5.x config's rope_parameters arrive as the legacy keys with the same values.
+    let m = load_model(&golden_dir("v5-llama3-rope-parameters")).unwrap();
+    let cfg = m.config.to_json();
+    assert_eq!(cfg["rope_theta"], 500000.0);
+    assert_eq!(cfg["rope_scaling"]["rope_type"], "llama3");
+    assert_eq!(cfg["rope_scaling"]["original_max_position_embeddings"], 16);
 }

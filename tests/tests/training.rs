@@ -222,5 +222,5 @@ fn bf16_compute_distills_like_f32_with_f32_master_weights() {
         "validation loss f32 {a} vs bf16 {b}"
     );
     // The written checkpoint holds the f32 master weights (the source's dtype), not bf16 copies.
-    assert_eq!(bf16_config["torch_dtype"], "float32");
+    assert_eq!(bf16_config["dtype"], "float32");
 }

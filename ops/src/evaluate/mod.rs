@@ -268,10 +268,7 @@ impl Evaluate {
         let mut forward_tokens = 0usize;
         let mut forward_secs = 0f64;
         // The harness's prefix token: the tokenizer's BOS, else its EOS.
-        let special = |key: &str| {
-            let v = model.tokenizer_config.as_ref()?.get(key)?;
-            tok.token_id(v.as_str().or_else(|| v["content"].as_str())?)
-        };
+        let special = |key: &str| tok.token_id(&model.special_token(key)?);
         let prefix = loglik::harness_prefix_token(
             special("bos_token"),
             special("eos_token"),

@@ -34,6 +34,27 @@ pub struct LoadedModel {
     pub path: PathBuf,
 }
 
+impl LoadedModel {
+    /// A special token of the tokenizer (`"bos_token"`, `"eos_token"`, ...) as transformers'
+    /// tokenizer sees it: from tokenizer_config.json, else special_tokens_map.json (a string or
+    /// an `{"content": ...}` object); `None` when the tokenizer has no such token.
+    pub fn special_token(&self, key: &str) -> Option<String> {
+        let read = |name: &str| -> Option<serde_json::Value> {
+            let file = self.tokenizer_files.iter().find(|f| f.ends_with(name))?;
+            serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()
+        };
+        let pick = |v: &serde_json::Value| -> Option<String> {
+            let t = v.get(key)?;
+            t.as_str().or_else(|| t["content"].as_str()).map(String::from)
+        };
+        self.tokenizer_config
+            .as_ref()
+            .and_then(pick)
+            .or_else(|| read("tokenizer_config.json").as_ref().and_then(pick))
+            .or_else(|| read("special_tokens_map.json").as_ref().and_then(pick))
+    }
+}
+
 /// Opens a Hugging Face checkpoint directory or a `.gguf` file, validating it against its config.
 pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
     if path.is_file() {
@@ -114,7 +135,8 @@ pub fn save_checkpoint(
     })?;
 
     let mut cfg = config.to_json();
-    cfg["torch_dtype"] = opts.dtype.torch_name().into();
+    // The dtype the shards hold, under the one key `ModelConfig::to_json` writes.
+    cfg["dtype"] = opts.dtype.torch_name().into();
     cfg["transformers_version"] = "4.46.3".into();
     write_json(&dir.join("config.json"), &cfg)?;
     let generation = match opts.generation_config {

@@ -270,7 +270,9 @@ impl ModelConfig {
             return Err("expected a JSON object".into());
         };
         let (rope_theta, rope_scaling) = parse_rope(&mut map)?;
-        // transformers 5 writes `dtype`, 4.x `torch_dtype`: one key, the newer name winning.
+        // transformers 5 writes `dtype`, 4.x `torch_dtype`. One key is written back: `dtype`,
+        // which 5.x reads without a deprecation warning and 4.46 ignores (its `torch_dtype="auto"`
+        // then takes the weights' own dtype).
         match (map.remove("dtype"), map.remove("torch_dtype")) {
             (Some(a), Some(b)) if !a.is_null() && !b.is_null() && a != b => {
                 return Err(format!(
@@ -279,7 +281,7 @@ impl ModelConfig {
             }
             (a, b) => {
                 if let Some(v) = a.filter(|v| !v.is_null()).or(b) {
-                    map.insert("torch_dtype".into(), v);
+                    map.insert("dtype".into(), v);
                 }
             }
         }
@@ -692,8 +694,10 @@ mod tests {
         let e = with(r#"{"architectures":null}"#).unwrap_err();
         assert!(e.contains("both missing"), "{e}");
         let c = with(r#"{"dtype":"bfloat16"}"#).unwrap();
-        assert_eq!(c.to_json()["torch_dtype"], "bfloat16");
-        assert!(c.to_json().get("dtype").is_none());
+        assert_eq!(c.to_json()["dtype"], "bfloat16");
+        assert!(c.to_json().get("torch_dtype").is_none());
+        let c = with(r#"{"torch_dtype":"float16"}"#).unwrap();
+        assert_eq!(c.to_json()["dtype"], "float16");
         assert!(with(r#"{"dtype":"bfloat16","torch_dtype":"float32"}"#).is_err());
         let e = with(r#"{"layer_types":["full_attention"]}"#).unwrap_err();
         assert!(e.contains("1 entries for 2 layers"), "{e}");
@@ -713,7 +717,7 @@ mod tests {
     #[test]
     fn round_trips_and_keeps_unknown_fields() {
         let mut c = nemo();
-        c.extra.insert("torch_dtype".into(), "bfloat16".into());
+        c.extra.insert("dtype".into(), "bfloat16".into());
         let back = ModelConfig::from_json_str(&c.to_json().to_string()).unwrap();
         assert_eq!(back, c);
         assert_eq!(c.to_json()["head_dim"], 128);

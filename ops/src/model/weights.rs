@@ -36,7 +36,7 @@ impl DType {
         }
     }
 
-    /// The `torch_dtype` name of config.json.
+    /// The `dtype` (formerly `torch_dtype`) name of config.json.
     pub fn torch_name(self) -> &'static str {
         match self {
             DType::F32 => "float32",

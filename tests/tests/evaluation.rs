@@ -1,0 +1,150 @@
+//! `evaluate` against independent references: rolling log-likelihoods computed with transformers
+//! 5.x by lm-evaluation-harness's windowing (tests/golden/make_goldens_v5.py), the harness's
+//! conventions for multiple choice, and models or results that are not finite.
+
+mod common;
+
+use common::{Env, golden, stderr, text};
+
+fn report(env: &Env, recipe: &str, step: &str) -> serde_json::Value {
+    let shown: serde_json::Value =
+        serde_json::from_slice(&env.ok(&["show", recipe, step, "--json"]).stdout).unwrap();
+    let dir = std::path::PathBuf::from(shown["path"].as_str().unwrap());
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn rolling_perplexity_matches_the_harness_with_the_tokenizers_bos() {
+    let env = Env::new();
+    let model = golden("v5-llama-bos-chartok");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("eval-golden.json")).unwrap())
+            .unwrap();
+    env.write(
+        "r.toml",
+        &format!(
+            r#"
+[sources.m]
+kind = "model"
+path = "{}"
+
+[sources.text]
+kind = "dataset"
+files = "{}"
+
+[steps.w64]
+op = "evaluate"
+inputs = {{ model = "sources.m", data = "sources.text" }}
+params = {{ window = 64 }}
+
+[steps.w16]
+op = "evaluate"
+inputs = {{ model = "sources.m", data = "sources.text" }}
+params = {{ window = 16 }}
+"#,
+            model.display(),
+            golden("eval-text.txt").display()
+        ),
+    );
+    env.ok(&["run", "r.toml"]);
+    for (step, key) in [("w64", "bos_prefix_window_64"), ("w16", "bos_prefix_window_16")] {
+        let p = &report(&env, "r.toml", step)["perplexity"];
+        assert_eq!(p["tokens"], expected["tokens"]);
+        assert_eq!(p["prefix_token"], 1, "the tokenizer's BOS, not its EOS");
+        let got = p["loglikelihood"].as_f64().unwrap();
+        let want = expected[key].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-3, "{step}: {got} vs transformers {want}");
+        // Two lines of text ending in a newline: re.split(r"\s+") counts the empty last word.
+        let text = std::fs::read_to_string(golden("eval-text.txt")).unwrap();
+        assert_eq!(p["words"], text.split_whitespace().count() + 1);
+        assert_eq!(p["bytes"], text.len());
+        let bpb = p["bits_per_byte"].as_f64().unwrap();
+        assert!((bpb - (-got / text.len() as f64 / std::f64::consts::LN_2)).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn multiple_choice_scores_delimiter_plus_choice_after_the_context() {
+    let env = Env::new();
+    common::tiny_model_and_text(&env);
+    // The harness's own JSONL shape: no trailing space on the context, none before a choice.
+    env.write(
+        "tasks/mc.jsonl",
+        concat!(
+            r#"{"query": "The cat sat on the", "choices": ["mat", "moon", "sea"], "label": 0}"#,
+            "\n",
+            r#"{"context": "Water is ", "choices": ["wet", "dry"], "gold": 1}"#,
+            "\n"
+        ),
+    );
+    let recipe = |delimiter: &str| {
+        format!(
+            r#"
+[sources.teacher]
+kind = "model"
+path = "model"
+
+[sources.tasks]
+kind = "dataset"
+files = "tasks/mc.jsonl"
+format = "jsonl"
+
+[steps.mc]
+op = "evaluate"
+inputs = {{ model = "sources.teacher", tasks = "sources.tasks" }}
+params = {{ target_delimiter = "{delimiter}" }}
+"#
+        )
+    };
+    env.write("r.toml", &recipe(" "));
+    env.ok(&["run", "r.toml"]);
+    let mc = &report(&env, "r.toml", "mc")["multiple_choice"];
+    assert_eq!(mc["items"], 2);
+    assert_eq!(mc["target_delimiter"], " ");
+    assert!(mc["acc_stderr"].as_f64().unwrap() >= 0.0, "{mc}");
+    // Another delimiter is another request, so another key and another result.
+    env.write("r.toml", &recipe(""));
+    let plan = text(&env.ok(&["plan", "r.toml"]));
+    assert!(plan.contains("target_delimiter"), "{plan}");
+}
+
+#[test]
+fn a_model_with_a_nan_weight_is_refused_naming_the_tensor() {
+    let env = Env::new();
+    common::tiny_model_and_text(&env);
+    // Poison one weight of the copied f32 checkpoint: the first element of some tensor's data.
+    let path = env.path("model/model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let (name, info) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, v)| k.ends_with("mlp.up_proj.weight") && v["dtype"] == "F32")
+        .expect("an f32 up_proj");
+    let start = 8 + header_len + info["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    env.write(
+        "r.toml",
+        r#"
+[sources.teacher]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+
+[steps.ppl]
+op = "evaluate"
+inputs = { model = "sources.teacher", data = "sources.text" }
+"#,
+    );
+    let out = env.run(&["run", "r.toml"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(err.contains(name.as_str()) && err.contains("NaN"), "{err}");
+    assert_eq!(common::entries(&env.cache()), 0, "nothing is committed");
+}
