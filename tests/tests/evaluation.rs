@@ -63,6 +63,76 @@ params = {{ window = 16 }}
     }
 }
 
+/// lm-evaluation-harness 0.4.13 itself on the same model and files (make_lm_eval_goldens.py).
+#[test]
+fn numbers_match_lm_evaluation_harness() {
+    let env = Env::new();
+    let model = golden("v5-llama-bos-chartok");
+    let data = golden("lm-eval");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("golden.json")).unwrap()).unwrap();
+    env.write(
+        "r.toml",
+        &format!(
+            r#"
+[sources.m]
+kind = "model"
+path = "{m}"
+
+[sources.docs]
+kind = "dataset"
+files = "{d}/docs.jsonl"
+format = "jsonl"
+
+[sources.mc]
+kind = "dataset"
+files = "{d}/mc.jsonl"
+format = "jsonl"
+
+[steps.harness]
+op = "evaluate"
+inputs = {{ model = "sources.m", data = "sources.docs", tasks = "sources.mc" }}
+params = {{ window = 64 }}
+"#,
+            m = model.display(),
+            d = data.display()
+        ),
+    );
+    env.ok(&["run", "r.toml"]);
+    let r = report(&env, "r.toml", "harness");
+    let close = |got: &serde_json::Value, want: &serde_json::Value, tol: f64, what: &str| {
+        let (g, w) = (got.as_f64().unwrap(), want.as_f64().unwrap());
+        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{what}: distillery {g}, harness {w}");
+    };
+    let (mc, wmc) = (&r["multiple_choice"], &want["multiple_choice"]);
+    for (item, (got, exp)) in mc["loglikelihoods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(wmc["loglikelihoods"].as_array().unwrap())
+        .enumerate()
+    {
+        for (g, w) in got.as_array().unwrap().iter().zip(exp.as_array().unwrap()) {
+            close(g, w, 1e-4, &format!("item {item} log-likelihood"));
+        }
+    }
+    for k in ["acc", "acc_norm", "acc_stderr", "acc_norm_stderr"] {
+        close(&mc[k], &wmc[k], 1e-9, k);
+    }
+    let (p, wp) = (&r["perplexity"], &want["rolling"]);
+    for (g, w) in p["document_loglikelihoods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(wp["loglikelihoods"].as_array().unwrap())
+    {
+        close(g, w, 1e-5, "document log-likelihood");
+    }
+    for k in ["word_perplexity", "byte_perplexity", "bits_per_byte"] {
+        close(&p[k], &wp[k], 1e-4, k);
+    }
+}
+
 #[test]
 fn multiple_choice_scores_delimiter_plus_choice_after_the_context() {
     let env = Env::new();

@@ -295,11 +295,13 @@ impl Evaluate {
                 ds.words =
                     (ds.words as f64 * ds.total_tokens() as f64 / total as f64).round() as usize;
             }
-            let windows: Vec<Window> = ds
-                .docs
-                .iter()
-                .flat_map(|d| rolling_windows(d, prefix, window))
-                .collect();
+            let mut windows: Vec<Window> = Vec::new();
+            let mut doc_of = Vec::new();
+            for (i, d) in ds.docs.iter().enumerate() {
+                let w = rolling_windows(d, prefix, window);
+                doc_of.extend(std::iter::repeat_n(i, w.len()));
+                windows.extend(w);
+            }
             ctx.progress
                 .phase("perplexity", windows.len() as u64, "windows");
             let t = Instant::now();
@@ -309,6 +311,10 @@ impl Evaluate {
             forward_secs += t.elapsed().as_secs_f64();
             forward_tokens += windows.iter().map(|w| w.input.len()).sum::<usize>();
             let ll: f64 = scores.iter().sum();
+            let mut per_doc = vec![0f64; ds.docs.len()];
+            for (s, &d) in scores.iter().zip(&doc_of) {
+                per_doc[d] += s;
+            }
             if !ll.is_finite() {
                 return Err(OpError::Failed(format!(
                     "the log-likelihood of the data is {ll}: the model's logits are not finite (its weights passed the load check, so the forward overflowed; try compute = \"float32\")"
@@ -325,6 +331,7 @@ impl Evaluate {
                 "windows": windows.len(),
                 "prefix_token": prefix,
                 "loglikelihood": ll,
+                "document_loglikelihoods": per_doc,
                 "token_perplexity": (-ll / n as f64).exp(),
                 "word_perplexity": per(ds.words),
                 "byte_perplexity": per(ds.bytes),
@@ -394,6 +401,10 @@ impl Evaluate {
                     best[*i].3 = *c;
                 }
             }
+            let mut per_item: Vec<Vec<f64>> = vec![Vec::new(); items.len()];
+            for ((i, _), s) in owner.iter().zip(&scores) {
+                per_item[*i].push(*s);
+            }
             let correct = best
                 .iter()
                 .zip(&items)
@@ -413,6 +424,8 @@ impl Evaluate {
                 "acc_norm": correct_norm as f64 / items.len() as f64,
                 "acc_norm_stderr": mean_stderr(correct_norm, items.len()),
                 "target_delimiter": delimiter,
+                // Per item, each choice's log-likelihood (the harness's logged `resps`).
+                "loglikelihoods": per_item,
             });
         }
         if forward_tokens > 0 {
