@@ -26,7 +26,7 @@ pub enum CacheError {
         holder: String,
         waited: Duration,
     },
-    #[error("`{}` exists and is not empty; choose an empty or new directory, or pass --replace to replace it", path.display())]
+    #[error("`{}` exists and is not empty; choose a new or empty directory, or pass --replace to replace a previous export there (a folder without `.distillery-export.json` is never replaced)", path.display())]
     Exists { path: PathBuf },
     /// A source (a model directory, dataset files) that cannot be read as one.
     #[error("source file `{}`: {why}", path.display())]

@@ -25,7 +25,8 @@ pub use error::{CacheError, Result};
 pub use key::{CacheKey, Canon, KEY_SCHEME_VERSION, KeyParts};
 pub use lock::KeyLock;
 pub use maintain::{
-    Corruption, ExportMode, GcReport, export_dir, materialize_dir, materialize_file,
+    Corruption, EXPORT_MARKER, ExportMode, GcReport, export_entry, materialize_dir,
+    materialize_file,
 };
 pub use sources::SourceHasher;
 pub use store::{CommitInfo, Entry, FileRecord, Manifest, Partial, Pin, Store};

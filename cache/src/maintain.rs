@@ -256,78 +256,112 @@ pub fn materialize_dir(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// How [`export_dir`] treats an existing target and the files it writes.
+/// How [`export_entry`] treats an existing target and the files it writes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ExportMode {
-    /// Replace a non-empty target (atomically: the new tree is complete before the old goes).
+    /// Replace a previous export (atomically: the new tree is complete before the old goes).
     pub replace: bool,
     /// Write independent, writable copies instead of read-only hard links into the cache.
     pub copy: bool,
 }
 
-/// Writes the tree `src` (an entry's data) to `dst`. A `dst` that exists and is not an empty
-/// directory is refused unless `mode.replace`: two outputs never mix in one folder.
+/// The hidden file that marks a directory as an export: which entry it holds. `--replace` only
+/// ever removes a directory that has one, never a folder of the user's.
+pub const EXPORT_MARKER: &str = ".distillery-export.json";
+
+/// Writes the data of `entry` to `dst`, with [`EXPORT_MARKER`]. A `dst` that does not exist or
+/// is an empty directory (a mount point, say) is written in place; a previous export is replaced
+/// only with `mode.replace`; anything else is refused, so two outputs never mix in one folder and
+/// no folder of the user's is deleted.
 ///
-/// Errors: [`CacheError::Exists`] for a non-empty target; I/O errors name the path.
-pub fn export_dir(src: &Path, dst: &Path, mode: ExportMode) -> Result<()> {
-    let occupied = match fs::read_dir(dst) {
-        Ok(mut it) => it.next().is_some(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(_) if dst.exists() => true, // a file, say
+/// Errors: [`CacheError::Exists`] for a non-empty target that is not (or may not be replaced as)
+/// an export; I/O errors name the path.
+pub fn export_entry(entry: &Entry, dst: &Path, mode: ExportMode) -> Result<()> {
+    let src = entry.data_dir();
+    let marker = serde_json::json!({
+        "key": entry.manifest.key,
+        "step": entry.manifest.step,
+        "op": entry.manifest.op,
+        "files": if mode.copy { "copies" } else { "read-only hard links into the cache" },
+    });
+    let write = |into: &Path| -> Result<()> {
+        fs::create_dir_all(into).map_err(|e| io_err(into, "create", e))?;
+        for rel in walk_files(&src)? {
+            let to = into.join(&rel);
+            if let Some(p) = to.parent() {
+                fs::create_dir_all(p).map_err(|e| io_err(p, "create", e))?;
+            }
+            if mode.copy {
+                fs::copy(src.join(&rel), &to).map_err(|e| io_err(&to, "copy", e))?;
+                use std::os::unix::fs::PermissionsExt;
+                let meta = fs::metadata(&to).map_err(|e| io_err(&to, "stat", e))?;
+                let mut perms = meta.permissions();
+                perms.set_mode(perms.mode() | 0o200); // the owner may write; umask bits kept
+                fs::set_permissions(&to, perms).map_err(|e| io_err(&to, "make writable", e))?;
+            } else {
+                materialize_file(&src.join(&rel), &to)?;
+            }
+        }
+        write_atomic(
+            &into.join(EXPORT_MARKER),
+            serde_json::to_string_pretty(&marker).unwrap().as_bytes(),
+        )
+    };
+    let listing = match fs::read_dir(dst) {
+        Ok(it) => Some(it.filter_map(|e| e.ok()).count()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) if dst.exists() && !dst.is_dir() => {
+            let _ = e;
+            return Err(CacheError::Exists {
+                path: dst.to_path_buf(),
+            });
+        }
         Err(e) => return Err(io_err(dst, "read", e)),
     };
-    if occupied && !mode.replace {
-        return Err(CacheError::Exists {
-            path: dst.to_path_buf(),
-        });
-    }
-    let parent = dst
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| io_err(parent, "create", e))?;
-    let name = dst.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let staging = parent.join(format!(".{name}.export-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    let write = || -> Result<()> {
-        if mode.copy {
-            fs::create_dir_all(&staging).map_err(|e| io_err(&staging, "create", e))?;
-            for rel in walk_files(src)? {
-                let to = staging.join(&rel);
-                if let Some(p) = to.parent() {
-                    fs::create_dir_all(p).map_err(|e| io_err(p, "create", e))?;
+    match listing {
+        // New or empty: written in place (an empty mount point cannot be renamed over).
+        None | Some(0) => {
+            let fresh = listing.is_none();
+            write(dst).inspect_err(|_| {
+                if fresh {
+                    let _ = fs::remove_dir_all(dst);
                 }
-                fs::copy(src.join(&rel), &to).map_err(|e| io_err(&to, "copy", e))?;
-                let mut perms = fs::metadata(&to).map_err(|e| io_err(&to, "stat", e))?.permissions();
-                #[allow(clippy::permissions_set_readonly_false)]
-                perms.set_readonly(false);
-                fs::set_permissions(&to, perms).map_err(|e| io_err(&to, "make writable", e))?;
+            })
+        }
+        Some(_) if !mode.replace || !dst.join(EXPORT_MARKER).is_file() => {
+            Err(CacheError::Exists {
+                path: dst.to_path_buf(),
+            })
+        }
+        Some(_) => {
+            let parent = dst
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = dst
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let staging = parent.join(format!(".{name}.export-{}", std::process::id()));
+            let old = parent.join(format!(".{name}.replaced-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&staging);
+            if let Err(e) = write(&staging) {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(e);
             }
-            Ok(())
-        } else {
-            materialize_dir(src, &staging)
-        }
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_dir_all(&staging);
-        return Err(e);
-    }
-    if occupied || dst.exists() {
-        let old = parent.join(format!(".{name}.replaced-{}", std::process::id()));
-        fs::rename(dst, &old).map_err(|e| io_err(dst, "move the old export aside", e))?;
-        let renamed = fs::rename(&staging, dst);
-        if renamed.is_err() {
-            let _ = fs::rename(&old, dst);
-        } else if old.is_dir() {
+            if let Err(e) = fs::rename(dst, &old) {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(io_err(dst, "move the old export aside", e));
+            }
+            if let Err(e) = fs::rename(&staging, dst) {
+                let _ = fs::rename(&old, dst);
+                let _ = fs::remove_dir_all(&staging);
+                return Err(io_err(dst, "move the export into place", e));
+            }
             let _ = fs::remove_dir_all(&old);
-        } else {
-            let _ = fs::remove_file(&old);
+            Ok(())
         }
-        renamed.map_err(|e| io_err(dst, "move the export into place", e))?;
-    } else {
-        fs::rename(&staging, dst).map_err(|e| io_err(dst, "move the export into place", e))?;
     }
-    Ok(())
 }
 
 /// One file by hard link, else reflink, else copy. An existing target is replaced.

@@ -159,33 +159,6 @@ pub fn walk_source_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-/// The deepest directory holding every one of `files` (absolute paths), and each file's name
-/// relative to it (`/`-separated): what a file set's key is made of, so that moving the set
-/// keeps its key and renaming a file inside it does not.
-pub fn relative_to_common_dir(files: &[PathBuf]) -> Vec<(String, PathBuf)> {
-    let parents: Vec<Vec<std::path::Component>> = files
-        .iter()
-        .map(|f| f.parent().map(|p| p.components().collect()).unwrap_or_default())
-        .collect();
-    let mut common = parents.first().cloned().unwrap_or_default();
-    for p in &parents[1.min(parents.len())..] {
-        let n = common.iter().zip(p).take_while(|(a, b)| a == b).count();
-        common.truncate(n);
-    }
-    let base: PathBuf = common.iter().collect();
-    files
-        .iter()
-        .map(|f| {
-            let rel = f.strip_prefix(&base).unwrap_or(f);
-            let name: Vec<String> = rel
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().to_string())
-                .collect();
-            (name.join("/"), f.clone())
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,19 +210,6 @@ mod tests {
             )
             .unwrap(),
             ka
-        );
-        // A file set is named relative to its common directory: moving it keeps the names.
-        let names = |v: Vec<(String, PathBuf)>| v.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
-        assert_eq!(
-            names(relative_to_common_dir(&[
-                "/x/data/a/1.txt".into(),
-                "/x/data/b/2.txt".into()
-            ])),
-            ["a/1.txt", "b/2.txt"]
-        );
-        assert_eq!(
-            names(relative_to_common_dir(&["/elsewhere/deeper/data/a/1.txt".into()])),
-            ["1.txt"]
         );
         // Changed content (size changes): new key.
         fs::write(&a, b"hello world").unwrap();

@@ -191,8 +191,11 @@ impl Store {
             if meta.len() != f.size {
                 return Some(format!("`{}` changed size {} → {}", f.path, f.size, meta.len()));
             }
+            // A new mtime alone (a cache copied with `cp -r` or tar) is not an edit: the content
+            // decides, re-hashed only then.
             if let Some(t) = f.mtime_ns
                 && mtime_ns(&meta) != t
+                && hash_file(&path).map(|(h, _)| h != f.blake3).unwrap_or(true)
             {
                 return Some(format!("`{}` was modified after it was committed", f.path));
             }
@@ -341,8 +344,15 @@ impl Store {
         let mut pins = Vec::new();
         for item in fs::read_dir(&dir).map_err(|e| io_err(&dir, "list pins", e))? {
             let item = item.map_err(|e| io_err(&dir, "list pins", e))?;
-            let text = fs::read_to_string(item.path())
-                .map_err(|e| io_err(&item.path(), "read the pin", e))?;
+            // `write_atomic`'s temporaries (a concurrent run's, or a crashed one's) are no pins.
+            if item.file_name().to_string_lossy().contains(".tmp.") {
+                continue;
+            }
+            let text = match fs::read_to_string(item.path()) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // replaced meanwhile
+                Err(e) => return Err(io_err(&item.path(), "read the pin", e)),
+            };
             // An unreadable pin must not let gc delete what it protected.
             let pin = serde_json::from_str::<Pin>(&text).map_err(|e| CacheError::Corrupt {
                 path: item.path(),
@@ -494,6 +504,7 @@ impl Partial {
             let _ = fs::remove_dir_all(&old);
             renamed.map_err(|e| io_err(&target, "commit the entry", e))?;
             self.committed = true;
+            let _ = fs::remove_dir_all(self.store.root.join("scratch").join(self.key.to_hex()));
             return self
                 .store
                 .get(&self.key)?

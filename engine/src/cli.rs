@@ -156,7 +156,7 @@ enum Command {
         /// Write a bundle (recipe, lock, outputs) that `cache import` takes on another machine
         #[arg(long)]
         bundle: Option<PathBuf>,
-        /// Replace a non-empty --to directory (atomically) instead of refusing
+        /// Replace a previous export in the --to directory (atomically) instead of refusing
         #[arg(long, requires = "to")]
         replace: bool,
         /// Write editable copies instead of read-only hard links into the cache
@@ -643,8 +643,8 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                     ));
                 }
                 let entry = store.get(&keys[0])?.expect("checked above");
-                distillery_cache::export_dir(
-                    &entry.data_dir(),
+                distillery_cache::export_entry(
+                    &entry,
                     dir,
                     distillery_cache::ExportMode {
                         replace: *replace,

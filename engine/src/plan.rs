@@ -357,9 +357,11 @@ pub fn resolve_sources(
                 exclude,
                 format,
             } => {
-                let mut found = BTreeSet::new();
+                // Path → its name in the key: relative to the directory its pattern starts
+                // from, and with several patterns, the pattern's index in front.
+                let mut found: BTreeMap<PathBuf, String> = BTreeMap::new();
                 let mut failed = false;
-                for (pattern, span) in patterns {
+                for (index, (pattern, span)) in patterns.iter().enumerate() {
                     let full = match expand_path(pattern, &base) {
                         Ok(p) => p,
                         Err(e) => {
@@ -420,15 +422,30 @@ pub fn resolve_sources(
                         );
                         failed = true;
                     }
-                    found.extend(matches);
+                    let root = glob_root(&full);
+                    for m in matches {
+                        let rel: Vec<String> = m
+                            .strip_prefix(&root)
+                            .unwrap_or(&m)
+                            .components()
+                            .map(|c| c.as_os_str().to_string_lossy().to_string())
+                            .collect();
+                        let name = if patterns.len() > 1 {
+                            format!("{index}/{}", rel.join("/"))
+                        } else {
+                            rel.join("/")
+                        };
+                        found.entry(m).or_insert(name);
+                    }
                 }
                 if failed {
                     continue;
                 }
-                let files: Vec<PathBuf> = found.into_iter().collect();
-                // Names relative to the files' common directory: where the set lives (the
-                // checkout, the cache's downloads) is never part of the key; names inside it are.
-                let named = distillery_cache::sources::relative_to_common_dir(&files);
+                // Where the set lives (the checkout, the cache's downloads) is never part of the
+                // key; the names inside it are.
+                let files: Vec<PathBuf> = found.keys().cloned().collect();
+                let named: Vec<(String, PathBuf)> =
+                    found.into_iter().map(|(p, n)| (n, p)).collect();
                 let mut options = BTreeMap::new();
                 let mut decl = BTreeMap::new();
                 decl.insert("kind".to_string(), Canon::Str("dataset".into()));
@@ -474,6 +491,23 @@ pub fn resolve_sources(
         Ok(out)
     } else {
         Err(diags)
+    }
+}
+
+/// The directory a glob starts from: its leading components without a wildcard (for a pattern
+/// without wildcards, the file's own directory).
+fn glob_root(pattern: &Path) -> PathBuf {
+    let root: PathBuf = pattern
+        .components()
+        .take_while(|c| {
+            !c.as_os_str()
+                .to_string_lossy()
+                .contains(['*', '?', '['])
+        })
+        .collect();
+    match root.parent() {
+        Some(dir) if root.is_file() => dir.to_path_buf(),
+        _ => root,
     }
 }
 
@@ -649,6 +683,15 @@ pub fn make_plan(
         for input in &recipe.steps[p.index].inputs {
             if let Ref::Step(j) = input.target {
                 let dep = by_index[&j];
+                if dep.status == Status::Skipped
+                    && let Some(what) = store.modified_file(&dep.key)
+                {
+                    return Err(vec![Diagnostic::at(
+                        &input.span,
+                        format!("step `{}` needs `steps.{}`, whose cached output was edited in place ({what})", p.name, dep.name),
+                    )
+                    .help("run without --only/--from so that it is recomputed, or `--force` it")]);
+                }
                 if dep.status == Status::Skipped && !store.contains(&dep.key) {
                     return Err(vec![Diagnostic::at(
                         &input.span,

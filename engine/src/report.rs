@@ -36,6 +36,9 @@ pub enum Event {
         done: u64,
         total: u64,
         unit: String,
+        /// The op's latest figures (`"loss 2.31, 840 tokens/s"`), when it gives any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     },
     Note {
         step: String,
@@ -120,12 +123,27 @@ impl Reporter for JsonReporter {
     }
 }
 
-/// Bars on a terminal; on anything else, one plain line per step start and end.
+/// Bars on a terminal; on anything else (a Slurm log, `| tee`), plain lines: one per step start
+/// and end, and progress every `DISTILLERY_PROGRESS_INTERVAL` seconds (30 by default) per step.
 pub struct HumanReporter {
     multi: MultiProgress,
     bars: Mutex<HashMap<String, ProgressBar>>,
+    /// Per step: (phase label, when and where the phase was first seen (a resumed step starts
+    /// past 0), when a line was last printed).
+    plain: Mutex<HashMap<String, (String, Instant, u64, Option<Instant>)>>,
+    interval: Duration,
     tty: bool,
     quiet: bool,
+}
+
+/// `1h02m`, `3m05s`, `42s`: an ETA for a log line.
+fn short_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
 }
 
 impl HumanReporter {
@@ -136,9 +154,17 @@ impl HumanReporter {
         } else {
             ProgressDrawTarget::hidden()
         });
+        let interval = std::env::var("DISTILLERY_PROGRESS_INTERVAL")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(Duration::from_secs_f64)
+            .unwrap_or(Duration::from_secs(30));
         HumanReporter {
             multi,
             bars: Mutex::new(HashMap::new()),
+            plain: Mutex::new(HashMap::new()),
+            interval,
             tty,
             quiet,
         }
@@ -160,6 +186,49 @@ impl HumanReporter {
         bars.entry(id.to_string())
             .or_insert_with(|| self.multi.add(make()))
             .clone()
+    }
+
+    /// A progress line for a log, at most every `interval` per step (and at a phase's end):
+    /// `step: label done/total unit (rate unit/s, eta 3m05s) detail`.
+    fn plain_progress(
+        &self,
+        step: &str,
+        label: &str,
+        done: u64,
+        total: u64,
+        unit: &str,
+        detail: Option<&str>,
+    ) {
+        if self.quiet {
+            return;
+        }
+        let now = Instant::now();
+        let mut plain = self.plain.lock().unwrap();
+        let entry = plain
+            .entry(step.to_string())
+            .or_insert_with(|| (label.to_string(), now, done, None));
+        if entry.0 != label {
+            *entry = (label.to_string(), now, done, None);
+        }
+        let due = entry.3.is_none_or(|t| now.duration_since(t) >= self.interval);
+        let last_of_phase = total > 0 && done >= total;
+        if done <= entry.2 || !(due || last_of_phase) {
+            return;
+        }
+        entry.3 = Some(now);
+        let secs = now.duration_since(entry.1).as_secs_f64().max(1e-9);
+        let rate = (done - entry.2) as f64 / secs;
+        let eta = if rate > 0.0 && total > done {
+            format!(", eta {}", short_duration((total - done) as f64 / rate))
+        } else {
+            String::new()
+        };
+        let detail = detail.map(|d| format!(" {d}")).unwrap_or_default();
+        drop(plain);
+        self.line(format!(
+            "{:>14} {step}: {label} {done}/{total} {unit} ({rate:.2} {unit}/s{eta}){detail}",
+            "progress"
+        ));
     }
 
     fn finish_bar(&self, id: &str) {
@@ -218,7 +287,12 @@ impl Reporter for HumanReporter {
                 done,
                 total,
                 unit,
+                detail,
             } => {
+                if !self.tty {
+                    self.plain_progress(&step, &label, done, total, &unit, detail.as_deref());
+                    return;
+                }
                 let bar = self.bar(&step, || {
                     let b = ProgressBar::new(total);
                     b.set_prefix(step.clone());
@@ -279,6 +353,18 @@ impl<'a> StepProgress<'a> {
             state: Mutex::new((String::new(), 0, String::new())),
         }
     }
+
+    fn progress(&self, done: u64, detail: Option<String>) {
+        let (label, total, unit) = self.state.lock().unwrap().clone();
+        self.reporter.event(Event::Progress {
+            step: self.step.clone(),
+            label,
+            done,
+            total,
+            unit,
+            detail,
+        });
+    }
 }
 
 impl distillery_ops::Progress for StepProgress<'_> {
@@ -288,14 +374,11 @@ impl distillery_ops::Progress for StepProgress<'_> {
     }
 
     fn set(&self, done: u64) {
-        let (label, total, unit) = self.state.lock().unwrap().clone();
-        self.reporter.event(Event::Progress {
-            step: self.step.clone(),
-            label,
-            done,
-            total,
-            unit,
-        });
+        self.progress(done, None);
+    }
+
+    fn set_with(&self, done: u64, detail: &str) {
+        self.progress(done, Some(detail.to_string()));
     }
 
     fn note(&self, message: &str) {

@@ -388,6 +388,10 @@ pub trait Progress: Send + Sync {
     fn phase(&self, label: &str, total: u64, unit: &str);
     /// Work done so far in the current phase.
     fn set(&self, done: u64);
+    /// Work done so far, with the latest figures worth a log line (`"loss 2.31"`).
+    fn set_with(&self, done: u64, _detail: &str) {
+        self.set(done);
+    }
     /// A line for the log (a metric, a warning).
     fn note(&self, message: &str);
 }

@@ -737,7 +737,14 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
             m["val_loss"] = validation_loss(objective, &student, val, cfg.micro_batch).into();
         }
         metrics.push(m);
-        ctx.progress.set((step + 1) as u64);
+        let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
+        ctx.progress.set_with(
+            (step + 1) as u64,
+            &format!(
+                "loss {loss_sum:.4}, {:.0} tokens/s",
+                tokens_done as f64 / elapsed
+            ),
+        );
         if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && !last {
             write_checkpoint(
                 &ckpt,

@@ -138,6 +138,17 @@ inputs = {{ model = "sources.teacher", data = "sources.text" }}
     env.write("r2.toml", &recipe("elsewhere/deep", "renamed.gguf"));
     assert_eq!(source_keys(&env, "r2.toml"), first);
     assert_eq!(plan(&env, &["r1.toml"])["look"].0, plan(&env, &["r2.toml"])["look"].0);
+    // Several patterns in unrelated trees: each file is named from its own pattern's root.
+    env.write("far/away/notes.txt", "third document");
+    env.write("near/notes.txt", "third document");
+    let two = |a: &str, b: &str| {
+        format!(
+            "[sources.text]\nkind = \"dataset\"\nfiles = [\"{a}/data/**/*.txt\", \"{b}/*.txt\"]\n\n[steps.e]\nop = \"emit\"\n"
+        )
+    };
+    env.write("r3.toml", &two("one", "far/away"));
+    env.write("r4.toml", &two("elsewhere/deep", "near"));
+    assert_eq!(source_keys(&env, "r3.toml"), source_keys(&env, "r4.toml"));
     // Names inside the set still count: a renamed file is another dataset.
     std::fs::rename(env.path("elsewhere/deep/data/sub/b.txt"), env.path("elsewhere/deep/data/sub/c.txt")).unwrap();
     assert_ne!(source_keys(&env, "r2.toml")["text"], first["text"]);
@@ -270,7 +281,16 @@ fn export_never_mixes_outputs_and_an_edited_export_is_not_trusted() {
     assert!(std::fs::read_to_string(env.path("out/out.txt")).unwrap().starts_with("x|"));
     env.ok(&["export", "r.toml", "drawn", "--to", "out", "--replace"]);
     assert!(std::fs::read_to_string(env.path("out/out.txt")).unwrap().starts_with("seed 42"));
-    assert_eq!(std::fs::read_dir(env.path("out")).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(env.path("out")).unwrap().count(), 2, "out.txt and the marker");
+    // --replace never deletes a folder that is not an export.
+    env.write("mine/notes.txt", "precious");
+    let out = env.run(&["export", "r.toml", "drawn", "--to", "mine", "--replace"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(env.path("mine/notes.txt")).unwrap(), "precious");
+    // An empty directory (a mount point, say) is written in place.
+    std::fs::create_dir(env.path("empty")).unwrap();
+    env.ok(&["export", "r.toml", "drawn", "--to", "empty"]);
+    assert!(env.path("empty/out.txt").is_file());
     // Hard links are read-only; --copy gives files to edit, apart from the cache.
     let exported = env.path("out/out.txt");
     assert_eq!(std::fs::metadata(&exported).unwrap().permissions().mode() & 0o222, 0);

@@ -476,3 +476,25 @@ fn dag_renders_dot_and_mermaid() {
         "{plain}"
     );
 }
+
+#[test]
+fn progress_goes_into_a_log_as_plain_lines() {
+    let env = Env::new();
+    env.write(
+        "r.toml",
+        "[steps.slow]\nop = \"emit\"\nparams = { sleep_ms = 20 }\n",
+    );
+    // stderr is a pipe here, as in a Slurm log or `| tee`: no bars, lines.
+    let out = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_PROGRESS_INTERVAL", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.lines()
+            .any(|l| l.contains("progress slow: sleeping 20/20 ms (")),
+        "{err}"
+    );
+}

@@ -41,9 +41,13 @@ pub fn rolling_windows(tokens: &[u32], prefix: u32, max_len: usize) -> Vec<Windo
 /// The token lm-evaluation-harness 0.4 puts before a document or an empty context
 /// (`HFLM.prefix_token_id`): the tokenizer's BOS when it has one, else its EOS. `bos` and `eos`
 /// are the tokenizer's special tokens as ids (from tokenizer_config.json), `config_eos` the
-/// model config's EOS as a last resort.
-pub fn harness_prefix_token(bos: Option<u32>, eos: Option<u32>, config_eos: Option<u32>) -> u32 {
-    bos.or(eos).or(config_eos).unwrap_or(0)
+/// model config's EOS as a last resort; `None` when there is none at all.
+pub fn harness_prefix_token(
+    bos: Option<u32>,
+    eos: Option<u32>,
+    config_eos: Option<u32>,
+) -> Option<u32> {
+    bos.or(eos).or(config_eos)
 }
 
 /// One `loglikelihood` request encoded as lm-evaluation-harness 0.4's `HFLM._encode_pair` and
@@ -58,13 +62,16 @@ pub fn harness_request<E>(
     max_len: usize,
     encode: &dyn Fn(&str) -> Result<Vec<u32>, E>,
 ) -> Result<Window, E> {
+    // `HFLM.loglikelihood` tests for an empty context before `_encode_pair` trims: a context of
+    // spaces gets no prefix token.
+    let empty = context.is_empty();
     let trimmed = context.trim_end();
     let (context, continuation) = if trimmed.len() < context.len() {
         (trimmed, format!("{}{continuation}", &context[trimmed.len()..]))
     } else {
         (context, continuation.to_string())
     };
-    let (context_ids, continuation_ids) = if context.is_empty() {
+    let (context_ids, continuation_ids) = if empty {
         (vec![prefix], encode(&continuation)?)
     } else {
         let whole = encode(&format!("{context}{continuation}"))?;

@@ -31,7 +31,8 @@ pub struct Choice {
 
 /// Reads multiple-choice items: JSONL lines `{context, choices, gold}` (the harness's common
 /// spellings also: `query`, `ctx` or `question` for the context, `endings` for the choices,
-/// `label` or `answer` for the gold index), or a pair of text files named `*correct*` and
+/// `label` for the 0-based gold index; taken as they are, without a task's own preprocessing),
+/// or a pair of text files named `*correct*` and
 /// `*wrong*` whose lines are whole texts (HellaSwag pairs): the context is their common prefix
 /// up to a word boundary. Choices are scored after the target delimiter, as the harness does.
 pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
@@ -96,11 +97,11 @@ pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
                     })
                 })
                 .collect::<Result<_, _>>()?;
-            let gold = field(&["gold", "label", "answer"])
+            let gold = field(&["gold", "label"])
                 .and_then(|g| g.as_u64().or_else(|| g.as_str()?.trim().parse().ok()))
                 .ok_or_else(|| {
                     OpError::Invalid(format!(
-                        "{}: no integer `gold` (or `label`, `answer`): the index of the right choice",
+                        "{}: no integer `gold` (or `label`): the 0-based index of the right choice",
                         at()
                     ))
                 })? as usize;
@@ -268,12 +269,26 @@ impl Evaluate {
         let mut forward_tokens = 0usize;
         let mut forward_secs = 0f64;
         // The harness's prefix token: the tokenizer's BOS, else its EOS.
-        let special = |key: &str| tok.token_id(&model.special_token(key)?);
+        let special = |key: &str| -> Result<Option<u32>, OpError> {
+            match model.special_token(key) {
+                None => Ok(None),
+                Some(t) => tok.token_id(&t).map(Some).ok_or_else(|| {
+                    OpError::Invalid(format!(
+                        "the tokenizer's {key} {t:?} is not in its vocabulary; fix tokenizer_config.json"
+                    ))
+                }),
+            }
+        };
         let prefix = loglik::harness_prefix_token(
-            special("bos_token"),
-            special("eos_token"),
+            special("bos_token")?,
+            special("eos_token")?,
             model.config.eos_id(),
-        );
+        )
+        .ok_or_else(|| {
+            OpError::Invalid(
+                "the model has neither a BOS nor an EOS token (tokenizer_config.json, config.json): perplexity and empty contexts need one to start from".into(),
+            )
+        })?;
         let max_len = model.config.max_position_embeddings;
 
         if let Some(data) = ctx.inputs.get("data") {
@@ -292,8 +307,9 @@ impl Evaluate {
                     left -= d.len();
                 }
                 ds.docs.retain(|d| !d.is_empty());
-                ds.words =
-                    (ds.words as f64 * ds.total_tokens() as f64 / total as f64).round() as usize;
+                let kept = ds.total_tokens() as f64 / total as f64;
+                ds.words = (ds.words as f64 * kept).round() as usize;
+                ds.bytes = (ds.bytes as f64 * kept).round() as usize;
             }
             let mut windows: Vec<Window> = Vec::new();
             let mut doc_of = Vec::new();

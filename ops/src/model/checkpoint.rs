@@ -135,8 +135,10 @@ pub fn save_checkpoint(
     })?;
 
     let mut cfg = config.to_json();
-    // The dtype the shards hold, under the one key `ModelConfig::to_json` writes.
+    // The dtype the shards hold, under both spellings (5.x reads `dtype`, 4.x-era tools
+    // `torch_dtype`), one value.
     cfg["dtype"] = opts.dtype.torch_name().into();
+    cfg["torch_dtype"] = opts.dtype.torch_name().into();
     cfg["transformers_version"] = "4.46.3".into();
     write_json(&dir.join("config.json"), &cfg)?;
     let generation = match opts.generation_config {

@@ -118,6 +118,14 @@ fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>)
         }
         (a, b) => b.or(a).unwrap_or(10000.0), // transformers' default for Llama and Mistral
     };
+    let had_both = legacy_scaling.is_some() && params.is_some();
+    if let Some(v) = legacy_scaling.as_ref().and_then(|o| o.get("rope_theta"))
+        && v.as_f64() != Some(theta)
+    {
+        return Err(format!(
+            "field `rope_scaling.rope_theta` is {v} but the model's rope_theta is {theta}; keep one"
+        ));
+    }
     let scaling_legacy = legacy_scaling
         .map(|o| parse_scaling("rope_scaling", &o))
         .transpose()?
@@ -126,15 +134,24 @@ fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>)
         .map(|o| parse_scaling("rope_parameters", &o))
         .transpose()?
         .flatten();
-    let scaling = match (scaling_legacy, scaling_params) {
-        (Some(a), Some(b)) if a != b => {
+    // transformers 5 takes `rope_scaling` whole when present and 4.46 never reads
+    // `rope_parameters`: with both objects given, they must say the same thing.
+    let scaling = if had_both {
+        if scaling_legacy != scaling_params {
+            let show = |s: &Option<RopeScaling>| {
+                s.as_ref()
+                    .map(|s| s.to_json().to_string())
+                    .unwrap_or_else(|| "no scaling".into())
+            };
             return Err(format!(
                 "fields `rope_scaling` ({}) and `rope_parameters` ({}) disagree; keep one",
-                a.to_json(),
-                b.to_json()
+                show(&scaling_legacy),
+                show(&scaling_params)
             ));
         }
-        (a, b) => b.or(a),
+        scaling_params
+    } else {
+        scaling_params.or(scaling_legacy)
     };
     Ok((theta, scaling))
 }
@@ -243,8 +260,9 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub sliding_window: Option<usize>,
-    /// Per layer, `"full_attention"` or `"sliding_attention"` (transformers' `layer_types`);
-    /// `None` when the config has none (then `sliding_window`, if set, applies to every layer).
+    /// Per layer, `"full_attention"` or `"sliding_attention"` (transformers' `layer_types`),
+    /// checked against what the architecture runs; kept to be written back, sliced with the
+    /// layers. `None` when the config has none.
     pub layer_types: Option<Vec<String>>,
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Option<Value>,
@@ -270,9 +288,8 @@ impl ModelConfig {
             return Err("expected a JSON object".into());
         };
         let (rope_theta, rope_scaling) = parse_rope(&mut map)?;
-        // transformers 5 writes `dtype`, 4.x `torch_dtype`. One key is written back: `dtype`,
-        // which 5.x reads without a deprecation warning and 4.46 ignores (its `torch_dtype="auto"`
-        // then takes the weights' own dtype).
+        // transformers 5 writes `dtype`, 4.x `torch_dtype`; read either (they must agree), and
+        // `to_json` writes both with one value, for readers of either era.
         match (map.remove("dtype"), map.remove("torch_dtype")) {
             (Some(a), Some(b)) if !a.is_null() && !b.is_null() && a != b => {
                 return Err(format!(
@@ -386,8 +403,17 @@ impl ModelConfig {
                         kinds.len()
                     ));
                 }
-                if sliding_window.is_none() && kinds.iter().any(|k| k == "sliding_attention") {
-                    return Err("field `layer_types` names sliding_attention layers but `sliding_window` is null".into());
+                // Llama and Mistral have one attention for every layer: Mistral windows all of
+                // them by `sliding_window`, Llama none (transformers ignores the field for it).
+                // Per-layer kinds that say otherwise describe a model these classes do not run.
+                let windowed = architecture == "MistralForCausalLM" && sliding_window.is_some();
+                let want = if windowed { "sliding_attention" } else { "full_attention" };
+                if let Some(i) = kinds.iter().position(|k| k != want) {
+                    return Err(format!(
+                        "field `layer_types[{i}]` is \"{}\", but {architecture} with sliding_window {} runs every layer as \"{want}\" (per-layer attention kinds belong to other architectures)",
+                        kinds[i],
+                        sliding_window.map_or("null".to_string(), |w| w.to_string())
+                    ));
                 }
                 Some(kinds)
             }
@@ -439,12 +465,13 @@ impl ModelConfig {
         })
     }
 
-    /// The attention window of layer `layer`: `sliding_window` for a `"sliding_attention"`
-    /// layer, or for every layer when the config has no `layer_types`; `None` is full attention.
-    pub fn window_of(&self, layer: usize) -> Option<usize> {
-        match &self.layer_types {
-            Some(kinds) if kinds[layer] != "sliding_attention" => None,
-            _ => self.sliding_window,
+    /// The attention window of layer `layer` (`None`: full causal attention), as transformers
+    /// runs the architecture: Mistral windows every layer by `sliding_window`; Llama ignores it.
+    pub fn window_of(&self, _layer: usize) -> Option<usize> {
+        if self.architecture == "LlamaForCausalLM" {
+            None
+        } else {
+            self.sliding_window
         }
     }
 
@@ -499,6 +526,9 @@ impl ModelConfig {
         );
         if let Some(kinds) = &self.layer_types {
             set("layer_types", serde_json::to_value(kinds).unwrap());
+        }
+        if let Some(d) = self.extra.get("dtype").cloned() {
+            set("torch_dtype", d);
         }
         set(
             "max_position_embeddings",
@@ -676,6 +706,8 @@ mod tests {
             (r#"{"rope_parameters":{"rope_type":"longrope","rope_theta":1e4}}"#, ["rope_parameters", "longrope"]),
             (r#"{"rope_scaling":{"rope_type":"linear","factor":2.0,"beta_fast":32}}"#, ["beta_fast", "not understood"]),
             (r#"{"rope_theta":1e4,"rope_parameters":{"rope_theta":5e5}}"#, ["disagree", "rope_theta"]),
+            (r#"{"rope_scaling":{"rope_type":"linear","factor":2.0},"rope_parameters":{"rope_type":"default","rope_theta":1e4}}"#, ["disagree", "no scaling"]),
+            (r#"{"rope_theta":1e4,"rope_scaling":{"rope_type":"linear","factor":2.0,"rope_theta":5e5}}"#, ["rope_scaling.rope_theta", "keep one"]),
             (r#"{"partial_rotary_factor":0.5}"#, ["partial_rotary_factor", "0.5"]),
             (r#"{"rope_scaling":{"rope_type":"llama3","factor":8.0}}"#, ["is missing", "llama3"]),
             (r#"{"rope_parameters":{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}}"#, ["per layer type", "rope_parameters"]),
@@ -695,23 +727,29 @@ mod tests {
         assert!(e.contains("both missing"), "{e}");
         let c = with(r#"{"dtype":"bfloat16"}"#).unwrap();
         assert_eq!(c.to_json()["dtype"], "bfloat16");
-        assert!(c.to_json().get("torch_dtype").is_none());
+        assert_eq!(c.to_json()["torch_dtype"], "bfloat16");
         let c = with(r#"{"torch_dtype":"float16"}"#).unwrap();
         assert_eq!(c.to_json()["dtype"], "float16");
+        assert_eq!(ModelConfig::from_json_str(&c.to_json().to_string()).unwrap(), c);
         assert!(with(r#"{"dtype":"bfloat16","torch_dtype":"float32"}"#).is_err());
         let e = with(r#"{"layer_types":["full_attention"]}"#).unwrap_err();
         assert!(e.contains("1 entries for 2 layers"), "{e}");
         let e = with(r#"{"layer_types":["full_attention","sliding_attention"]}"#).unwrap_err();
-        assert!(e.contains("sliding_window"), "{e}");
-        let c = with(r#"{"sliding_window":8,"layer_types":["sliding_attention","full_attention"]}"#)
+        assert!(e.contains("layer_types[1]") && e.contains("full_attention"), "{e}");
+        // Mistral windows every layer; mixed kinds are another architecture's model.
+        let mistral = r#""architectures":["MistralForCausalLM"],"sliding_window":8"#;
+        let e = with(&format!(r#"{{{mistral},"layer_types":["sliding_attention","full_attention"]}}"#))
+            .unwrap_err();
+        assert!(e.contains("layer_types[1]"), "{e}");
+        let c = with(&format!(r#"{{{mistral},"layer_types":["sliding_attention","sliding_attention"]}}"#))
             .unwrap();
-        assert_eq!((c.window_of(0), c.window_of(1)), (Some(8), None));
-        let kept = c.keep_layers(&[1]);
-        assert_eq!(kept.layer_types, Some(vec!["full_attention".to_string()]));
-        assert_eq!(kept.to_json()["layer_types"].as_array().unwrap().len(), 1);
-        // Without layer_types the window applies everywhere (Mistral's meaning).
-        let c = with(r#"{"sliding_window":8}"#).unwrap();
         assert_eq!((c.window_of(0), c.window_of(1)), (Some(8), Some(8)));
+        let kept = c.keep_layers(&[1]);
+        assert_eq!(kept.layer_types, Some(vec!["sliding_attention".to_string()]));
+        assert_eq!(kept.to_json()["layer_types"].as_array().unwrap().len(), 1);
+        // Llama ignores sliding_window, as transformers does.
+        let c = with(r#"{"sliding_window":8}"#).unwrap();
+        assert_eq!((c.window_of(0), c.window_of(1)), (None, None));
     }
 
     #[test]

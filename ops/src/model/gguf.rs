@@ -318,25 +318,21 @@ impl GgufFile {
             .get(&k("rope.scaling.type"))
             .and_then(Meta::as_str)
             .map(str::to_string);
-        let legacy_linear = self
-            .metadata
-            .get(&k("rope.scale_linear"))
-            .and_then(Meta::as_f64)
-            .filter(|f| *f != 1.0);
-        let from_meta = match (kind.as_deref(), legacy_linear) {
-            (None | Some("none"), None) => None,
-            (None | Some("none"), Some(f)) | (Some("linear"), Some(f)) => {
-                Some(json!({"rope_type": "linear", "factor": f}))
-            }
-            (Some("linear"), None) => {
-                let f = factor.ok_or_else(|| {
-                    bad(format!("metadata `{}` is linear but `{}` is missing", k("rope.scaling.type"), k("rope.scaling.factor")))
-                })?;
-                (f != 1.0).then(|| json!({"rope_type": "linear", "factor": f}))
-            }
-            (Some(other), _) => {
+        // As llama.cpp reads them: the type defaults to linear, the factor is
+        // `rope.scaling.factor` else the older `rope.scale_linear`, and 0 or 1 means none.
+        let factor = factor
+            .or_else(|| {
+                self.metadata
+                    .get(&k("rope.scale_linear"))
+                    .and_then(Meta::as_f64)
+            })
+            .filter(|f| *f != 0.0 && *f != 1.0);
+        let from_meta = match (kind.as_deref().unwrap_or("linear"), factor) {
+            (_, None) => None,
+            ("linear", Some(f)) => Some(json!({"rope_type": "linear", "factor": f})),
+            (other, Some(f)) => {
                 return Err(bad(format!(
-                    "metadata `{}` is \"{other}\": distillery computes linear and llama3 RoPE scaling, not {other}",
+                    "metadata `{}` is \"{other}\" with factor {f}: distillery computes linear and llama3 RoPE scaling, not {other}",
                     k("rope.scaling.type")
                 )));
             }
