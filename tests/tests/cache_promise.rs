@@ -13,48 +13,48 @@ use std::time::{Duration, Instant};
 
 use common::{Env, entries, stderr, text};
 
-/// Every step's key and status from `plan --json`.
-fn plan(env: &Env, args: &[&str]) -> BTreeMap<String, (String, String, Vec<String>)> {
+/// `plan --json`, insisting that stdout is one JSON document.
+fn plan_json(env: &Env, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["plan", "--json"];
     all.extend_from_slice(args);
     let out = env.ok(&all);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("plan --json printed more than one JSON document ({e}):\n{}", text(&out)));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("plan --json printed more than one JSON document ({e}):\n{}", text(&out))
+    })
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every step's key, status and reasons.
+fn plan(env: &Env, args: &[&str]) -> BTreeMap<String, (String, String, Vec<String>)> {
+    let v = plan_json(env, args);
+    let field = |s: &serde_json::Value, k: &str| s[k].as_str().unwrap().to_string();
     v["steps"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| {
-            (
-                s["step"].as_str().unwrap().to_string(),
-                (
-                    s["key"].as_str().unwrap().to_string(),
-                    s["status"].as_str().unwrap().to_string(),
-                    s["reasons"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|r| r.as_str().unwrap().to_string())
-                        .collect(),
-                ),
-            )
+            let row = (field(s, "key"), field(s, "status"), strings(&s["reasons"]));
+            (field(s, "step"), row)
         })
         .collect()
 }
 
+/// Every source's key.
 fn source_keys(env: &Env, recipe: &str) -> BTreeMap<String, String> {
-    let out = env.ok(&["plan", "--json", recipe]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = plan_json(env, &[recipe]);
+    let field = |s: &serde_json::Value, k: &str| s[k].as_str().unwrap().to_string();
     v["sources"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["key"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|s| (field(s, "name"), field(s, "key")))
         .collect()
 }
 
