@@ -81,6 +81,10 @@ fn the_seed_keys_exactly_the_steps_that_use_it() {
     assert_ne!(before["drawn"].0, after["drawn"].0, "draw uses the seed");
     assert_eq!(after["drawn"].1, "run");
     assert_eq!(after["drawn"].2, ["recipe seed changed 42 → 7"]);
+    // A lock written for seed 42 does not pass for seed 7.
+    env.ok(&["lock", "r.toml"]);
+    let out = env.run(&["run", "r.toml", "--locked", "--set", "recipe.seed=7"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     env.ok(&["run", "r.toml", "--set", "recipe.seed=7"]);
     let show = text(&env.ok(&["show", "r.toml", "drawn", "--set", "recipe.seed=7"]));
     assert!(show.contains("seed 7"), "{show}");

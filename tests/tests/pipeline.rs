@@ -274,3 +274,27 @@ inputs = { model = "sources.teacher", target = "steps.scan" }
         "{scan_text}"
     );
 }
+
+#[test]
+fn a_shape_transformers_5_will_not_load_is_a_warning_or_with_strict_shapes_an_error() {
+    let env = Env::new();
+    common::tiny_model_and_text(&env);
+    // 4 heads: hidden 42 is not a multiple of them (the model has hidden 64, head_dim 24).
+    let recipe = |strict: bool| {
+        format!(
+            "[sources.teacher]\nkind = \"model\"\npath = \"model\"\n\n[steps.pruned]\nop = \"prune\"\ninputs = {{ model = \"sources.teacher\" }}\nparams = {{ method = \"magnitude\", hidden_size = 42, strict_shapes = {strict} }}\n"
+        )
+    };
+    env.write("r.toml", &recipe(false));
+    let out = env.ok(&["plan", "r.toml"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("warning: step `pruned`: hidden_size 42 is not a multiple of num_attention_heads 4")
+            && err.contains("nearest loadable hidden_size is 40 or 44"),
+        "{err}"
+    );
+    env.write("r.toml", &recipe(true));
+    let out = env.run(&["plan", "r.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr(&out).contains("error: step `pruned`: hidden_size 42"), "{}", stderr(&out));
+}
