@@ -328,11 +328,9 @@ pub fn export_entry(entry: &Entry, dst: &Path, mode: ExportMode) -> Result<()> {
                 }
             })
         }
-        Some(_) if !mode.replace || !dst.join(EXPORT_MARKER).is_file() => {
-            Err(CacheError::Exists {
-                path: dst.to_path_buf(),
-            })
-        }
+        Some(_) if !mode.replace || !dst.join(EXPORT_MARKER).is_file() => Err(CacheError::Exists {
+            path: dst.to_path_buf(),
+        }),
         Some(_) => {
             let parent = dst
                 .parent()

@@ -110,7 +110,12 @@ impl SourceHasher {
 /// Errors: a dangling link, or one that leads to something other than a file or directory, names
 /// the link and its target.
 pub fn walk_source_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+    fn walk(
+        dir: &Path,
+        prefix: &str,
+        depth: usize,
+        out: &mut Vec<(String, PathBuf)>,
+    ) -> Result<()> {
         if depth > 32 {
             return Err(crate::CacheError::Source {
                 path: dir.to_path_buf(),
@@ -139,7 +144,11 @@ pub fn walk_source_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
                     });
                 }
             };
-            let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
             if meta.is_dir() {
                 walk(&path, &rel, depth + 1, out)?;
             } else if meta.is_file() {

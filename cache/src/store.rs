@@ -189,7 +189,12 @@ impl Store {
                 return Some(format!("`{}` is missing", f.path));
             };
             if meta.len() != f.size {
-                return Some(format!("`{}` changed size {} → {}", f.path, f.size, meta.len()));
+                return Some(format!(
+                    "`{}` changed size {} → {}",
+                    f.path,
+                    f.size,
+                    meta.len()
+                ));
             }
             // A new mtime alone (a cache copied with `cp -r` or tar) is not an edit: the content
             // decides, re-hashed only then.

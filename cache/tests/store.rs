@@ -181,7 +181,10 @@ fn gc_keeps_pins_and_respects_a_size_budget() {
     fs::remove_file(&lock_file).unwrap();
     let pins_before = fs::read_dir(dir.path().join("c/pins")).unwrap().count();
     store.gc(&BTreeSet::new(), None, true).unwrap();
-    assert_eq!(fs::read_dir(dir.path().join("c/pins")).unwrap().count(), pins_before);
+    assert_eq!(
+        fs::read_dir(dir.path().join("c/pins")).unwrap().count(),
+        pins_before
+    );
     let r = store.gc(&BTreeSet::new(), None, false).unwrap();
     assert_eq!(r.freed_bytes, 300);
     assert!(store.contains(&keys[0]));

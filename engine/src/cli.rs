@@ -746,11 +746,16 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                 CacheCommand::Pins => {
                     let pins = store.pins()?;
                     if cli.json {
-                        let v: Vec<_> = pins.iter().map(|p| serde_json::json!({
-                            "name": p.name, "file": p.lock_file,
-                            "file_exists": p.lock_file.as_ref().map(|f| f.exists()),
-                            "keys": p.keys,
-                        })).collect();
+                        let v: Vec<_> = pins
+                            .iter()
+                            .map(|p| {
+                                serde_json::json!({
+                                    "name": p.name, "file": p.lock_file,
+                                    "file_exists": p.lock_file.as_ref().map(|f| f.exists()),
+                                    "keys": p.keys,
+                                })
+                            })
+                            .collect();
                         println!("{}", serde_json::to_string_pretty(&v).unwrap());
                     } else {
                         for p in &pins {
@@ -777,9 +782,13 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                     }
                     let wanted: Vec<PathBuf> = files
                         .iter()
-                        .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| {
-                            std::env::current_dir().map(|d| d.join(f)).unwrap_or(f.clone())
-                        }))
+                        .map(|f| {
+                            std::fs::canonicalize(f).unwrap_or_else(|_| {
+                                std::env::current_dir()
+                                    .map(|d| d.join(f))
+                                    .unwrap_or(f.clone())
+                            })
+                        })
                         .collect();
                     let removed = store.unpin(
                         &|p| {
@@ -789,7 +798,11 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                         },
                         *dry_run,
                     )?;
-                    let verb = if *dry_run { "would release" } else { "released" };
+                    let verb = if *dry_run {
+                        "would release"
+                    } else {
+                        "released"
+                    };
                     for p in &removed {
                         println!("{verb} {} ({} entries)", p.name, p.keys.len());
                     }

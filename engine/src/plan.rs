@@ -79,7 +79,9 @@ pub enum Reason {
     /// Computed before with this very key, but the entry is gone (gc, a different cache).
     EntryMissing,
     /// The entry is there, but a file of it was changed in place since it was committed.
-    EntryModified { what: String },
+    EntryModified {
+        what: String,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -499,11 +501,7 @@ pub fn resolve_sources(
 fn glob_root(pattern: &Path) -> PathBuf {
     let root: PathBuf = pattern
         .components()
-        .take_while(|c| {
-            !c.as_os_str()
-                .to_string_lossy()
-                .contains(['*', '?', '['])
-        })
+        .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
         .collect();
     match root.parent() {
         Some(dir) if root.is_file() => dir.to_path_buf(),
@@ -603,16 +601,7 @@ pub fn make_plan(
         } else {
             (
                 Status::Run,
-                explain(
-                    recipe,
-                    store,
-                    i,
-                    key,
-                    &sig.version,
-                    &params,
-                    &inputs,
-                    seed,
-                ),
+                explain(recipe, store, i, key, &sig.version, &params, &inputs, seed),
             )
         };
         planned.push(PlannedStep {

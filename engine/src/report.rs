@@ -210,7 +210,9 @@ impl HumanReporter {
         if entry.0 != label {
             *entry = (label.to_string(), now, done, None);
         }
-        let due = entry.3.is_none_or(|t| now.duration_since(t) >= self.interval);
+        let due = entry
+            .3
+            .is_none_or(|t| now.duration_since(t) >= self.interval);
         let last_of_phase = total > 0 && done >= total;
         if done <= entry.2 || !(due || last_of_phase) {
             return;

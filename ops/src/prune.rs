@@ -574,9 +574,7 @@ impl Op for Prune {
         t.transformers5_shape_problem(&config)
             .map(|message| Problem {
                 param: Some("hidden_size".into()),
-                message: format!(
-                    "{message} (set strict_shapes = true to make this an error)"
-                ),
+                message: format!("{message} (set strict_shapes = true to make this an error)"),
             })
             .into_iter()
             .collect()

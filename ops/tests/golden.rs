@@ -103,7 +103,10 @@ fn save_then_load_is_bit_identical_with_the_same_config() {
         let back = load_model(out.path()).unwrap();
         // Written in the legacy layout 4.46 reads, and stamped so, whoever saved the source.
         let (mut a, mut b) = (back.config.clone(), m.config.clone());
-        assert_eq!(a.extra.remove("transformers_version"), Some("4.46.3".into()));
+        assert_eq!(
+            a.extra.remove("transformers_version"),
+            Some("4.46.3".into())
+        );
         b.extra.remove("transformers_version");
         assert_eq!(a, b, "{name}: config changed");
         for t in m.weights.names() {
@@ -118,7 +121,10 @@ fn save_then_load_is_bit_identical_with_the_same_config() {
                 .unwrap();
         assert_eq!(cfg["head_dim"], m.config.head_dim);
         assert_eq!(cfg["dtype"], dtype.torch_name());
-        assert_eq!(cfg["torch_dtype"], cfg["dtype"], "both spellings, one value");
+        assert_eq!(
+            cfg["torch_dtype"], cfg["dtype"],
+            "both spellings, one value"
+        );
     }
 }
 

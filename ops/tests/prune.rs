@@ -284,10 +284,18 @@ fn search_grid_respects_budget_and_reductions() {
         assert_eq!(t.apply_to(&nemo).parameter_count().0, *p);
         assert!(t.hidden_size.unwrap() >= 3072 && t.num_layers.unwrap() >= 32);
         assert_eq!(t.num_attention_heads.unwrap() % 8, 0);
-        assert_eq!(t.hidden_size.unwrap() % t.num_attention_heads.unwrap(), 0, "loadable");
+        assert_eq!(
+            t.hidden_size.unwrap() % t.num_attention_heads.unwrap(),
+            0,
+            "loadable"
+        );
     }
-    let any = distillery_ops::search::candidates(&nemo, 8_500_000_000, 256, 512, 2, 0.4, 0.2, false);
-    assert!(any.len() > c.len(), "unloadable shapes are left out by default");
+    let any =
+        distillery_ops::search::candidates(&nemo, 8_500_000_000, 256, 512, 2, 0.4, 0.2, false);
+    assert!(
+        any.len() > c.len(),
+        "unloadable shapes are left out by default"
+    );
     // Next to MN-Minitron-8B's shape (ffn 11520 is between two 512-steps): hidden 4096, 40 layers.
     assert!(c.iter().any(|(t, _)| t.hidden_size == Some(4096)
         && t.num_layers == Some(40)

@@ -19,7 +19,10 @@ fn plan_json(env: &Env, args: &[&str]) -> serde_json::Value {
     all.extend_from_slice(args);
     let out = env.ok(&all);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("plan --json printed more than one JSON document ({e}):\n{}", text(&out))
+        panic!(
+            "plan --json printed more than one JSON document ({e}):\n{}",
+            text(&out)
+        )
     })
 }
 
@@ -76,7 +79,10 @@ fn the_seed_keys_exactly_the_steps_that_use_it() {
     env.ok(&["run", "r.toml"]);
     let before = plan(&env, &["r.toml"]);
     let after = plan(&env, &["r.toml", "--set", "recipe.seed=7"]);
-    assert_eq!(before["plain"].0, after["plain"].0, "emit does not use the seed");
+    assert_eq!(
+        before["plain"].0, after["plain"].0,
+        "emit does not use the seed"
+    );
     assert_eq!(after["plain"].1, "cached");
     assert_ne!(before["drawn"].0, after["drawn"].0, "draw uses the seed");
     assert_eq!(after["drawn"].1, "run");
@@ -94,7 +100,12 @@ fn the_seed_keys_exactly_the_steps_that_use_it() {
         let p = distillery_ops::Params(
             params
                 .iter()
-                .map(|(k, v)| (k.to_string(), distillery_ops::ParamValue::Str(v.to_string())))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        distillery_ops::ParamValue::Str(v.to_string()),
+                    )
+                })
                 .collect(),
         );
         registry.get(op).unwrap().uses_seed(&p)
@@ -138,10 +149,16 @@ inputs = {{ model = "sources.teacher", data = "sources.text" }}
     // The same files somewhere else, deeper, the GGUF renamed.
     env.write("elsewhere/deep/data/a.txt", "first document");
     env.write("elsewhere/deep/data/sub/b.txt", "second document");
-    env.write("elsewhere/deep/renamed.gguf", "not really a model, only bytes");
+    env.write(
+        "elsewhere/deep/renamed.gguf",
+        "not really a model, only bytes",
+    );
     env.write("r2.toml", &recipe("elsewhere/deep", "renamed.gguf"));
     assert_eq!(source_keys(&env, "r2.toml"), first);
-    assert_eq!(plan(&env, &["r1.toml"])["look"].0, plan(&env, &["r2.toml"])["look"].0);
+    assert_eq!(
+        plan(&env, &["r1.toml"])["look"].0,
+        plan(&env, &["r2.toml"])["look"].0
+    );
     // Several patterns in unrelated trees: each file is named from its own pattern's root.
     env.write("far/away/notes.txt", "third document");
     env.write("near/notes.txt", "third document");
@@ -154,7 +171,11 @@ inputs = {{ model = "sources.teacher", data = "sources.text" }}
     env.write("r4.toml", &two("elsewhere/deep", "near"));
     assert_eq!(source_keys(&env, "r3.toml"), source_keys(&env, "r4.toml"));
     // Names inside the set still count: a renamed file is another dataset.
-    std::fs::rename(env.path("elsewhere/deep/data/sub/b.txt"), env.path("elsewhere/deep/data/sub/c.txt")).unwrap();
+    std::fs::rename(
+        env.path("elsewhere/deep/data/sub/b.txt"),
+        env.path("elsewhere/deep/data/sub/c.txt"),
+    )
+    .unwrap();
     assert_ne!(source_keys(&env, "r2.toml")["text"], first["text"]);
 }
 
@@ -166,36 +187,61 @@ fn a_hub_snapshot_of_links_keys_like_its_resolved_copy_and_dangling_links_are_na
     env.write("hub/blobs/1111", "{\"a\": 1}");
     env.write("hub/blobs/2222", "weights");
     std::fs::create_dir_all(env.path("hub/snapshots/rev")).unwrap();
-    std::os::unix::fs::symlink("../../blobs/1111", env.path("hub/snapshots/rev/config.json")).unwrap();
-    std::os::unix::fs::symlink("../../blobs/2222", env.path("hub/snapshots/rev/model.safetensors"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        "../../blobs/1111",
+        env.path("hub/snapshots/rev/config.json"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "../../blobs/2222",
+        env.path("hub/snapshots/rev/model.safetensors"),
+    )
+    .unwrap();
     let recipe = |path: &str| {
-        format!("[sources.m]\nkind = \"model\"\npath = \"{path}\"\n\n[steps.look]\nop = \"inspect\"\ninputs = {{ model = \"sources.m\" }}\n")
+        format!(
+            "[sources.m]\nkind = \"model\"\npath = \"{path}\"\n\n[steps.look]\nop = \"inspect\"\ninputs = {{ model = \"sources.m\" }}\n"
+        )
     };
     env.write("copy.toml", &recipe("copy"));
     env.write("hub.toml", &recipe("hub/snapshots/rev"));
-    assert_eq!(source_keys(&env, "hub.toml"), source_keys(&env, "copy.toml"));
+    assert_eq!(
+        source_keys(&env, "hub.toml"),
+        source_keys(&env, "copy.toml")
+    );
     env.ok(&["run", "hub.toml"]);
     std::fs::remove_file(env.path("hub/blobs/2222")).unwrap();
     let out = env.run(&["plan", "hub.toml"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("model.safetensors") && err.contains("dangling symbolic link") && !err.contains("corrupt"),
+        err.contains("model.safetensors")
+            && err.contains("dangling symbolic link")
+            && !err.contains("corrupt"),
         "{err}"
     );
 }
 
 /// Kills a run once its step has written into the scratch directory.
 fn interrupt(env: &Env, args: &[&str]) {
-    let mut child = env.command(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = env
+        .command(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let t = Instant::now();
     let scratch = env.cache().join("scratch");
     while !std::fs::read_dir(&scratch)
-        .map(|d| d.filter_map(Result::ok).any(|e| e.path().join("checkpoint").exists()))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.path().join("checkpoint").exists())
+        })
         .unwrap_or(false)
     {
-        assert!(t.elapsed() < Duration::from_secs(20), "the step never checkpointed");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the step never checkpointed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
@@ -205,9 +251,16 @@ fn interrupt(env: &Env, args: &[&str]) {
 #[test]
 fn force_recomputes_from_nothing_while_a_plain_rerun_resumes() {
     let env = Env::new();
-    env.write("r.toml", "[steps.drawn]\nop = \"draw\"\nparams = { sleep_ms = 30000 }\n");
+    env.write(
+        "r.toml",
+        "[steps.drawn]\nop = \"draw\"\nparams = { sleep_ms = 30000 }\n",
+    );
     interrupt(&env, &["run", "r.toml"]);
-    let out = env.command(&["run", "r.toml"]).env("DISTILLERY_TEST_NO_SLEEP", "1").output().unwrap();
+    let out = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_TEST_NO_SLEEP", "1")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&env.ok(&["show", "r.toml", "drawn"])).contains("resumed true"));
 
@@ -230,10 +283,16 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
-                out.insert(format!("{}/", p.strip_prefix(base).unwrap().display()), Vec::new());
+                out.insert(
+                    format!("{}/", p.strip_prefix(base).unwrap().display()),
+                    Vec::new(),
+                );
                 walk(base, &p, out);
             } else {
-                out.insert(p.strip_prefix(base).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(base).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -252,11 +311,27 @@ fn gc_dry_run_changes_nothing_and_a_moved_recipe_keeps_its_pin() {
     std::fs::rename(env.path("r.toml"), env.path("away.toml")).unwrap();
     let before = snapshot(&env.cache());
     let dry = env.ok(&["gc", "--dry-run"]);
-    assert_eq!(snapshot(&env.cache()), before, "gc --dry-run changed the cache");
-    assert!(text(&dry).contains("would remove 1 entries"), "{}", text(&dry));
-    assert!(stderr(&dry).contains("its file is gone"), "{}", stderr(&dry));
+    assert_eq!(
+        snapshot(&env.cache()),
+        before,
+        "gc --dry-run changed the cache"
+    );
+    assert!(
+        text(&dry).contains("would remove 1 entries"),
+        "{}",
+        text(&dry)
+    );
+    assert!(
+        stderr(&dry).contains("its file is gone"),
+        "{}",
+        stderr(&dry)
+    );
     env.ok(&["gc"]);
-    assert_eq!(entries(&env.cache()), 2, "the last run's results stay pinned");
+    assert_eq!(
+        entries(&env.cache()),
+        2,
+        "the last run's results stay pinned"
+    );
     let pins = text(&env.ok(&["cache", "pins"]));
     assert!(pins.contains("(file gone)"), "{pins}");
     let dry = snapshot(&env.cache());
@@ -282,25 +357,46 @@ fn export_never_mixes_outputs_and_an_edited_export_is_not_trusted() {
     let out = env.run(&["export", "r.toml", "drawn", "--to", "out"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(stderr(&out).contains("is not empty") && stderr(&out).contains("--replace"));
-    assert!(std::fs::read_to_string(env.path("out/out.txt")).unwrap().starts_with("x|"));
+    assert!(
+        std::fs::read_to_string(env.path("out/out.txt"))
+            .unwrap()
+            .starts_with("x|")
+    );
     env.ok(&["export", "r.toml", "drawn", "--to", "out", "--replace"]);
-    assert!(std::fs::read_to_string(env.path("out/out.txt")).unwrap().starts_with("seed 42"));
-    assert_eq!(std::fs::read_dir(env.path("out")).unwrap().count(), 2, "out.txt and the marker");
+    assert!(
+        std::fs::read_to_string(env.path("out/out.txt"))
+            .unwrap()
+            .starts_with("seed 42")
+    );
+    assert_eq!(
+        std::fs::read_dir(env.path("out")).unwrap().count(),
+        2,
+        "out.txt and the marker"
+    );
     // --replace never deletes a folder that is not an export.
     env.write("mine/notes.txt", "precious");
     let out = env.run(&["export", "r.toml", "drawn", "--to", "mine", "--replace"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert_eq!(std::fs::read_to_string(env.path("mine/notes.txt")).unwrap(), "precious");
+    assert_eq!(
+        std::fs::read_to_string(env.path("mine/notes.txt")).unwrap(),
+        "precious"
+    );
     // An empty directory (a mount point, say) is written in place.
     std::fs::create_dir(env.path("empty")).unwrap();
     env.ok(&["export", "r.toml", "drawn", "--to", "empty"]);
     assert!(env.path("empty/out.txt").is_file());
     // Hard links are read-only; --copy gives files to edit, apart from the cache.
     let exported = env.path("out/out.txt");
-    assert_eq!(std::fs::metadata(&exported).unwrap().permissions().mode() & 0o222, 0);
+    assert_eq!(
+        std::fs::metadata(&exported).unwrap().permissions().mode() & 0o222,
+        0
+    );
     env.ok(&["export", "r.toml", "drawn", "--to", "editable", "--copy"]);
     let copy = env.path("editable/out.txt");
-    assert_ne!(std::fs::metadata(&copy).unwrap().permissions().mode() & 0o200, 0);
+    assert_ne!(
+        std::fs::metadata(&copy).unwrap().permissions().mode() & 0o200,
+        0
+    );
     std::fs::write(&copy, "mine").unwrap();
     assert!(plan(&env, &["r.toml"])["drawn"].1 == "cached");
     // Editing the hard link anyway (root can) edits the entry: run notices and recomputes.
@@ -309,7 +405,11 @@ fn export_never_mixes_outputs_and_an_edited_export_is_not_trusted() {
     std::fs::write(&exported, "seed 99 edited").unwrap();
     let p = plan(&env, &["r.toml"]);
     assert_eq!(p["drawn"].1, "run");
-    assert!(p["drawn"].2[0].contains("edited in place"), "{:?}", p["drawn"]);
+    assert!(
+        p["drawn"].2[0].contains("edited in place"),
+        "{:?}",
+        p["drawn"]
+    );
     assert_eq!(env.run(&["cache", "verify"]).status.code(), Some(6));
     env.ok(&["run", "r.toml"]);
     assert!(text(&env.ok(&["show", "r.toml", "drawn"])).contains("seed 42"));
@@ -322,7 +422,11 @@ fn closed_pipes_end_every_command_promptly_and_quietly() {
     env.write("r.toml", "[steps.slow]\nop = \"emit\"\nparams = { sleep_ms = 30000 }\n\n[steps.quick]\nop = \"emit\"\nparams = { text = \"q\" }\n");
     env.ok(&["run", "r.toml", "--only", "quick"]);
     // `distillery run r.toml 2>&1 | head -1` while a step is running.
-    for args in [&["run", "r.toml"][..], &["show", "r.toml", "quick"][..], &["plan", "r.toml"][..]] {
+    for args in [
+        &["run", "r.toml"][..],
+        &["show", "r.toml", "quick"][..],
+        &["plan", "r.toml"][..],
+    ] {
         let (reader, writer) = std::io::pipe().unwrap();
         let mut command = env.command(args);
         command.stdout(writer.try_clone().unwrap()).stderr(writer);
@@ -348,7 +452,11 @@ fn closed_pipes_end_every_command_promptly_and_quietly() {
             "{args:?}: {status:?}"
         );
     }
-    assert_eq!(entries(&env.cache()), 1, "the interrupted step committed nothing");
+    assert_eq!(
+        entries(&env.cache()),
+        1,
+        "the interrupted step committed nothing"
+    );
 }
 
 fn libc_sigpipe() -> i32 {
@@ -366,7 +474,10 @@ fn plan_json_is_one_document_and_recipe_mistakes_say_what_they_are() {
     let out = env.run(&["plan", "r.toml"]);
     let err = stderr(&out);
     assert!(err.contains("unknown source kind `modle`"), "{err}");
-    assert!(!err.contains("no source named"), "a typo in kind cascaded:\n{err}");
+    assert!(
+        !err.contains("no source named"),
+        "a typo in kind cascaded:\n{err}"
+    );
     env.write(
         "r.toml",
         "[sources.text]\nkind = \"dataset\"\nfiles = \"data/*.txt\"\nexclude = [\"a.txt\"]\n\n[steps.e]\nop = \"emit\"\n",
@@ -375,10 +486,18 @@ fn plan_json_is_one_document_and_recipe_mistakes_say_what_they_are() {
     assert!(err.contains("`exclude` removed them all"), "{err}");
     // First use of a source hashes it: those events must not reach stdout with --json.
     env.write("data/b.txt", "more text");
-    env.write("r.toml", "[sources.text]\nkind = \"dataset\"\nfiles = \"data/*.txt\"\n\n[steps.e]\nop = \"emit\"\n");
+    env.write(
+        "r.toml",
+        "[sources.text]\nkind = \"dataset\"\nfiles = \"data/*.txt\"\n\n[steps.e]\nop = \"emit\"\n",
+    );
     plan(&env, &["r.toml"]);
     // DISTILLERY_CACHE set but empty means unset.
-    let out = env.command(&["cache", "dir"]).env("DISTILLERY_CACHE", "").env("HOME", env.path("home")).output().unwrap();
+    let out = env
+        .command(&["cache", "dir"])
+        .env("DISTILLERY_CACHE", "")
+        .env("HOME", env.path("home"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("home/.cache/distillery"));
 }
@@ -393,7 +512,8 @@ fn a_new_key_scheme_is_explained_as_such() {
     for dir in std::fs::read_dir(&runs).unwrap() {
         for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
             let p = f.unwrap().path();
-            let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
             v.as_object_mut().unwrap().remove("key_scheme");
             v["key"] = serde_json::Value::String("0".repeat(64));
             std::fs::write(&p, v.to_string()).unwrap();
@@ -403,5 +523,8 @@ fn a_new_key_scheme_is_explained_as_such() {
     std::fs::remove_dir_all(&entries_dir).unwrap();
     std::fs::create_dir(&entries_dir).unwrap();
     let p = plan(&env, &["r.toml"]);
-    assert_eq!(p["plain"].2, ["cache key scheme changed 1 → 2 (a distillery update; every key moved)"]);
+    assert_eq!(
+        p["plain"].2,
+        ["cache key scheme changed 1 → 2 (a distillery update; every key moved)"]
+    );
 }

@@ -47,13 +47,19 @@ params = {{ window = 16 }}
         ),
     );
     env.ok(&["run", "r.toml"]);
-    for (step, key) in [("w64", "bos_prefix_window_64"), ("w16", "bos_prefix_window_16")] {
+    for (step, key) in [
+        ("w64", "bos_prefix_window_64"),
+        ("w16", "bos_prefix_window_16"),
+    ] {
         let p = &report(&env, "r.toml", step)["perplexity"];
         assert_eq!(p["tokens"], expected["tokens"]);
         assert_eq!(p["prefix_token"], 1, "the tokenizer's BOS, not its EOS");
         let got = p["loglikelihood"].as_f64().unwrap();
         let want = expected[key].as_f64().unwrap();
-        assert!((got - want).abs() < 1e-3, "{step}: {got} vs transformers {want}");
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{step}: {got} vs transformers {want}"
+        );
         // Two lines of text ending in a newline: re.split(r"\s+") counts the empty last word.
         let text = std::fs::read_to_string(golden("eval-text.txt")).unwrap();
         assert_eq!(p["words"], text.split_whitespace().count() + 1);
@@ -102,7 +108,10 @@ params = {{ window = 64 }}
     let r = report(&env, "r.toml", "harness");
     let close = |got: &serde_json::Value, want: &serde_json::Value, tol: f64, what: &str| {
         let (g, w) = (got.as_f64().unwrap(), want.as_f64().unwrap());
-        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{what}: distillery {g}, harness {w}");
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{what}: distillery {g}, harness {w}"
+        );
     };
     let (mc, wmc) = (&r["multiple_choice"], &want["multiple_choice"]);
     for (item, (got, exp)) in mc["loglikelihoods"]

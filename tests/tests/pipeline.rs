@@ -289,12 +289,17 @@ fn a_shape_transformers_5_will_not_load_is_a_warning_or_with_strict_shapes_an_er
     let out = env.ok(&["plan", "r.toml"]);
     let err = stderr(&out);
     assert!(
-        err.contains("warning: step `pruned`: hidden_size 42 is not a multiple of num_attention_heads 4")
-            && err.contains("nearest loadable hidden_size is 40 or 44"),
+        err.contains(
+            "warning: step `pruned`: hidden_size 42 is not a multiple of num_attention_heads 4"
+        ) && err.contains("nearest loadable hidden_size is 40 or 44"),
         "{err}"
     );
     env.write("r.toml", &recipe(true));
     let out = env.run(&["plan", "r.toml"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(stderr(&out).contains("error: step `pruned`: hidden_size 42"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("error: step `pruned`: hidden_size 42"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -67,7 +67,10 @@ pub fn harness_request<E>(
     let empty = context.is_empty();
     let trimmed = context.trim_end();
     let (context, continuation) = if trimmed.len() < context.len() {
-        (trimmed, format!("{}{continuation}", &context[trimmed.len()..]))
+        (
+            trimmed,
+            format!("{}{continuation}", &context[trimmed.len()..]),
+        )
     } else {
         (context, continuation.to_string())
     };

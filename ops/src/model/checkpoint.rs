@@ -45,7 +45,9 @@ impl LoadedModel {
         };
         let pick = |v: &serde_json::Value| -> Option<String> {
             let t = v.get(key)?;
-            t.as_str().or_else(|| t["content"].as_str()).map(String::from)
+            t.as_str()
+                .or_else(|| t["content"].as_str())
+                .map(String::from)
         };
         self.tokenizer_config
             .as_ref()

@@ -72,7 +72,11 @@ fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>)
     let legacy_scaling = match map.remove("rope_scaling") {
         None | Some(Value::Null) => None,
         Some(Value::Object(o)) => Some(o),
-        Some(v) => return Err(format!("field `rope_scaling` is {v}, not an object or null")),
+        Some(v) => {
+            return Err(format!(
+                "field `rope_scaling` is {v}, not an object or null"
+            ));
+        }
     };
     let params = match map.remove("rope_parameters") {
         None | Some(Value::Null) => None,
@@ -94,7 +98,9 @@ fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>)
         ("partial_rotary_factor", map.remove("partial_rotary_factor")),
         (
             "rope_parameters.partial_rotary_factor",
-            params.as_ref().and_then(|p| p.get("partial_rotary_factor").cloned()),
+            params
+                .as_ref()
+                .and_then(|p| p.get("partial_rotary_factor").cloned()),
         ),
     ] {
         if let Some(v) = v.filter(|v| !v.is_null())
@@ -212,7 +218,9 @@ fn parse_scaling(field: &str, o: &Map<String, Value>) -> Result<Option<RopeScali
         let f = num("factor")?
             .ok_or_else(|| format!("field `{field}.factor` is missing for rope_type \"{kind}\""))?;
         if f < 1.0 {
-            return Err(format!("field `{field}.factor` is {f}; it must be at least 1"));
+            return Err(format!(
+                "field `{field}.factor` is {f}; it must be at least 1"
+            ));
         }
         Ok(f)
     };
@@ -389,7 +397,9 @@ impl ModelConfig {
                 let mut kinds = Vec::with_capacity(a.len());
                 for (i, v) in a.iter().enumerate() {
                     match v.as_str() {
-                        Some(k @ ("full_attention" | "sliding_attention")) => kinds.push(k.to_string()),
+                        Some(k @ ("full_attention" | "sliding_attention")) => {
+                            kinds.push(k.to_string())
+                        }
                         _ => {
                             return Err(format!(
                                 "field `layer_types[{i}]` is {v}; this architecture has \"full_attention\" and \"sliding_attention\" layers"
@@ -407,7 +417,11 @@ impl ModelConfig {
                 // them by `sliding_window`, Llama none (transformers ignores the field for it).
                 // Per-layer kinds that say otherwise describe a model these classes do not run.
                 let windowed = architecture == "MistralForCausalLM" && sliding_window.is_some();
-                let want = if windowed { "sliding_attention" } else { "full_attention" };
+                let want = if windowed {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                };
                 if let Some(i) = kinds.iter().position(|k| k != want) {
                     return Err(format!(
                         "field `layer_types[{i}]` is \"{}\", but {architecture} with sliding_window {} runs every layer as \"{want}\" (per-layer attention kinds belong to other architectures)",
@@ -657,7 +671,8 @@ mod tests {
 
     #[test]
     fn transformers5_rope_parameters_are_read() {
-        let c = with(r#"{"rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}}"#).unwrap();
+        let c =
+            with(r#"{"rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}}"#).unwrap();
         assert_eq!((c.rope_theta, c.rope_scaling.clone()), (500000.0, None));
         let c = with(
             r#"{"rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
@@ -689,9 +704,15 @@ mod tests {
             "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}}"#,
         )
         .unwrap();
-        assert!(matches!(both.rope_scaling, Some(RopeScaling::Llama3 { .. })));
+        assert!(matches!(
+            both.rope_scaling,
+            Some(RopeScaling::Llama3 { .. })
+        ));
         let linear = with(r#"{"rope_scaling":{"type":"linear","factor":2.0}}"#).unwrap();
-        assert_eq!(linear.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(
+            linear.rope_scaling,
+            Some(RopeScaling::Linear { factor: 2.0 })
+        );
         assert_eq!(linear.rope_theta, 10000.0);
         let e = with(r#"{"rope_scaling":{"type":"linear","rope_type":"dynamic","factor":2.0}}"#)
             .unwrap_err();
@@ -701,16 +722,46 @@ mod tests {
     #[test]
     fn rope_that_is_not_computed_is_refused_by_name() {
         for (json, words) in [
-            (r#"{"rope_scaling":{"rope_type":"yarn","factor":4.0}}"#, ["`rope_scaling.rope_type`", "yarn"]),
-            (r#"{"rope_parameters":{"rope_type":"dynamic","factor":2.0,"rope_theta":1e4}}"#, ["rope_parameters", "dynamic"]),
-            (r#"{"rope_parameters":{"rope_type":"longrope","rope_theta":1e4}}"#, ["rope_parameters", "longrope"]),
-            (r#"{"rope_scaling":{"rope_type":"linear","factor":2.0,"beta_fast":32}}"#, ["beta_fast", "not understood"]),
-            (r#"{"rope_theta":1e4,"rope_parameters":{"rope_theta":5e5}}"#, ["disagree", "rope_theta"]),
-            (r#"{"rope_scaling":{"rope_type":"linear","factor":2.0},"rope_parameters":{"rope_type":"default","rope_theta":1e4}}"#, ["disagree", "no scaling"]),
-            (r#"{"rope_theta":1e4,"rope_scaling":{"rope_type":"linear","factor":2.0,"rope_theta":5e5}}"#, ["rope_scaling.rope_theta", "keep one"]),
-            (r#"{"partial_rotary_factor":0.5}"#, ["partial_rotary_factor", "0.5"]),
-            (r#"{"rope_scaling":{"rope_type":"llama3","factor":8.0}}"#, ["is missing", "llama3"]),
-            (r#"{"rope_parameters":{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}}"#, ["per layer type", "rope_parameters"]),
+            (
+                r#"{"rope_scaling":{"rope_type":"yarn","factor":4.0}}"#,
+                ["`rope_scaling.rope_type`", "yarn"],
+            ),
+            (
+                r#"{"rope_parameters":{"rope_type":"dynamic","factor":2.0,"rope_theta":1e4}}"#,
+                ["rope_parameters", "dynamic"],
+            ),
+            (
+                r#"{"rope_parameters":{"rope_type":"longrope","rope_theta":1e4}}"#,
+                ["rope_parameters", "longrope"],
+            ),
+            (
+                r#"{"rope_scaling":{"rope_type":"linear","factor":2.0,"beta_fast":32}}"#,
+                ["beta_fast", "not understood"],
+            ),
+            (
+                r#"{"rope_theta":1e4,"rope_parameters":{"rope_theta":5e5}}"#,
+                ["disagree", "rope_theta"],
+            ),
+            (
+                r#"{"rope_scaling":{"rope_type":"linear","factor":2.0},"rope_parameters":{"rope_type":"default","rope_theta":1e4}}"#,
+                ["disagree", "no scaling"],
+            ),
+            (
+                r#"{"rope_theta":1e4,"rope_scaling":{"rope_type":"linear","factor":2.0,"rope_theta":5e5}}"#,
+                ["rope_scaling.rope_theta", "keep one"],
+            ),
+            (
+                r#"{"partial_rotary_factor":0.5}"#,
+                ["partial_rotary_factor", "0.5"],
+            ),
+            (
+                r#"{"rope_scaling":{"rope_type":"llama3","factor":8.0}}"#,
+                ["is missing", "llama3"],
+            ),
+            (
+                r#"{"rope_parameters":{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}}"#,
+                ["per layer type", "rope_parameters"],
+            ),
         ] {
             let e = with(json).unwrap_err();
             assert!(words.iter().all(|w| e.contains(w)), "{json}: {e}");
@@ -730,22 +781,35 @@ mod tests {
         assert_eq!(c.to_json()["torch_dtype"], "bfloat16");
         let c = with(r#"{"torch_dtype":"float16"}"#).unwrap();
         assert_eq!(c.to_json()["dtype"], "float16");
-        assert_eq!(ModelConfig::from_json_str(&c.to_json().to_string()).unwrap(), c);
+        assert_eq!(
+            ModelConfig::from_json_str(&c.to_json().to_string()).unwrap(),
+            c
+        );
         assert!(with(r#"{"dtype":"bfloat16","torch_dtype":"float32"}"#).is_err());
         let e = with(r#"{"layer_types":["full_attention"]}"#).unwrap_err();
         assert!(e.contains("1 entries for 2 layers"), "{e}");
         let e = with(r#"{"layer_types":["full_attention","sliding_attention"]}"#).unwrap_err();
-        assert!(e.contains("layer_types[1]") && e.contains("full_attention"), "{e}");
+        assert!(
+            e.contains("layer_types[1]") && e.contains("full_attention"),
+            "{e}"
+        );
         // Mistral windows every layer; mixed kinds are another architecture's model.
         let mistral = r#""architectures":["MistralForCausalLM"],"sliding_window":8"#;
-        let e = with(&format!(r#"{{{mistral},"layer_types":["sliding_attention","full_attention"]}}"#))
-            .unwrap_err();
+        let e = with(&format!(
+            r#"{{{mistral},"layer_types":["sliding_attention","full_attention"]}}"#
+        ))
+        .unwrap_err();
         assert!(e.contains("layer_types[1]"), "{e}");
-        let c = with(&format!(r#"{{{mistral},"layer_types":["sliding_attention","sliding_attention"]}}"#))
-            .unwrap();
+        let c = with(&format!(
+            r#"{{{mistral},"layer_types":["sliding_attention","sliding_attention"]}}"#
+        ))
+        .unwrap();
         assert_eq!((c.window_of(0), c.window_of(1)), (Some(8), Some(8)));
         let kept = c.keep_layers(&[1]);
-        assert_eq!(kept.layer_types, Some(vec!["sliding_attention".to_string()]));
+        assert_eq!(
+            kept.layer_types,
+            Some(vec!["sliding_attention".to_string()])
+        );
         assert_eq!(kept.to_json()["layer_types"].as_array().unwrap().len(), 1);
         // Llama ignores sliding_window, as transformers does.
         let c = with(r#"{"sliding_window":8}"#).unwrap();

@@ -376,9 +376,11 @@ impl GgufFile {
                 .collect();
             let mut scaled = plain.clone();
             crate::model::decoder::apply_rope_scaling(&mut scaled, Some(&scaling));
-            let matches = plain.iter().zip(&scaled).zip(&divisors).all(|((p, s), d)| {
-                ((p / s) - d).abs() <= 1e-3 * d.abs().max(1.0)
-            });
+            let matches = plain
+                .iter()
+                .zip(&scaled)
+                .zip(&divisors)
+                .all(|((p, s), d)| ((p / s) - d).abs() <= 1e-3 * d.abs().max(1.0));
             if matches {
                 return Ok(Some(scaling.to_json()));
             }
