@@ -179,7 +179,8 @@ impl Store {
 
     /// The first file of the entry for `key` whose size or modification time differs from its
     /// manifest (edited in place, through an exported hard link say), with what differs; `None`
-    /// when the entry looks intact or does not exist. Only `stat`s: `cache verify` re-hashes.
+    /// when the entry looks intact or does not exist. `stat`s every file and re-hashes only one
+    /// whose mtime moved; `cache verify` re-hashes everything.
     pub fn modified_file(&self, key: &CacheKey) -> Option<String> {
         let entry = self.get(key).ok()??;
         let data = entry.data_dir();
@@ -245,15 +246,19 @@ impl Store {
     /// The scratch directory of `key`, created if missing. A long step checkpoints here; it
     /// survives interruptions and is removed after the step commits.
     pub fn scratch_dir(&self, key: &CacheKey) -> Result<PathBuf> {
-        let dir = self.root.join("scratch").join(key.to_hex());
+        let dir = self.scratch_path(key);
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create the scratch directory", e))?;
         Ok(dir)
+    }
+
+    fn scratch_path(&self, key: &CacheKey) -> PathBuf {
+        self.root.join("scratch").join(key.to_hex())
     }
 
     /// Removes the scratch directory of `key` (checkpoints of an interrupted run), so that the
     /// next run starts from nothing. Call it while holding the key's lock.
     pub fn clear_scratch(&self, key: &CacheKey) -> Result<()> {
-        let dir = self.root.join("scratch").join(key.to_hex());
+        let dir = self.scratch_path(key);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -324,8 +329,7 @@ impl Store {
             Err(e) => return Err(io_err(&dir, "remove the entry", e)),
         }
         fs::remove_dir_all(&doomed).map_err(|e| io_err(&doomed, "remove the entry", e))?;
-        let scratch = self.root.join("scratch").join(key.to_hex());
-        let _ = fs::remove_dir_all(scratch);
+        let _ = self.clear_scratch(key);
         Ok(())
     }
 
@@ -401,6 +405,13 @@ pub struct Pin {
     /// in `gc`); `distillery cache unpin` releases it.
     pub lock_file: Option<PathBuf>,
     pub keys: BTreeSet<CacheKey>,
+}
+
+impl Pin {
+    /// Whether the recipe or lock file this pin stands for no longer exists.
+    pub fn file_gone(&self) -> bool {
+        self.lock_file.as_ref().is_some_and(|f| !f.exists())
+    }
 }
 
 const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -509,7 +520,7 @@ impl Partial {
             let _ = fs::remove_dir_all(&old);
             renamed.map_err(|e| io_err(&target, "commit the entry", e))?;
             self.committed = true;
-            let _ = fs::remove_dir_all(self.store.root.join("scratch").join(self.key.to_hex()));
+            let _ = self.store.clear_scratch(&self.key);
             return self
                 .store
                 .get(&self.key)?
@@ -527,8 +538,7 @@ impl Partial {
         }
         self.committed = true;
         sync_dir(target.parent().unwrap());
-        let scratch = self.store.root.join("scratch").join(self.key.to_hex());
-        let _ = fs::remove_dir_all(scratch);
+        let _ = self.store.clear_scratch(&self.key);
         self.store
             .get(&self.key)?
             .ok_or_else(|| CacheError::Corrupt {

@@ -189,7 +189,7 @@ fn gc_keeps_pins_and_respects_a_size_budget() {
     assert_eq!(r.freed_bytes, 300);
     assert!(store.contains(&keys[0]));
     // Released only by an explicit unpin; a dry unpin removes nothing.
-    let missing = |p: &Pin| p.lock_file.as_ref().is_some_and(|f| !f.exists());
+    let missing = |p: &Pin| p.file_gone();
     assert_eq!(store.unpin(&missing, true).unwrap().len(), 1);
     assert_eq!(store.pins().unwrap().len(), 1);
     assert_eq!(store.unpin(&missing, false).unwrap().len(), 1);

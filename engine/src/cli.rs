@@ -710,7 +710,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
             let orphaned: Vec<_> = store
                 .pins()?
                 .into_iter()
-                .filter(|p| p.lock_file.as_ref().is_some_and(|f| !f.exists()))
+                .filter(distillery_cache::Pin::file_gone)
                 .collect();
             if !orphaned.is_empty() && !cli.quiet {
                 // On stderr: stdout stays the report (and JSON with --json).
@@ -751,7 +751,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                             .map(|p| {
                                 serde_json::json!({
                                     "name": p.name, "file": p.lock_file,
-                                    "file_exists": p.lock_file.as_ref().map(|f| f.exists()),
+                                    "file_gone": p.file_gone(),
                                     "keys": p.keys,
                                 })
                             })
@@ -759,7 +759,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap());
                     } else {
                         for p in &pins {
-                            let gone = p.lock_file.as_ref().is_some_and(|f| !f.exists());
+                            let gone = p.file_gone();
                             println!(
                                 "{:>4} entries  {}{}",
                                 p.keys.len(),
@@ -792,9 +792,8 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                         .collect();
                     let removed = store.unpin(
                         &|p| {
-                            p.lock_file.as_ref().is_some_and(|f| {
-                                (*missing && !f.exists()) || wanted.iter().any(|w| w == f)
-                            })
+                            (*missing && p.file_gone())
+                                || p.lock_file.as_ref().is_some_and(|f| wanted.contains(f))
                         },
                         *dry_run,
                     )?;

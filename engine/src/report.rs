@@ -112,14 +112,13 @@ impl Reporter for JsonReporter {
             last.insert(step.clone(), now);
         }
         let line = serde_json::to_string(&event).unwrap();
-        if self.stderr {
-            let mut out = std::io::stderr().lock();
-            let _ = writeln!(out, "{line}");
+        let mut out: Box<dyn Write> = if self.stderr {
+            Box::new(std::io::stderr().lock())
         } else {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
-        }
+            Box::new(std::io::stdout().lock())
+        };
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
     }
 }
 
@@ -128,12 +127,20 @@ impl Reporter for JsonReporter {
 pub struct HumanReporter {
     multi: MultiProgress,
     bars: Mutex<HashMap<String, ProgressBar>>,
-    /// Per step: (phase label, when and where the phase was first seen (a resumed step starts
-    /// past 0), when a line was last printed).
-    plain: Mutex<HashMap<String, (String, Instant, u64, Option<Instant>)>>,
+    /// Per step, the phase its log lines are about.
+    plain: Mutex<HashMap<String, PlainPhase>>,
     interval: Duration,
     tty: bool,
     quiet: bool,
+}
+
+/// A phase as the log lines see it.
+struct PlainPhase {
+    label: String,
+    /// When and at how much work done the phase was first seen (a resumed step starts past 0).
+    since: Instant,
+    done_at_start: u64,
+    last_line: Option<Instant>,
 }
 
 /// `1h02m`, `3m05s`, `42s`: an ETA for a log line.
@@ -204,22 +211,26 @@ impl HumanReporter {
         }
         let now = Instant::now();
         let mut plain = self.plain.lock().unwrap();
-        let entry = plain
-            .entry(step.to_string())
-            .or_insert_with(|| (label.to_string(), now, done, None));
-        if entry.0 != label {
-            *entry = (label.to_string(), now, done, None);
+        let fresh = || PlainPhase {
+            label: label.to_string(),
+            since: now,
+            done_at_start: done,
+            last_line: None,
+        };
+        let phase = plain.entry(step.to_string()).or_insert_with(fresh);
+        if phase.label != label {
+            *phase = fresh();
         }
-        let due = entry
-            .3
+        let due = phase
+            .last_line
             .is_none_or(|t| now.duration_since(t) >= self.interval);
         let last_of_phase = total > 0 && done >= total;
-        if done <= entry.2 || !(due || last_of_phase) {
+        if done <= phase.done_at_start || !(due || last_of_phase) {
             return;
         }
-        entry.3 = Some(now);
-        let secs = now.duration_since(entry.1).as_secs_f64().max(1e-9);
-        let rate = (done - entry.2) as f64 / secs;
+        phase.last_line = Some(now);
+        let secs = now.duration_since(phase.since).as_secs_f64().max(1e-9);
+        let rate = (done - phase.done_at_start) as f64 / secs;
         let eta = if rate > 0.0 && total > done {
             format!(", eta {}", short_duration((total - done) as f64 / rate))
         } else {
