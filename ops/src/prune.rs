@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use crate::data::SplitMix;
+use crate::model::arch::{Axis, Role};
 use crate::model::checkpoint::{SaveOptions, load_config};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{DType, Weights};
@@ -297,50 +298,83 @@ fn head_rows(heads: &[usize], d: usize) -> Vec<usize> {
     heads.iter().flat_map(|&h| h * d..(h + 1) * d).collect()
 }
 
-/// Streams the pruned tensors of `weights` (a model of `old`) into a checkpoint of `new`.
+/// The kept indices along `axis` of old layer `l`'s tensors (`l` in the new model's numbering
+/// for per-layer axes), from the plan: one generic gather for every family's table.
+fn kept_along(axis: Axis, old: &ModelConfig, plan: &PrunePlan, new_l: Option<usize>) -> Vec<usize> {
+    let d = old.head_dim;
+    let all = |n: usize| (0..n).collect::<Vec<_>>();
+    let layer = || new_l.expect("a per-layer axis outside a layer");
+    match axis {
+        Axis::Vocab => all(old.vocab_size),
+        Axis::Hidden => plan.hidden.clone(),
+        Axis::HeadDim => all(d),
+        Axis::Ffn => plan.neurons[layer()].clone(),
+        Axis::QHeads => head_rows(&plan.heads[layer()], d),
+        Axis::KvHeads => head_rows(&plan.kv_groups[layer()], d),
+        Axis::PackedQkv => {
+            let (q, kv) = (old.num_attention_heads * d, old.num_key_value_heads * d);
+            let kept_kv = head_rows(&plan.kv_groups[layer()], d);
+            let mut rows = head_rows(&plan.heads[layer()], d);
+            rows.extend(kept_kv.iter().map(|r| q + r));
+            rows.extend(kept_kv.iter().map(|r| q + kv + r));
+            rows
+        }
+        Axis::PackedGateUp => {
+            let n = &plan.neurons[layer()];
+            n.iter()
+                .copied()
+                .chain(n.iter().map(|i| old.intermediate_size + i))
+                .collect()
+        }
+    }
+}
+
+/// Streams the pruned tensors of `weights` (a model of `old`) into a checkpoint of `new`: the
+/// tensor `name` of the new checkpoint, gathered from its source by the axes of the family's
+/// table.
 pub fn prune_tensor(
     weights: &Weights,
     old: &ModelConfig,
     plan: &PrunePlan,
     name: &str,
 ) -> Result<Vec<f32>, OpError> {
-    let all = |n: usize| (0..n).collect::<Vec<_>>();
-    let h = &plan.hidden;
-    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
-        let (_, w) = weights.f32(name)?;
-        return Ok(gather(&w, old.hidden_size, &all(old.vocab_size), h));
-    }
-    if name == "model.norm.weight" {
-        let (_, w) = weights.f32(name)?;
-        return Ok(h.iter().map(|&i| w[i]).collect());
-    }
-    let rest = name
+    // New layer n is old layer plan.layers[n]: same role, same table row.
+    let (new_l, src) = match name
         .strip_prefix("model.layers.")
-        .ok_or_else(|| OpError::Invalid(format!("unexpected tensor {name}")))?;
-    let (new_l, part) = rest.split_once('.').unwrap();
-    let new_l: usize = new_l.parse().unwrap();
-    let l = plan.layers[new_l];
-    let src = format!("model.layers.{l}.{part}");
-    let (_, w) = weights.f32(&src)?;
-    let d = old.head_dim;
-    let hid = old.hidden_size;
-    Ok(match part {
-        "input_layernorm.weight" | "post_attention_layernorm.weight" => {
-            h.iter().map(|&i| w[i]).collect()
-        }
-        "self_attn.q_proj.weight" => gather(&w, hid, &head_rows(&plan.heads[new_l], d), h),
-        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
-            gather(&w, hid, &head_rows(&plan.kv_groups[new_l], d), h)
-        }
-        "self_attn.o_proj.weight" => gather(
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(n, part)| Some((n.parse::<usize>().ok()?, part)))
+    {
+        Some((n, part)) => (Some(n), format!("model.layers.{}.{part}", plan.layers[n])),
+        None => (None, name.to_string()),
+    };
+    let spec = old
+        .tensor_specs()
+        .into_iter()
+        .find(|s| s.name == src)
+        .ok_or_else(|| {
+            OpError::Invalid(format!(
+                "tensor {name} is not part of a {} (its source {src} is not in the table)",
+                old.architecture()
+            ))
+        })?;
+    let (shape, w) = weights.f32(&src)?;
+    Ok(match spec.axes[..] {
+        [rows] => kept_along(rows, old, plan, new_l)
+            .into_iter()
+            .map(|i| w[i])
+            .collect(),
+        [rows, cols] => gather(
             &w,
-            old.num_attention_heads * d,
-            h,
-            &head_rows(&plan.heads[new_l], d),
+            shape[1],
+            &kept_along(rows, old, plan, new_l),
+            &kept_along(cols, old, plan, new_l),
         ),
-        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => gather(&w, hid, &plan.neurons[new_l], h),
-        "mlp.down_proj.weight" => gather(&w, old.intermediate_size, h, &plan.neurons[new_l]),
-        other => return Err(OpError::Invalid(format!("unexpected tensor part {other}"))),
+        _ => {
+            return Err(OpError::Invalid(format!(
+                "tensor {name} has {} axes in the table",
+                spec.axes.len()
+            )));
+        }
     })
 }
 
@@ -386,13 +420,25 @@ pub fn baseline_scores(
             *h += x * x;
         }
     }
+    // The rows of the up projection and of the queries, by role: Phi-3 packs them with others.
+    let specs = c.tensor_specs();
+    let rows_of = |l: usize, plain: Role, packed: Role, skip: usize, take: usize| {
+        let spec = specs
+            .iter()
+            .find(|s| s.layer == Some(l) && (s.role == plain || s.role == packed))
+            .ok_or_else(|| OpError::Invalid(format!("layer {l} has no {plain:?} tensor")))?;
+        let (_, w) = weights.f32(&spec.name)?;
+        let skip = if spec.role == packed { skip } else { 0 };
+        Ok::<_, OpError>(w[skip * c.hidden_size..(skip + take) * c.hidden_size].to_vec())
+    };
     let mut neurons = Vec::new();
     let mut heads = Vec::new();
     let mut kv_groups = Vec::new();
     for l in 0..n {
-        let (_, up) = weights.f32(&format!("model.layers.{l}.mlp.up_proj.weight"))?;
+        let f = c.intermediate_size;
+        let up = rows_of(l, Role::Up, Role::GateUp, f, f)?;
         neurons.push(row_norms(&up, c.hidden_size));
-        let (_, q) = weights.f32(&format!("model.layers.{l}.self_attn.q_proj.weight"))?;
+        let q = rows_of(l, Role::Q, Role::Qkv, 0, c.num_attention_heads * c.head_dim)?;
         let per_head: Vec<f32> = q
             .chunks(c.head_dim * c.hidden_size)
             .map(|h| h.iter().map(|x| x * x).sum::<f32>().sqrt())

@@ -382,7 +382,7 @@ fn save_decoder(
     src: &LoadedModel,
     provenance: &serde_json::Value,
 ) -> Result<(), OpError> {
-    let tensors = model.named_tensors();
+    let tensors = model.named_tensors(config);
     let map: std::collections::HashMap<String, Vec<f32>> =
         tensors.into_iter().map(|(n, _, v)| (n, v)).collect();
     let opts = SaveOptions {

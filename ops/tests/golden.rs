@@ -51,14 +51,21 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Saved by transformers 4.46 (make_goldens.py) and by 5.x (make_goldens_v5.py: `rope_parameters`,
-/// `dtype`), which must give the same model.
-const CASES: [&str; 6] = [
+/// `dtype`; make_goldens_families.py: one per family of the architecture table), which must give
+/// the same model.
+const CASES: [&str; 12] = [
     "llama-gqa-tied-f32",
     "llama3-untied-bf16-sharded",
     "mistral-window-f16",
     "v5-llama3-rope-parameters",
     "v5-llama-linear",
     "v5-llama-bos-chartok",
+    "family-qwen2",
+    "family-qwen3",
+    "family-gemma2",
+    "family-gemma3_text",
+    "family-phi3",
+    "family-nemotron",
 ];
 
 #[test]

@@ -267,7 +267,7 @@ fn model_card(config: &ModelConfig, prov: &serde_json::Value) -> String {
         key = s("key"),
         file = s("recipe_file"),
         tool = s("tool_version"),
-        arch = config.architecture,
+        arch = config.architecture(),
         p = params as f64 / 1e6,
         ne = non_embed as f64 / 1e6,
         layers = config.num_hidden_layers,

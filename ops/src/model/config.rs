@@ -6,6 +6,10 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::model::ModelError;
+use crate::model::arch::{
+    Activation, AttentionBias, AxisSizes, DefaultPattern, Family, Role, TensorFeatures, TensorSpec,
+    WindowRule, tensor_specs,
+};
 
 /// RoPE frequency scaling, as transformers' `ROPE_INIT_FUNCTIONS` names the kinds
 /// (`modeling_rope_utils.py`). Kinds distillery does not compute (dynamic, yarn, longrope, ...)
@@ -58,71 +62,110 @@ impl RopeScaling {
 /// RoPE kinds transformers knows that distillery does not compute, refused by name.
 const UNSUPPORTED_ROPE_TYPES: [&str; 4] = ["dynamic", "yarn", "longrope", "proportional"];
 
-/// RoPE as the config states it: `rope_theta` and scaling from transformers 5's
-/// `rope_parameters` or the legacy top-level `rope_theta` / `rope_scaling` (with `type`,
-/// `rope_type` or both), which must agree where both are given.
-fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>), String> {
-    let legacy_theta = match map.remove("rope_theta") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_f64()
-                .ok_or_else(|| format!("field `rope_theta` is {v}, not a number"))?,
-        ),
-    };
-    let legacy_scaling = match map.remove("rope_scaling") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => Some(o),
-        Some(v) => {
-            return Err(format!(
-                "field `rope_scaling` is {v}, not an object or null"
-            ));
-        }
-    };
-    let params = match map.remove("rope_parameters") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => Some(o),
-        Some(v) => {
-            return Err(format!(
-                "field `rope_parameters` is {v}, not an object or null"
-            ));
-        }
-    };
+/// RoPE as a config states it (one set; Gemma 3 has one per layer type).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeSet {
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
+}
+
+/// Reads a number field that may be absent or null.
+fn opt_f64(v: Option<Value>, field: &str) -> Result<Option<f64>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| format!("field `{field}` is {v}, not a number")),
+    }
+}
+
+/// Takes an object field that may be absent or null.
+fn opt_object(map: &mut Map<String, Value>, field: &str) -> Result<Option<Map<String, Value>>, String> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Ok(Some(o)),
+        Some(v) => Err(format!("field `{field}` is {v}, not an object or null")),
+    }
+}
+
+/// RoPE as the config states it: `rope_theta`, scaling and `partial_rotary_factor` from
+/// transformers 5's `rope_parameters` or the legacy top-level `rope_theta` / `rope_scaling` (with
+/// `type`, `rope_type` or both) / `partial_rotary_factor`, which must agree where both are given.
+/// For a family with RoPE per layer type (Gemma 3) also the sliding layers' set, from
+/// `rope_parameters.sliding_attention` or the legacy `rope_local_base_freq`. Returns the (full
+/// attention) set, the rotary fraction and the local set.
+fn parse_rope(
+    map: &mut Map<String, Value>,
+    family: &Family,
+) -> Result<(RopeSet, f64, Option<RopeSet>), String> {
+    let legacy_theta = opt_f64(map.remove("rope_theta"), "rope_theta")?;
+    let legacy_scaling = opt_object(map, "rope_scaling")?;
+    let legacy_local = opt_f64(map.remove("rope_local_base_freq"), "rope_local_base_freq")?;
+    let legacy_partial = opt_f64(map.remove("partial_rotary_factor"), "partial_rotary_factor")?;
+    let mut params = opt_object(map, "rope_parameters")?;
+    let mut local_params = None;
     if let Some(p) = &params
         && p.values().any(Value::is_object)
     {
-        return Err("field `rope_parameters` holds one set per layer type (Gemma-3 style); this architecture has one RoPE for all layers".into());
-    }
-    // `partial_rotary_factor` (top level in 4.x, inside rope_parameters in 5.x) rotates only
-    // part of each head; the Llama/Mistral decoder rotates it whole.
-    for (field, v) in [
-        ("partial_rotary_factor", map.remove("partial_rotary_factor")),
-        (
-            "rope_parameters.partial_rotary_factor",
-            params
-                .as_ref()
-                .and_then(|p| p.get("partial_rotary_factor").cloned()),
-        ),
-    ] {
-        if let Some(v) = v.filter(|v| !v.is_null())
-            && v.as_f64() != Some(1.0)
-        {
+        if !family.rope_per_layer_type {
             return Err(format!(
-                "field `{field}` is {v}; this architecture rotates whole heads (1.0)"
+                "field `rope_parameters` holds one set per layer type (Gemma-3 style); {} has one RoPE for all layers",
+                family.architecture
+            ));
+        }
+        let mut p = params.take().unwrap();
+        let mut take = |k: &str| match p.remove(k) {
+            Some(Value::Object(o)) => Ok(o),
+            other => Err(format!(
+                "field `rope_parameters.{k}` is {}, not an object",
+                other.map(|v| v.to_string()).unwrap_or_else(|| "missing".into())
+            )),
+        };
+        params = Some(take("full_attention")?);
+        local_params = Some(take("sliding_attention")?);
+        if let Some(k) = p.keys().next() {
+            return Err(format!(
+                "field `rope_parameters.{k}` names a layer type distillery does not know (it reads full_attention and sliding_attention)"
             ));
         }
     }
-    let params_theta = params.as_ref().and_then(|p| p.get("rope_theta")).map(|v| {
-        v.as_f64()
-            .ok_or_else(|| format!("field `rope_parameters.rope_theta` is {v}, not a number"))
-    });
-    let params_theta = params_theta.transpose()?;
+    // `partial_rotary_factor` (top level in 4.x, inside rope_parameters in 5.x): the fraction of
+    // each head that is rotated.
+    let params_partial = opt_f64(
+        params.as_ref().and_then(|p| p.get("partial_rotary_factor").cloned()),
+        "rope_parameters.partial_rotary_factor",
+    )?;
+    let partial = match (legacy_partial, params_partial) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "fields `partial_rotary_factor` ({a}) and `rope_parameters.partial_rotary_factor` ({b}) disagree; keep one"
+            ));
+        }
+        (a, b) => b.or(a).unwrap_or(1.0),
+    };
+    if partial != 1.0 && !family.partial_rotary {
+        return Err(format!(
+            "field `partial_rotary_factor` is {partial}; {} rotates whole heads (1.0)",
+            family.architecture
+        ));
+    }
+    if !(partial > 0.0 && partial <= 1.0) {
+        return Err(format!(
+            "field `partial_rotary_factor` is {partial}; it must be in (0, 1]"
+        ));
+    }
+    let params_theta = opt_f64(
+        params.as_ref().and_then(|p| p.get("rope_theta").cloned()),
+        "rope_parameters.rope_theta",
+    )?;
     let theta = match (legacy_theta, params_theta) {
         (Some(a), Some(b)) if a != b => {
             return Err(format!(
                 "fields `rope_theta` ({a}) and `rope_parameters.rope_theta` ({b}) disagree; keep one"
             ));
         }
-        (a, b) => b.or(a).unwrap_or(10000.0), // transformers' default for Llama and Mistral
+        (a, b) => b.or(a).unwrap_or(family.default_rope_theta),
     };
     let had_both = legacy_scaling.is_some() && params.is_some();
     if let Some(v) = legacy_scaling.as_ref().and_then(|o| o.get("rope_theta"))
@@ -136,8 +179,13 @@ fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>)
         .map(|o| parse_scaling("rope_scaling", &o))
         .transpose()?
         .flatten();
+    let params_field = if local_params.is_some() {
+        "rope_parameters.full_attention"
+    } else {
+        "rope_parameters"
+    };
     let scaling_params = params
-        .map(|o| parse_scaling("rope_parameters", &o))
+        .map(|o| parse_scaling(params_field, &o))
         .transpose()?
         .flatten();
     // transformers 5 takes `rope_scaling` whole when present and 4.46 never reads
@@ -159,7 +207,38 @@ fn parse_rope(map: &mut Map<String, Value>) -> Result<(f64, Option<RopeScaling>)
     } else {
         scaling_params.or(scaling_legacy)
     };
-    Ok((theta, scaling))
+    let local = if family.rope_per_layer_type {
+        let field = "rope_parameters.sliding_attention";
+        let (theta_l, scaling_l) = match &local_params {
+            Some(o) => (
+                opt_f64(o.get("rope_theta").cloned(), &format!("{field}.rope_theta"))?,
+                parse_scaling(field, o)?,
+            ),
+            None => (None, None),
+        };
+        let theta_l = match (legacy_local, theta_l) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "fields `rope_local_base_freq` ({a}) and `{field}.rope_theta` ({b}) disagree; keep one"
+                ));
+            }
+            // transformers' default local base for Gemma 3.
+            (a, b) => b.or(a).unwrap_or(10000.0),
+        };
+        Some(RopeSet {
+            theta: theta_l,
+            scaling: scaling_l,
+        })
+    } else {
+        if legacy_local.is_some() {
+            return Err(format!(
+                "field `rope_local_base_freq` is not understood for {} (it has one RoPE for all layers)",
+                family.architecture
+            ));
+        }
+        None
+    };
+    Ok((RopeSet { theta, scaling }, partial, local))
 }
 
 /// One scaling object (`rope_scaling` or `rope_parameters`); `None` for the default kind.
@@ -253,7 +332,8 @@ fn parse_scaling(field: &str, o: &Map<String, Value>) -> Result<Option<RopeScali
 /// The geometry and numerics of a decoder.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
-    pub architecture: String,
+    /// The family (`architectures[0]`): everything about the forward the fields below don't say.
+    pub family: &'static Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -262,23 +342,65 @@ pub struct ModelConfig {
     /// Always explicit: Mistral-NeMo and every hidden-pruned model break `hidden / heads`.
     pub head_dim: usize,
     pub vocab_size: usize,
-    pub rms_norm_eps: f64,
+    /// The norms' epsilon (`rms_norm_eps`, Nemotron's `norm_eps`).
+    pub norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
+    /// The fraction of each head RoPE rotates (Nemotron 0.5; 1 elsewhere): the first
+    /// `head_dim * factor` dimensions, pairs (i, i + rotary_dim / 2).
+    pub partial_rotary_factor: f64,
+    /// Gemma 3's RoPE for sliding-window layers (`None`: every layer uses the one above).
+    pub rope_local: Option<RopeSet>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub sliding_window: Option<usize>,
-    /// Per layer, `"full_attention"` or `"sliding_attention"` (transformers' `layer_types`),
-    /// checked against what the architecture runs; kept to be written back, sliced with the
-    /// layers. `None` when the config has none.
+    /// Per layer, `"full_attention"` or `"sliding_attention"` (transformers' `layer_types`): as
+    /// read, or derived by the family's rule when the config has none and the family has
+    /// per-layer kinds; checked against what the architecture runs; sliced with the layers.
     pub layer_types: Option<Vec<String>>,
+    pub hidden_act: Activation,
+    /// Biases on q/k/v and on o (as the family and `attention_bias` say).
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Gemma 2: `tanh(x / cap) * cap` on attention scores and on the final logits.
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma: attention scaled by `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Option<Value>,
     /// Every other field of the original config.json, written back untouched.
     pub extra: Map<String, Value>,
 }
 
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["LlamaForCausalLM", "MistralForCausalLM"];
+/// Fields that change the forward of some model and that no supported family reads: refused by
+/// name wherever they hold anything but their neutral value, never ignored.
+const FOREIGN_FORWARD_FIELDS: [(&str, &str); 8] = [
+    ("quantization_config", "quantized weights"),
+    ("num_experts", "mixture of experts"),
+    ("num_local_experts", "mixture of experts"),
+    ("embedding_multiplier", "Granite's embedding multiplier"),
+    ("logits_scaling", "Granite's logit scaling"),
+    ("residual_multiplier", "Granite's residual multiplier"),
+    ("attention_multiplier", "Granite's attention multiplier"),
+    ("use_qk_norm", "q/k norms on a family without them"),
+];
+
+/// Takes a bool field that may be absent or null.
+fn opt_bool(v: Option<Value>, field: &str) -> Result<Option<bool>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(v) => Err(format!("field `{field}` is {v}, not true, false or null")),
+    }
+}
+
+fn usize_field(v: Option<Value>, name: &str) -> Result<usize, String> {
+    v.and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| format!("field `{name}` is missing or not a non-negative integer"))
+}
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig, ModelError> {
@@ -289,13 +411,19 @@ impl ModelConfig {
         })
     }
 
+    /// The Hugging Face class name (`architectures[0]`).
+    pub fn architecture(&self) -> &'static str {
+        self.family.architecture
+    }
+
     pub fn from_json_str(text: &str) -> Result<ModelConfig, String> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         let Value::Object(mut map) = value else {
             return Err("expected a JSON object".into());
         };
-        let (rope_theta, rope_scaling) = parse_rope(&mut map)?;
+        let family = read_family(&mut map)?;
+        let (rope, partial_rotary_factor, rope_local) = parse_rope(&mut map, family)?;
         // transformers 5 writes `dtype`, 4.x `torch_dtype`; read either (they must agree), and
         // `to_json` writes both with one value, for readers of either era.
         match (map.remove("dtype"), map.remove("torch_dtype")) {
@@ -310,52 +438,19 @@ impl ModelConfig {
                 }
             }
         }
-        let mut take = |k: &str| map.remove(k);
-        let model_type = take("model_type");
-        let architecture = match take("architectures") {
-            Some(Value::Array(a)) if !a.is_empty() => {
-                if a.len() > 1 {
+        for (field, what) in FOREIGN_FORWARD_FIELDS {
+            match map.get(field) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                Some(v) if v.as_f64() == Some(0.0) || v.as_f64() == Some(1.0) && field.ends_with("multiplier") => {}
+                Some(v) => {
                     return Err(format!(
-                        "field `architectures` lists {} classes; a checkpoint of one model names one",
-                        a.len()
+                        "field `{field}` is {v} ({what}); {} does not have it and distillery cannot compute it",
+                        family.architecture
                     ));
                 }
-                a[0].as_str()
-                    .ok_or_else(|| format!("field `architectures` is {a:?}, not a list of names"))?
-                    .to_string()
             }
-            None | Some(Value::Null) | Some(Value::Array(_)) => {
-                // As transformers' AutoModelForCausalLM does: the class from `model_type`.
-                match model_type.as_ref().and_then(Value::as_str) {
-                    Some("llama") => "LlamaForCausalLM".to_string(),
-                    Some("mistral") => "MistralForCausalLM".to_string(),
-                    Some(other) => {
-                        return Err(format!(
-                            "field `architectures` is missing and `model_type` is \"{other}\"; distillery supports {}",
-                            SUPPORTED_ARCHITECTURES.join(" and ")
-                        ));
-                    }
-                    None => {
-                        return Err(
-                            "fields `architectures` and `model_type` are both missing; add \"architectures\": [\"LlamaForCausalLM\"] (or the model's class)".into(),
-                        );
-                    }
-                }
-            }
-            Some(v) => return Err(format!("field `architectures` is {v}, not a list of names")),
-        };
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(format!(
-                "field `architectures` is {:?}; distillery supports {}",
-                architecture,
-                SUPPORTED_ARCHITECTURES.join(" and ")
-            ));
         }
-        fn usize_field(v: Option<Value>, name: &str) -> Result<usize, String> {
-            v.and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .ok_or_else(|| format!("field `{name}` is missing or not a non-negative integer"))
-        }
+        let mut take = |k: &str| map.remove(k);
         let hidden_size = usize_field(take("hidden_size"), "hidden_size")?;
         let intermediate_size = usize_field(take("intermediate_size"), "intermediate_size")?;
         let num_hidden_layers = usize_field(take("num_hidden_layers"), "num_hidden_layers")?;
@@ -376,89 +471,127 @@ impl ModelConfig {
             v => usize_field(v, "head_dim")?,
         };
         let vocab_size = usize_field(take("vocab_size"), "vocab_size")?;
-        let rms_norm_eps = take("rms_norm_eps")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(1e-6);
+        // Nemotron's key is `norm_eps`; a config naming the other family's key means a model
+        // this reader would run with the wrong epsilon.
+        let other_eps = if family.eps_key == "norm_eps" {
+            "rms_norm_eps"
+        } else {
+            "norm_eps"
+        };
+        if take(other_eps).is_some_and(|v| !v.is_null()) {
+            return Err(format!(
+                "field `{other_eps}` is not read by {} (its norms' epsilon is `{}`)",
+                family.architecture, family.eps_key
+            ));
+        }
+        let norm_eps =
+            opt_f64(take(family.eps_key), family.eps_key)?.unwrap_or(family.default_eps);
         let max_position_embeddings = take("max_position_embeddings")
             .and_then(|v| v.as_u64())
             .unwrap_or(2048) as usize;
-        let tie_word_embeddings = take("tie_word_embeddings")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        let tie_word_embeddings = opt_bool(take("tie_word_embeddings"), "tie_word_embeddings")?
+            // Gemma's configs default to tied; the others to untied.
+            .unwrap_or(family.embed_scale);
         let sliding_window = match take("sliding_window") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().ok_or_else(|| {
+            Some(v) => Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
                 format!("field `sliding_window` is {v}, not a positive integer or null")
             })? as usize),
         };
-        let layer_types = match take("layer_types") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(a)) => {
-                let mut kinds = Vec::with_capacity(a.len());
-                for (i, v) in a.iter().enumerate() {
-                    match v.as_str() {
-                        Some(k @ ("full_attention" | "sliding_attention")) => {
-                            kinds.push(k.to_string())
-                        }
-                        _ => {
-                            return Err(format!(
-                                "field `layer_types[{i}]` is {v}; this architecture has \"full_attention\" and \"sliding_attention\" layers"
-                            ));
-                        }
-                    }
-                }
-                if kinds.len() != num_hidden_layers {
-                    return Err(format!(
-                        "field `layer_types` has {} entries for {num_hidden_layers} layers (num_hidden_layers)",
-                        kinds.len()
-                    ));
-                }
-                // Llama and Mistral have one attention for every layer: Mistral windows all of
-                // them by `sliding_window`, Llama none (transformers ignores the field for it).
-                // Per-layer kinds that say otherwise describe a model these classes do not run.
-                let windowed = architecture == "MistralForCausalLM" && sliding_window.is_some();
-                let want = if windowed {
-                    "sliding_attention"
-                } else {
-                    "full_attention"
-                };
-                if let Some(i) = kinds.iter().position(|k| k != want) {
-                    return Err(format!(
-                        "field `layer_types[{i}]` is \"{}\", but {architecture} with sliding_window {} runs every layer as \"{want}\" (per-layer attention kinds belong to other architectures)",
-                        kinds[i],
-                        sliding_window.map_or("null".to_string(), |w| w.to_string())
-                    ));
-                }
-                Some(kinds)
-            }
-            Some(v) => return Err(format!("field `layer_types` is {v}, not a list")),
+        let act_name = match take(family.act_key) {
+            None | Some(Value::Null) => family.default_act.to_string(),
+            Some(Value::String(s)) => s,
+            Some(v) => return Err(format!("field `{}` is {v}, not a name", family.act_key)),
         };
-        let bos_token_id = take("bos_token_id").and_then(|v| v.as_i64());
-        let eos_token_id = take("eos_token_id").filter(|v| !v.is_null());
-        for (flag, what) in [
-            ("attention_bias", "attention biases"),
-            ("mlp_bias", "MLP biases"),
-        ] {
-            if map.get(flag).and_then(Value::as_bool) == Some(true) {
-                return Err(format!("field `{flag}` is true; {what} are not supported"));
-            }
+        // Gemma's configs carry a legacy `hidden_act` beside `hidden_activation`; transformers
+        // reads only the latter.
+        if family.act_key != "hidden_act" {
+            map.remove("hidden_act");
         }
-        if let Some(act) = map.get("hidden_act").and_then(Value::as_str)
-            && act != "silu"
-        {
+        let hidden_act = Activation::from_name(&act_name).ok_or_else(|| {
+            format!(
+                "field `{}` is \"{act_name}\", an activation distillery does not compute (it computes silu, gelu_pytorch_tanh, gelu and relu2)",
+                family.act_key
+            )
+        })?;
+        if family.gated_mlp && hidden_act == Activation::Relu2 {
             return Err(format!(
-                "field `hidden_act` is \"{act}\"; only \"silu\" (SwiGLU) is supported"
+                "field `{}` is \"relu2\" on the gated MLP of {}; distillery computes relu2 only in Nemotron's ungated MLP",
+                family.act_key, family.architecture
             ));
         }
-        // Follows from what we checked; to_json writes it again (and model_type).
-        map.remove("hidden_act");
+        let attention_bias = opt_bool(map.remove("attention_bias"), "attention_bias")?;
+        let (qkv_bias, o_bias) = match family.attention_bias {
+            AttentionBias::QkvAlways => (true, false),
+            AttentionBias::FromConfig => {
+                let b = attention_bias.unwrap_or(false);
+                (b, b)
+            }
+            AttentionBias::Never => {
+                if attention_bias == Some(true) {
+                    return Err(format!(
+                        "field `attention_bias` is true; {} has no attention biases",
+                        family.architecture
+                    ));
+                }
+                (false, false)
+            }
+        };
+        let mlp_bias = opt_bool(map.remove("mlp_bias"), "mlp_bias")?.unwrap_or(false);
+        if mlp_bias && !family.mlp_bias_key {
+            return Err(format!(
+                "field `mlp_bias` is true; {} has no MLP biases",
+                family.architecture
+            ));
+        }
+        let mut cap = |k: &str| -> Result<Option<f64>, String> {
+            let v = opt_f64(map.remove(k), k)?;
+            if v.is_some() && !family.softcaps {
+                return Err(format!(
+                    "field `{k}` is set; {} has no soft-capping",
+                    family.architecture
+                ));
+            }
+            match v {
+                Some(c) if c <= 0.0 => Err(format!("field `{k}` is {c}; it must be positive or null")),
+                v => Ok(v),
+            }
+        };
+        let attn_logit_softcapping = cap("attn_logit_softcapping")?;
+        let final_logit_softcapping = cap("final_logit_softcapping")?;
+        if family.rope_per_layer_type && attn_logit_softcapping.is_some() {
+            return Err(format!(
+                "field `attn_logit_softcapping` is set; {} does not cap attention scores",
+                family.architecture
+            ));
+        }
+        let query_pre_attn_scalar = if family.query_pre_attn_scalar {
+            Some(opt_f64(map.remove("query_pre_attn_scalar"), "query_pre_attn_scalar")?.unwrap_or(256.0))
+        } else {
+            None
+        };
+        if let Some(b) = opt_bool(map.get("use_bidirectional_attention").cloned(), "use_bidirectional_attention")?
+            && b
+        {
+            return Err("field `use_bidirectional_attention` is true; distillery runs causal decoders".into());
+        }
+        let layer_types = read_layer_types(&mut map, family, num_hidden_layers, sliding_window)?;
+        let bos_token_id = map.remove("bos_token_id").and_then(|v| v.as_i64());
+        let eos_token_id = map.remove("eos_token_id").filter(|v| !v.is_null());
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(format!(
                 "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
             ));
         }
+        let rotary = head_dim as f64 * partial_rotary_factor;
+        if rotary as usize % 2 != 0 || rotary < 2.0 {
+            return Err(format!(
+                "head_dim {head_dim} × partial_rotary_factor {partial_rotary_factor} rotates {} dimensions; RoPE needs an even number of at least 2",
+                rotary as usize
+            ));
+        }
         Ok(ModelConfig {
-            architecture,
+            family,
             hidden_size,
             intermediate_size,
             num_hidden_layers,
@@ -466,13 +599,22 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             vocab_size,
-            rms_norm_eps,
-            rope_theta,
-            rope_scaling,
+            norm_eps,
+            rope_theta: rope.theta,
+            rope_scaling: rope.scaling,
+            partial_rotary_factor,
+            rope_local,
             max_position_embeddings,
             tie_word_embeddings,
             sliding_window,
             layer_types,
+            hidden_act,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            attn_logit_softcapping,
+            final_logit_softcapping,
+            query_pre_attn_scalar,
             bos_token_id,
             eos_token_id,
             extra: map,
@@ -480,13 +622,32 @@ impl ModelConfig {
     }
 
     /// The attention window of layer `layer` (`None`: full causal attention), as transformers
-    /// runs the architecture: Mistral windows every layer by `sliding_window`; Llama ignores it.
-    pub fn window_of(&self, _layer: usize) -> Option<usize> {
-        if self.architecture == "LlamaForCausalLM" {
-            None
-        } else {
-            self.sliding_window
+    /// runs the family: Mistral and Phi-3 window every layer by `sliding_window`, Llama none,
+    /// the others per `layer_types`.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        match self.family.windows {
+            WindowRule::Never => None,
+            WindowRule::Every => self.sliding_window,
+            WindowRule::LayerTypes(_) => self
+                .layer_types
+                .as_ref()
+                .filter(|k| k[layer] == "sliding_attention")
+                .and(self.sliding_window),
         }
+    }
+
+    /// Whether layer `layer` runs the local RoPE (Gemma 3's sliding layers).
+    pub fn uses_local_rope(&self, layer: usize) -> bool {
+        self.rope_local.is_some()
+            && self
+                .layer_types
+                .as_ref()
+                .is_some_and(|k| k[layer] == "sliding_attention")
+    }
+
+    /// The number of dimensions RoPE rotates in each head.
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim as f64 * self.partial_rotary_factor) as usize
     }
 
     /// The config after keeping only layers `kept` (indices into this config's layers, in
@@ -503,23 +664,13 @@ impl ModelConfig {
 
     /// config.json as transformers writes it, with every size explicit.
     pub fn to_json(&self) -> Value {
+        let f = self.family;
         let mut map = self.extra.clone();
         let mut set = |k: &str, v: Value| {
             map.insert(k.to_string(), v);
         };
-        set(
-            "architectures",
-            Value::Array(vec![self.architecture.clone().into()]),
-        );
-        set(
-            "model_type",
-            (if self.architecture == "MistralForCausalLM" {
-                "mistral"
-            } else {
-                "llama"
-            })
-            .into(),
-        );
+        set("architectures", Value::Array(vec![f.architecture.into()]));
+        set("model_type", f.model_type.into());
         set("hidden_size", self.hidden_size.into());
         set("intermediate_size", self.intermediate_size.into());
         set("num_hidden_layers", self.num_hidden_layers.into());
@@ -527,7 +678,7 @@ impl ModelConfig {
         set("num_key_value_heads", self.num_key_value_heads.into());
         set("head_dim", self.head_dim.into());
         set("vocab_size", self.vocab_size.into());
-        set("rms_norm_eps", self.rms_norm_eps.into());
+        set(f.eps_key, self.norm_eps.into());
         // RoPE in the legacy keys only: transformers 4.46+ reads them, 5.x converts them into
         // `rope_parameters` (written alongside, they could only contradict each other).
         set("rope_theta", self.rope_theta.into());
@@ -538,8 +689,47 @@ impl ModelConfig {
                 .map(RopeScaling::to_json)
                 .unwrap_or(Value::Null),
         );
+        if self.partial_rotary_factor != 1.0 || f.packed {
+            set("partial_rotary_factor", self.partial_rotary_factor.into());
+        }
+        if let Some(local) = &self.rope_local {
+            // transformers has no legacy key for a scaled local RoPE; from_json_str never
+            // produces one (a sliding set with scaling is read, and written here as 5.x does).
+            if local.scaling.is_some() {
+                let mut full = self
+                    .rope_scaling
+                    .as_ref()
+                    .map(RopeScaling::to_json)
+                    .unwrap_or_else(|| serde_json::json!({"rope_type": "default"}));
+                full["rope_theta"] = self.rope_theta.into();
+                let mut sliding = local.scaling.as_ref().map(RopeScaling::to_json).unwrap();
+                sliding["rope_theta"] = local.theta.into();
+                map.remove("rope_theta");
+                map.remove("rope_scaling");
+                map.insert(
+                    "rope_parameters".into(),
+                    serde_json::json!({"full_attention": full, "sliding_attention": sliding}),
+                );
+            } else {
+                map.insert("rope_local_base_freq".into(), local.theta.into());
+            }
+        }
+        let mut set = |k: &str, v: Value| {
+            map.insert(k.to_string(), v);
+        };
         if let Some(kinds) = &self.layer_types {
             set("layer_types", serde_json::to_value(kinds).unwrap());
+            if f.windows == WindowRule::LayerTypes(DefaultPattern::QwenMaxWindowLayers) {
+                // transformers 4.x derives the kinds from these two: keep them saying the same.
+                // (With no sliding layer, `max_window_layers` says nothing and stays as read.)
+                if kinds.iter().any(|k| k == "sliding_attention") {
+                    let full_prefix = kinds.iter().take_while(|k| *k == "full_attention").count();
+                    set("use_sliding_window", true.into());
+                    set("max_window_layers", full_prefix.into());
+                } else {
+                    set("use_sliding_window", false.into());
+                }
+            }
         }
         if let Some(d) = self.extra.get("dtype").cloned() {
             set("torch_dtype", d);
@@ -549,7 +739,7 @@ impl ModelConfig {
             self.max_position_embeddings.into(),
         );
         set("tie_word_embeddings", self.tie_word_embeddings.into());
-        if self.architecture == "MistralForCausalLM" || self.sliding_window.is_some() {
+        if f.windows != WindowRule::Never || self.sliding_window.is_some() {
             set(
                 "sliding_window",
                 self.sliding_window.map(Value::from).unwrap_or(Value::Null),
@@ -561,7 +751,23 @@ impl ModelConfig {
         if let Some(e) = &self.eos_token_id {
             set("eos_token_id", e.clone());
         }
-        set("hidden_act", "silu".into());
+        set(f.act_key, self.hidden_act.name().into());
+        match f.attention_bias {
+            AttentionBias::FromConfig => set("attention_bias", self.o_bias.into()),
+            AttentionBias::Never if f.model_type != "phi3" => set("attention_bias", false.into()),
+            _ => {}
+        }
+        if f.mlp_bias_key {
+            set("mlp_bias", self.mlp_bias.into());
+        }
+        if f.softcaps {
+            let opt = |v: Option<f64>| v.map(Value::from).unwrap_or(Value::Null);
+            set("attn_logit_softcapping", opt(self.attn_logit_softcapping));
+            set("final_logit_softcapping", opt(self.final_logit_softcapping));
+        }
+        if let Some(q) = self.query_pre_attn_scalar {
+            set("query_pre_attn_scalar", q.into());
+        }
         Value::Object(
             map.into_iter()
                 .collect::<std::collections::BTreeMap<_, _>>()
@@ -579,46 +785,198 @@ impl ModelConfig {
         }
     }
 
+    /// The sizes of every axis a tensor runs along.
+    pub fn axis_sizes(&self) -> AxisSizes {
+        AxisSizes {
+            vocab: self.vocab_size,
+            hidden: self.hidden_size,
+            ffn: self.intermediate_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// Every tensor of the checkpoint, from the family's table.
+    pub fn tensor_specs(&self) -> Vec<TensorSpec> {
+        tensor_specs(
+            self.family,
+            TensorFeatures {
+                layers: self.num_hidden_layers,
+                qkv_bias: self.qkv_bias,
+                o_bias: self.o_bias,
+                mlp_bias: self.mlp_bias,
+                tie_word_embeddings: self.tie_word_embeddings,
+            },
+        )
+    }
+
     /// Exact parameter counts: (total, without the input embedding).
     pub fn parameter_count(&self) -> (u64, u64) {
-        let h = self.hidden_size as u64;
-        let f = self.intermediate_size as u64;
-        let d = self.head_dim as u64;
-        let q = self.num_attention_heads as u64 * d;
-        let kv = self.num_key_value_heads as u64 * d;
-        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h;
-        let embed = self.vocab_size as u64 * h;
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        let total = embed + self.num_hidden_layers as u64 * per_layer + h + head;
+        let sizes = self.axis_sizes();
+        let mut total = 0u64;
+        let mut embed = 0u64;
+        for spec in self.tensor_specs() {
+            let n: u64 = spec.axes.iter().map(|&a| sizes.len(a) as u64).product();
+            total += n;
+            if spec.role == Role::Embed {
+                embed = n;
+            }
+        }
         (total, total - embed)
     }
 
     /// Shape of every tensor of the checkpoint, by Hugging Face name.
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, f, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let q = self.num_attention_heads * d;
-        let kv = self.num_key_value_heads * d;
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            vec![self.vocab_size, h],
-        )];
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
-            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+        let sizes = self.axis_sizes();
+        self.tensor_specs()
+            .into_iter()
+            .map(|s| {
+                let shape = s.axes.iter().map(|&a| sizes.len(a)).collect();
+                (s.name, shape)
+            })
+            .collect()
+    }
+}
+
+/// The family from `architectures` (or, as transformers' AutoModelForCausalLM does, from
+/// `model_type` when it is missing); the two must agree where both are given.
+fn read_family(map: &mut Map<String, Value>) -> Result<&'static Family, String> {
+    let model_type = map.remove("model_type");
+    let model_type = model_type.as_ref().and_then(Value::as_str);
+    let family = match map.remove("architectures") {
+        Some(Value::Array(a)) if !a.is_empty() => {
+            if a.len() > 1 {
+                return Err(format!(
+                    "field `architectures` lists {} classes; a checkpoint of one model names one",
+                    a.len()
+                ));
+            }
+            let name = a[0]
+                .as_str()
+                .ok_or_else(|| format!("field `architectures` is {a:?}, not a list of names"))?;
+            Family::by_architecture(name).ok_or_else(|| {
+                format!(
+                    "field `architectures` is [\"{name}\"]; distillery supports {}",
+                    Family::supported()
+                )
+            })?
         }
-        out.push(("model.norm.weight".to_string(), vec![h]));
-        if !self.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        None | Some(Value::Null) | Some(Value::Array(_)) => match model_type {
+            Some(t) => Family::by_model_type(t).ok_or_else(|| {
+                format!(
+                    "field `architectures` is missing and `model_type` is \"{t}\"; distillery supports {}",
+                    Family::supported()
+                )
+            })?,
+            None => {
+                return Err(
+                    "fields `architectures` and `model_type` are both missing; add \"architectures\": [\"LlamaForCausalLM\"] (or the model's class)".into(),
+                );
+            }
+        },
+        Some(v) => return Err(format!("field `architectures` is {v}, not a list of names")),
+    };
+    // Gemma 3's text model is saved as "gemma3_text"; a multimodal "gemma3" config holds its
+    // text model under `text_config` and is not this class.
+    if let Some(t) = model_type
+        && t != family.model_type
+    {
+        return Err(format!(
+            "fields `architectures` ({}) and `model_type` (\"{t}\") name different families; fix one",
+            family.architecture
+        ));
+    }
+    Ok(family)
+}
+
+/// `layer_types`, checked against the family's rule, or derived as transformers derives it.
+fn read_layer_types(
+    map: &mut Map<String, Value>,
+    family: &Family,
+    layers: usize,
+    sliding_window: Option<usize>,
+) -> Result<Option<Vec<String>>, String> {
+    let read = match map.remove("layer_types") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => {
+            let mut kinds = Vec::with_capacity(a.len());
+            for (i, v) in a.iter().enumerate() {
+                match v.as_str() {
+                    Some(k @ ("full_attention" | "sliding_attention")) => kinds.push(k.to_string()),
+                    _ => {
+                        return Err(format!(
+                            "field `layer_types[{i}]` is {v}; distillery knows \"full_attention\" and \"sliding_attention\" layers"
+                        ));
+                    }
+                }
+            }
+            if kinds.len() != layers {
+                return Err(format!(
+                    "field `layer_types` has {} entries for {layers} layers (num_hidden_layers)",
+                    kinds.len()
+                ));
+            }
+            Some(kinds)
         }
-        out
+        Some(v) => return Err(format!("field `layer_types` is {v}, not a list")),
+    };
+    let kind = |sliding: bool| {
+        if sliding {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        }
+        .to_string()
+    };
+    match family.windows {
+        WindowRule::Never | WindowRule::Every => {
+            // One attention for every layer: Mistral/Phi-3 window all of them by
+            // `sliding_window`, Llama none (transformers ignores the field for it). Per-layer
+            // kinds that say otherwise describe a model these classes do not run.
+            let windowed = family.windows == WindowRule::Every && sliding_window.is_some();
+            let want = kind(windowed);
+            if let Some(kinds) = &read
+                && let Some(i) = kinds.iter().position(|k| *k != want)
+            {
+                return Err(format!(
+                    "field `layer_types[{i}]` is \"{}\", but {} with sliding_window {} runs every layer as \"{want}\" (per-layer attention kinds belong to other architectures)",
+                    kinds[i],
+                    family.architecture,
+                    sliding_window.map_or("null".to_string(), |w| w.to_string())
+                ));
+            }
+            Ok(read)
+        }
+        WindowRule::LayerTypes(pattern) => {
+            // Keys transformers derives `layer_types` from; kept in `extra` and rewritten by
+            // to_json to agree with the kinds.
+            let num = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_u64);
+            let derived: Vec<String> = match pattern {
+                DefaultPattern::QwenMaxWindowLayers => {
+                    let on = map.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
+                    let from = num(map, "max_window_layers").unwrap_or(28) as usize;
+                    (0..layers).map(|i| kind(on && sliding_window.is_some() && i >= from)).collect()
+                }
+                DefaultPattern::Alternating => (0..layers).map(|i| kind(i % 2 == 0)).collect(),
+                DefaultPattern::EveryNthFull => {
+                    let n = num(map, "sliding_window_pattern")
+                        .or(num(map, "_sliding_window_pattern"))
+                        .unwrap_or(6)
+                        .max(1) as usize;
+                    (0..layers).map(|i| kind((i + 1) % n != 0)).collect()
+                }
+            };
+            let kinds = read.unwrap_or(derived);
+            if sliding_window.is_none()
+                && let Some(i) = kinds.iter().position(|k| k == "sliding_attention")
+            {
+                return Err(format!(
+                    "field `layer_types[{i}]` is \"sliding_attention\" but `sliding_window` is null; set the window or make the layer full"
+                ));
+            }
+            Ok(Some(kinds))
+        }
     }
 }
 
@@ -771,7 +1129,7 @@ mod tests {
     #[test]
     fn architectures_dtype_and_layer_types() {
         let c = with(r#"{"architectures":null,"model_type":"mistral"}"#).unwrap();
-        assert_eq!(c.architecture, "MistralForCausalLM");
+        assert_eq!(c.architecture(), "MistralForCausalLM");
         let e = with(r#"{"architectures":null,"model_type":"gpt2"}"#).unwrap_err();
         assert!(e.contains("missing") && e.contains("gpt2"), "{e}");
         let e = with(r#"{"architectures":null}"#).unwrap_err();

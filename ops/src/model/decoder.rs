@@ -1,14 +1,20 @@
-//! The Llama/Mistral decoder on Burn, generic over the backend:
-//! `h = x + attn(norm(x)); h + mlp(norm(h))`, with RoPE, grouped-query attention, SwiGLU and an
-//! explicit head_dim. Linear weights are held transposed (contiguous `[in, out]`) so a projection
-//! is one matmul; loading and saving translate from and to Hugging Face's `[out, in]`.
+//! One decoder on Burn for every family of [`crate::model::arch`], generic over the backend:
+//! `h = x + attn(norm(x)); h + mlp(norm(h))` (or Gemma's sandwich, each sublayer's output normed
+//! again), with RoPE (whole or partial heads, one or two frequency sets), grouped-query attention
+//! (biases, q/k norms, soft-caps, per-layer windows), a gated or plain MLP and an explicit head_dim.
+//! Linear weights are held transposed (contiguous `[in, out]`) so a projection is one matmul;
+//! loading and saving translate from and to Hugging Face's `[out, in]` through the family's tensor
+//! table, splitting and re-packing Phi-3's fused projections.
+
+use std::collections::HashMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::model::ModelError;
+use crate::model::arch::{Activation, NormKind, Role, TensorSpec};
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::fast;
 use crate::model::weights::Weights;
@@ -78,22 +84,48 @@ impl<B: Backend> Hooks<B> for NoHooks {
     fn activation(&mut self, _: usize, _: HookPoint, _: &Tensor<B, 3>) {}
 }
 
+/// A norm over the last dimension: RMSNorm (`x / sqrt(mean(x²) + eps) * (offset + w)`, offset 0
+/// for Llama, 1 for Gemma) or Nemotron's LayerNorm1p (`layer_norm(x, w + 1, b, eps)`).
 #[derive(Module, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct Norm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// Added to the stored weight before scaling.
+    pub offset: f32,
+    /// Mean-centred (LayerNorm) instead of RMS.
+    pub centred: bool,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: Backend> Norm<B> {
+    fn scale(&self) -> Tensor<B, 1> {
+        if self.offset == 0.0 {
+            self.weight.val()
+        } else {
+            self.weight.val().add_scalar(self.offset)
+        }
+    }
+
     /// `[batch, seq, d] -> [batch, seq, d]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = match fast::rms_norm(x, &self.weight.val(), self.eps) {
+        let scale = self.scale();
+        if self.centred {
+            let mean = x.clone().mean_dim(2);
+            let x = x - mean;
+            let var = x.clone().powf_scalar(2.0).mean_dim(2);
+            let y = x * (var + self.eps).sqrt().recip() * scale.unsqueeze_dims::<3>(&[0, 1]);
+            return match &self.bias {
+                Some(b) => y + b.val().unsqueeze_dims::<3>(&[0, 1]),
+                None => y,
+            };
+        }
+        let x = match fast::rms_norm(x, &scale, self.eps) {
             Ok(y) => return y,
             Err(x) => x,
         };
         let var = x.clone().powf_scalar(2.0).mean_dim(2);
         let x = x * (var + self.eps).sqrt().recip();
-        x * self.weight.val().unsqueeze_dims::<3>(&[0, 1])
+        x * scale.unsqueeze_dims::<3>(&[0, 1])
     }
 
     /// The residual add before a norm: `(h, norm(h))` with `h = x + delta`, in one pass on the
@@ -103,13 +135,17 @@ impl<B: Backend> RmsNorm<B> {
         x: Tensor<B, 3>,
         delta: Tensor<B, 3>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        match fast::add_rms_norm(x, delta, &self.weight.val(), self.eps) {
-            Ok(pair) => pair,
-            Err((x, delta)) => {
-                let h = x + delta;
-                (h.clone(), self.forward(h))
+        if !self.centred {
+            match fast::add_rms_norm(x, delta, &self.scale(), self.eps) {
+                Ok(pair) => return pair,
+                Err((x, delta)) => {
+                    let h = x + delta;
+                    return (h.clone(), self.forward(h));
+                }
             }
         }
+        let h = x + delta;
+        (h.clone(), self.forward(h))
     }
 }
 
@@ -126,6 +162,20 @@ pub struct Attention<B: Backend> {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub sliding_window: Option<usize>,
+    /// `[heads * head_dim]`, `[kv_heads * head_dim]` twice, `[hidden]` (Qwen2, `attention_bias`).
+    pub q_bias: Option<Param<Tensor<B, 1>>>,
+    pub k_bias: Option<Param<Tensor<B, 1>>>,
+    pub v_bias: Option<Param<Tensor<B, 1>>>,
+    pub o_bias: Option<Param<Tensor<B, 1>>>,
+    /// Per-head norms over head_dim before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<Norm<B>>,
+    pub k_norm: Option<Norm<B>>,
+    /// The scores' scale (`head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: f64,
+    /// Gemma 2's `tanh(scores / cap) * cap`.
+    pub softcap: Option<f64>,
+    /// Whether this layer rotates by the local RoPE set (Gemma 3's sliding layers).
+    pub local_rope: bool,
 }
 
 /// The dtype matmuls run in. Weights (the f32 master copy when training), norms, softmax, the
@@ -187,6 +237,25 @@ fn linear<B: Backend>(x: Tensor<B, 3>, w: &Param<Tensor<B, 2>>, c: Compute) -> T
     matmul(x.reshape([b * s, i]), w, c).reshape([b, s, o])
 }
 
+/// [`linear`] plus an optional bias `[out]`.
+fn linear_bias<B: Backend>(
+    x: Tensor<B, 3>,
+    w: &Param<Tensor<B, 2>>,
+    bias: &Option<Param<Tensor<B, 1>>>,
+    c: Compute,
+) -> Tensor<B, 3> {
+    let y = linear(x, w, c);
+    match bias {
+        Some(b) => y + b.val().unsqueeze_dims::<3>(&[0, 1]),
+        None => y,
+    }
+}
+
+/// `tanh(x / cap) * cap` (Gemma 2's soft-capping of attention scores and logits).
+fn softcap<B: Backend, const D: usize>(x: Tensor<B, D>, cap: f64) -> Tensor<B, D> {
+    x.div_scalar(cap).tanh().mul_scalar(cap)
+}
+
 /// Largest causal bias materialized to the scores' full shape (elements, 256 MiB of f32); past it
 /// the bias stays `[1, 1, seq * rep, seq]` and broadcasts.
 const MATERIALIZED_BIAS_LIMIT: usize = 1 << 26;
@@ -244,8 +313,21 @@ impl<B: Backend> Rope<B> {
         Rope { cos, sin, tensors }
     }
 
-    /// `x [batch, seq, n, head_dim]` with `n` the query (`keys` false) or KV head count.
+    /// `x [batch, seq, n, head_dim]` with `n` the query (`keys` false) or KV head count. With a
+    /// partial rotary factor only the first `rotary_dim` dimensions of each head rotate (pairs
+    /// (i, i + rotary_dim / 2)), the rest pass through, as transformers' Nemotron and Phi-3 do.
     fn apply(&self, x: Tensor<B, 4>, keys: bool) -> Tensor<B, 4> {
+        let [b, s, n, d] = x.dims();
+        let r = self.cos.len() / s.max(1);
+        if s == 0 || r == d {
+            return self.apply_whole(x, keys);
+        }
+        let rot = x.clone().slice([0..b, 0..s, 0..n, 0..r]);
+        let pass = x.slice([0..b, 0..s, 0..n, r..d]);
+        Tensor::cat(vec![self.apply_whole(rot, keys), pass], 3)
+    }
+
+    fn apply_whole(&self, x: Tensor<B, 4>, keys: bool) -> Tensor<B, 4> {
         let x = match fast::rope(x, &self.cos, &self.sin) {
             Ok(y) => return y,
             Err(x) => x,
@@ -318,37 +400,49 @@ impl<B: Backend> RopeTensors<B> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// `x: [batch, seq, hidden]`; `bias()` gives the additive mask `[batch, kv_heads, seq * rep,
-    /// seq]` or one broadcastable to it (0 where attention is allowed, -inf where not; `rep` query
-    /// heads per KV group, rows ordered (position, head)), built only when a path needs it. Returns
-    /// the context before o_proj `[batch, seq, heads * head_dim]` and the output
+    /// `x: [batch, seq, hidden]`; `bias(window)` gives the additive mask `[batch, kv_heads, seq *
+    /// rep, seq]` or one broadcastable to it (0 where attention is allowed, -inf where not; `rep`
+    /// query heads per KV group, rows ordered (position, head)), built only when a path needs it.
+    /// Returns the context before o_proj `[batch, seq, heads * head_dim]` and the output
     /// `[batch, seq, hidden]`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        bias: &dyn Fn() -> Tensor<B, 4>,
+        bias: &dyn Fn(Option<usize>) -> Tensor<B, 4>,
         c: Compute,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = h / kvh;
+        // q/k norms run per head over head_dim, before RoPE.
+        let head_norm = |t: Tensor<B, 4>, norm: &Option<Norm<B>>| match norm {
+            Some(norm) => {
+                let [b, s, n, d] = t.dims();
+                norm.forward(t.reshape([b, s * n, d])).reshape([b, s, n, d])
+            }
+            None => t,
+        };
         // RoPE in the projections' own layout [batch, seq, heads, head_dim].
-        let q = rope.apply(
-            linear(x.clone(), &self.q_proj, c).reshape([b, s, h, d]),
-            false,
+        let q = head_norm(
+            linear_bias(x.clone(), &self.q_proj, &self.q_bias, c).reshape([b, s, h, d]),
+            &self.q_norm,
         );
-        let k = rope.apply(
-            linear(x.clone(), &self.k_proj, c).reshape([b, s, kvh, d]),
-            true,
+        let k = head_norm(
+            linear_bias(x.clone(), &self.k_proj, &self.k_bias, c).reshape([b, s, kvh, d]),
+            &self.k_norm,
         );
-        let v = linear(x, &self.v_proj, c).reshape([b, s, kvh, d]);
+        let (q, k) = (rope.apply(q, false), rope.apply(k, true));
+        let v = linear_bias(x, &self.v_proj, &self.v_bias, c).reshape([b, s, kvh, d]);
         // Scaled by multiplying, as transformers does (`head_dim ** -0.5`).
-        let scale = (d as f64).powf(-0.5);
-        let fused = match c {
-            // The fused CPU attention multiplies in f32; bf16 compute keeps the tensor ops.
-            Compute::F32 => fast::causal_attention(q, k, v, self.sliding_window, scale as f32),
-            Compute::Bf16 => Err((q, k, v)),
+        let scale = self.scale;
+        let fused = match (c, self.softcap) {
+            // The fused CPU attention multiplies in f32 and does not cap; bf16 compute and
+            // soft-capping keep the tensor ops.
+            (Compute::F32, None) => {
+                fast::causal_attention(q, k, v, self.sliding_window, scale as f32)
+            }
+            _ => Err((q, k, v)),
         };
         let context = match fused {
             Ok(context) => context.reshape([b, s, h * d]),
@@ -363,10 +457,20 @@ impl<B: Backend> Attention<B> {
                         .reshape([b, kvh, s * rep, d]);
                 let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, s]
                 let scores = matmul(q, k_t, c);
-                let bias = bias();
-                let probs = match fast::attention_probs(scores, scale as f32, &bias) {
-                    Ok(probs) => probs,
-                    Err(scores) => softmax(scores * scale + bias, 3),
+                let bias = bias(self.sliding_window);
+                let probs = match self.softcap {
+                    // Gemma 2: scaled, capped, then masked (as its eager attention does).
+                    Some(cap) => {
+                        let capped = softcap(scores * scale, cap);
+                        match fast::attention_probs(capped, 1.0, &bias) {
+                            Ok(probs) => probs,
+                            Err(capped) => softmax(capped + bias, 3),
+                        }
+                    }
+                    None => match fast::attention_probs(scores, scale as f32, &bias) {
+                        Ok(probs) => probs,
+                        Err(scores) => softmax(scores * scale + bias, 3),
+                    },
                 };
                 matmul(probs, v, c) // [b, kvh, s * rep, d]
                     .reshape([b, kvh, s, rep * d])
@@ -374,39 +478,75 @@ impl<B: Backend> Attention<B> {
                     .reshape([b, s, h * d])
             }
         };
-        let out = linear(context.clone(), &self.o_proj, c);
+        let out = linear_bias(context.clone(), &self.o_proj, &self.o_bias, c);
         (context, out)
     }
 }
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// `[hidden, ffn]`
-    pub gate_proj: Param<Tensor<B, 2>>,
+    /// `[hidden, ffn]`; `None` in a plain MLP (Nemotron).
+    pub gate_proj: Option<Param<Tensor<B, 2>>>,
     pub up_proj: Param<Tensor<B, 2>>,
     /// `[ffn, hidden]`
     pub down_proj: Param<Tensor<B, 2>>,
+    /// `[ffn]`, `[ffn]`, `[hidden]` (`mlp_bias`).
+    pub gate_bias: Option<Param<Tensor<B, 1>>>,
+    pub up_bias: Option<Param<Tensor<B, 1>>>,
+    pub down_bias: Option<Param<Tensor<B, 1>>>,
+    #[module(skip)]
+    pub act: Activation,
+}
+
+/// `act(x)` elementwise, as transformers' `ACT2FN` computes it.
+fn activate<B: Backend>(x: Tensor<B, 3>, act: Activation) -> Tensor<B, 3> {
+    match act {
+        Activation::Silu => silu(x),
+        Activation::Gelu => gelu(x),
+        // `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))` (PyTorch's
+        // `gelu(approximate="tanh")`).
+        Activation::GeluTanh => {
+            let inner = (x.clone() + x.clone().powf_scalar(3.0).mul_scalar(0.044715))
+                .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+            x.mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
+        }
+        Activation::Relu2 => relu(x).powf_scalar(2.0),
+    }
 }
 
 impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden] -> ([batch, seq, ffn] intermediate, [batch, seq, hidden])`
     pub fn forward(&self, x: Tensor<B, 3>, c: Compute) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let gate = linear(x.clone(), &self.gate_proj, c);
-        let inter = match fast::swiglu(gate, linear(x, &self.up_proj, c)) {
-            Ok(inter) => inter,
-            Err((gate, up)) => silu(gate) * up,
+        let inter = match &self.gate_proj {
+            Some(gate_proj) => {
+                let gate = linear_bias(x.clone(), gate_proj, &self.gate_bias, c);
+                let up = linear_bias(x, &self.up_proj, &self.up_bias, c);
+                match self.act {
+                    Activation::Silu => match fast::swiglu(gate, up) {
+                        Ok(inter) => inter,
+                        Err((gate, up)) => silu(gate) * up,
+                    },
+                    act => activate(gate, act) * up,
+                }
+            }
+            None => activate(linear_bias(x, &self.up_proj, &self.up_bias, c), self.act),
         };
-        let out = linear(inter.clone(), &self.down_proj, c);
+        let out = linear_bias(inter.clone(), &self.down_proj, &self.down_bias, c);
         (inter, out)
     }
 }
 
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
-    pub input_layernorm: RmsNorm<B>,
+    /// The attention's input norm (`input_layernorm`).
+    pub attn_norm: Norm<B>,
     pub self_attn: Attention<B>,
-    pub post_attention_layernorm: RmsNorm<B>,
+    /// The MLP's input norm (`post_attention_layernorm`; Gemma's `pre_feedforward_layernorm`).
+    pub mlp_norm: Norm<B>,
     pub mlp: Mlp<B>,
+    /// Gemma's norms of each sublayer's output, before the residual add.
+    pub post_attn_norm: Option<Norm<B>>,
+    pub post_mlp_norm: Option<Norm<B>>,
 }
 
 #[derive(Module, Debug)]
@@ -414,29 +554,43 @@ pub struct Decoder<B: Backend> {
     /// `[vocab, hidden]`
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<Block<B>>,
-    pub norm: RmsNorm<B>,
+    pub norm: Norm<B>,
     /// `[hidden, vocab]`; None when tied to the embedding.
     pub lm_head: Option<Param<Tensor<B, 2>>>,
-    /// RoPE inverse frequencies `[head_dim / 2]`, already scaled (llama3).
+    /// RoPE inverse frequencies `[rotary_dim / 2]`, already scaled (linear, llama3).
     pub inv_freq: Vec<f32>,
     /// The dtype matmuls run in (f32 unless [`Decoder::with_compute`] says otherwise).
     #[module(skip)]
     pub compute: Compute,
+    /// What the family adds around the blocks: embedding scale, final soft-cap, local RoPE.
+    #[module(skip)]
+    pub extras: DecoderExtras,
 }
 
-/// RoPE inverse frequencies `[head_dim / 2]`, with linear or Llama 3.1 scaling where configured. Rounded the way
-/// transformers computes them (the exponent in f32, the power rounded to f32, then the
-/// reciprocal and the scaling in f32): an ulp of difference here grows with the position into
-/// logit differences of 1e-4 at a few hundred tokens.
-pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
-    let d = config.head_dim;
+/// The parts of a forward that are not parameters and not per block.
+#[derive(Clone, Debug, Default)]
+pub struct DecoderExtras {
+    /// Gemma's √hidden on the embeddings.
+    pub embed_scale: Option<f32>,
+    /// Gemma 2's `final_logit_softcapping`.
+    pub final_softcap: Option<f64>,
+    /// Gemma 3's sliding layers' inverse frequencies `[rotary_dim / 2]`.
+    pub inv_freq_local: Option<Vec<f32>>,
+}
+
+/// RoPE inverse frequencies `[rotary_dim / 2]` for base `theta`, with linear or Llama 3.1 scaling
+/// where configured. Rounded the way transformers computes them (the exponent in f32, the power
+/// rounded to f32, then the reciprocal and the scaling in f32): an ulp of difference here grows
+/// with the position into logit differences of 1e-4 at a few hundred tokens.
+pub fn rope_inv_freq(rotary_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
+    let d = rotary_dim;
     let mut inv: Vec<f32> = (0..d / 2)
         .map(|i| {
             let x = (2 * i) as f32 / d as f32;
-            1.0f32 / (config.rope_theta.powf(x as f64) as f32)
+            1.0f32 / (theta.powf(x as f64) as f32)
         })
         .collect();
-    apply_rope_scaling(&mut inv, config.rope_scaling.as_ref());
+    apply_rope_scaling(&mut inv, scaling);
     inv
 }
 
@@ -479,14 +633,19 @@ fn llama3_scale(inv: &mut [f32], factor: f32, low: f32, high: f32, old: f32) {
     }
 }
 
-fn param2<B: Backend>(
-    w: &Weights,
-    name: &str,
+/// A checkpoint tensor by name as f32, with its shape.
+fn read(w: &Weights, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+    w.f32(name)
+}
+
+/// A matrix parameter from Hugging Face's `[out, in]` rows (`transpose`: held as `[in, out]`).
+fn matrix<B: Backend>(
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
     transpose: bool,
     device: &B::Device,
-) -> Result<Param<Tensor<B, 2>>, ModelError> {
-    let (shape, data) = w.f32(name)?;
-    let (rows, cols) = (shape[0], shape[1]);
+) -> Param<Tensor<B, 2>> {
     // Transposed on the host into a contiguous `[in, out]`, not kept as a strided view of the
     // checkpoint's `[out, in]`: the CPU gemm packs weights by reading along their rows instead of
     // gathering across them (SmolLM2 forward, batch 1: about 640 → 700 tokens/s).
@@ -498,19 +657,83 @@ fn param2<B: Backend>(
     } else {
         TensorData::new(data, [rows, cols])
     };
-    Ok(Param::from_tensor(Tensor::<B, 2>::from_data(t, device)))
+    Param::from_tensor(Tensor::<B, 2>::from_data(t, device))
 }
 
-fn param1<B: Backend>(
-    w: &Weights,
-    name: &str,
-    device: &B::Device,
-) -> Result<Param<Tensor<B, 1>>, ModelError> {
-    let (shape, data) = w.f32(name)?;
-    Ok(Param::from_tensor(Tensor::<B, 1>::from_data(
-        TensorData::new(data, [shape[0]]),
-        device,
-    )))
+fn vector<B: Backend>(data: Vec<f32>, device: &B::Device) -> Param<Tensor<B, 1>> {
+    let n = data.len();
+    Param::from_tensor(Tensor::<B, 1>::from_data(TensorData::new(data, [n]), device))
+}
+
+/// The checkpoint's tensors by (layer, role), named by the family's table.
+struct ByRole<'a> {
+    weights: &'a Weights,
+    names: HashMap<(Option<usize>, Role), String>,
+}
+
+impl ByRole<'_> {
+    fn name(&self, layer: Option<usize>, role: Role) -> Option<&str> {
+        self.names.get(&(layer, role)).map(String::as_str)
+    }
+
+    fn vector<B: Backend>(
+        &self,
+        layer: Option<usize>,
+        role: Role,
+        device: &B::Device,
+    ) -> Result<Option<Param<Tensor<B, 1>>>, ModelError> {
+        self.name(layer, role)
+            .map(|n| Ok(vector(read(self.weights, n)?.1, device)))
+            .transpose()
+    }
+
+    /// A matrix held as `[in, out]`; `None` when the table has no such tensor.
+    fn matrix<B: Backend>(
+        &self,
+        layer: Option<usize>,
+        role: Role,
+        device: &B::Device,
+    ) -> Result<Option<Param<Tensor<B, 2>>>, ModelError> {
+        self.name(layer, role)
+            .map(|n| {
+                let (shape, data) = read(self.weights, n)?;
+                Ok(matrix(data, shape[0], shape[1], true, device))
+            })
+            .transpose()
+    }
+
+    /// The row blocks of a packed matrix (Phi-3's qkv_proj, gate_up_proj), each held `[in, out]`.
+    fn packed<B: Backend>(
+        &self,
+        layer: usize,
+        role: Role,
+        parts: &[usize],
+        device: &B::Device,
+    ) -> Result<Option<Vec<Param<Tensor<B, 2>>>>, ModelError> {
+        let Some(n) = self.name(Some(layer), role) else {
+            return Ok(None);
+        };
+        let (shape, data) = read(self.weights, n)?;
+        let cols = shape[1];
+        let mut start = 0;
+        let mut out = Vec::with_capacity(parts.len());
+        for &rows in parts {
+            let block = data[start * cols..(start + rows) * cols].to_vec();
+            out.push(matrix(block, rows, cols, true, device));
+            start += rows;
+        }
+        Ok(Some(out))
+    }
+
+    fn require<T>(&self, t: Option<T>, layer: Option<usize>, role: Role) -> Result<T, ModelError> {
+        t.ok_or_else(|| ModelError::Checkpoint {
+            path: self.weights.origin.clone(),
+            why: format!(
+                "the family's table has no {role:?} tensor{}",
+                layer.map(|l| format!(" in layer {l}")).unwrap_or_default()
+            ),
+        })
+    }
 }
 
 impl<B: Backend> Decoder<B> {
@@ -520,74 +743,129 @@ impl<B: Backend> Decoder<B> {
         weights: &Weights,
         device: &B::Device,
     ) -> Result<Decoder<B>, ModelError> {
-        let eps = config.rms_norm_eps;
+        let t = ByRole {
+            weights,
+            names: config
+                .tensor_specs()
+                .into_iter()
+                .map(|s| ((s.layer, s.role), s.name))
+                .collect(),
+        };
+        let kind = config.family.norm;
+        let norm = |layer: Option<usize>, w: Role, b: Role| -> Result<Option<Norm<B>>, ModelError> {
+            let Some(weight) = t.vector(layer, w, device)? else {
+                return Ok(None);
+            };
+            Ok(Some(Norm {
+                weight,
+                eps: config.norm_eps,
+                bias: t.vector(layer, b, device)?,
+                offset: kind.offset(),
+                centred: kind == NormKind::LayerNorm1p,
+            }))
+        };
+        // Per-head norms are always RMS (Qwen3's Qwen3RMSNorm, Gemma 3's offset one).
+        let head_norm = |layer: usize, role: Role| -> Result<Option<Norm<B>>, ModelError> {
+            Ok(t.vector(Some(layer), role, device)?.map(|weight| Norm {
+                weight,
+                eps: config.norm_eps,
+                bias: None,
+                offset: kind.offset(),
+                centred: false,
+            }))
+        };
+        let (h, kvh, d) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        let scale = config
+            .query_pre_attn_scalar
+            .unwrap_or(d as f64)
+            .powf(-0.5);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+            let at = Some(l);
+            let (q_proj, k_proj, v_proj) =
+                match t.packed::<B>(l, Role::Qkv, &[h * d, kvh * d, kvh * d], device)? {
+                    Some(mut p) => {
+                        let v = p.pop().unwrap();
+                        let k = p.pop().unwrap();
+                        (p.pop().unwrap(), k, v)
+                    }
+                    None => (
+                        t.require(t.matrix(at, Role::Q, device)?, at, Role::Q)?,
+                        t.require(t.matrix(at, Role::K, device)?, at, Role::K)?,
+                        t.require(t.matrix(at, Role::V, device)?, at, Role::V)?,
+                    ),
+                };
+            let ffn = config.intermediate_size;
+            let (gate_proj, up_proj) = match t.packed::<B>(l, Role::GateUp, &[ffn, ffn], device)? {
+                Some(mut p) => {
+                    let up = p.pop().unwrap();
+                    (Some(p.pop().unwrap()), up)
+                }
+                None => (
+                    t.matrix(at, Role::Gate, device)?,
+                    t.require(t.matrix(at, Role::Up, device)?, at, Role::Up)?,
+                ),
+            };
             layers.push(Block {
-                input_layernorm: RmsNorm {
-                    weight: param1(weights, &format!("{p}.input_layernorm.weight"), device)?,
-                    eps,
-                },
+                attn_norm: t.require(norm(at, Role::AttnNorm, Role::AttnNormBias)?, at, Role::AttnNorm)?,
                 self_attn: Attention {
-                    q_proj: param2(
-                        weights,
-                        &format!("{p}.self_attn.q_proj.weight"),
-                        true,
-                        device,
-                    )?,
-                    k_proj: param2(
-                        weights,
-                        &format!("{p}.self_attn.k_proj.weight"),
-                        true,
-                        device,
-                    )?,
-                    v_proj: param2(
-                        weights,
-                        &format!("{p}.self_attn.v_proj.weight"),
-                        true,
-                        device,
-                    )?,
-                    o_proj: param2(
-                        weights,
-                        &format!("{p}.self_attn.o_proj.weight"),
-                        true,
-                        device,
-                    )?,
-                    n_heads: config.num_attention_heads,
-                    n_kv_heads: config.num_key_value_heads,
-                    head_dim: config.head_dim,
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj: t.require(t.matrix(at, Role::O, device)?, at, Role::O)?,
+                    n_heads: h,
+                    n_kv_heads: kvh,
+                    head_dim: d,
                     sliding_window: config.window_of(l),
+                    q_bias: t.vector(at, Role::QBias, device)?,
+                    k_bias: t.vector(at, Role::KBias, device)?,
+                    v_bias: t.vector(at, Role::VBias, device)?,
+                    o_bias: t.vector(at, Role::OBias, device)?,
+                    q_norm: head_norm(l, Role::QNorm)?,
+                    k_norm: head_norm(l, Role::KNorm)?,
+                    scale,
+                    softcap: config.attn_logit_softcapping,
+                    local_rope: config.uses_local_rope(l),
                 },
-                post_attention_layernorm: RmsNorm {
-                    weight: param1(
-                        weights,
-                        &format!("{p}.post_attention_layernorm.weight"),
-                        device,
-                    )?,
-                    eps,
-                },
+                mlp_norm: t.require(norm(at, Role::MlpNorm, Role::MlpNormBias)?, at, Role::MlpNorm)?,
                 mlp: Mlp {
-                    gate_proj: param2(weights, &format!("{p}.mlp.gate_proj.weight"), true, device)?,
-                    up_proj: param2(weights, &format!("{p}.mlp.up_proj.weight"), true, device)?,
-                    down_proj: param2(weights, &format!("{p}.mlp.down_proj.weight"), true, device)?,
+                    gate_proj,
+                    up_proj,
+                    down_proj: t.require(t.matrix(at, Role::Down, device)?, at, Role::Down)?,
+                    gate_bias: t.vector(at, Role::GateBias, device)?,
+                    up_bias: t.vector(at, Role::UpBias, device)?,
+                    down_bias: t.vector(at, Role::DownBias, device)?,
+                    act: config.hidden_act,
                 },
+                post_attn_norm: norm(at, Role::PostAttnNorm, Role::PostAttnNorm)?,
+                post_mlp_norm: norm(at, Role::PostMlpNorm, Role::PostMlpNorm)?,
             });
         }
+        let (shape, embed) = read(weights, "model.embed_tokens.weight")?;
+        let rotary = config.rotary_dim();
         Ok(Decoder {
-            embed_tokens: param2(weights, "model.embed_tokens.weight", false, device)?,
+            embed_tokens: matrix(embed, shape[0], shape[1], false, device),
             layers,
-            norm: RmsNorm {
-                weight: param1(weights, "model.norm.weight", device)?,
-                eps,
-            },
-            lm_head: if config.tie_word_embeddings {
-                None
-            } else {
-                Some(param2(weights, "lm_head.weight", true, device)?)
-            },
-            inv_freq: rope_inv_freq(config),
+            norm: t.require(norm(None, Role::FinalNorm, Role::FinalNormBias)?, None, Role::FinalNorm)?,
+            lm_head: t.matrix(None, Role::Head, device)?,
+            inv_freq: rope_inv_freq(rotary, config.rope_theta, config.rope_scaling.as_ref()),
             compute: Compute::F32,
+            extras: DecoderExtras {
+                // transformers: `torch.tensor(hidden_size ** 0.5, dtype=hidden.dtype)`.
+                embed_scale: config
+                    .family
+                    .embed_scale
+                    .then(|| (config.hidden_size as f64).sqrt() as f32),
+                final_softcap: config.final_logit_softcapping,
+                inv_freq_local: config
+                    .rope_local
+                    .as_ref()
+                    .map(|r| rope_inv_freq(rotary, r.theta, r.scaling.as_ref())),
+            },
         })
     }
 
@@ -598,7 +876,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Stores the matrices (projections, embedding, head) in the compute dtype, for a frozen model:
-    /// a bf16 teacher holds 2 bytes per parameter instead of 4. Norm weights stay f32.
+    /// a bf16 teacher holds 2 bytes per parameter instead of 4. Norm weights and biases stay f32.
     pub fn store_matrices_in_compute_dtype(self) -> Self {
         let dt = self.compute.dtype();
         let cast = |p: Param<Tensor<B, 2>>| p.map(|t| t.cast(dt));
@@ -616,9 +894,10 @@ impl<B: Backend> Decoder<B> {
                         ..b.self_attn
                     },
                     mlp: Mlp {
-                        gate_proj: cast(b.mlp.gate_proj),
+                        gate_proj: b.mlp.gate_proj.map(cast),
                         up_proj: cast(b.mlp.up_proj),
                         down_proj: cast(b.mlp.down_proj),
+                        ..b.mlp
                     },
                     ..b
                 })
@@ -628,98 +907,114 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// Every tensor under its Hugging Face name and layout, as f32 (for saving).
-    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        let mut out = Vec::new();
-        let mut push2 = |name: String, p: &Param<Tensor<B, 2>>, transpose: bool| {
-            let t = if transpose {
-                p.val().transpose()
-            } else {
-                p.val()
+    /// The tensor of `spec` in Hugging Face layout, as f32: `(shape, values)`.
+    fn tensor_of(&self, spec: &TensorSpec) -> (Vec<usize>, Vec<f32>) {
+        fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+            t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+        }
+        // Held `[in, out]`: back to `[out, in]` rows; packed matrices stack their parts' rows.
+        let rows = |parts: &[&Param<Tensor<B, 2>>]| {
+            let mut shape = vec![0, 0];
+            let mut out = Vec::new();
+            for p in parts {
+                let t = p.val().transpose();
+                let [r, c] = t.dims();
+                shape = vec![shape[0] + r, c];
+                out.extend(values(t));
+            }
+            (shape, out)
+        };
+        let vec1 = |p: &Param<Tensor<B, 1>>| (p.val().dims().to_vec(), values(p.val()));
+        // The decoder was built from a config of this table: every role it names is held.
+        macro_rules! missing {
+            () => {
+                || panic!("{} is not held by this decoder", spec.name)
             };
-            let shape = t.dims().to_vec();
-            out.push((
-                name,
-                shape,
-                t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-            ));
-        };
-        push2(
-            "model.embed_tokens.weight".into(),
-            &self.embed_tokens,
-            false,
-        );
-        for (l, b) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            push2(
-                format!("{p}.self_attn.q_proj.weight"),
-                &b.self_attn.q_proj,
-                true,
-            );
-            push2(
-                format!("{p}.self_attn.k_proj.weight"),
-                &b.self_attn.k_proj,
-                true,
-            );
-            push2(
-                format!("{p}.self_attn.v_proj.weight"),
-                &b.self_attn.v_proj,
-                true,
-            );
-            push2(
-                format!("{p}.self_attn.o_proj.weight"),
-                &b.self_attn.o_proj,
-                true,
-            );
-            push2(format!("{p}.mlp.gate_proj.weight"), &b.mlp.gate_proj, true);
-            push2(format!("{p}.mlp.up_proj.weight"), &b.mlp.up_proj, true);
-            push2(format!("{p}.mlp.down_proj.weight"), &b.mlp.down_proj, true);
         }
-        if let Some(head) = &self.lm_head {
-            push2("lm_head.weight".into(), head, true);
+        let block = spec.layer.map(|l| &self.layers[l]);
+        let b = || block.unwrap();
+        let opt1 = |p: &Option<Param<Tensor<B, 1>>>| p.as_ref().map(vec1).unwrap_or_else(missing!());
+        let norm_w = |n: &Option<Norm<B>>| n.as_ref().map(|n| vec1(&n.weight)).unwrap_or_else(missing!());
+        match spec.role {
+            Role::Embed => {
+                let t = self.embed_tokens.val();
+                (t.dims().to_vec(), values(t))
+            }
+            Role::Head => rows(&[self.lm_head.as_ref().unwrap_or_else(missing!())]),
+            Role::FinalNorm => vec1(&self.norm.weight),
+            Role::FinalNormBias => opt1(&self.norm.bias),
+            Role::AttnNorm => vec1(&b().attn_norm.weight),
+            Role::AttnNormBias => opt1(&b().attn_norm.bias),
+            Role::MlpNorm => vec1(&b().mlp_norm.weight),
+            Role::MlpNormBias => opt1(&b().mlp_norm.bias),
+            Role::PostAttnNorm => norm_w(&b().post_attn_norm),
+            Role::PostMlpNorm => norm_w(&b().post_mlp_norm),
+            Role::Q => rows(&[&b().self_attn.q_proj]),
+            Role::K => rows(&[&b().self_attn.k_proj]),
+            Role::V => rows(&[&b().self_attn.v_proj]),
+            Role::O => rows(&[&b().self_attn.o_proj]),
+            Role::Qkv => {
+                let a = &b().self_attn;
+                rows(&[&a.q_proj, &a.k_proj, &a.v_proj])
+            }
+            Role::QBias => opt1(&b().self_attn.q_bias),
+            Role::KBias => opt1(&b().self_attn.k_bias),
+            Role::VBias => opt1(&b().self_attn.v_bias),
+            Role::OBias => opt1(&b().self_attn.o_bias),
+            Role::QNorm => norm_w(&b().self_attn.q_norm),
+            Role::KNorm => norm_w(&b().self_attn.k_norm),
+            Role::Gate => rows(&[b().mlp.gate_proj.as_ref().unwrap_or_else(missing!())]),
+            Role::Up => rows(&[&b().mlp.up_proj]),
+            Role::GateUp => rows(&[
+                b().mlp.gate_proj.as_ref().unwrap_or_else(missing!()),
+                &b().mlp.up_proj,
+            ]),
+            Role::Down => rows(&[&b().mlp.down_proj]),
+            Role::GateBias => opt1(&b().mlp.gate_bias),
+            Role::UpBias => opt1(&b().mlp.up_bias),
+            Role::DownBias => opt1(&b().mlp.down_bias),
         }
-        let mut push1 = |name: String, p: &Param<Tensor<B, 1>>| {
-            let t = p.val();
-            out.push((
-                name,
-                t.dims().to_vec(),
-                t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-            ));
-        };
-        for (l, b) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            push1(
-                format!("{p}.input_layernorm.weight"),
-                &b.input_layernorm.weight,
-            );
-            push1(
-                format!("{p}.post_attention_layernorm.weight"),
-                &b.post_attention_layernorm.weight,
-            );
-        }
-        push1("model.norm.weight".into(), &self.norm.weight);
-        out
+    }
+
+    /// Every tensor of `config`'s table (a config of this decoder's shape) under its Hugging Face
+    /// name and layout, as f32 (for saving).
+    pub fn named_tensors(&self, config: &ModelConfig) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        config
+            .tensor_specs()
+            .iter()
+            .map(|spec| {
+                let (shape, values) = self.tensor_of(spec);
+                (spec.name.clone(), shape, values)
+            })
+            .collect()
     }
 
     /// The additive attention mask `[batch, kv_heads, seq * rep, seq]` for `rep` query heads
     /// stacked per KV group (rows ordered (position, head)): -inf above the diagonal and outside
-    /// Mistral's sliding window, else 0. Built once per forward and shared by every layer;
+    /// the sliding `window`, else 0. Built once per forward and window and shared by the layers;
     /// materialized to the scores' shape where the tensor-op softmax adds it (Flex's broadcasting
     /// adds are slow), repeating over batch and groups where the fused CPU softmax reads it.
-    fn causal_bias(&self, batch: usize, seq: usize, device: &B::Device) -> Tensor<B, 4> {
+    fn causal_bias(
+        &self,
+        batch: usize,
+        seq: usize,
+        window: Option<usize>,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
         // The fused softmax reads a bias that repeats over batch and groups.
         let limit = if fast::is_flex::<B>() {
             0
         } else {
             MATERIALIZED_BIAS_LIMIT
         };
-        self.causal_bias_up_to(batch, seq, limit, device)
+        self.causal_bias_up_to(batch, seq, window, limit, device)
     }
 
     fn causal_bias_up_to(
         &self,
         batch: usize,
         seq: usize,
+        window: Option<usize>,
         limit: usize,
         device: &B::Device,
     ) -> Tensor<B, 4> {
@@ -727,7 +1022,6 @@ impl<B: Backend> Decoder<B> {
             return Tensor::zeros([batch, 1, seq, seq], device);
         };
         let rep = attn.n_heads / attn.n_kv_heads;
-        let window = attn.sliding_window;
         let mut bias = Vec::with_capacity(rep * seq * seq);
         for i in 0..seq {
             let row: Vec<f32> = (0..seq)
@@ -764,18 +1058,26 @@ impl<B: Backend> Decoder<B> {
             .select(0, tokens.reshape([b * s]))
             .reshape([b, s, hidden])
             .cast(FloatDType::F32);
-        let rope = match self.layers.first() {
-            Some(block) => {
-                let a = &block.self_attn;
-                Rope::new(&self.inv_freq, b, s, a.n_heads, a.n_kv_heads, &device)
-            }
-            None => Rope::new(&self.inv_freq, b, s, 1, 1, &device),
+        if let Some(scale) = self.extras.embed_scale {
+            x = x.mul_scalar(scale);
+        }
+        let (heads, kv_heads) = match self.layers.first() {
+            Some(block) => (block.self_attn.n_heads, block.self_attn.n_kv_heads),
+            None => (1, 1),
         };
-        // Built on first use, once per forward: the fused CPU attention needs none.
-        let bias_cell = std::cell::OnceCell::new();
-        let bias = || {
-            bias_cell
-                .get_or_init(|| self.causal_bias(b, s, &device))
+        let rope = Rope::new(&self.inv_freq, b, s, heads, kv_heads, &device);
+        let local_rope = self
+            .extras
+            .inv_freq_local
+            .as_ref()
+            .map(|f| Rope::new(f, b, s, heads, kv_heads, &device));
+        // Built on first use, once per forward and window: the fused CPU attention needs none.
+        let biases = std::cell::RefCell::new(HashMap::new());
+        let bias = |window: Option<usize>| {
+            biases
+                .borrow_mut()
+                .entry(window)
+                .or_insert_with(|| self.causal_bias(b, s, window, &device))
                 .clone()
         };
         // Each block's MLP output is added to the residual stream by the next norm (the next
@@ -784,9 +1086,9 @@ impl<B: Backend> Decoder<B> {
         for (l, block) in self.layers.iter().enumerate() {
             let normed;
             (x, normed) = match mlp_out.take() {
-                Some(mlp) => block.input_layernorm.forward_residual(x, mlp),
+                Some(mlp) => block.attn_norm.forward_residual(x, mlp),
                 None => {
-                    let normed = block.input_layernorm.forward(x.clone());
+                    let normed = block.attn_norm.forward(x.clone());
                     (x, normed)
                 }
             };
@@ -799,12 +1101,20 @@ impl<B: Backend> Decoder<B> {
             if want.contains(HookPoint::AttnNorm) {
                 hooks.activation(l, HookPoint::AttnNorm, &normed);
             }
-            let (context, attn) = block.self_attn.forward(normed, &rope, &bias, self.compute);
+            let rope = match (&local_rope, block.self_attn.local_rope) {
+                (Some(local), true) => local,
+                _ => &rope,
+            };
+            let (context, attn) = block.self_attn.forward(normed, rope, &bias, self.compute);
             if want.contains(HookPoint::AttnContext) {
                 hooks.activation(l, HookPoint::AttnContext, &context);
             }
             drop(context);
-            let (h, normed) = block.post_attention_layernorm.forward_residual(x, attn);
+            let attn = match &block.post_attn_norm {
+                Some(norm) => norm.forward(attn),
+                None => attn,
+            };
+            let (h, normed) = block.mlp_norm.forward_residual(x, attn);
             if want.contains(HookPoint::MlpNorm) {
                 hooks.activation(l, HookPoint::MlpNorm, &normed);
             }
@@ -814,7 +1124,10 @@ impl<B: Backend> Decoder<B> {
             }
             drop(inter);
             x = h;
-            mlp_out = Some(mlp);
+            mlp_out = Some(match &block.post_mlp_norm {
+                Some(norm) => norm.forward(mlp),
+                None => mlp,
+            });
         }
         match mlp_out {
             Some(mlp) => {
@@ -828,9 +1141,10 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// Projects hidden states to logits: `[batch, seq, hidden] -> [batch, seq, vocab]`.
+    /// Projects hidden states to logits: `[batch, seq, hidden] -> [batch, seq, vocab]` (soft-capped
+    /// where the family caps them).
     pub fn logits_of(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(w) => linear(hidden, w, self.compute),
             None => {
                 let [b, s, h] = hidden.dims();
@@ -838,6 +1152,10 @@ impl<B: Backend> Decoder<B> {
                 let v = e.dims()[0];
                 matmul(hidden.reshape([b * s, h]), e.transpose(), self.compute).reshape([b, s, v])
             }
+        };
+        match self.extras.final_softcap {
+            Some(cap) => softcap(logits, cap),
+            None => logits,
         }
     }
 
@@ -918,7 +1236,7 @@ mod tests {
             burn::tensor::DType::BF16
         );
         assert_eq!(
-            stored.layers[0].input_layernorm.weight.val().dtype(),
+            stored.layers[0].attn_norm.weight.val().dtype(),
             burn::tensor::DType::F32
         );
         // Stored bf16 matrices round once what bf16 compute rounds at every matmul; only the
@@ -976,7 +1294,7 @@ mod tests {
                 .powf_scalar(2.0)
                 .mean();
             let grads = loss.backward();
-            let g = d.layers[0].mlp.gate_proj.val().grad(&grads).unwrap();
+            let g = d.layers[0].mlp.gate_proj.as_ref().unwrap().val().grad(&grads).unwrap();
             assert_eq!(g.dtype(), burn::tensor::DType::F32);
             g.into_data().to_vec::<f32>().unwrap()
         };
@@ -997,8 +1315,10 @@ mod tests {
         .unwrap();
         let device = Default::default();
         let d = Decoder::<Flex>::load(&m.config, &m.weights, &device).unwrap();
-        let full = d.causal_bias_up_to(2, 9, usize::MAX, &device);
-        let small = d.causal_bias_up_to(2, 9, 0, &device);
+        let w = d.layers[0].self_attn.sliding_window;
+        assert!(w.is_some());
+        let full = d.causal_bias_up_to(2, 9, w, usize::MAX, &device);
+        let small = d.causal_bias_up_to(2, 9, w, 0, &device);
         assert_eq!(small.dims()[..2], [1, 1]);
         let shape = full.dims();
         assert_eq!(

@@ -1,6 +1,7 @@
 //! The model: config.json, the Burn decoder, checkpoint IO (Hugging Face safetensors, GGUF) and
 //! tokenizers.
 
+pub mod arch;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;

@@ -373,7 +373,7 @@ impl Weights {
             if !known.contains(name.as_str()) && !harmless {
                 return Err(bad(format!(
                     "unexpected tensor `{name}` (not part of a {} with this config)",
-                    config.architecture
+                    config.architecture()
                 )));
             }
         }
