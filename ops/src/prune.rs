@@ -180,25 +180,53 @@ impl PruneTarget {
         n
     }
 
-    /// transformers 5 refuses a config whose `hidden_size` is not a multiple of
-    /// `num_attention_heads`, even with an explicit `head_dim`: a message naming the rule and the
-    /// nearest sizes it loads, or `None` when the pruned shape loads.
-    pub fn transformers5_shape_problem(&self, c: &ModelConfig) -> Option<String> {
+    /// Why transformers would not load the pruned shape, or load a different model, as
+    /// `(param, message)` pairs naming the rule and the nearest sizes it loads; empty when the
+    /// export loads everywhere distillery promises (transformers 4.46+ and 5.x):
+    /// - transformers 5 refuses a `hidden_size` that is not a multiple of `num_attention_heads`,
+    ///   even with an explicit `head_dim`;
+    /// - the 4.x classes of some families derive `head_dim = hidden_size / num_attention_heads`
+    ///   and ignore the field ([`Family::head_dim_derived_in_4x`]);
+    /// - 4.x alternates Gemma 2's windows by layer index and ignores `layer_types`, so dropped
+    ///   layers must keep the alternation ([`Family::windows_by_index_in_4x`]).
+    pub fn loadability_problems(&self, c: &ModelConfig) -> Vec<(&'static str, String)> {
         let n = self.apply_to(c);
         let (h, heads) = (n.hidden_size, n.num_attention_heads);
-        if heads == 0 || h % heads == 0 {
-            return None;
+        let mut out = Vec::new();
+        if heads > 0 && h % heads != 0 {
+            let below = h / heads * heads;
+            let above = (below + heads).min(c.hidden_size);
+            let sizes = if above > h && above % heads == 0 && below > 0 {
+                format!("{below} or {above}")
+            } else {
+                below.to_string()
+            };
+            out.push(("hidden_size", format!(
+                "hidden_size {h} is not a multiple of num_attention_heads {heads}: transformers 5 refuses to load such a config (even with an explicit head_dim); the nearest loadable hidden_size is {sizes}"
+            )));
+        } else if c.family.head_dim_derived_in_4x && heads * n.head_dim != h {
+            out.push(("hidden_size", format!(
+                "hidden_size {h} with {heads} heads of head_dim {}: transformers 4.x's {} ignores head_dim and derives {h} / {heads}, so the export loads in transformers 5 only; keep hidden_size = num_attention_heads × head_dim = {}",
+                n.head_dim,
+                c.architecture(),
+                heads * n.head_dim
+            )));
         }
-        let below = h / heads * heads;
-        let above = (below + heads).min(c.hidden_size);
-        let sizes = if above > h && above % heads == 0 && below > 0 {
-            format!("{below} or {above}")
-        } else {
-            below.to_string()
-        };
-        Some(format!(
-            "hidden_size {h} is not a multiple of num_attention_heads {heads}: transformers 5 refuses to load such a config (even with an explicit head_dim); the nearest loadable hidden_size is {sizes}"
-        ))
+        if c.family.windows_by_index_in_4x && !self.drop_layers.is_empty()
+            && let Some(kinds) = &n.layer_types
+            && let Some(i) = kinds
+                .iter()
+                .enumerate()
+                .position(|(i, k)| (k == "sliding_attention") != (i % 2 == 0))
+        {
+            out.push(("drop_layers", format!(
+                "after dropping layers {:?}, layer {i} is \"{}\": transformers 4.x alternates {}'s windows by layer index (even layers sliding) and ignores layer_types, so the export computes another model there; drop layers in pairs to keep the alternation",
+                self.drop_layers,
+                kinds[i],
+                c.architecture()
+            )));
+        }
+        out
     }
 }
 
@@ -583,13 +611,13 @@ impl Op for Prune {
         match PruneTarget::from_params(params) {
             Ok(t) => {
                 let mut problems = t.problems(&config);
-                if params.bool("strict_shapes").unwrap_or(false)
-                    && let Some(message) = t.transformers5_shape_problem(&config)
-                {
-                    problems.push(Problem {
-                        param: Some("hidden_size".into()),
-                        message,
-                    });
+                if params.bool("strict_shapes").unwrap_or(false) {
+                    problems.extend(t.loadability_problems(&config).into_iter().map(
+                        |(param, message)| Problem {
+                            param: Some(param.into()),
+                            message,
+                        },
+                    ));
                 }
                 problems
             }
@@ -617,12 +645,12 @@ impl Op for Prune {
         if !t.problems(&config).is_empty() {
             return Vec::new();
         }
-        t.transformers5_shape_problem(&config)
-            .map(|message| Problem {
-                param: Some("hidden_size".into()),
+        t.loadability_problems(&config)
+            .into_iter()
+            .map(|(param, message)| Problem {
+                param: Some(param.into()),
                 message: format!("{message} (set strict_shapes = true to make this an error)"),
             })
-            .into_iter()
             .collect()
     }
 

@@ -23,8 +23,8 @@ use crate::validation;
 pub const SEARCH_FILE: &str = "search.json";
 
 /// Every grid shape within the reductions allowed, under `budget` parameters, largest first.
-/// With `loadable_only`, only shapes transformers 5 loads (`hidden_size` a multiple of
-/// `num_attention_heads`).
+/// With `loadable_only`, only shapes transformers 4.46+ and 5.x load as the same model
+/// ([`PruneTarget::loadability_problems`]).
 #[allow(clippy::too_many_arguments)]
 pub fn candidates(
     c: &ModelConfig,
@@ -57,9 +57,6 @@ pub fn candidates(
         for &hidden in &grid(c.hidden_size, hidden_step, max_width) {
             for &ffn in &grid(c.intermediate_size, ffn_step, max_width) {
                 for &h in &heads {
-                    if loadable_only && hidden % h != 0 {
-                        continue;
-                    }
                     let t = PruneTarget {
                         hidden_size: Some(hidden),
                         intermediate_size: Some(ffn),
@@ -67,6 +64,9 @@ pub fn candidates(
                         num_layers: Some(layers),
                         ..Default::default()
                     };
+                    if loadable_only && !t.loadability_problems(c).is_empty() {
+                        continue;
+                    }
                     let p = t.apply_to(c).parameter_count().0;
                     if p <= budget {
                         out.push((t, p));

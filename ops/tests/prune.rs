@@ -301,3 +301,103 @@ fn search_grid_respects_budget_and_reductions() {
         && t.num_layers == Some(40)
         && matches!(t.intermediate_size, Some(11264) | Some(11776))));
 }
+
+/// The model families of the architecture table, one golden each (make_goldens_families.py).
+const FAMILIES: [&str; 6] = [
+    "family-qwen2",
+    "family-qwen3",
+    "family-gemma2",
+    "family-gemma3_text",
+    "family-phi3",
+    "family-nemotron",
+];
+
+/// Width and depth pruning checked against an independent construction in every family: removing
+/// MLP neurons, query heads, KV groups (with their heads) and whole layers computes what the
+/// original model computes with those units' outputs zeroed (their `down_proj` columns, their
+/// `o_proj` columns, or a layer's `o_proj` and `down_proj` with any biases: a pre-norm or sandwich
+/// block whose sublayers output zero is the identity). This exercises the table's axes for packed
+/// projections (Phi-3), biases (Qwen2), q/k norms (Qwen3, Gemma 3), sandwich norms, LayerNorm1p and
+/// partial RoPE without trusting the slicer.
+#[test]
+fn pruning_equals_zeroing_what_it_removes_in_every_family() {
+    use distillery_ops::model::arch::Role;
+    use distillery_ops::model::weights::Weights;
+    for name in FAMILIES {
+        let dir = golden_dir(name);
+        let m = load_model(&dir).unwrap();
+        let c = &m.config;
+        let scores = scores_of(&dir);
+        let target = PruneTarget {
+            intermediate_size: Some(c.intermediate_size * 2 / 3),
+            num_key_value_heads: Some(c.num_key_value_heads - 1),
+            drop_layers: vec![1],
+            ..Default::default()
+        };
+        assert!(target.problems(c).is_empty(), "{name}");
+        let plan = PrunePlan::new(&scores, &target, false);
+        let (new, out) = prune_and_load(&dir, &scores, &target, false);
+        assert_eq!(new.num_hidden_layers, c.num_hidden_layers - 1);
+        let ids = input_ids(&dir);
+        let pruned = logits(out.path(), &ids);
+
+        let mut tensors = std::collections::BTreeMap::new();
+        for n in m.weights.names() {
+            tensors.insert(n.clone(), m.weights.f32(&n).unwrap());
+        }
+        let d = c.head_dim;
+        for spec in c.tensor_specs() {
+            let Some(l) = spec.layer else { continue };
+            let kept = plan.layers.iter().position(|&k| k == l);
+            let (shape, w) = tensors.get_mut(&spec.name).unwrap();
+            let keep_cols: Option<Vec<usize>> = match (spec.role, kept) {
+                (Role::O | Role::OBias | Role::Down | Role::DownBias, None) => Some(vec![]),
+                (Role::Down, Some(k)) => Some(plan.neurons[k].clone()),
+                (Role::O, Some(k)) => Some(
+                    plan.heads[k]
+                        .iter()
+                        .flat_map(|&h| h * d..(h + 1) * d)
+                        .collect(),
+                ),
+                _ => None,
+            };
+            let Some(keep) = keep_cols else { continue };
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            for (i, x) in w.iter_mut().enumerate() {
+                if shape.len() == 1 || !keep.contains(&(i % cols)) {
+                    *x = 0.0;
+                }
+            }
+        }
+        let zeroed = Weights::from_memory(dir.clone(), tensors);
+        let reference: Vec<f32> = Decoder::<B>::load(c, &zeroed, &Default::default())
+            .unwrap()
+            .forward(tokens_tensor::<B>(&ids, 2, &Default::default()))
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let scale = reference.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let diff = pruned
+            .iter()
+            .zip(&reference)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: pruned vs zeroed max |Δlogit| {diff:.2e}");
+        assert!(diff <= 1e-5 * scale, "{name}: max |Δlogit| {diff}");
+    }
+}
+
+/// Pruning to the original sizes keeps every family's checkpoint bit for bit (same order).
+#[test]
+fn identity_pruning_keeps_every_family_bit_for_bit() {
+    for name in FAMILIES {
+        let dir = golden_dir(name);
+        let m = load_model(&dir).unwrap();
+        let scores = scores_of(&dir);
+        let plan = PrunePlan::new(&scores, &PruneTarget::default(), false);
+        for (n, _) in m.config.tensor_shapes() {
+            let got = prune_tensor(&m.weights, &m.config, &plan, &n).unwrap();
+            assert!(got == m.weights.f32(&n).unwrap().1, "{name}: {n} changed");
+        }
+    }
+}

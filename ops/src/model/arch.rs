@@ -102,6 +102,11 @@ pub struct Family {
     /// Whether `partial_rotary_factor` below 1 is run (Phi-3, Nemotron); the others rotate whole
     /// heads and transformers fails on anything else.
     pub partial_rotary: bool,
+    /// transformers 4.x's class derives `head_dim = hidden_size / num_attention_heads` and
+    /// ignores the field (Qwen2, Phi-3 in 4.46): a pruned hidden size must keep the product.
+    pub head_dim_derived_in_4x: bool,
+    /// transformers 4.x alternates windows by layer index and ignores `layer_types` (Gemma 2).
+    pub windows_by_index_in_4x: bool,
     pub windows: WindowRule,
     pub default_rope_theta: f64,
     pub default_eps: f64,
@@ -127,6 +132,8 @@ const LLAMA_LIKE: Family = Family {
     query_pre_attn_scalar: false,
     rope_per_layer_type: false,
     partial_rotary: false,
+    head_dim_derived_in_4x: false,
+    windows_by_index_in_4x: false,
     windows: WindowRule::Never,
     default_rope_theta: 10000.0,
     default_eps: 1e-6,
@@ -148,6 +155,7 @@ pub const QWEN2: Family = Family {
     architecture: "Qwen2ForCausalLM",
     model_type: "qwen2",
     attention_bias: AttentionBias::QkvAlways,
+    head_dim_derived_in_4x: true,
     mlp_bias_key: false,
     windows: WindowRule::LayerTypes(DefaultPattern::QwenMaxWindowLayers),
     gguf_arch: "qwen2",
@@ -176,6 +184,7 @@ pub const GEMMA2: Family = Family {
     embed_scale: true,
     softcaps: true,
     query_pre_attn_scalar: true,
+    windows_by_index_in_4x: true,
     windows: WindowRule::LayerTypes(DefaultPattern::Alternating),
     gguf_arch: "gemma2",
     ..LLAMA_LIKE
@@ -186,6 +195,9 @@ pub const GEMMA3: Family = Family {
     model_type: "gemma3_text",
     qk_norm: true,
     rope_per_layer_type: true,
+    // Gemma 3 came with transformers 4.50, which reads layer_types' predecessor pattern; 4.46
+    // has no Gemma 3 at all.
+    windows_by_index_in_4x: false,
     windows: WindowRule::LayerTypes(DefaultPattern::EveryNthFull),
     gguf_arch: "gemma3",
     ..GEMMA2
@@ -196,6 +208,7 @@ pub const PHI3: Family = Family {
     model_type: "phi3",
     packed: true,
     partial_rotary: true,
+    head_dim_derived_in_4x: true,
     attention_bias: AttentionBias::Never,
     mlp_bias_key: false,
     windows: WindowRule::Every,

@@ -766,7 +766,13 @@ impl ModelConfig {
             set("final_logit_softcapping", opt(self.final_logit_softcapping));
         }
         if let Some(q) = self.query_pre_attn_scalar {
-            set("query_pre_attn_scalar", q.into());
+            // transformers 5 types the field as an int and refuses `20.0`.
+            let v = if q.fract() == 0.0 && q.abs() < 1e15 {
+                Value::from(q as i64)
+            } else {
+                q.into()
+            };
+            set("query_pre_attn_scalar", v);
         }
         Value::Object(
             map.into_iter()
