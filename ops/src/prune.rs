@@ -212,7 +212,8 @@ impl PruneTarget {
                 heads * n.head_dim
             )));
         }
-        if c.family.windows_by_index_in_4x && !self.drop_layers.is_empty()
+        if c.family.windows_by_index_in_4x
+            && !self.drop_layers.is_empty()
             && let Some(kinds) = &n.layer_types
             && let Some(i) = kinds
                 .iter()
@@ -494,8 +495,9 @@ impl Op for Prune {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "prune",
-            // 2: writes tokenizer_config.json.
-            version: 2,
+            // 2: writes tokenizer_config.json. 3: config.json from the family table (attention_bias,
+            // mlp_bias, the family's activation key written explicitly).
+            version: 3,
             doc: "slice a model along width and depth by importance (Minitron)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to prune"),

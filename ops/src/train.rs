@@ -934,7 +934,8 @@ impl crate::op::Op for Train {
             name: "train",
             // 3: writes tokenizer_config.json. 4: the fused CPU forward for validation. 5: the fused
             // CPU attention. 6: its key product reads transposed keys.
-            version: 6,
+            // 7: config.json from the family table (attention_bias, mlp_bias explicit).
+            version: 7,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

@@ -401,3 +401,53 @@ fn identity_pruning_keeps_every_family_bit_for_bit() {
         }
     }
 }
+
+/// The by-hand export check of every family, kept in CI (check_families_export.py wrote the
+/// target and transformers 5.x's logits of the export): pruning by weight magnitude along every
+/// axis (hidden, ffn, a KV group with its heads, a layer), saving and loading gives transformers'
+/// logits of the same export.
+#[test]
+fn pruned_exports_of_every_family_give_transformers_logits() {
+    use distillery_ops::prune::baseline_scores;
+    for name in FAMILIES {
+        let dir = golden_dir(name);
+        let t: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("export-target.json")).unwrap())
+                .unwrap();
+        let n = |k: &str| t[k].as_u64().map(|v| v as usize);
+        let target = PruneTarget {
+            hidden_size: n("hidden_size"),
+            intermediate_size: n("intermediate_size"),
+            num_key_value_heads: n("num_key_value_heads"),
+            drop_layers: t["drop_layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect(),
+            ..Default::default()
+        };
+        let m = load_model(&dir).unwrap();
+        assert!(target.loadability_problems(&m.config).is_empty(), "{name}");
+        let scores = baseline_scores(&m.weights, &m.config, "magnitude", 0).unwrap();
+        let (_, out) = prune_and_load(&dir, &scores, &target, true);
+        let bytes = std::fs::read(dir.join("export-logits.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ids: Vec<u32> = st
+            .tensor("input_ids")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
+        let want = bytes_to_f32(DType::F32, st.tensor("logits").unwrap().data());
+        let got = logits(out.path(), &ids);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: pruned export vs transformers max |Δlogit| {diff:.2e}");
+        assert!(diff <= 1e-4, "{name}: max |Δlogit| {diff}");
+    }
+}

@@ -5,6 +5,10 @@ transformers 5.x (this venv) and, where the family exists there, transformers 4.
 given by T446, default /work/t446) load the export and compute logits on the golden's input_ids,
 and ops/tests/export_parity.rs compares distillery's own logits with them.
 
+It also commits the check for CI: tests/golden/family-*/export-target.json (the prune target) and
+export-logits.safetensors (input_ids and transformers 5.x's f32 logits of the export), which
+ops/tests/prune.rs reproduces without Python.
+
     DISTILLERY=target/debug/distillery python tests/golden/check_families_export.py
 """
 import json
@@ -69,6 +73,9 @@ op = "prune"
 inputs = {{ model = "sources.model" }}
 params = {{ method = "magnitude", hidden_size = {hidden}, intermediate_size = {cfg["intermediate_size"] // 2}, num_key_value_heads = 1, drop_layers = [{drop}], dtype = "float32" }}
 ''')
+        json.dump({"hidden_size": hidden, "intermediate_size": cfg["intermediate_size"] // 2,
+                   "num_key_value_heads": 1, "drop_layers": [drop]},
+                  open(os.path.join(src, "export-target.json"), "w"))
         env = dict(os.environ, DISTILLERY_CACHE=os.path.join(work, "cache"))
         subprocess.run([DISTILLERY, "run", recipe], check=True, env=env, stdout=subprocess.DEVNULL)
         out = os.path.join(work, "export")
@@ -87,6 +94,11 @@ params = {{ method = "magnitude", hidden_size = {hidden}, intermediate_size = {c
                 print(r.stderr[-2000:])
                 continue
             print(r.stdout.rstrip())
+            if label == "5.x":
+                from safetensors.torch import load_file, save_file
+                t = load_file(logits)
+                save_file({"input_ids": t["input_ids"], "logits": t["logits"].float().contiguous()},
+                          os.path.join(src, "export-logits.safetensors"))
             t = subprocess.run(["cargo", "test", "-q", "-p", "distillery-ops", "--test", "export_parity", "--",
                                 "--nocapture"], cwd=ROOT, capture_output=True, text=True,
                                env=dict(os.environ, DISTILLERY_CHECK_MODEL=out, DISTILLERY_CHECK_LOGITS=logits))

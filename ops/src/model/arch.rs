@@ -110,6 +110,18 @@ pub struct Family {
     pub windows: WindowRule,
     pub default_rope_theta: f64,
     pub default_eps: f64,
+    /// transformers' default `sliding_window` when the key is absent (an explicit null is none).
+    pub default_sliding_window: Option<usize>,
+    /// transformers' default `partial_rotary_factor` (Nemotron 0.5).
+    pub default_partial_rotary: f64,
+    /// transformers' default `head_dim` when the key is absent (Qwen3 128, Gemma 256); `None`:
+    /// hidden_size / num_attention_heads.
+    pub default_head_dim: Option<usize>,
+    /// transformers' default soft-caps when the keys are absent (Gemma 2: 50 and 30).
+    pub default_softcaps: (Option<f64>, Option<f64>),
+    /// Whether linear/llama3 `rope_scaling` is accepted (Phi-3's config refuses them: it knows
+    /// only longrope, which distillery refuses by name).
+    pub rope_scaling: bool,
     /// llama.cpp's `general.architecture` for this family.
     pub gguf_arch: &'static str,
 }
@@ -137,6 +149,11 @@ const LLAMA_LIKE: Family = Family {
     windows: WindowRule::Never,
     default_rope_theta: 10000.0,
     default_eps: 1e-6,
+    default_sliding_window: None,
+    default_partial_rotary: 1.0,
+    default_head_dim: None,
+    default_softcaps: (None, None),
+    rope_scaling: true,
     gguf_arch: "llama",
 };
 
@@ -148,6 +165,7 @@ pub const MISTRAL: Family = Family {
     attention_bias: AttentionBias::Never,
     mlp_bias_key: false,
     windows: WindowRule::Every,
+    default_sliding_window: Some(4096),
     ..LLAMA_LIKE
 };
 
@@ -168,6 +186,7 @@ pub const QWEN3: Family = Family {
     qk_norm: true,
     mlp_bias_key: false,
     windows: WindowRule::LayerTypes(DefaultPattern::QwenMaxWindowLayers),
+    default_head_dim: Some(128),
     gguf_arch: "qwen3",
     ..LLAMA_LIKE
 };
@@ -186,6 +205,9 @@ pub const GEMMA2: Family = Family {
     query_pre_attn_scalar: true,
     windows_by_index_in_4x: true,
     windows: WindowRule::LayerTypes(DefaultPattern::Alternating),
+    default_sliding_window: Some(4096),
+    default_head_dim: Some(256),
+    default_softcaps: (Some(50.0), Some(30.0)),
     gguf_arch: "gemma2",
     ..LLAMA_LIKE
 };
@@ -199,6 +221,9 @@ pub const GEMMA3: Family = Family {
     // has no Gemma 3 at all.
     windows_by_index_in_4x: false,
     windows: WindowRule::LayerTypes(DefaultPattern::EveryNthFull),
+    // The full-attention layers' base; the sliding ones default to 10000.
+    default_rope_theta: 1_000_000.0,
+    default_softcaps: (None, None),
     gguf_arch: "gemma3",
     ..GEMMA2
 };
@@ -213,6 +238,7 @@ pub const PHI3: Family = Family {
     mlp_bias_key: false,
     windows: WindowRule::Every,
     default_eps: 1e-5,
+    rope_scaling: false,
     gguf_arch: "phi3",
     ..LLAMA_LIKE
 };
@@ -226,6 +252,7 @@ pub const NEMOTRON: Family = Family {
     partial_rotary: true,
     default_act: "relu2",
     default_eps: 1e-5,
+    default_partial_rotary: 0.5,
     gguf_arch: "nemotron",
     ..LLAMA_LIKE
 };
@@ -416,17 +443,33 @@ pub fn tensor_specs(family: &Family, f: TensorFeatures) -> Vec<TensorSpec> {
             push("self_attn.k_norm.weight", Role::KNorm, &[HeadDim]);
         }
         if family.sandwich {
-            push("post_attention_layernorm.weight", Role::PostAttnNorm, &[Hidden]);
+            push(
+                "post_attention_layernorm.weight",
+                Role::PostAttnNorm,
+                &[Hidden],
+            );
             push("pre_feedforward_layernorm.weight", Role::MlpNorm, &[Hidden]);
-            push("post_feedforward_layernorm.weight", Role::PostMlpNorm, &[Hidden]);
+            push(
+                "post_feedforward_layernorm.weight",
+                Role::PostMlpNorm,
+                &[Hidden],
+            );
         } else {
             push("post_attention_layernorm.weight", Role::MlpNorm, &[Hidden]);
             if norm_bias {
-                push("post_attention_layernorm.bias", Role::MlpNormBias, &[Hidden]);
+                push(
+                    "post_attention_layernorm.bias",
+                    Role::MlpNormBias,
+                    &[Hidden],
+                );
             }
         }
         if family.packed {
-            push("mlp.gate_up_proj.weight", Role::GateUp, &[PackedGateUp, Hidden]);
+            push(
+                "mlp.gate_up_proj.weight",
+                Role::GateUp,
+                &[PackedGateUp, Hidden],
+            );
         } else {
             if family.gated_mlp {
                 push("mlp.gate_proj.weight", Role::Gate, &[Ffn, Hidden]);

@@ -81,7 +81,10 @@ fn opt_f64(v: Option<Value>, field: &str) -> Result<Option<f64>, String> {
 }
 
 /// Takes an object field that may be absent or null.
-fn opt_object(map: &mut Map<String, Value>, field: &str) -> Result<Option<Map<String, Value>>, String> {
+fn opt_object(
+    map: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<Map<String, Value>>, String> {
     match map.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(o)) => Ok(Some(o)),
@@ -119,7 +122,9 @@ fn parse_rope(
             Some(Value::Object(o)) => Ok(o),
             other => Err(format!(
                 "field `rope_parameters.{k}` is {}, not an object",
-                other.map(|v| v.to_string()).unwrap_or_else(|| "missing".into())
+                other
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "missing".into())
             )),
         };
         params = Some(take("full_attention")?);
@@ -133,7 +138,9 @@ fn parse_rope(
     // `partial_rotary_factor` (top level in 4.x, inside rope_parameters in 5.x): the fraction of
     // each head that is rotated.
     let params_partial = opt_f64(
-        params.as_ref().and_then(|p| p.get("partial_rotary_factor").cloned()),
+        params
+            .as_ref()
+            .and_then(|p| p.get("partial_rotary_factor").cloned()),
         "rope_parameters.partial_rotary_factor",
     )?;
     let partial = match (legacy_partial, params_partial) {
@@ -142,7 +149,7 @@ fn parse_rope(
                 "fields `partial_rotary_factor` ({a}) and `rope_parameters.partial_rotary_factor` ({b}) disagree; keep one"
             ));
         }
-        (a, b) => b.or(a).unwrap_or(1.0),
+        (a, b) => b.or(a).unwrap_or(family.default_partial_rotary),
     };
     if partial != 1.0 && !family.partial_rotary {
         return Err(format!(
@@ -238,6 +245,13 @@ fn parse_rope(
         }
         None
     };
+    if scaling.is_some() && !family.rope_scaling {
+        return Err(format!(
+            "field `rope_scaling` is {}; {} accepts no linear or llama3 scaling (transformers refuses it)",
+            scaling.as_ref().unwrap().to_json(),
+            family.architecture
+        ));
+    }
     Ok((RopeSet { theta, scaling }, partial, local))
 }
 
@@ -423,6 +437,25 @@ impl ModelConfig {
             return Err("expected a JSON object".into());
         };
         let family = read_family(&mut map)?;
+        // Spellings of converted Megatron configs (Nemotron-4, Minitron): `rope_percent` for
+        // `partial_rotary_factor`, `kv_channels` for `head_dim`; both spellings must agree.
+        for (alias, field) in [
+            ("rope_percent", "partial_rotary_factor"),
+            ("kv_channels", "head_dim"),
+        ] {
+            if let Some(v) = map.remove(alias).filter(|v| !v.is_null()) {
+                match map.get(field).filter(|v| !v.is_null()) {
+                    Some(w) if w.as_f64() != v.as_f64() => {
+                        return Err(format!(
+                            "fields `{alias}` ({v}) and `{field}` ({w}) disagree; keep one"
+                        ));
+                    }
+                    _ => {
+                        map.insert(field.into(), v);
+                    }
+                }
+            }
+        }
         let (rope, partial_rotary_factor, rope_local) = parse_rope(&mut map, family)?;
         // transformers 5 writes `dtype`, 4.x `torch_dtype`; read either (they must agree), and
         // `to_json` writes both with one value, for readers of either era.
@@ -441,7 +474,9 @@ impl ModelConfig {
         for (field, what) in FOREIGN_FORWARD_FIELDS {
             match map.get(field) {
                 None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-                Some(v) if v.as_f64() == Some(0.0) || v.as_f64() == Some(1.0) && field.ends_with("multiplier") => {}
+                Some(v)
+                    if v.as_f64() == Some(0.0)
+                        || v.as_f64() == Some(1.0) && field.ends_with("multiplier") => {}
                 Some(v) => {
                     return Err(format!(
                         "field `{field}` is {v} ({what}); {} does not have it and distillery cannot compute it",
@@ -450,6 +485,13 @@ impl ModelConfig {
                 }
             }
         }
+        let use_sliding_window =
+            opt_bool(map.get("use_sliding_window").cloned(), "use_sliding_window")?;
+        // Absent keys take the class defaults (Gemma 2: 50 and 30); an explicit null is none.
+        let (attn_cap_absent, final_cap_absent) = (
+            !map.contains_key("attn_logit_softcapping"),
+            !map.contains_key("final_logit_softcapping"),
+        );
         let mut take = |k: &str| map.remove(k);
         let hidden_size = usize_field(take("hidden_size"), "hidden_size")?;
         let intermediate_size = usize_field(take("intermediate_size"), "intermediate_size")?;
@@ -462,6 +504,9 @@ impl ModelConfig {
         // transformers derives head_dim from hidden/heads when the field is absent; so do we, and we
         // write it back explicitly.
         let head_dim = match take("head_dim") {
+            None | Some(Value::Null) if family.default_head_dim.is_some() => {
+                family.default_head_dim.unwrap()
+            }
             None | Some(Value::Null) => {
                 if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
                     return Err("field `head_dim` is missing and hidden_size is not a multiple of num_attention_heads".into());
@@ -484,20 +529,29 @@ impl ModelConfig {
                 family.architecture, family.eps_key
             ));
         }
-        let norm_eps =
-            opt_f64(take(family.eps_key), family.eps_key)?.unwrap_or(family.default_eps);
+        let norm_eps = opt_f64(take(family.eps_key), family.eps_key)?.unwrap_or(family.default_eps);
         let max_position_embeddings = take("max_position_embeddings")
             .and_then(|v| v.as_u64())
             .unwrap_or(2048) as usize;
         let tie_word_embeddings = opt_bool(take("tie_word_embeddings"), "tie_word_embeddings")?
             // Gemma's configs default to tied; the others to untied.
             .unwrap_or(family.embed_scale);
-        let sliding_window = match take("sliding_window") {
-            None | Some(Value::Null) => None,
+        let mut sliding_window = match take("sliding_window") {
+            None => family.default_sliding_window,
+            Some(Value::Null) => None,
             Some(v) => Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
                 format!("field `sliding_window` is {v}, not a positive integer or null")
             })? as usize),
         };
+        if family.windows == WindowRule::LayerTypes(DefaultPattern::QwenMaxWindowLayers) {
+            // transformers 5: the window is 4096 unless given, and none at all unless
+            // `use_sliding_window` (which stays in `extra`, rewritten by to_json).
+            sliding_window = if use_sliding_window == Some(true) {
+                sliding_window.or(Some(4096))
+            } else {
+                None
+            };
+        }
         let act_name = match take(family.act_key) {
             None | Some(Value::Null) => family.default_act.to_string(),
             Some(Value::String(s)) => s,
@@ -553,12 +607,20 @@ impl ModelConfig {
                 ));
             }
             match v {
-                Some(c) if c <= 0.0 => Err(format!("field `{k}` is {c}; it must be positive or null")),
+                Some(c) if c <= 0.0 => {
+                    Err(format!("field `{k}` is {c}; it must be positive or null"))
+                }
                 v => Ok(v),
             }
         };
-        let attn_logit_softcapping = cap("attn_logit_softcapping")?;
-        let final_logit_softcapping = cap("final_logit_softcapping")?;
+        let mut attn_logit_softcapping = cap("attn_logit_softcapping")?;
+        let mut final_logit_softcapping = cap("final_logit_softcapping")?;
+        if attn_cap_absent {
+            attn_logit_softcapping = family.default_softcaps.0;
+        }
+        if final_cap_absent {
+            final_logit_softcapping = family.default_softcaps.1;
+        }
         if family.rope_per_layer_type && attn_logit_softcapping.is_some() {
             return Err(format!(
                 "field `attn_logit_softcapping` is set; {} does not cap attention scores",
@@ -566,14 +628,22 @@ impl ModelConfig {
             ));
         }
         let query_pre_attn_scalar = if family.query_pre_attn_scalar {
-            Some(opt_f64(map.remove("query_pre_attn_scalar"), "query_pre_attn_scalar")?.unwrap_or(256.0))
+            Some(
+                opt_f64(map.remove("query_pre_attn_scalar"), "query_pre_attn_scalar")?
+                    .unwrap_or(256.0),
+            )
         } else {
             None
         };
-        if let Some(b) = opt_bool(map.get("use_bidirectional_attention").cloned(), "use_bidirectional_attention")?
-            && b
+        if let Some(b) = opt_bool(
+            map.get("use_bidirectional_attention").cloned(),
+            "use_bidirectional_attention",
+        )? && b
         {
-            return Err("field `use_bidirectional_attention` is true; distillery runs causal decoders".into());
+            return Err(
+                "field `use_bidirectional_attention` is true; distillery runs causal decoders"
+                    .into(),
+            );
         }
         let layer_types = read_layer_types(&mut map, family, num_hidden_layers, sliding_window)?;
         let bos_token_id = map.remove("bos_token_id").and_then(|v| v.as_i64());
@@ -689,7 +759,7 @@ impl ModelConfig {
                 .map(RopeScaling::to_json)
                 .unwrap_or(Value::Null),
         );
-        if self.partial_rotary_factor != 1.0 || f.packed {
+        if f.partial_rotary {
             set("partial_rotary_factor", self.partial_rotary_factor.into());
         }
         if let Some(local) = &self.rope_local {
@@ -962,14 +1032,13 @@ fn read_layer_types(
                 DefaultPattern::QwenMaxWindowLayers => {
                     let on = map.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
                     let from = num(map, "max_window_layers").unwrap_or(28) as usize;
-                    (0..layers).map(|i| kind(on && sliding_window.is_some() && i >= from)).collect()
+                    (0..layers)
+                        .map(|i| kind(on && sliding_window.is_some() && i >= from))
+                        .collect()
                 }
                 DefaultPattern::Alternating => (0..layers).map(|i| kind(i % 2 == 0)).collect(),
                 DefaultPattern::EveryNthFull => {
-                    let n = num(map, "sliding_window_pattern")
-                        .or(num(map, "_sliding_window_pattern"))
-                        .unwrap_or(6)
-                        .max(1) as usize;
+                    let n = num(map, "sliding_window_pattern").unwrap_or(6).max(1) as usize;
                     (0..layers).map(|i| kind((i + 1) % n != 0)).collect()
                 }
             };
@@ -1178,6 +1247,150 @@ mod tests {
         // Llama ignores sliding_window, as transformers does.
         let c = with(r#"{"sliding_window":8}"#).unwrap();
         assert_eq!((c.window_of(0), c.window_of(1)), (None, None));
+    }
+
+    /// A tiny config of `family` (by model_type) with `extra` merged in.
+    fn family(model_type: &str, extra: &str) -> Result<ModelConfig, String> {
+        let mut v: Value = serde_json::from_str(&format!(
+            r#"{{"model_type":"{model_type}","hidden_size":64,"intermediate_size":96,
+            "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "vocab_size":128}}"#
+        ))
+        .unwrap();
+        let e: Value = serde_json::from_str(extra).unwrap();
+        for (k, x) in e.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        ModelConfig::from_json_str(&v.to_string())
+    }
+
+    #[test]
+    fn families_read_their_own_fields_and_refuse_the_others() {
+        // Defaults as transformers' config classes have them.
+        let g = family("gemma2", "{}").unwrap();
+        assert_eq!(g.architecture(), "Gemma2ForCausalLM");
+        assert!(g.tie_word_embeddings);
+        assert_eq!(g.hidden_act, Activation::GeluTanh);
+        assert_eq!(g.query_pre_attn_scalar, Some(256.0));
+        assert_eq!(
+            g.layer_types.as_deref().map(|k| k[0].as_str()),
+            Some("sliding_attention")
+        );
+        let n = family(
+            "nemotron",
+            r#"{"norm_eps":1e-5,"partial_rotary_factor":0.5}"#,
+        )
+        .unwrap();
+        assert_eq!((n.norm_eps, n.rotary_dim()), (1e-5, 8));
+        let m = family(
+            "nemotron",
+            r#"{"rope_percent":0.5,"kv_channels":16,"head_dim":null}"#,
+        )
+        .unwrap();
+        assert_eq!((m.rotary_dim(), m.head_dim), (8, 16));
+        assert!(
+            family("nemotron", r#"{"kv_channels":32}"#)
+                .unwrap_err()
+                .contains("kv_channels")
+        );
+        assert_eq!(n.hidden_act, Activation::Relu2);
+        let q = family(
+            "qwen2",
+            r#"{"use_sliding_window":true,"sliding_window":8,"max_window_layers":2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (0..4).map(|l| q.window_of(l)).collect::<Vec<_>>(),
+            [None, None, Some(8), Some(8)]
+        );
+        assert!(q.qkv_bias && !q.o_bias);
+        let g3 = family(
+            "gemma3_text",
+            r#"{"rope_theta":1e6,"rope_local_base_freq":1e4,"sliding_window":4,"sliding_window_pattern":2}"#,
+        )
+        .unwrap();
+        assert_eq!(g3.rope_local.as_ref().map(|r| r.theta), Some(1e4));
+        assert!(g3.uses_local_rope(0) && !g3.uses_local_rope(1));
+        assert_eq!(
+            ModelConfig::from_json_str(&g3.to_json().to_string()).unwrap(),
+            g3
+        );
+        for (model_type, json, words) in [
+            ("llama", r#"{"hidden_act":"gelu_pytorch_tanh"}"#, vec![]),
+            ("llama", r#"{"hidden_act":"relu2"}"#, vec!["relu2", "gated"]),
+            (
+                "llama",
+                r#"{"hidden_act":"quick_gelu"}"#,
+                vec!["quick_gelu"],
+            ),
+            (
+                "llama",
+                r#"{"attn_logit_softcapping":50.0}"#,
+                vec!["soft-capping"],
+            ),
+            (
+                "llama",
+                r#"{"partial_rotary_factor":0.5}"#,
+                vec!["whole heads"],
+            ),
+            (
+                "llama",
+                r#"{"rope_local_base_freq":1e4}"#,
+                vec!["rope_local_base_freq"],
+            ),
+            (
+                "llama",
+                r#"{"norm_eps":1e-5}"#,
+                vec!["norm_eps", "rms_norm_eps"],
+            ),
+            (
+                "llama",
+                r#"{"quantization_config":{"quant_method":"gptq"}}"#,
+                vec!["quantized"],
+            ),
+            (
+                "mistral",
+                r#"{"attention_bias":true}"#,
+                vec!["attention_bias"],
+            ),
+            ("qwen2", r#"{"mlp_bias":true}"#, vec!["mlp_bias"]),
+            (
+                "gemma3_text",
+                r#"{"attn_logit_softcapping":50.0}"#,
+                vec!["does not cap"],
+            ),
+            (
+                "gemma2",
+                r#"{"use_bidirectional_attention":true}"#,
+                vec!["causal"],
+            ),
+            (
+                "gemma2",
+                r#"{"sliding_window":null}"#,
+                vec!["sliding_window", "null"],
+            ),
+            (
+                "qwen3",
+                r#"{"architectures":["Qwen2ForCausalLM"]}"#,
+                vec!["different families"],
+            ),
+            (
+                "phi3",
+                r#"{"rope_scaling":{"type":"longrope","short_factor":[1.0],"long_factor":[1.0]}}"#,
+                vec!["longrope"],
+            ),
+        ] {
+            let r = family(model_type, json);
+            if words.is_empty() {
+                assert!(r.is_ok(), "{model_type} {json}: {r:?}");
+                continue;
+            }
+            let e = r.unwrap_err();
+            assert!(
+                words.iter().all(|w| e.contains(w)),
+                "{model_type} {json}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -662,7 +662,10 @@ fn matrix<B: Backend>(
 
 fn vector<B: Backend>(data: Vec<f32>, device: &B::Device) -> Param<Tensor<B, 1>> {
     let n = data.len();
-    Param::from_tensor(Tensor::<B, 1>::from_data(TensorData::new(data, [n]), device))
+    Param::from_tensor(Tensor::<B, 1>::from_data(
+        TensorData::new(data, [n]),
+        device,
+    ))
 }
 
 /// The checkpoint's tensors by (layer, role), named by the family's table.
@@ -752,14 +755,20 @@ impl<B: Backend> Decoder<B> {
                 .collect(),
         };
         let kind = config.family.norm;
-        let norm = |layer: Option<usize>, w: Role, b: Role| -> Result<Option<Norm<B>>, ModelError> {
+        let norm = |layer: Option<usize>,
+                    w: Role,
+                    b: Option<Role>|
+         -> Result<Option<Norm<B>>, ModelError> {
             let Some(weight) = t.vector(layer, w, device)? else {
                 return Ok(None);
             };
             Ok(Some(Norm {
                 weight,
                 eps: config.norm_eps,
-                bias: t.vector(layer, b, device)?,
+                bias: match b {
+                    Some(b) => t.vector(layer, b, device)?,
+                    None => None,
+                },
                 offset: kind.offset(),
                 centred: kind == NormKind::LayerNorm1p,
             }))
@@ -779,10 +788,7 @@ impl<B: Backend> Decoder<B> {
             config.num_key_value_heads,
             config.head_dim,
         );
-        let scale = config
-            .query_pre_attn_scalar
-            .unwrap_or(d as f64)
-            .powf(-0.5);
+        let scale = config.query_pre_attn_scalar.unwrap_or(d as f64).powf(-0.5);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let at = Some(l);
@@ -811,7 +817,11 @@ impl<B: Backend> Decoder<B> {
                 ),
             };
             layers.push(Block {
-                attn_norm: t.require(norm(at, Role::AttnNorm, Role::AttnNormBias)?, at, Role::AttnNorm)?,
+                attn_norm: t.require(
+                    norm(at, Role::AttnNorm, Some(Role::AttnNormBias))?,
+                    at,
+                    Role::AttnNorm,
+                )?,
                 self_attn: Attention {
                     q_proj,
                     k_proj,
@@ -831,7 +841,11 @@ impl<B: Backend> Decoder<B> {
                     softcap: config.attn_logit_softcapping,
                     local_rope: config.uses_local_rope(l),
                 },
-                mlp_norm: t.require(norm(at, Role::MlpNorm, Role::MlpNormBias)?, at, Role::MlpNorm)?,
+                mlp_norm: t.require(
+                    norm(at, Role::MlpNorm, Some(Role::MlpNormBias))?,
+                    at,
+                    Role::MlpNorm,
+                )?,
                 mlp: Mlp {
                     gate_proj,
                     up_proj,
@@ -841,8 +855,8 @@ impl<B: Backend> Decoder<B> {
                     down_bias: t.vector(at, Role::DownBias, device)?,
                     act: config.hidden_act,
                 },
-                post_attn_norm: norm(at, Role::PostAttnNorm, Role::PostAttnNorm)?,
-                post_mlp_norm: norm(at, Role::PostMlpNorm, Role::PostMlpNorm)?,
+                post_attn_norm: norm(at, Role::PostAttnNorm, None)?,
+                post_mlp_norm: norm(at, Role::PostMlpNorm, None)?,
             });
         }
         let (shape, embed) = read(weights, "model.embed_tokens.weight")?;
@@ -850,7 +864,11 @@ impl<B: Backend> Decoder<B> {
         Ok(Decoder {
             embed_tokens: matrix(embed, shape[0], shape[1], false, device),
             layers,
-            norm: t.require(norm(None, Role::FinalNorm, Role::FinalNormBias)?, None, Role::FinalNorm)?,
+            norm: t.require(
+                norm(None, Role::FinalNorm, Some(Role::FinalNormBias))?,
+                None,
+                Role::FinalNorm,
+            )?,
             lm_head: t.matrix(None, Role::Head, device)?,
             inv_freq: rope_inv_freq(rotary, config.rope_theta, config.rope_scaling.as_ref()),
             compute: Compute::F32,
@@ -933,8 +951,13 @@ impl<B: Backend> Decoder<B> {
         }
         let block = spec.layer.map(|l| &self.layers[l]);
         let b = || block.unwrap();
-        let opt1 = |p: &Option<Param<Tensor<B, 1>>>| p.as_ref().map(vec1).unwrap_or_else(missing!());
-        let norm_w = |n: &Option<Norm<B>>| n.as_ref().map(|n| vec1(&n.weight)).unwrap_or_else(missing!());
+        let opt1 =
+            |p: &Option<Param<Tensor<B, 1>>>| p.as_ref().map(vec1).unwrap_or_else(missing!());
+        let norm_w = |n: &Option<Norm<B>>| {
+            n.as_ref()
+                .map(|n| vec1(&n.weight))
+                .unwrap_or_else(missing!())
+        };
         match spec.role {
             Role::Embed => {
                 let t = self.embed_tokens.val();
@@ -1294,7 +1317,14 @@ mod tests {
                 .powf_scalar(2.0)
                 .mean();
             let grads = loss.backward();
-            let g = d.layers[0].mlp.gate_proj.as_ref().unwrap().val().grad(&grads).unwrap();
+            let g = d.layers[0]
+                .mlp
+                .gate_proj
+                .as_ref()
+                .unwrap()
+                .val()
+                .grad(&grads)
+                .unwrap();
             assert_eq!(g.dtype(), burn::tensor::DType::F32);
             g.into_data().to_vec::<f32>().unwrap()
         };
