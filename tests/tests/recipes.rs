@@ -45,15 +45,37 @@ fn published_recipes_estimate_from_configs_alone() {
     // The Nemotron-4 15B recipes: Minitron-8B and 4B parameter counts from config alone, and
     // Minitron-8B's hidden 4096 over 48 heads is warned about, not refused (NVIDIA's release).
     for (name, shape, params) in [
-        ("nemotron-4-15b-to-minitron-8b.toml", "L32 h4096 ffn16384 48h/8kv d128", "8.27G"),
-        ("nemotron-4-15b-to-minitron-4b.toml", "L32 h3072 ffn9216 24h/8kv d128", "4.19G"),
-        ("qwen3-8b-to-6b-width.toml", "L36 h3584 ffn9728 32h/8kv d128", "6.18G"),
+        (
+            "nemotron-4-15b-to-minitron-8b.toml",
+            "L32 h4096 ffn16384 48h/8kv d128",
+            "8.27G",
+        ),
+        (
+            "nemotron-4-15b-to-minitron-4b.toml",
+            "L32 h3072 ffn9216 24h/8kv d128",
+            "4.19G",
+        ),
+        (
+            "qwen3-8b-to-6b-width.toml",
+            "L36 h3584 ffn9728 32h/8kv d128",
+            "6.18G",
+        ),
     ] {
         let out = env.ok(&["plan", "--estimate", &recipe(name)]);
         let t = text(&out);
         assert!(t.contains(shape) && t.contains(params), "{name}: {t}");
     }
-    let out = env.ok(&["plan", &recipe("nemotron-4-15b-to-minitron-8b.toml")]);
+    // Any existing file stands in for the corpus: plan only keys it.
+    let corpus = format!(
+        "sources.corpus.files={}",
+        common::golden("eval-text.txt").display()
+    );
+    let out = env.ok(&[
+        "plan",
+        &recipe("nemotron-4-15b-to-minitron-8b.toml"),
+        "--set",
+        &corpus,
+    ]);
     let t = format!("{}{}", text(&out), common::stderr(&out));
     assert!(
         t.contains("warning") && t.contains("not a multiple of num_attention_heads 48"),
