@@ -10,9 +10,16 @@ It writes tests/golden/lm-eval/golden.json from two local tasks (`dataset_path: 
   - docs.jsonl, `loglikelihood_rolling` over whole documents: word_perplexity, byte_perplexity,
     bits_per_byte and each document's log-likelihood.
 The model's context (max_position_embeddings) is 64 tokens, so the documents span several windows.
+
+It also writes tests/golden/lm-eval/golden-bos-template.json (and tokenizer-bos-template.json): the
+same model with a tokenizer.json
+whose post-processor adds BOS (`TemplateProcessing`, as Gemma's and Llama 3's do). The harness then
+encodes every context and every rolling document with that BOS (its `tok_encode` keeps the
+tokenizer's default `add_special_tokens=True`), so the rolling score includes log p(BOS | BOS).
 """
 import json
 import os
+import shutil
 import tempfile
 
 import lm_eval
@@ -53,14 +60,44 @@ metric_list:
 """
 
 
+def with_bos_template(model, into):
+    """A copy of `model` whose tokenizer.json post-processor prepends BOS."""
+    shutil.copytree(model, into, dirs_exist_ok=True)
+    path = os.path.join(into, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    bos = next(t for t in tok["added_tokens"] if t["content"] == "<s>")
+    tok["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": "<s>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<s>", "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [bos["id"]], "tokens": ["<s>"]}},
+    }
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    return into
+
+
 def main():
+    golden("golden.json", MODEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        golden("golden-bos-template.json", with_bos_template(MODEL, tmp))
+        shutil.copy(os.path.join(tmp, "tokenizer.json"), os.path.join(DATA, "tokenizer-bos-template.json"))
+
+
+def golden(name, model):
     with tempfile.TemporaryDirectory() as tasks:
-        for name, text in (("mc.yaml", MC), ("rolling.yaml", ROLLING)):
-            with open(os.path.join(tasks, name), "w") as f:
+        for task_file, text in (("mc.yaml", MC), ("rolling.yaml", ROLLING)):
+            with open(os.path.join(tasks, task_file), "w") as f:
                 f.write(text)
         out = lm_eval.simple_evaluate(
             model="hf",
-            model_args=f"pretrained={MODEL},dtype=float32",
+            model_args=f"pretrained={model},dtype=float32",
             tasks=["distillery_mc", "distillery_rolling"],
             task_manager=TaskManager(include_path=tasks),
             batch_size=1,
@@ -70,7 +107,7 @@ def main():
     mc = out["results"]["distillery_mc"]
     rolling = out["results"]["distillery_rolling"]
     samples = out["samples"]
-    golden = {
+    numbers = {
         "lm_eval_version": lm_eval.__version__,
         "multiple_choice": {
             "acc": mc["acc,none"],
@@ -86,9 +123,9 @@ def main():
             "loglikelihoods": [s["resps"][0][0] for s in samples["distillery_rolling"]],
         },
     }
-    with open(os.path.join(DATA, "golden.json"), "w") as f:
-        json.dump(golden, f, indent=1)
-    print(json.dumps(golden, indent=1))
+    with open(os.path.join(DATA, name), "w") as f:
+        json.dump(numbers, f, indent=1)
+    print(json.dumps(numbers, indent=1))
 
 
 if __name__ == "__main__":

@@ -73,10 +73,32 @@ params = {{ window = 16 }}
 #[test]
 fn numbers_match_lm_evaluation_harness() {
     let env = Env::new();
-    let model = golden("v5-llama-bos-chartok");
+    matches_harness(&env, &golden("v5-llama-bos-chartok"), "golden.json");
+}
+
+/// A tokenizer whose post-processor adds BOS (Gemma's, Llama 3's): the harness encodes every
+/// context and document with it, and so must distillery.
+#[test]
+fn a_tokenizer_that_adds_bos_is_scored_as_the_harness_scores_it() {
+    let env = Env::new();
+    let model = env.path("bos-template");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(golden("v5-llama-bos-chartok")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        golden("lm-eval").join("tokenizer-bos-template.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    matches_harness(&env, &model, "golden-bos-template.json");
+}
+
+fn matches_harness(env: &Env, model: &std::path::Path, golden_file: &str) {
     let data = golden("lm-eval");
     let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("golden.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(data.join(golden_file)).unwrap()).unwrap();
     env.write(
         "r.toml",
         &format!(
@@ -105,7 +127,7 @@ params = {{ window = 64 }}
         ),
     );
     env.ok(&["run", "r.toml"]);
-    let r = report(&env, "r.toml", "harness");
+    let r = report(env, "r.toml", "harness");
     let close = |got: &serde_json::Value, want: &serde_json::Value, tol: f64, what: &str| {
         let (g, w) = (got.as_f64().unwrap(), want.as_f64().unwrap());
         assert!(

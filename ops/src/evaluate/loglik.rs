@@ -50,48 +50,76 @@ pub fn harness_prefix_token(
     bos.or(eos).or(config_eos)
 }
 
-/// One `loglikelihood` request encoded as lm-evaluation-harness 0.4's `HFLM._encode_pair` and
-/// `_loglikelihood_tokens` do: trailing whitespace of the context moves to the continuation; the
-/// continuation's tokens are those of `context + continuation` past the context's own tokens;
-/// an empty context becomes the prefix token; the stream is cut to its last `max_len + 1`
-/// tokens. `encode` tokenizes without special tokens.
-pub fn harness_request<E>(
-    context: &str,
-    continuation: &str,
-    prefix: u32,
-    max_len: usize,
-    encode: &dyn Fn(&str) -> Result<Vec<u32>, E>,
-) -> Result<Window, E> {
-    // `HFLM.loglikelihood` tests for an empty context before `_encode_pair` trims: a context of
-    // spaces gets no prefix token.
-    let empty = context.is_empty();
-    let trimmed = context.trim_end();
-    let (context, continuation) = if trimmed.len() < context.len() {
-        (
-            trimmed,
-            format!("{}{continuation}", &context[trimmed.len()..]),
-        )
-    } else {
-        (context, continuation.to_string())
-    };
-    let (context_ids, continuation_ids) = if empty {
-        (vec![prefix], encode(&continuation)?)
-    } else {
-        let whole = encode(&format!("{context}{continuation}"))?;
-        let context_ids = encode(context)?;
-        let cut = context_ids.len().min(whole.len());
-        (context_ids, whole[cut..].to_vec())
-    };
-    let mut stream = context_ids;
-    let scored = continuation_ids.len();
-    stream.extend(continuation_ids);
-    let start = stream.len().saturating_sub(max_len + 1);
-    let s = &stream[start..];
-    Ok(Window {
-        input: s[..s.len().saturating_sub(1)].to_vec(),
-        targets: s[1.min(s.len())..].to_vec(),
-        scored: scored.min(s.len().saturating_sub(1)),
-    })
+/// Tokenization as lm-evaluation-harness 0.4's `HFLM.tok_encode` does it: the tokenizer's own
+/// special tokens around the text (its default `add_special_tokens=True`: Gemma's and Llama 3's
+/// post-processors add BOS), unless the text already starts with the prefix token's text.
+pub struct HarnessTokens<'a, E> {
+    /// Tokens of a text without special tokens.
+    pub plain: &'a dyn Fn(&str) -> Result<Vec<u32>, E>,
+    /// What the tokenizer's post-processor puts before and after a text.
+    pub before: Vec<u32>,
+    pub after: Vec<u32>,
+    /// The harness's prefix token (see [`harness_prefix_token`]) and its text.
+    pub prefix: u32,
+    pub prefix_text: String,
+}
+
+impl<E> HarnessTokens<'_, E> {
+    /// `tok_encode(text)`: special tokens added as the tokenizer adds them.
+    pub fn tok_encode(&self, text: &str) -> Result<Vec<u32>, E> {
+        let plain = (self.plain)(text)?;
+        if !self.prefix_text.is_empty() && text.starts_with(&self.prefix_text) {
+            return Ok(plain);
+        }
+        Ok(self.wrap(plain))
+    }
+
+    /// Already-tokenized text with the tokenizer's special tokens around it.
+    pub fn wrap(&self, plain: Vec<u32>) -> Vec<u32> {
+        if self.before.is_empty() && self.after.is_empty() {
+            return plain;
+        }
+        let mut out = self.before.clone();
+        out.extend(plain);
+        out.extend_from_slice(&self.after);
+        out
+    }
+
+    /// One `loglikelihood` request encoded as `HFLM.loglikelihood` and `_encode_pair` do:
+    /// trailing whitespace of the context moves to the continuation; the continuation's tokens
+    /// are those of `tok_encode(context + continuation)` past `tok_encode(context)`; an empty
+    /// context becomes the prefix token (or the continuation's first token when that is the
+    /// prefix token), the continuation then tokenized without special tokens; the stream is cut
+    /// to its last `max_len + 1` tokens.
+    pub fn request(&self, context: &str, continuation: &str, max_len: usize) -> Result<Window, E> {
+        // The harness tests for an empty context before `_encode_pair` trims: a context of
+        // spaces gets no prefix token.
+        let (context_ids, continuation_ids) = if context.is_empty() {
+            let c = (self.plain)(continuation)?;
+            if c.first() == Some(&self.prefix) {
+                (c[..1].to_vec(), c[1..].to_vec())
+            } else {
+                (vec![self.prefix], c)
+            }
+        } else {
+            let trimmed = context.trim_end();
+            let continuation = format!("{}{continuation}", &context[trimmed.len()..]);
+            let whole = self.tok_encode(&format!("{trimmed}{continuation}"))?;
+            let context_ids = self.tok_encode(trimmed)?;
+            let cut = context_ids.len().min(whole.len());
+            (context_ids, whole[cut..].to_vec())
+        };
+        let mut stream = context_ids;
+        let scored = continuation_ids.len();
+        stream.extend(continuation_ids);
+        let start = stream.len().saturating_sub(max_len + 1);
+        let s = &stream[start..];
+        Ok(Window {
+            input: s[..s.len().saturating_sub(1)].to_vec(),
+            targets: s[1.min(s.len())..].to_vec(),
+            scored: scored.min(s.len().saturating_sub(1)),
+        })
+    }
 }
 
 /// Log-probabilities of each target: `[batch, seq]` inputs of equal length.

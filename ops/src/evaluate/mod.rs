@@ -152,7 +152,9 @@ impl Op for Evaluate {
             // transposed keys (other rounding where a row block has a single row).
             // 6: lm-evaluation-harness conventions: BOS prefix, target delimiter, context/
             // continuation split, words, bytes, standard errors; non-finite results refused.
-            version: 6,
+            // 7: the tokenizer's own special tokens (a post-processor's BOS) as the harness adds
+            // them; an empty context's continuation starting with the prefix token.
+            version: 7,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),
@@ -290,6 +292,15 @@ impl Evaluate {
             )
         })?;
         let max_len = model.config.max_position_embeddings;
+        let plain = |s: &str| tok.encode(s);
+        let (before, after) = tok.special_affixes()?;
+        let harness = loglik::HarnessTokens {
+            plain: &plain,
+            before,
+            after,
+            prefix,
+            prefix_text: tok.decode(&[prefix]),
+        };
 
         if let Some(data) = ctx.inputs.get("data") {
             let window = ctx
@@ -297,6 +308,11 @@ impl Evaluate {
                 .usize("window")?
                 .min(model.config.max_position_embeddings);
             let mut ds = tokenized(data, &tok)?;
+            // `loglikelihood_rolling` scores `tok_encode(document)`: with the tokenizer's BOS, if
+            // its post-processor adds one (then log p(BOS | prefix) counts, as in the harness).
+            for d in ds.docs.iter_mut() {
+                *d = harness.wrap(std::mem::take(d));
+            }
             let max_tokens = ctx.params.usize("max_tokens")?;
             if max_tokens > 0 {
                 // Whole documents until the budget; the last one cut (word counts scaled alike).
@@ -368,18 +384,12 @@ impl Evaluate {
             }
             // Requests as the harness builds them: (context, delimiter + choice).
             let delimiter = ctx.params.str("target_delimiter")?.to_string();
-            let encode = |s: &str| tok.encode(s);
             let mut windows = Vec::new();
             let mut owner = Vec::new();
             for (i, item) in items.iter().enumerate() {
                 for (c, choice) in item.choices.iter().enumerate() {
-                    let w = loglik::harness_request(
-                        &item.context,
-                        &format!("{delimiter}{choice}"),
-                        prefix,
-                        max_len,
-                        &encode,
-                    )?;
+                    let w =
+                        harness.request(&item.context, &format!("{delimiter}{choice}"), max_len)?;
                     if w.scored == 0 {
                         return Err(OpError::Invalid(format!(
                             "multiple-choice item {} choice {c} ({choice:?}) has no tokens to score",

@@ -31,6 +31,33 @@ impl Tokenizer {
             })
     }
 
+    /// The special tokens the tokenizer's post-processor puts around a single text
+    /// (`tokenizer.json` `post_processor`, e.g. Gemma's and Llama 3's BOS): `(before, after)`.
+    /// What Hugging Face's `tokenizer.encode(text)` adds by default (`add_special_tokens=True`),
+    /// and so what lm-evaluation-harness's `tok_encode` adds to every context and document.
+    pub fn special_affixes(&self) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+        let probe = "a";
+        let plain = self.encode(probe)?;
+        let with = self
+            .inner
+            .encode_fast(probe, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ModelError::Tokenizer {
+                path: Default::default(),
+                why: e.to_string(),
+            })?;
+        let at = with
+            .windows(plain.len().max(1))
+            .position(|w| w == plain.as_slice())
+            .ok_or_else(|| ModelError::Tokenizer {
+                path: Default::default(),
+                why: format!(
+                    "its post-processor changes the text's own tokens ({plain:?} became {with:?}); only special tokens around the text are supported"
+                ),
+            })?;
+        Ok((with[..at].to_vec(), with[at + plain.len()..].to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, false).unwrap_or_default()
     }
