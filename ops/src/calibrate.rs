@@ -71,8 +71,9 @@ impl Op for Calibrate {
         OpSignature {
             name: "calibrate",
             // 3: the fused CPU forward (rounds differently from the tensor ops). 4: the fused CPU
-            // attention. 5: its key product reads transposed keys.
-            version: 5,
+            // attention. 5: its key product reads transposed keys. 6: Gemma's embedding scale
+            // rounded to bf16 under bf16 compute, as transformers does.
+            version: 6,
             doc: "accumulate activation statistics for importance estimation (forward only)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to calibrate"),

@@ -253,7 +253,8 @@ impl Op for Distill {
             // 3: writes tokenizer_config.json. 4: the fused CPU forward for the teacher. 5: the fused
             // CPU attention. 6: its key product reads transposed keys.
             // 7: config.json from the family table (attention_bias, mlp_bias explicit).
-            version: 7,
+            // 8: Gemma's embedding scale rounded to bf16 under bf16 compute, as transformers does.
+            version: 8,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(

@@ -212,23 +212,44 @@ impl PruneTarget {
                 heads * n.head_dim
             )));
         }
-        if c.family.windows_by_index_in_4x
-            && !self.drop_layers.is_empty()
-            && let Some(kinds) = &n.layer_types
-            && let Some(i) = kinds
-                .iter()
-                .enumerate()
-                .position(|(i, k)| (k == "sliding_attention") != (i % 2 == 0))
+        if !self.drop_layers.is_empty()
+            && let Some(message) = broken_window_alternation(c, &n)
         {
             out.push(("drop_layers", format!(
-                "after dropping layers {:?}, layer {i} is \"{}\": transformers 4.x alternates {}'s windows by layer index (even layers sliding) and ignores layer_types, so the export computes another model there; drop layers in pairs to keep the alternation",
-                self.drop_layers,
-                kinds[i],
+                "after dropping layers {:?}, {message}; drop layers in pairs to keep the alternation",
+                self.drop_layers
+            )));
+        } else if self.num_layers.is_some()
+            && c.family.windows_by_index_in_4x
+            && n.layer_types.is_none()
+        {
+            out.push(("num_layers", format!(
+                "num_layers keeps the layers the scores rank highest, and transformers 4.x alternates {}'s windows by layer index (even layers sliding), ignoring layer_types: unless the kept layers alternate, the export computes another model there (checked again when the layers are chosen); to be sure, give drop_layers in pairs",
                 c.architecture()
             )));
         }
         out
     }
+}
+
+/// Where `pruned` breaks the sliding/full alternation that transformers 4.x assumes for families
+/// whose windows it derives from the layer index ([`Family::windows_by_index_in_4x`]): a
+/// sentence naming the first layer out of step, or `None` when the layers alternate (or the
+/// family reads `layer_types`).
+pub fn broken_window_alternation(original: &ModelConfig, pruned: &ModelConfig) -> Option<String> {
+    if !original.family.windows_by_index_in_4x {
+        return None;
+    }
+    let kinds = pruned.layer_types.as_ref()?;
+    let i = kinds
+        .iter()
+        .enumerate()
+        .position(|(i, k)| (k == "sliding_attention") != (i % 2 == 0))?;
+    Some(format!(
+        "layer {i} is \"{}\": transformers 4.x alternates {}'s windows by layer index (even layers sliding) and ignores layer_types, so the export computes another model there",
+        kinds[i],
+        original.architecture()
+    ))
 }
 
 /// Which channels, heads and layers survive, as index lists into the original model.
@@ -735,6 +756,19 @@ impl Op for Prune {
         let mut new = target.apply_to(&config);
         // Per-layer lists follow the layers the plan kept.
         new.layer_types = config.keep_layers(&plan.layers).layer_types;
+        let mut warnings = Vec::new();
+        if target.num_layers.is_some()
+            && let Some(message) = broken_window_alternation(&config, &new)
+        {
+            let message = format!("keeping layers {:?}, {message}", plan.layers);
+            if ctx.params.bool("strict_shapes")? {
+                return Err(OpError::Invalid(format!(
+                    "{message} (strict_shapes = true; give drop_layers in pairs instead)"
+                )));
+            }
+            ctx.progress.note(&format!("warning: {message}"));
+            warnings.push(message);
+        }
         let dtype = match ctx.params.str("dtype")? {
             "same" => model.weights.dominant_dtype(),
             other => DType::from_torch_name(other).unwrap(),
@@ -770,6 +804,7 @@ impl Op for Prune {
             "parameters_after": after,
             "config": new.to_json(),
             "plan": plan,
+            "warnings": warnings,
         });
         let p = ctx.out_dir.join("prune_plan.json");
         std::fs::write(&p, serde_json::to_string(&summary).unwrap())

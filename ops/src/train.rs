@@ -935,7 +935,8 @@ impl crate::op::Op for Train {
             // 3: writes tokenizer_config.json. 4: the fused CPU forward for validation. 5: the fused
             // CPU attention. 6: its key product reads transposed keys.
             // 7: config.json from the family table (attention_bias, mlp_bias explicit).
-            version: 7,
+            // 8: Gemma's embedding scale rounded to bf16 under bf16 compute, as transformers does.
+            version: 8,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

@@ -451,3 +451,42 @@ fn pruned_exports_of_every_family_give_transformers_logits() {
         assert!(diff <= 1e-4, "{name}: max |Δlogit| {diff}");
     }
 }
+
+/// transformers 4.x derives Gemma 2's windows from the layer index (even layers sliding) and
+/// ignores `layer_types`: depth pruning must keep the alternation or say that it breaks it.
+#[test]
+fn gemma2_depth_pruning_keeps_the_sliding_alternation_or_says_so() {
+    use distillery_ops::prune::broken_window_alternation;
+    let read = |name: &str| {
+        ModelConfig::from_json_str(
+            &std::fs::read_to_string(golden_dir(name).join("config.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let gemma2 = read("family-gemma2"); // sliding, full, sliding
+    let drop = |layers: Vec<usize>| PruneTarget {
+        drop_layers: layers,
+        ..Default::default()
+    };
+    let problems = drop(vec![0]).loadability_problems(&gemma2);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "drop_layers");
+    assert!(
+        problems[0].1.contains("layer 0 is \"full_attention\""),
+        "{}",
+        problems[0].1
+    );
+    assert!(drop(vec![2]).loadability_problems(&gemma2).is_empty());
+    // Layers chosen by score: a warning at plan time, the check itself once they are known.
+    let by_score = PruneTarget {
+        num_layers: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(by_score.loadability_problems(&gemma2)[0].0, "num_layers");
+    assert!(broken_window_alternation(&gemma2, &gemma2.keep_layers(&[1, 2])).is_some());
+    assert!(broken_window_alternation(&gemma2, &gemma2.keep_layers(&[0, 1])).is_none());
+    // Gemma 3 reads layer_types in every version: nothing to warn about.
+    let gemma3 = read("family-gemma3_text");
+    assert!(broken_window_alternation(&gemma3, &gemma3.keep_layers(&[1, 2])).is_none());
+    assert!(by_score.loadability_problems(&gemma3).is_empty());
+}

@@ -153,7 +153,8 @@ impl Op for Evaluate {
             // 6: lm-evaluation-harness conventions: BOS prefix, target delimiter, context/
             // continuation split, words, bytes, standard errors; non-finite results refused.
             // 7: the tokenizer's own special tokens (a post-processor's BOS) as the harness adds
-            // them; an empty context's continuation starting with the prefix token.
+            // them; an empty context's continuation starting with the prefix token; Gemma's
+            // embedding scale rounded to bf16 under bf16 compute.
             version: 7,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![

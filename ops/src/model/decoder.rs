@@ -1082,6 +1082,12 @@ impl<B: Backend> Decoder<B> {
             .reshape([b, s, hidden])
             .cast(FloatDType::F32);
         if let Some(scale) = self.extras.embed_scale {
+            // Gemma multiplies by `torch.tensor(hidden_size ** 0.5, dtype=hidden_states.dtype)`:
+            // rounded to bf16 in a bf16 model (√3584 = 59.87 becomes 59.75).
+            let scale = match self.compute {
+                Compute::F32 => scale,
+                Compute::Bf16 => half::bf16::from_f32(scale).to_f32(),
+            };
             x = x.mul_scalar(scale);
         }
         let (heads, kv_heads) = match self.layers.first() {
