@@ -151,3 +151,47 @@ fn configs_written_back_have_one_rope_and_one_dtype() {
     assert_eq!(cfg["rope_scaling"]["rope_type"], "llama3");
     assert_eq!(cfg["rope_scaling"]["original_max_position_embeddings"], 16);
 }
+
+/// Every GGUF tensor type, dequantized bit for bit as the `gguf` Python package's reference
+/// dequantizers do (tests/golden/make_gguf_quant_goldens.py: random blocks with sane scales).
+#[test]
+fn gguf_dequantization_matches_gguf_py_bit_for_bit() {
+    use distillery_ops::model::gguf::quants::{GgmlType, dequantize};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden/gguf-quants/blocks.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut checked = Vec::new();
+    for &ty in GgmlType::ALL {
+        if ty == GgmlType::F32 {
+            continue; // a plain copy
+        }
+        let blocks = st
+            .tensor(&format!("{}.blocks", ty.name()))
+            .unwrap_or_else(|_| panic!("no golden for {}", ty.name()));
+        let want: Vec<f32> = st
+            .tensor(&format!("{}.values", ty.name()))
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let got = dequantize(ty, blocks.data());
+        assert_eq!(got.len(), want.len(), "{}", ty.name());
+        let wrong: Vec<(usize, f32, f32)> = got
+            .iter()
+            .zip(&want)
+            .enumerate()
+            .filter(|(_, (g, w))| g.to_bits() != w.to_bits())
+            .map(|(i, (g, w))| (i, *g, *w))
+            .take(5)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{}: (index, ours, gguf-py) {wrong:?}",
+            ty.name()
+        );
+        checked.push(ty.name());
+    }
+    assert_eq!(checked.len(), GgmlType::ALL.len() - 1);
+}

@@ -1,6 +1,11 @@
-//! GGUF (v2, v3) model files: metadata, tensors dequantized to f32 (F32, F16, BF16, Q8_0, Q4_0,
-//! Q4_1, Q4_K, Q6_K), llama.cpp's Q/K row permutation undone, Hugging Face names, and the tokenizer
-//! rebuilt from metadata as a `tokenizer.json`.
+//! GGUF (v2, v3) model files: metadata, tensors dequantized to f32 (every type llama.cpp writes
+//! for weights, [`quants`]), llama.cpp's Q/K row permutation undone, Hugging Face names, and the
+//! tokenizer rebuilt from metadata as a `tokenizer.json`.
+
+mod grids;
+pub mod quants;
+
+pub use quants::GgmlType;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -51,48 +56,6 @@ impl Meta {
         match self {
             Meta::Bool(b) => Some(*b),
             _ => None,
-        }
-    }
-}
-
-/// ggml tensor types distillery can dequantize.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GgmlType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q8_0,
-    Q4K,
-    Q6K,
-}
-
-impl GgmlType {
-    fn from_id(id: u32) -> Option<GgmlType> {
-        Some(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            12 => GgmlType::Q4K,
-            14 => GgmlType::Q6K,
-            30 => GgmlType::BF16,
-            _ => return None,
-        })
-    }
-
-    /// (elements per block, bytes per block)
-    fn block(self) -> (usize, usize) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q8_0 => (32, 34),
-            GgmlType::Q4K => (256, 144),
-            GgmlType::Q6K => (256, 210),
         }
     }
 }
@@ -237,9 +200,10 @@ impl GgufFile {
             }
             let ty_id = r.u32().map_err(bad)?;
             let ty = GgmlType::from_id(ty_id).ok_or_else(|| {
+                let known: Vec<&str> = GgmlType::ALL.iter().map(|t| t.name()).collect();
                 bad(format!(
-                    "tensor `{name}` has ggml type {ty_id}, which distillery cannot dequantize \
-                     (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+                    "tensor `{name}` has ggml type id {ty_id}, which is not a weight type distillery reads ({}); convert the file with a llama.cpp that writes one of them",
+                    known.join(", ")
                 ))
             })?;
             let offset = r.u64().map_err(bad)? as usize;
@@ -393,10 +357,9 @@ impl GgufFile {
     /// The tensor dequantized to f32, in Hugging Face shape order.
     pub fn dequantize(&self, t: &TensorInfo) -> Vec<f32> {
         let numel: usize = t.shape.iter().product();
-        let (per, bytes) = t.ty.block();
+        let bytes = t.ty.bytes_for(numel).expect("checked at open");
         let start = self.data_start + t.offset;
-        let raw = &self.mmap[start..start + numel / per * bytes];
-        dequantize(t.ty, raw, numel)
+        quants::dequantize(t.ty, &self.mmap[start..start + bytes])
     }
 
     pub fn config(&self) -> Result<ModelConfig, ModelError> {
@@ -474,99 +437,6 @@ impl GgufFile {
             why,
         })
     }
-}
-
-/// Dequantizes `numel` values of type `ty` from `raw`.
-pub fn dequantize(ty: GgmlType, raw: &[u8], numel: usize) -> Vec<f32> {
-    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-    let mut out = Vec::with_capacity(numel);
-    match ty {
-        GgmlType::F32 => out.extend(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        GgmlType::F16 => out.extend(raw.chunks_exact(2).map(f16)),
-        GgmlType::BF16 => out.extend(
-            raw.chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        GgmlType::Q8_0 => {
-            for b in raw.chunks_exact(34) {
-                let d = f16(&b[0..2]);
-                out.extend(b[2..34].iter().map(|&q| d * (q as i8) as f32));
-            }
-        }
-        GgmlType::Q4_0 => {
-            for b in raw.chunks_exact(18) {
-                let d = f16(&b[0..2]);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
-                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
-            }
-        }
-        GgmlType::Q4_1 => {
-            for b in raw.chunks_exact(20) {
-                let d = f16(&b[0..2]);
-                let m = f16(&b[2..4]);
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| d * (q & 0xF) as f32 + m));
-                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
-            }
-        }
-        GgmlType::Q4K => {
-            for b in raw.chunks_exact(144) {
-                let d = f16(&b[0..2]);
-                let dmin = f16(&b[2..4]);
-                let scales = &b[4..16];
-                let qs = &b[16..144];
-                let scale_min = |j: usize| -> (f32, f32) {
-                    if j < 4 {
-                        ((scales[j] & 63) as f32, (scales[j + 4] & 63) as f32)
-                    } else {
-                        (
-                            ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4)) as f32,
-                            ((scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)) as f32,
-                        )
-                    }
-                };
-                for (chunk, q) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min(2 * chunk);
-                    let (s2, m2) = scale_min(2 * chunk + 1);
-                    out.extend(q.iter().map(|&v| d * s1 * (v & 0xF) as f32 - dmin * m1));
-                    out.extend(q.iter().map(|&v| d * s2 * (v >> 4) as f32 - dmin * m2));
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            for b in raw.chunks_exact(210) {
-                let (ql_all, rest) = b.split_at(128);
-                let (qh_all, rest) = rest.split_at(64);
-                let (sc_all, dbytes) = rest.split_at(16);
-                let d = f16(dbytes);
-                let mut y = [0f32; 256];
-                for half_block in 0..2 {
-                    let ql = &ql_all[half_block * 64..];
-                    let qh = &qh_all[half_block * 32..];
-                    let sc = &sc_all[half_block * 8..];
-                    let y = &mut y[half_block * 128..];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                }
-                out.extend_from_slice(&y);
-            }
-        }
-    }
-    debug_assert_eq!(out.len(), numel);
-    out
 }
 
 /// Undoes llama.cpp's `permute` of q_proj/k_proj rows (it interleaves the two RoPE halves of each
@@ -825,24 +695,5 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rows(&permuted, heads, cols), orig);
-    }
-
-    #[test]
-    fn q4_1_and_q8_0_blocks() {
-        let mut block = Vec::new();
-        block.extend(half::f16::from_f32(0.5).to_le_bytes());
-        block.extend(half::f16::from_f32(-1.0).to_le_bytes());
-        block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
-        let v = dequantize(GgmlType::Q4_1, &block, 32);
-        assert_eq!(v[0], -1.0);
-        assert_eq!(v[15], 0.5 * 15.0 - 1.0);
-        assert_eq!(v[16], 0.5 * 15.0 - 1.0);
-        assert_eq!(v[31], -1.0);
-        let mut block = Vec::new();
-        block.extend(half::f16::from_f32(0.25).to_le_bytes());
-        block.extend((0..32i8).map(|i| (i - 16) as u8));
-        let v = dequantize(GgmlType::Q8_0, &block, 32);
-        assert_eq!(v[0], -4.0);
-        assert_eq!(v[31], 3.75);
     }
 }
