@@ -154,7 +154,8 @@ impl Op for Evaluate {
             // continuation split, words, bytes, standard errors; non-finite results refused.
             // 7: the tokenizer's own special tokens (a post-processor's BOS) as the harness adds
             // them; an empty context's continuation starting with the prefix token; Gemma's
-            // embedding scale rounded to bf16 under bf16 compute.
+            // embedding scale rounded to bf16 under bf16 compute; a checkpoint with tokenizer.json
+            // but no tokenizer_config.json takes its BOS from config.json, as its exports do.
             version: 7,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![

@@ -124,6 +124,9 @@ pub struct Family {
     pub rope_scaling: bool,
     /// llama.cpp's `general.architecture` for this family.
     pub gguf_arch: &'static str,
+    /// Whether llama.cpp's converter interleaves the RoPE halves of q_proj/k_proj rows
+    /// (`LlamaModel.permute`; only the Llama architecture does).
+    pub gguf_permutes_qk: bool,
 }
 
 const LLAMA_LIKE: Family = Family {
@@ -155,6 +158,7 @@ const LLAMA_LIKE: Family = Family {
     default_softcaps: (None, None),
     rope_scaling: true,
     gguf_arch: "llama",
+    gguf_permutes_qk: true,
 };
 
 pub const LLAMA: Family = LLAMA_LIKE;
@@ -177,6 +181,7 @@ pub const QWEN2: Family = Family {
     mlp_bias_key: false,
     windows: WindowRule::LayerTypes(DefaultPattern::QwenMaxWindowLayers),
     gguf_arch: "qwen2",
+    gguf_permutes_qk: false,
     ..LLAMA_LIKE
 };
 
@@ -188,6 +193,7 @@ pub const QWEN3: Family = Family {
     windows: WindowRule::LayerTypes(DefaultPattern::QwenMaxWindowLayers),
     default_head_dim: Some(128),
     gguf_arch: "qwen3",
+    gguf_permutes_qk: false,
     ..LLAMA_LIKE
 };
 
@@ -209,6 +215,7 @@ pub const GEMMA2: Family = Family {
     default_head_dim: Some(256),
     default_softcaps: (Some(50.0), Some(30.0)),
     gguf_arch: "gemma2",
+    gguf_permutes_qk: false,
     ..LLAMA_LIKE
 };
 
@@ -240,6 +247,7 @@ pub const PHI3: Family = Family {
     default_eps: 1e-5,
     rope_scaling: false,
     gguf_arch: "phi3",
+    gguf_permutes_qk: false,
     ..LLAMA_LIKE
 };
 
@@ -254,6 +262,7 @@ pub const NEMOTRON: Family = Family {
     default_eps: 1e-5,
     default_partial_rotary: 0.5,
     gguf_arch: "nemotron",
+    gguf_permutes_qk: false,
     ..LLAMA_LIKE
 };
 
@@ -353,6 +362,68 @@ pub enum Role {
     GateBias,
     UpBias,
     DownBias,
+}
+
+impl Role {
+    /// llama.cpp's tensor name for this role (gguf-py `TENSOR_NAMES`, the same in every family:
+    /// Gemma's `pre_feedforward_layernorm` and Llama's `post_attention_layernorm` are both
+    /// `ffn_norm`, Phi-3's fused projections are `attn_qkv` and `ffn_up`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Role::Embed => "token_embd.weight",
+            Role::Head => "output.weight",
+            Role::FinalNorm => "output_norm.weight",
+            Role::FinalNormBias => "output_norm.bias",
+            Role::AttnNorm => "attn_norm.weight",
+            Role::AttnNormBias => "attn_norm.bias",
+            Role::MlpNorm => "ffn_norm.weight",
+            Role::MlpNormBias => "ffn_norm.bias",
+            Role::PostAttnNorm => "post_attention_norm.weight",
+            Role::PostMlpNorm => "post_ffw_norm.weight",
+            Role::Q => "attn_q.weight",
+            Role::K => "attn_k.weight",
+            Role::V => "attn_v.weight",
+            Role::O => "attn_output.weight",
+            Role::QBias => "attn_q.bias",
+            Role::KBias => "attn_k.bias",
+            Role::VBias => "attn_v.bias",
+            Role::OBias => "attn_output.bias",
+            Role::QNorm => "attn_q_norm.weight",
+            Role::KNorm => "attn_k_norm.weight",
+            Role::Qkv => "attn_qkv.weight",
+            Role::Gate => "ffn_gate.weight",
+            Role::Up | Role::GateUp => "ffn_up.weight",
+            Role::Down => "ffn_down.weight",
+            Role::GateBias => "ffn_gate.bias",
+            Role::UpBias => "ffn_up.bias",
+            Role::DownBias => "ffn_down.bias",
+        }
+    }
+
+    /// A norm's scale (not its bias): llama.cpp stores `offset + w` for families whose norm adds
+    /// an offset (Gemma, Nemotron), so that ggml's plain norm multiplies by the right factor.
+    pub fn is_norm_scale(self) -> bool {
+        matches!(
+            self,
+            Role::FinalNorm
+                | Role::AttnNorm
+                | Role::MlpNorm
+                | Role::PostAttnNorm
+                | Role::PostMlpNorm
+                | Role::QNorm
+                | Role::KNorm
+        )
+    }
+}
+
+impl TensorSpec {
+    /// The tensor's GGUF name (`blk.3.attn_q.weight`, `token_embd.weight`).
+    pub fn gguf_name(&self) -> String {
+        match self.layer {
+            Some(l) => format!("blk.{l}.{}", self.role.gguf_name()),
+            None => self.role.gguf_name().to_string(),
+        }
+    }
 }
 
 /// What one dimension of a tensor indexes, so a pruner knows which kept indices apply.

@@ -28,7 +28,8 @@ pub struct LoadedModel {
     pub tokenizer_files: Vec<PathBuf>,
     /// generation_config.json, when the source has one.
     pub generation_config: Option<serde_json::Value>,
-    /// A tokenizer_config.json made for a source that has no such file (a GGUF's chat template and
+    /// A tokenizer_config.json made for a source that has no such file (a directory with only
+    /// tokenizer.json: its special tokens from config.json; a GGUF: its chat template and
     /// special tokens); None for a directory, whose own file is among `tokenizer_files`.
     pub tokenizer_config: Option<serde_json::Value>,
     pub path: PathBuf,
@@ -74,13 +75,23 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
     let generation_config = std::fs::read_to_string(path.join("generation_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
+    // A tokenizer.json without tokenizer_config.json: the special tokens every derived checkpoint
+    // will name (`save_checkpoint` writes this file), so that a teacher and its pruned student are
+    // scored with the same prefix token.
+    let has_config = tokenizer_files
+        .iter()
+        .any(|f| f.ends_with("tokenizer_config.json"));
+    let tokenizer_config = match &tokenizer_json {
+        Some(json) if !has_config => Some(tokenizer_config(&config, json, None, None)),
+        _ => None,
+    };
     Ok(LoadedModel {
         config,
         weights,
         tokenizer_json,
         tokenizer_files,
         generation_config,
-        tokenizer_config: None,
+        tokenizer_config,
         path: path.to_path_buf(),
     })
 }
@@ -318,5 +329,23 @@ mod tests {
         assert_eq!(tc["eos_token"], "</s>");
         assert_eq!(tc["model_max_length"], config.max_position_embeddings);
         assert!(tc.get("chat_template").is_none());
+
+        // The source itself, without tokenizer_config.json, names the same special tokens as
+        // the checkpoint written from it: one prefix token for a teacher and its student.
+        let src = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(out.path().join(f), src.path().join(f)).unwrap();
+        }
+        std::fs::write(src.path().join("tokenizer.json"), &json).unwrap();
+        let source = load_model(src.path()).unwrap();
+        let derived = load_model(out.path()).unwrap();
+        for key in ["bos_token", "eos_token"] {
+            assert_eq!(
+                source.special_token(key),
+                derived.special_token(key),
+                "{key}"
+            );
+        }
+        assert_eq!(source.special_token("bos_token").as_deref(), Some("<s>"));
     }
 }

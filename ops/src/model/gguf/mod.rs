@@ -4,6 +4,7 @@
 
 mod grids;
 pub mod quants;
+pub mod writer;
 
 pub use quants::GgmlType;
 
@@ -15,6 +16,7 @@ use memmap2::Mmap;
 use serde_json::{Value, json};
 
 use crate::model::ModelError;
+use crate::model::arch::{FAMILIES, Family, Role, TensorSpec};
 use crate::model::checkpoint::LoadedModel;
 use crate::model::config::ModelConfig;
 use crate::model::weights::Weights;
@@ -362,21 +364,53 @@ impl GgufFile {
         quants::dequantize(t.ty, &self.mmap[start..start + bytes])
     }
 
+    /// The family of `general.architecture` (llama.cpp's names: `llama`, `qwen2`, `gemma2`...).
+    pub fn family(&self) -> Result<&'static Family, ModelError> {
+        let arch = self
+            .metadata
+            .get("general.architecture")
+            .and_then(Meta::as_str)
+            .unwrap_or_default();
+        // Early llama.cpp wrote Mistral models as "mistral"; the converter now writes "llama".
+        if arch == "mistral" {
+            return Ok(&crate::model::arch::MISTRAL);
+        }
+        FAMILIES
+            .iter()
+            .copied()
+            .find(|f| f.gguf_arch == arch)
+            .ok_or_else(|| {
+                let known: Vec<&str> = FAMILIES.iter().map(|f| f.gguf_arch).collect();
+                ModelError::Gguf {
+                    path: self.path.clone(),
+                    why: format!(
+                        "metadata `general.architecture` is \"{arch}\"; distillery reads {}",
+                        known.join(", ")
+                    ),
+                }
+            })
+    }
+
+    fn meta_f(&self, key: &str) -> Option<f64> {
+        self.metadata.get(key).and_then(Meta::as_f64)
+    }
+
+    /// The model's config in Hugging Face terms, from llama.cpp's metadata. What llama.cpp derives
+    /// rather than stores is derived the same way (Gemma's query scale from head_dim, Gemma 3's
+    /// local RoPE base 10000 unless `rope.freq_base_swa` says otherwise, windows by the family's
+    /// layer pattern).
     pub fn config(&self) -> Result<ModelConfig, ModelError> {
+        let family = self.family()?;
         let arch = self
             .metadata
             .get("general.architecture")
             .and_then(Meta::as_str)
             .unwrap_or_default()
             .to_string();
-        if arch != "llama" && arch != "mistral" {
-            return Err(ModelError::Gguf {
-                path: self.path.clone(),
-                why: format!(
-                    "metadata `general.architecture` is \"{arch}\"; distillery reads llama and mistral"
-                ),
-            });
-        }
+        let bad = |why: String| ModelError::Gguf {
+            path: self.path.clone(),
+            why,
+        };
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.meta_u(&k("embedding_length"))?;
         let heads = self.meta_u(&k("attention.head_count"))?;
@@ -386,12 +420,21 @@ impl GgufFile {
             .and_then(Meta::as_u64)
             .map(|v| v as usize)
             .unwrap_or(heads);
+        let layers = self.meta_u(&k("block_count"))?;
+        // llama.cpp: key_length when given, else n_embd / n_head (rope.dimension_count is the
+        // rotated part only, which is all of it outside the partial-rotary families).
         let head_dim = self
             .metadata
             .get(&k("attention.key_length"))
-            .or_else(|| self.metadata.get(&k("rope.dimension_count")))
             .and_then(Meta::as_u64)
             .map(|v| v as usize)
+            .or_else(|| {
+                (!family.partial_rotary)
+                    .then(|| self.metadata.get(&k("rope.dimension_count")))
+                    .flatten()
+                    .and_then(Meta::as_u64)
+                    .map(|v| v as usize)
+            })
             .unwrap_or(hidden / heads);
         let vocab = match self.metadata.get(&k("vocab_size")).and_then(Meta::as_u64) {
             Some(v) => v as usize,
@@ -400,23 +443,89 @@ impl GgufFile {
                 _ => self.meta_u(&k("vocab_size"))?,
             },
         };
-        let tied = !self.tensors.iter().any(|t| t.name == "output.weight");
+        let has = |name: &str| self.tensors.iter().any(|t| t.name == name);
+        let eps = self
+            .meta_f(&k(if family.norm.has_bias() {
+                "attention.layer_norm_epsilon"
+            } else {
+                "attention.layer_norm_rms_epsilon"
+            }))
+            .unwrap_or(family.default_eps);
         let mut json = json!({
-            "architectures": [if arch == "mistral" { "MistralForCausalLM" } else { "LlamaForCausalLM" }],
+            "architectures": [family.architecture],
+            "model_type": family.model_type,
             "hidden_size": hidden,
             "intermediate_size": self.meta_u(&k("feed_forward_length"))?,
-            "num_hidden_layers": self.meta_u(&k("block_count"))?,
+            "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
             "vocab_size": vocab,
-            "rms_norm_eps": self.metadata.get(&k("attention.layer_norm_rms_epsilon")).and_then(Meta::as_f64).unwrap_or(1e-5),
-            "rope_theta": self.metadata.get(&k("rope.freq_base")).and_then(Meta::as_f64).unwrap_or(10000.0),
+            (family.eps_key): eps,
+            "rope_theta": self.meta_f(&k("rope.freq_base")).unwrap_or(family.default_rope_theta),
             "max_position_embeddings": self.metadata.get(&k("context_length")).and_then(Meta::as_u64).unwrap_or(2048),
-            "tie_word_embeddings": tied,
+            "tie_word_embeddings": !has("output.weight"),
         });
-        if let Some(scaling) = self.rope_scaling(&arch, head_dim)? {
-            json["rope_scaling"] = scaling;
+        if family.attention_bias == crate::model::arch::AttentionBias::FromConfig {
+            json["attention_bias"] = has("blk.0.attn_q.bias").into();
+        }
+        if family.mlp_bias_key {
+            json["mlp_bias"] = has("blk.0.ffn_up.bias").into();
+        }
+        if let Some(rot) = self
+            .metadata
+            .get(&k("rope.dimension_count"))
+            .and_then(Meta::as_u64)
+        {
+            let rot = rot as usize;
+            if family.partial_rotary {
+                json["partial_rotary_factor"] = (rot as f64 / head_dim as f64).into();
+            } else if rot != head_dim {
+                return Err(bad(format!(
+                    "metadata `{}` is {rot} but heads have {head_dim} dimensions: a {} model rotates all of them",
+                    k("rope.dimension_count"),
+                    family.architecture
+                )));
+            }
+        }
+        if let Some(w) = self
+            .metadata
+            .get(&k("attention.sliding_window"))
+            .and_then(Meta::as_u64)
+        {
+            json["sliding_window"] = w.into();
+        } else if family.gguf_arch == "llama" && family.default_sliding_window.is_some() {
+            // llama.cpp runs a Mistral file without a window key with full attention (Gemma's
+            // files without one get Gemma's default window, in llama.cpp as in transformers).
+            json["sliding_window"] = Value::Null;
+        }
+        if family.softcaps {
+            for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if let Some(v) = self.meta_f(&k(key)) {
+                    json[key] = v.into();
+                }
+            }
+        }
+        if family.query_pre_attn_scalar {
+            json["query_pre_attn_scalar"] =
+                gguf_query_scale(family, hidden, heads, head_dim, layers).into();
+        }
+        if family.rope_per_layer_type {
+            json["rope_local_base_freq"] = self
+                .meta_f(&k("rope.freq_base_swa"))
+                .unwrap_or(10000.0)
+                .into();
+        }
+        if family.rope_scaling {
+            if let Some(scaling) = self.rope_scaling(&arch, head_dim)? {
+                json["rope_scaling"] = scaling;
+            }
+        } else if self.metadata.contains_key(&k("rope.scaling.type")) {
+            return Err(bad(format!(
+                "metadata `{}` is set: distillery computes no RoPE scaling for {}",
+                k("rope.scaling.type"),
+                family.architecture
+            )));
         }
         if let Some(b) = self
             .metadata
@@ -432,11 +541,25 @@ impl GgufFile {
         {
             json["eos_token_id"] = e.into();
         }
-        ModelConfig::from_json_str(&json.to_string()).map_err(|why| ModelError::Gguf {
-            path: self.path.clone(),
-            why,
-        })
+        ModelConfig::from_json_str(&json.to_string()).map_err(bad)
     }
+}
+
+/// Gemma's query scale as llama.cpp derives it (it stores none): `head_dim`, except the 27B
+/// models (46 layers for Gemma 2, 62 for Gemma 3), which scale by `hidden / heads`.
+pub fn gguf_query_scale(
+    family: &Family,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+    layers: usize,
+) -> usize {
+    let is_27b = match family.gguf_arch {
+        "gemma2" => layers == 46,
+        "gemma3" => layers == 62,
+        _ => false,
+    };
+    if is_27b { hidden / heads } else { head_dim }
 }
 
 /// Undoes llama.cpp's `permute` of q_proj/k_proj rows (it interleaves the two RoPE halves of each
@@ -458,61 +581,48 @@ pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn hf_name(gguf: &str) -> Option<String> {
-    Some(match gguf {
-        "token_embd.weight" => "model.embed_tokens.weight".into(),
-        "output_norm.weight" => "model.norm.weight".into(),
-        "output.weight" => "lm_head.weight".into(),
-        _ => {
-            let rest = gguf.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let hf = match part {
-                "attn_norm.weight" => "input_layernorm.weight",
-                "attn_q.weight" => "self_attn.q_proj.weight",
-                "attn_k.weight" => "self_attn.k_proj.weight",
-                "attn_v.weight" => "self_attn.v_proj.weight",
-                "attn_output.weight" => "self_attn.o_proj.weight",
-                "ffn_norm.weight" => "post_attention_layernorm.weight",
-                "ffn_gate.weight" => "mlp.gate_proj.weight",
-                "ffn_up.weight" => "mlp.up_proj.weight",
-                "ffn_down.weight" => "mlp.down_proj.weight",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{hf}")
-        }
-    })
-}
-
 /// Reads just the config from a GGUF file's metadata.
 pub fn read_config(path: &Path) -> Result<ModelConfig, ModelError> {
     GgufFile::open(path)?.config()
 }
 
-/// Loads a GGUF model: dequantized tensors under Hugging Face names and the tokenizer.
+/// Loads a GGUF model: dequantized tensors under Hugging Face names (the family's table, llama.cpp's
+/// row permutation and norm offsets undone) and the tokenizer.
 pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     let file = GgufFile::open(path)?;
     let config = file.config()?;
+    let family = config.family;
+    let specs: std::collections::HashMap<String, TensorSpec> = config
+        .tensor_specs()
+        .into_iter()
+        .map(|s| (s.gguf_name(), s))
+        .collect();
+    let offset = family.norm.offset();
     let mut tensors = BTreeMap::new();
     for t in &file.tensors {
         if t.name == "rope_freqs.weight" {
             continue; // RoPE scaling, read into the config
         }
-        let name = hf_name(&t.name).ok_or_else(|| ModelError::Gguf {
+        let spec = specs.get(&t.name).ok_or_else(|| ModelError::Gguf {
             path: path.to_path_buf(),
             why: format!(
-                "tensor `{}` has no Hugging Face counterpart in a Llama model",
-                t.name
+                "tensor `{}` has no counterpart in a {} with this config",
+                t.name, family.architecture
             ),
         })?;
         let mut data = file.dequantize(t);
         let cols = t.shape.get(1).copied().unwrap_or(1);
-        if name.ends_with("q_proj.weight") {
-            data = unpermute_rows(&data, config.num_attention_heads, cols);
-        } else if name.ends_with("k_proj.weight") {
-            data = unpermute_rows(&data, config.num_key_value_heads, cols);
+        match spec.role {
+            Role::Q if family.gguf_permutes_qk => {
+                data = unpermute_rows(&data, config.num_attention_heads, cols)
+            }
+            Role::K if family.gguf_permutes_qk => {
+                data = unpermute_rows(&data, config.num_key_value_heads, cols)
+            }
+            r if r.is_norm_scale() && offset != 0.0 => data.iter_mut().for_each(|v| *v -= offset),
+            _ => {}
         }
-        tensors.insert(name, (t.shape.clone(), data));
+        tensors.insert(spec.name.clone(), (t.shape.clone(), data));
     }
     let weights = Weights::from_memory(path.to_path_buf(), tensors);
     weights.check_against(&config)?;
@@ -536,6 +646,36 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
         tokenizer_config: Some(tokenizer_config),
         path: path.to_path_buf(),
     })
+}
+
+fn byte_level_pre_tokenizer() -> Value {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+}
+
+/// The byte-level BPE pre-tokenizers distillery rebuilds, by llama.cpp's `tokenizer.ggml.pre`
+/// names: the reader rebuilds a `tokenizer.json` from the name, the writer names a
+/// `tokenizer.json` by finding its pre-tokenizer here (the first name wins).
+#[allow(clippy::type_complexity)]
+pub static PRE_TOKENIZERS: [(&str, fn() -> Value); 6] = [
+    ("default", byte_level_pre_tokenizer),
+    // SmolLM splits digits one by one before the GPT-2 byte-level split.
+    ("smollm", digits_then_byte_level),
+    ("starcoder", digits_then_byte_level),
+    ("refact", digits_then_byte_level),
+    ("llama-bpe", llama3_pre_tokenizer),
+    ("llama3", llama3_pre_tokenizer),
+];
+
+fn digits_then_byte_level() -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": true}, byte_level_pre_tokenizer()]})
+}
+
+fn llama3_pre_tokenizer() -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
 }
 
 /// Rebuilds a Hugging Face `tokenizer.json` from `tokenizer.ggml.*` metadata.
@@ -590,17 +730,10 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value, ModelError> {
                 .get("tokenizer.ggml.pre")
                 .and_then(Meta::as_str)
                 .unwrap_or("default");
-            let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-            let pre_tokenizer = match pre {
-                // SmolLM splits digits one by one before the GPT-2 byte-level split.
-                "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true}, byte_level]}),
-                "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-                     "behavior": "Isolated", "invert": false},
-                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-                _ => byte_level,
-            };
+            let pre_tokenizer = PRE_TOKENIZERS
+                .iter()
+                .find(|(name, _)| *name == pre)
+                .map_or_else(byte_level_pre_tokenizer, |(_, rebuild)| rebuild());
             Ok(json!({
                 "version": "1.0",
                 "truncation": null,

@@ -452,3 +452,141 @@ fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
         )
     }
 }
+
+/// Quantizes `x` (whole blocks of `ty`) for a GGUF file. Writes F32, F16, BF16, Q8_0, Q4_K, Q5_K
+/// and Q6_K, the types of `export --format gguf`'s `--quant` choices; `None` for other types.
+///
+/// Q8_0 is llama.cpp's `quantize_row_q8_0_ref` exactly. The K-quants use one pass of min/max
+/// scales per sub-block (Q4_K/Q5_K: `x ≈ d·sc·q − dmin·m`, Q6_K: `x ≈ d·sc·q`), then round every
+/// value against the stored (6- or 8-bit) scales, so what is written is what decodes; llama.cpp's
+/// `make_qkx2_quants` search would lower the error a little further.
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Option<Vec<u8>> {
+    let (per, bytes) = ty.block();
+    assert_eq!(x.len() % per, 0, "{} needs whole blocks", ty.name());
+    let mut out = Vec::with_capacity(x.len() / per * bytes);
+    for b in x.chunks_exact(per) {
+        match ty {
+            GgmlType::F32 => out.extend(b[0].to_le_bytes()),
+            GgmlType::F16 => out.extend(f16::from_f32(b[0]).to_le_bytes()),
+            GgmlType::BF16 => out.extend(half::bf16::from_f32(b[0]).to_le_bytes()),
+            GgmlType::Q8_0 => quantize_q8_0(b, &mut out),
+            GgmlType::Q4_K => quantize_q45_k(b, 15, &mut out),
+            GgmlType::Q5_K => quantize_q45_k(b, 31, &mut out),
+            GgmlType::Q6_K => quantize_q6_k(b, &mut out),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn quantize_q8_0(b: &[f32], out: &mut Vec<u8>) {
+    let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend(f16::from_f32(d).to_le_bytes());
+    out.extend(b.iter().map(|v| ((v * id).round() as i8) as u8));
+}
+
+/// Q4_K (`levels` 15) and Q5_K (31): 8 sub-blocks of 32, each `d·sc·q − dmin·m` with 6-bit `sc`
+/// and `m` under the super-block's f16 `d` and `dmin`.
+fn quantize_q45_k(b: &[f32], levels: u8, out: &mut Vec<u8>) {
+    let mut scale = [0f32; 8];
+    let mut min = [0f32; 8];
+    for (j, s) in b.chunks_exact(32).enumerate() {
+        let lo = s.iter().fold(0f32, |m, &v| m.min(v));
+        let hi = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        scale[j] = (hi - lo).max(0.0) / levels as f32;
+        min[j] = -lo;
+    }
+    let d = f16::from_f32(scale.iter().fold(0f32, |m, &v| m.max(v)) / 63.0);
+    let dmin = f16::from_f32(min.iter().fold(0f32, |m, &v| m.max(v)) / 63.0);
+    let (df, dminf) = (d.to_f32(), dmin.to_f32());
+    let six = |v: f32, unit: f32| -> u8 {
+        if unit > 0.0 {
+            (v / unit).round().clamp(0.0, 63.0) as u8
+        } else {
+            0
+        }
+    };
+    let sc: [u8; 8] = std::array::from_fn(|j| six(scale[j], df));
+    let m: [u8; 8] = std::array::from_fn(|j| six(min[j], dminf));
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            packed[j] = sc[j];
+            packed[j + 4] = m[j];
+        } else {
+            packed[j + 4] = (sc[j] & 0xF) | ((m[j] & 0xF) << 4);
+            packed[j - 4] |= (sc[j] >> 4) << 6;
+            packed[j] |= (m[j] >> 4) << 6;
+        }
+    }
+    let mut q = [0u8; 256];
+    for (e, &v) in b.iter().enumerate() {
+        let j = e / 32;
+        debug_assert_eq!(k_scale_min(&packed, j), (sc[j], m[j]));
+        let step = df * sc[j] as f32;
+        let offset = dminf * m[j] as f32;
+        q[e] = if step > 0.0 {
+            ((v + offset) / step).round().clamp(0.0, levels as f32) as u8
+        } else {
+            0
+        };
+    }
+    out.extend(d.to_le_bytes());
+    out.extend(dmin.to_le_bytes());
+    out.extend(packed);
+    if levels == 31 {
+        let mut qh = [0u8; 32];
+        for (e, &v) in q.iter().enumerate() {
+            qh[e % 32] |= (v >> 4) << (e / 32);
+        }
+        out.extend(qh);
+    }
+    // 32 bytes per pair of sub-blocks: low nibbles the first, high nibbles the second.
+    for c in 0..4 {
+        for l in 0..32 {
+            out.push((q[c * 64 + l] & 0xF) | ((q[c * 64 + 32 + l] & 0xF) << 4));
+        }
+    }
+}
+
+/// Q6_K: 16 sub-blocks of 16, each `d·sc·q` with `q` in −32..31 and 8-bit `sc`.
+fn quantize_q6_k(b: &[f32], out: &mut Vec<u8>) {
+    let scale: [f32; 16] = std::array::from_fn(|j| {
+        b[j * 16..j * 16 + 16]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            / 31.0
+    });
+    let d = f16::from_f32(scale.iter().fold(0f32, |m, &v| m.max(v)) / 127.0);
+    let df = d.to_f32();
+    let sc: [i8; 16] = std::array::from_fn(|j| {
+        if df > 0.0 {
+            (scale[j] / df).round().clamp(0.0, 127.0) as i8
+        } else {
+            0
+        }
+    });
+    let mut q = [0u8; 256];
+    for (e, &v) in b.iter().enumerate() {
+        let step = df * sc[e / 16] as f32;
+        let qi = if step > 0.0 {
+            (v / step).round().clamp(-32.0, 31.0) as i8
+        } else {
+            0
+        };
+        q[e] = (qi + 32) as u8;
+    }
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for (e, &v) in q.iter().enumerate() {
+        let (h, r) = (e / 128, e % 128);
+        ql[h * 64 + r % 64] |= (v & 0xF) << (4 * (r / 64));
+        qh[h * 32 + r % 32] |= (v >> 4) << (2 * (r / 32));
+    }
+    out.extend(ql);
+    out.extend(qh);
+    out.extend(sc.iter().map(|&s| s as u8));
+    out.extend(d.to_le_bytes());
+}
