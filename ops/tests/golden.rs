@@ -195,3 +195,119 @@ fn gguf_dequantization_matches_gguf_py_bit_for_bit() {
     }
     assert_eq!(checked.len(), GgmlType::ALL.len() - 1);
 }
+
+/// A family model with the 160-token byte-level tokenizer (tests/golden/gguf-tokenizer), in a
+/// temporary directory: the source of a GGUF export.
+fn with_gguf_tokenizer(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(golden_dir(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(golden_dir("gguf-tokenizer").join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+/// Every family out to GGUF and back: llama.cpp's names, permutation, norm offsets and metadata
+/// undone by distillery's reader give transformers' logits again (f32), the same tokenizer, and
+/// quantized exports stay close to them.
+#[test]
+fn gguf_exports_of_every_family_read_back_as_the_same_model() {
+    use distillery_ops::model::gguf::writer::{GgufQuant, export_model};
+    let cases = [
+        "llama3-untied-bf16-sharded",
+        "family-qwen2",
+        "family-qwen3",
+        "family-gemma2",
+        "family-gemma3_text",
+        "family-phi3",
+        "family-nemotron",
+    ];
+    let text = "The quick brown fox jumps over the lazy dog.";
+    let mut bad = Vec::new();
+    for name in cases {
+        let src = with_gguf_tokenizer(name);
+        let (ids, shape, _) = golden(&golden_dir(name));
+        // What llama.cpp cannot run is refused by name; the test then exports the nearest model
+        // it can (Qwen2 without windows, Gemma 2's query scale from head_dim, Gemma 3's pattern).
+        let refused: Option<(&str, fn(&mut serde_json::Value))> = match name {
+            "family-qwen2" => Some(("runs Qwen2ForCausalLM without windows", |c| {
+                c["use_sliding_window"] = false.into();
+                c.as_object_mut().unwrap().remove("layer_types");
+            })),
+            "family-gemma2" => Some(("llama.cpp derives 12", |c| {
+                c["query_pre_attn_scalar"] = c["head_dim"].clone();
+            })),
+            // Sliding, sliding, full: llama.cpp's Gemma 3 makes every sixth layer full.
+            "family-gemma3_text" => Some(("derives Gemma3ForCausalLM's sliding layers", |c| {
+                c["layer_types"] = serde_json::json!([
+                    "sliding_attention",
+                    "sliding_attention",
+                    "sliding_attention"
+                ]);
+            })),
+            _ => None,
+        };
+        if let Some((why, patch)) = refused {
+            let file = src.path().join("refused.gguf");
+            let err = export_model(src.path(), &file, GgufQuant::F32, name, &[]).unwrap_err();
+            assert!(err.to_string().contains(why), "{name}: {err}");
+            let path = src.path().join("config.json");
+            let mut c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            patch(&mut c);
+            std::fs::write(&path, c.to_string()).unwrap();
+        }
+        // The source as distillery computes it (equal to transformers: logits_match_transformers).
+        let expected = logits_of(src.path(), &ids, shape[0]);
+        let out = tempfile::tempdir().unwrap();
+        let mut rms = Vec::new();
+        for quant in [GgufQuant::F32, GgufQuant::Q8_0, GgufQuant::Q4_K_M] {
+            let file = out.path().join("model.gguf");
+            let provenance = [("key".to_string(), "abc".to_string())];
+            export_model(src.path(), &file, quant, name, &provenance).unwrap();
+            let back = load_model(&file).unwrap();
+            let orig = load_model(src.path()).unwrap();
+            assert_eq!(
+                back.config.family.architecture,
+                orig.config.family.architecture
+            );
+            assert_eq!(
+                back.config.tensor_shapes(),
+                orig.config.tensor_shapes(),
+                "{name}"
+            );
+            let got = logits_of(&file, &ids, shape[0]);
+            let diff = max_abs_diff(&got, &expected);
+            if quant == GgufQuant::F32 {
+                eprintln!("{name}: GGUF f32 max |Δlogit| = {diff:.2e}");
+                if diff > 1e-4 {
+                    bad.push(format!("{name}: f32 GGUF max |Δlogit| = {diff}"));
+                }
+                let tok = |m: &distillery_ops::model::checkpoint::LoadedModel| {
+                    let t = distillery_ops::model::tokenizer::Tokenizer::from_json(
+                        m.tokenizer_json.as_deref().unwrap(),
+                        &m.path,
+                    )
+                    .unwrap();
+                    t.encode(text).unwrap()
+                };
+                assert_eq!(tok(&back), tok(&orig), "{name}: tokenizer");
+                assert_eq!(back.special_token("bos_token").as_deref(), Some("<s>"));
+            } else {
+                let scale = expected.iter().map(|v| v * v).sum::<f32>() / expected.len() as f32;
+                let err = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    / expected.len() as f32;
+                rms.push(format!("{quant:?} {:.2e}", (err / scale).sqrt()));
+            }
+        }
+        eprintln!("{name}: relative RMS logit error {}", rms.join(", "));
+    }
+    assert!(bad.is_empty(), "{bad:?}");
+}

@@ -330,7 +330,14 @@ impl GgufFile {
             .and_then(Meta::as_f64)
             .unwrap_or(10000.0);
         let factor = divisors.iter().cloned().fold(1.0f32, f32::max) as f64;
-        for (low, high, original) in [(1.0, 4.0, 8192usize), (1.0, 4.0, 4096), (1.0, 4.0, 2048)] {
+        // The original context as the file states it (distillery's exports do), else Llama 3.x's.
+        let stated = self
+            .metadata
+            .get(&k("rope.scaling.original_context_length"))
+            .and_then(Meta::as_u64)
+            .map(|v| v as usize);
+        let candidates = stated.into_iter().chain([8192usize, 4096, 2048]);
+        for (low, high, original) in candidates.map(|o| (1.0, 4.0, o)) {
             let scaling = crate::model::config::RopeScaling::Llama3 {
                 factor,
                 low_freq_factor: low,
@@ -501,8 +508,11 @@ impl GgufFile {
         }
         if family.softcaps {
             for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
-                if let Some(v) = self.meta_f(&k(key)) {
-                    json[key] = v.into();
+                match self.meta_f(&k(key)) {
+                    // 0 means none (distillery writes it for a cap that is off).
+                    Some(v) if v <= 0.0 => json[key] = Value::Null,
+                    Some(v) => json[key] = v.into(),
+                    None => {}
                 }
             }
         }

@@ -590,3 +590,47 @@ fn quantize_q6_k(b: &[f32], out: &mut Vec<u8>) {
     out.extend(sc.iter().map(|&s| s as u8));
     out.extend(d.to_le_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian(n: usize) -> Vec<f32> {
+        let mut rng = crate::data::SplitMix(7);
+        let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (0..n)
+            .map(|_| {
+                let (u, v) = (uniform().max(1e-12), uniform());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32 * 0.02
+            })
+            .collect()
+    }
+
+    /// What the writer quantizes decodes (through the dequantizers checked bit for bit against
+    /// gguf-py) to within each type's usual error on Gaussian weights, relative RMS.
+    #[test]
+    fn quantized_blocks_decode_near_the_input() {
+        let x = gaussian(256 * 64);
+        let rms = |a: &[f32]| (a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32).sqrt();
+        for (ty, bound) in [
+            (GgmlType::F16, 1e-3),
+            (GgmlType::Q8_0, 0.01),
+            (GgmlType::Q6_K, 0.03),
+            (GgmlType::Q5_K, 0.06),
+            (GgmlType::Q4_K, 0.12),
+        ] {
+            let q = quantize(ty, &x).unwrap();
+            assert_eq!(Some(q.len()), ty.bytes_for(x.len()), "{}", ty.name());
+            let back = dequantize(ty, &q);
+            let err: Vec<f32> = back.iter().zip(&x).map(|(a, b)| a - b).collect();
+            let rel = rms(&err) / rms(&x);
+            eprintln!("{}: relative RMS error {rel:.4}", ty.name());
+            assert!(rel < bound, "{}: relative RMS error {rel}", ty.name());
+        }
+        // Q8_0 is llama.cpp's reference quantizer: a block of ±127 steps of its own scale.
+        let q = quantize(GgmlType::Q8_0, &x[..32]).unwrap();
+        let amax = x[..32].iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(f16_at(&q, 0), f16::from_f32(amax / 127.0).to_f32());
+        assert!(q[2..].iter().any(|&b| b as i8 == 127 || b as i8 == -127));
+    }
+}

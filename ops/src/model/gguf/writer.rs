@@ -174,8 +174,22 @@ fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
                     Kv::F32(j["factor"].as_f64().unwrap_or(1.0) as f32),
                 ));
             }
-            // Written as the `rope_freqs.weight` tensor (see `llama3_rope_freqs`).
-            "llama3" if arch == "llama" => {}
+            // Written as the `rope_freqs.weight` tensor (see `llama3_rope_freqs`); llama.cpp
+            // has no keys for the low/high frequency factors, so readers assume Llama 3's 1 and 4.
+            "llama3" if arch == "llama" => {
+                let (low, high) = (
+                    j["low_freq_factor"].as_f64(),
+                    j["high_freq_factor"].as_f64(),
+                );
+                if (low, high) != (Some(1.0), Some(4.0)) {
+                    return Err(format!(
+                        "llama3 rope_scaling with low_freq_factor {low:?} and high_freq_factor {high:?}: GGUF readers assume Llama 3's 1 and 4"
+                    ));
+                }
+                if let Some(o) = j["original_max_position_embeddings"].as_u64() {
+                    kv.push((k("rope.scaling.original_context_length"), Kv::U32(o as u32)));
+                }
+            }
             other => {
                 return Err(format!(
                     "rope_scaling \"{other}\" on a {}: llama.cpp has no such scaling for it; export this model as Hugging Face safetensors",
@@ -189,44 +203,67 @@ fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
     {
         kv.push((k("rope.freq_base_swa"), Kv::F32(local.theta as f32)));
     }
-    // Windows: llama.cpp derives which layers slide from the family's pattern (Gemma 2: even
-    // layers; Gemma 3: five of every six), so the config's own list must be that pattern.
+    // Windows: llama.cpp derives which layers slide from the architecture (Gemma 2: even layers;
+    // Gemma 3: five of every six; Phi-3: all) and gives the others none at all.
     let windows: Vec<Option<usize>> = (0..config.num_hidden_layers)
-        .map(|l| config.window_of(l))
+        .map(|l| {
+            config
+                .window_of(l)
+                .filter(|&w| w < config.max_position_embeddings)
+        })
         .collect();
+    let pattern: Option<fn(usize) -> bool> = match arch {
+        "gemma2" => Some(|l| l % 2 == 0),
+        "gemma3" => Some(|l| (l + 1) % 6 != 0),
+        "phi3" => Some(|_| true),
+        _ => None,
+    };
     if let Some(w) = windows.iter().flatten().next() {
         kv.push((k("attention.sliding_window"), Kv::U32(*w as u32)));
-        let pattern = |l: usize| match arch {
-            "gemma2" => l % 2 == 0,
-            "gemma3" => (l + 1) % 6 != 0,
-            _ => true,
-        };
-        if let Some(l) = (0..windows.len()).find(|&l| windows[l].is_some() != pattern(l)) {
-            return Err(format!(
-                "layer {l} {} a sliding window, but llama.cpp derives {}'s sliding layers from the layer index; keep the family's pattern (prune layers in whole periods) or export as Hugging Face safetensors",
-                if windows[l].is_some() {
-                    "has"
-                } else {
-                    "has no"
-                },
-                f.architecture
-            ));
-        }
+    }
+    let slides = |l: usize| pattern.is_some_and(|p| p(l));
+    if let Some(l) = (0..windows.len()).find(|&l| windows[l].is_some() != slides(l)) {
+        return Err(format!(
+            "layer {l} {} sliding window, but llama.cpp {}; export this model as Hugging Face safetensors{}",
+            if windows[l].is_some() {
+                "has a"
+            } else {
+                "has no"
+            },
+            match pattern {
+                None => format!("runs {} without windows", f.architecture),
+                Some(_) => format!(
+                    "derives {}'s sliding layers from the layer index",
+                    f.architecture
+                ),
+            },
+            if pattern.is_some() {
+                " (or prune layers in whole periods of the pattern)"
+            } else {
+                ""
+            }
+        ));
     }
     if f.softcaps {
-        let (attn, fin) = (
-            config.attn_logit_softcapping,
-            config.final_logit_softcapping,
-        );
-        // llama.cpp's defaults when a key is absent are Gemma 2's 50 and 30; 0 turns one off.
-        kv.push((
-            k("attn_logit_softcapping"),
-            Kv::F32(attn.unwrap_or(0.0) as f32),
-        ));
-        kv.push((
-            k("final_logit_softcapping"),
-            Kv::F32(fin.unwrap_or(0.0) as f32),
-        ));
+        let caps = [
+            ("attn_logit_softcapping", config.attn_logit_softcapping),
+            ("final_logit_softcapping", config.final_logit_softcapping),
+        ];
+        for (key, cap) in caps {
+            match (arch, cap) {
+                ("gemma2", cap) => {
+                    // Absent, llama.cpp takes Gemma 2's 50 and 30; 0 states "none".
+                    kv.push((k(key), Kv::F32(cap.unwrap_or(0.0) as f32)));
+                }
+                (_, Some(cap)) => {
+                    return Err(format!(
+                        "{key} is {cap}, but llama.cpp runs {} without soft-capping",
+                        f.architecture
+                    ));
+                }
+                (_, None) => {}
+            }
+        }
     }
     if f.query_pre_attn_scalar {
         let derived = gguf_query_scale(
