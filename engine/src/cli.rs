@@ -162,6 +162,12 @@ enum Command {
         /// Write editable copies instead of read-only hard links into the cache
         #[arg(long, requires = "to")]
         copy: bool,
+        /// `hf` (the step's files as they are) or `gguf` (one llama.cpp file at --to; a model step)
+        #[arg(long, default_value = "hf", value_parser = ["hf", "gguf"], requires = "to")]
+        format: String,
+        /// GGUF quantization (llama-quantize's names)
+        #[arg(long, default_value = "f16", value_parser = distillery_ops::model::gguf::writer::GgufQuant::NAMES)]
+        quant: String,
     },
     /// Write RECIPE.lock: source hashes, step keys, output hashes
     Lock {
@@ -211,6 +217,59 @@ enum CacheCommand {
 }
 
 /// A failure with its exit code, already worded for the terminal.
+/// `export --format gguf`: the step's model as one llama.cpp file, its provenance in the metadata.
+fn export_gguf(
+    recipe: &Recipe,
+    step: &str,
+    kind: distillery_ops::ArtifactKind,
+    entry: &distillery_cache::Entry,
+    to: &std::path::Path,
+    quant: &str,
+    replace: bool,
+) -> Result<(), Failure> {
+    use distillery_ops::model::gguf::writer::{GgufQuant, export_model};
+    if kind != distillery_ops::ArtifactKind::Model {
+        return Err(Failure::new(
+            exit::USER,
+            format!(
+                "error: step `{step}` produces a {}, not a model; GGUF holds models",
+                kind.name()
+            ),
+        ));
+    }
+    if to.exists() && !replace {
+        return Err(Failure::new(
+            exit::USER,
+            format!(
+                "error: {} exists; pass --replace to overwrite it",
+                to.display()
+            ),
+        ));
+    }
+    let quant = GgufQuant::from_name(quant).expect("clap checked the name");
+    let provenance = [
+        ("recipe".to_string(), recipe.name.clone()),
+        ("step".to_string(), step.to_string()),
+        ("key".to_string(), entry.manifest.key.to_string()),
+    ];
+    let report = export_model(
+        &entry.data_dir(),
+        to,
+        quant,
+        &format!("{} {step}", recipe.name),
+        &provenance,
+    )
+    .map_err(|e| Failure::new(exit::USER, format!("error: {e}")))?;
+    let mut by_type: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, ty, _) in &report {
+        *by_type.entry(ty.name()).or_default() += 1;
+    }
+    let types: Vec<String> = by_type.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!("{}", to.display());
+    eprintln!("{} tensors: {}", report.len(), types.join(", "));
+    Ok(())
+}
+
 struct Failure {
     code: u8,
     text: String,
@@ -622,11 +681,15 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
             bundle,
             replace,
             copy,
+            format,
+            quant,
         } => {
             let (recipe, store, plan) = planned(&cli, args, registry, reporter.as_ref())?;
             let mut keys = Vec::new();
+            let mut kinds = Vec::new();
             for step in steps {
                 let p = find_step(&recipe, &plan, step)?;
+                kinds.push(p.kind);
                 if !store.contains(&p.key) {
                     return Err(Failure::new(
                         exit::USER,
@@ -643,6 +706,9 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                     ));
                 }
                 let entry = store.get(&keys[0])?.expect("checked above");
+                if format == "gguf" {
+                    return export_gguf(&recipe, &steps[0], kinds[0], &entry, dir, quant, *replace);
+                }
                 distillery_cache::export_entry(
                     &entry,
                     dir,

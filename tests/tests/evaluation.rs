@@ -249,3 +249,105 @@ inputs = { model = "sources.teacher", data = "sources.text" }
     assert!(err.contains(name.as_str()) && err.contains("NaN"), "{err}");
     assert_eq!(common::entries(&env.cache()), 0, "nothing is committed");
 }
+
+/// A pruned model out as GGUF (`export --format gguf`), then read back as a recipe source: the
+/// same perplexity in f32, close in q8_0, with the provenance in the file.
+#[test]
+fn a_pruned_model_exported_as_gguf_evaluates_as_the_model_it_came_from() {
+    let env = Env::new();
+    let model = env.path("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(golden("family-qwen3")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(golden("gguf-tokenizer").join(f), model.join(f)).unwrap();
+    }
+    env.write(
+        "data/text.txt",
+        &std::fs::read_to_string(golden("eval-text.txt")).unwrap(),
+    );
+    let evaluate = |source: &str| {
+        format!(
+            r#"
+[sources.m]
+kind = "model"
+path = "{source}"
+
+[sources.text]
+kind = "dataset"
+files = "data/text.txt"
+
+[steps.pruned]
+op = "prune"
+inputs = {{ model = "sources.m" }}
+params = {{ method = "magnitude", hidden_size = 32, intermediate_size = 64 }}
+
+[steps.ppl]
+op = "evaluate"
+inputs = {{ model = "steps.pruned", data = "sources.text" }}
+params = {{ window = 32 }}
+
+[steps.ppl_source]
+op = "evaluate"
+inputs = {{ model = "sources.m", data = "sources.text" }}
+params = {{ window = 32 }}
+"#
+        )
+    };
+    env.write("r.toml", &evaluate("model"));
+    env.ok(&["run", "r.toml"]);
+    let ppl = |recipe: &str, step: &str| {
+        report(&env, recipe, step)["perplexity"]["token_perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    let pruned = ppl("r.toml", "ppl");
+    for (quant, tol) in [("f32", 1e-5), ("q8_0", 2e-2)] {
+        let file = env.path(&format!("pruned-{quant}.gguf"));
+        let out = env.ok(&[
+            "export",
+            "r.toml",
+            "pruned",
+            "--to",
+            file.to_str().unwrap(),
+            "--format",
+            "gguf",
+            "--quant",
+            quant,
+        ]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("tensors:"));
+        let bytes = std::fs::read(&file).unwrap();
+        assert_eq!(&bytes[..4], b"GGUF");
+        assert!(
+            bytes.windows(14).any(|w| w == b"distillery.key"),
+            "provenance in the metadata"
+        );
+        let recipe = format!("g-{quant}.toml");
+        env.write(&recipe, &evaluate(file.to_str().unwrap()));
+        env.ok(&["run", &recipe, "--until", "ppl_source"]);
+        let back = ppl(&recipe, "ppl_source");
+        eprintln!("{quant}: pruned model perplexity {pruned}, its GGUF export {back}");
+        assert!(
+            (back - pruned).abs() <= tol * pruned,
+            "{quant}: {back} vs {pruned}"
+        );
+    }
+    // Not a model, not overwritten without --replace.
+    let e = env.run(&[
+        "export", "r.toml", "ppl", "--to", "x.gguf", "--format", "gguf",
+    ]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("not a model"));
+    let path = env.path("pruned-f32.gguf");
+    let e = env.run(&[
+        "export",
+        "r.toml",
+        "pruned",
+        "--to",
+        path.to_str().unwrap(),
+        "--format",
+        "gguf",
+    ]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--replace"));
+}
