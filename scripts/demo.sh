@@ -47,3 +47,8 @@ out="${DEMO_OUT:-demo-out}/smollm2-distilled"
 rm -rf "$out"
 "$bin" export "$recipe" distilled --to "$out" >/dev/null
 echo "distilled Hugging Face checkpoint: $out"
+for q in q8_0 q4_k_m; do
+  rm -rf "$out-$q"
+  "$bin" export "$recipe" "gguf_$q" --to "$out-$q" >/dev/null
+  echo "distilled GGUF for llama.cpp ($q): $out-$q/model.gguf"
+done

@@ -260,13 +260,8 @@ fn export_gguf(
         &provenance,
     )
     .map_err(|e| Failure::new(exit::USER, format!("error: {e}")))?;
-    let mut by_type: std::collections::BTreeMap<&str, usize> = Default::default();
-    for (_, ty, _) in &report {
-        *by_type.entry(ty.name()).or_default() += 1;
-    }
-    let types: Vec<String> = by_type.iter().map(|(t, n)| format!("{n} {t}")).collect();
     println!("{}", to.display());
-    eprintln!("{} tensors: {}", report.len(), types.join(", "));
+    eprintln!("{}", distillery_ops::model::gguf::writer::describe(&report));
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod depth_scan;
 pub mod distill;
 pub mod estimate;
 pub mod evaluate;
+pub mod export_gguf;
 pub mod model;
 pub mod op;
 pub mod prune;
@@ -35,6 +36,7 @@ pub fn builtin() -> OpRegistry {
         .register(train::Train)
         .register(distill::Distill)
         .register(compare::Compare)
+        .register(export_gguf::ExportGguf)
         .register(search::Search)
         .register(depth_scan::DepthScan)
         .set_source_describer(estimate::describe_source);

@@ -311,3 +311,23 @@ fn gguf_exports_of_every_family_read_back_as_the_same_model() {
     }
     assert!(bad.is_empty(), "{bad:?}");
 }
+
+/// Q8_0, Q5_0 and Q5_1 blocks as llama.cpp's reference quantizers write them (through gguf-py's).
+#[test]
+fn gguf_quantization_matches_gguf_py_bit_for_bit() {
+    use distillery_ops::model::gguf::quants::{GgmlType, quantize};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden/gguf-quants/blocks.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for ty in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_1] {
+        let x = bytes_to_f32(
+            DType::F32,
+            st.tensor(&format!("{}.quantize_input", ty.name()))
+                .unwrap()
+                .data(),
+        );
+        let want = st.tensor(&format!("{}.quantized", ty.name())).unwrap();
+        assert_eq!(quantize(ty, &x).unwrap(), want.data(), "{}", ty.name());
+    }
+}

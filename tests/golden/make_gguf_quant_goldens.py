@@ -6,12 +6,14 @@ Run by hand (never in CI) in a venv with `gguf` and numpy:
 It writes
   - tests/golden/gguf-quants/blocks.safetensors: per type, random blocks (`{TYPE}.blocks`, u8) with
     sane f16 scales, and gguf-py's dequantization of them (`{TYPE}.values`, f32), compared bit for
-    bit by ops/tests/gguf.rs;
+    bit by ops/tests/golden.rs; and for Q8_0, Q5_0 and Q5_1, Gaussian inputs (`{TYPE}.quantize_input`)
+    with gguf-py's quantization of them (`{TYPE}.quantized`);
   - ops/src/model/gguf/grids.rs: the IQ codebooks and sign table, decoded from gguf-py's packed
     tables into the u64/u32 rows llama.cpp's ggml-common.h uses (byte j of a row is element j).
 
 """
 import os
+import subprocess
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -72,6 +74,12 @@ def goldens():
         out[f"{qtype.name}.blocks"] = np.ascontiguousarray(raw.reshape(-1))
         out[f"{qtype.name}.values"] = np.ascontiguousarray(values.reshape(-1).astype(np.float32))
         print(f"{qtype.name}: {n_blocks} blocks, {values.size} values, finite {np.isfinite(values).mean():.3f}")
+    # gguf-py's quantizers for the types it writes like llama.cpp's reference (Q8_0 says so itself).
+    for qtype in (T.Q8_0, T.Q5_0, T.Q5_1):
+        x = (rng.standard_normal(32 * 16) * 0.02).astype(np.float32)
+        x[:32] = 0.0  # an all-zero block
+        out[f"{qtype.name}.quantize_input"] = x
+        out[f"{qtype.name}.quantized"] = np.ascontiguousarray(quants.quantize(x.reshape(16, 32), qtype).reshape(-1))
     save_file(out, os.path.join(HERE, "gguf-quants", "blocks.safetensors"))
 
 
@@ -127,8 +135,10 @@ def grids():
         "pub static KVALUES_IQ4NL: [i8; 16] = [" + ", ".join(str(v) for v in quants.IQ4_NL.kvalues) + "];",
         "",
     ]
-    with open(os.path.join(ROOT, "ops", "src", "model", "gguf", "grids.rs"), "w") as f:
+    path = os.path.join(ROOT, "ops", "src", "model", "gguf", "grids.rs")
+    with open(path, "w") as f:
         f.write("\n".join(parts))
+    subprocess.run(["rustfmt", "--edition", "2024", path], check=True)
 
 
 if __name__ == "__main__":

@@ -250,8 +250,8 @@ inputs = { model = "sources.teacher", data = "sources.text" }
     assert_eq!(common::entries(&env.cache()), 0, "nothing is committed");
 }
 
-/// A pruned model out as GGUF (`export --format gguf`), then read back as a recipe source: the
-/// same perplexity in f32, close in q8_0, with the provenance in the file.
+/// A pruned model out as GGUF (the `export_gguf` op, and `export --format gguf`), then read back
+/// as a model: the same perplexity in f32, close in q8_0, with the provenance in the file.
 #[test]
 fn a_pruned_model_exported_as_gguf_evaluates_as_the_model_it_came_from() {
     let env = Env::new();
@@ -293,6 +293,16 @@ params = {{ window = 32 }}
 op = "evaluate"
 inputs = {{ model = "sources.m", data = "sources.text" }}
 params = {{ window = 32 }}
+
+[steps.gguf]
+op = "export_gguf"
+inputs = {{ model = "steps.pruned" }}
+params = {{ quant = "q8_0" }}
+
+[steps.ppl_gguf]
+op = "evaluate"
+inputs = {{ model = "steps.gguf", data = "sources.text" }}
+params = {{ window = 32 }}
 "#
         )
     };
@@ -304,6 +314,12 @@ params = {{ window = 32 }}
             .unwrap()
     };
     let pruned = ppl("r.toml", "ppl");
+    // The op inside the recipe: its output is a model that evaluate reads.
+    let in_recipe = ppl("r.toml", "ppl_gguf");
+    assert!(
+        (in_recipe - pruned).abs() <= 2e-2 * pruned,
+        "{in_recipe} vs {pruned}"
+    );
     for (quant, tol) in [("f32", 1e-5), ("q8_0", 2e-2)] {
         let file = env.path(&format!("pruned-{quant}.gguf"));
         let out = env.ok(&[

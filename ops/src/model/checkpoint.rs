@@ -58,10 +58,27 @@ impl LoadedModel {
     }
 }
 
+/// The GGUF file a model source is: the path itself, or the one `.gguf` file of a directory
+/// without config.json (an `export_gguf` output).
+fn gguf_file(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return Some(path.to_path_buf());
+    }
+    if path.join("config.json").exists() {
+        return None;
+    }
+    let mut ggufs = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"));
+    let first = ggufs.next()?;
+    ggufs.next().is_none().then_some(first)
+}
+
 /// Opens a Hugging Face checkpoint directory or a `.gguf` file, validating it against its config.
 pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
-    if path.is_file() {
-        return gguf::load(path);
+    if let Some(file) = gguf_file(path) {
+        return gguf::load(&file);
     }
     let config = ModelConfig::from_file(&path.join("config.json"))?;
     let weights = Weights::open_safetensors_dir(path)?;
@@ -98,8 +115,8 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
 
 /// Reads only the config of a model source (a directory with config.json, or a GGUF file's metadata).
 pub fn load_config(path: &Path) -> Result<ModelConfig, ModelError> {
-    if path.is_file() {
-        return gguf::read_config(path);
+    if let Some(file) = gguf_file(path) {
+        return gguf::read_config(&file);
     }
     ModelConfig::from_file(&path.join("config.json"))
 }

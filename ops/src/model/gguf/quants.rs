@@ -453,10 +453,11 @@ fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
-/// Quantizes `x` (whole blocks of `ty`) for a GGUF file. Writes F32, F16, BF16, Q8_0, Q4_K, Q5_K
-/// and Q6_K, the types of `export --format gguf`'s `--quant` choices; `None` for other types.
+/// Quantizes `x` (whole blocks of `ty`) for a GGUF file. Writes F32, F16, BF16, Q8_0, Q5_0, Q5_1,
+/// Q4_K, Q5_K and Q6_K, the types of the `--quant` mixes and their fallbacks; `None` for others.
 ///
-/// Q8_0 is llama.cpp's `quantize_row_q8_0_ref` exactly. The K-quants use one pass of min/max
+/// Q8_0, Q5_0 and Q5_1 are llama.cpp's `quantize_row_*_ref` exactly (bit for bit against gguf-py's
+/// quantizers, ops/tests/golden.rs). The K-quants use one pass of min/max
 /// scales per sub-block (Q4_K/Q5_K: `x ≈ d·sc·q − dmin·m`, Q6_K: `x ≈ d·sc·q`), then round every
 /// value against the stored (6- or 8-bit) scales, so what is written is what decodes; llama.cpp's
 /// `make_qkx2_quants` search would lower the error a little further.
@@ -470,6 +471,8 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Option<Vec<u8>> {
             GgmlType::F16 => out.extend(f16::from_f32(b[0]).to_le_bytes()),
             GgmlType::BF16 => out.extend(half::bf16::from_f32(b[0]).to_le_bytes()),
             GgmlType::Q8_0 => quantize_q8_0(b, &mut out),
+            GgmlType::Q5_0 => quantize_q5(b, false, &mut out),
+            GgmlType::Q5_1 => quantize_q5(b, true, &mut out),
             GgmlType::Q4_K => quantize_q45_k(b, 15, &mut out),
             GgmlType::Q5_K => quantize_q45_k(b, 31, &mut out),
             GgmlType::Q6_K => quantize_q6_k(b, &mut out),
@@ -485,6 +488,45 @@ fn quantize_q8_0(b: &[f32], out: &mut Vec<u8>) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend(f16::from_f32(d).to_le_bytes());
     out.extend(b.iter().map(|v| ((v * id).round() as i8) as u8));
+}
+
+/// Q5_0 (`d·(q − 16)`, `d = max / −16` of the largest magnitude) and Q5_1 (`d·q + min`), with the
+/// fifth bits in a u32.
+fn quantize_q5(b: &[f32], with_min: bool, out: &mut Vec<u8>) {
+    let (d, min) = if with_min {
+        let lo = b.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let hi = b.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        ((hi - lo) / 31.0, lo)
+    } else {
+        let max = b
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        (max / -16.0, 0.0)
+    };
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q: Vec<u8> = b
+        .iter()
+        .map(|&v| {
+            let x = if with_min {
+                (v - min) * id + 0.5
+            } else {
+                v * id + 16.5
+            };
+            (x.trunc() as i32).clamp(0, 31) as u8
+        })
+        .collect();
+    out.extend(f16::from_f32(d).to_le_bytes());
+    if with_min {
+        out.extend(f16::from_f32(min).to_le_bytes());
+    }
+    let qh = q
+        .iter()
+        .enumerate()
+        .fold(0u32, |h, (j, &v)| h | (((v >> 4) as u32) << j));
+    out.extend(qh.to_le_bytes());
+    for l in 0..16 {
+        out.push((q[l] & 0xF) | ((q[l + 16] & 0xF) << 4));
+    }
 }
 
 /// Q4_K (`levels` 15) and Q5_K (31): 8 sub-blocks of 32, each `d·sc·q − dmin·m` with 6-bit `sc`

@@ -58,7 +58,8 @@ impl GgufQuant {
     /// The type of one tensor, as `llama-quantize` picks it: 1-D tensors stay F32; the `_M`
     /// mixes give the output matrix, and `attn_v`/`ffn_down` in the first and last eighth of
     /// the layers and every third one between, Q6_K (`use_more_bits`). Rows that are not whole
-    /// blocks fall back to Q8_0, then F16.
+    /// 256-blocks fall back as llama-quantize does (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0),
+    /// then to F16.
     pub fn tensor_type(self, spec: &TensorSpec, shape: &[usize], layers: usize) -> GgmlType {
         if shape.len() < 2 {
             return GgmlType::F32;
@@ -84,8 +85,14 @@ impl GgufQuant {
                 }
             }
         };
+        // llama-quantize's fallbacks for rows that are not whole 256-blocks.
         let cols = *shape.last().unwrap();
-        [wanted, GgmlType::Q8_0, GgmlType::F16]
+        let fallback = match wanted {
+            GgmlType::Q4_K => GgmlType::Q5_0,
+            GgmlType::Q5_K => GgmlType::Q5_1,
+            _ => GgmlType::Q8_0,
+        };
+        [wanted, fallback, GgmlType::F16]
             .into_iter()
             .find(|t| cols % t.block().0 == 0)
             .unwrap_or(GgmlType::F32)
@@ -435,6 +442,16 @@ pub struct GgufExport<'a> {
 
 /// Per tensor written: name, type, shape (Hugging Face order).
 pub type GgufTensorReport = Vec<(String, GgmlType, Vec<usize>)>;
+
+/// `"97 tensors: 25 F32, 60 Q4_K, 12 Q6_K"`.
+pub fn describe(report: &GgufTensorReport) -> String {
+    let mut by_type: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, ty, _) in report {
+        *by_type.entry(ty.name()).or_default() += 1;
+    }
+    let types: Vec<String> = by_type.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    format!("{} tensors: {}", report.len(), types.join(", "))
+}
 
 /// Writes `out` (a GGUF v3 file, via a temporary file renamed at the end), reading each tensor
 /// from `tensor(hf_name)` as f32 in Hugging Face layout, one at a time.
