@@ -666,15 +666,25 @@ fn byte_level_pre_tokenizer() -> Value {
 /// names: the reader rebuilds a `tokenizer.json` from the name, the writer names a
 /// `tokenizer.json` by finding its pre-tokenizer here (the first name wins).
 #[allow(clippy::type_complexity)]
-pub static PRE_TOKENIZERS: [(&str, fn() -> Value); 6] = [
+pub static PRE_TOKENIZERS: [(&str, fn() -> Value); 8] = [
     ("default", byte_level_pre_tokenizer),
+    ("gpt-2", byte_level_pre_tokenizer),
     // SmolLM splits digits one by one before the GPT-2 byte-level split.
     ("smollm", digits_then_byte_level),
     ("starcoder", digits_then_byte_level),
     ("refact", digits_then_byte_level),
     ("llama-bpe", llama3_pre_tokenizer),
     ("llama3", llama3_pre_tokenizer),
+    // Qwen2 and Qwen3: Llama 3's split with single digits.
+    ("qwen2", qwen2_pre_tokenizer),
 ];
+
+fn qwen2_pre_tokenizer() -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+         "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})
+}
 
 fn digits_then_byte_level() -> Value {
     json!({"type": "Sequence", "pretokenizers": [
@@ -740,10 +750,18 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value, ModelError> {
                 .get("tokenizer.ggml.pre")
                 .and_then(Meta::as_str)
                 .unwrap_or("default");
+            // An unknown split would tokenize every text differently: refused, not guessed.
             let pre_tokenizer = PRE_TOKENIZERS
                 .iter()
                 .find(|(name, _)| *name == pre)
-                .map_or_else(byte_level_pre_tokenizer, |(_, rebuild)| rebuild());
+                .map(|(_, rebuild)| rebuild())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = PRE_TOKENIZERS.iter().map(|p| p.0).collect();
+                    bad(format!(
+                        "metadata `tokenizer.ggml.pre` is \"{pre}\", a pre-tokenizer distillery cannot rebuild (it knows {}); give the model as a Hugging Face checkpoint with its tokenizer.json",
+                        known.join(", ")
+                    ))
+                })?;
             Ok(json!({
                 "version": "1.0",
                 "truncation": null,

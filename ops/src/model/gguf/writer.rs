@@ -362,9 +362,22 @@ fn tokenizer_metadata(
     let byte_level = tokenizer_json.contains("\"ByteLevel\"");
     let mut kv = Vec::new();
     if byte_level {
+        // Offsets trimming changes no token id: compared without it.
+        fn ids_only(v: &Value) -> Value {
+            match v {
+                Value::Object(o) => Value::Object(
+                    o.iter()
+                        .filter(|(k, _)| k.as_str() != "trim_offsets")
+                        .map(|(k, v)| (k.clone(), ids_only(v)))
+                        .collect(),
+                ),
+                Value::Array(a) => Value::Array(a.iter().map(ids_only).collect()),
+                other => other.clone(),
+            }
+        }
         let pre = super::PRE_TOKENIZERS
             .iter()
-            .find(|(_, rebuilt)| rebuilt() == tok["pre_tokenizer"])
+            .find(|(_, rebuilt)| ids_only(&rebuilt()) == ids_only(&tok["pre_tokenizer"]))
             .map(|(name, _)| *name)
             .ok_or_else(|| {
                 format!(
@@ -685,4 +698,43 @@ pub fn export_model(
         provenance,
     };
     write_gguf(out, &export, &mut |n| m.weights.f32(n).map(|(_, v)| v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer_with_pre(pre: Value) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/golden/gguf-tokenizer/tokenizer.json");
+        let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        tok["pre_tokenizer"] = pre;
+        tok.to_string()
+    }
+
+    /// Every pre-tokenizer the reader rebuilds is named back by the writer (names that share one
+    /// split give the first), and one it does not know is refused, not written as another.
+    #[test]
+    fn pre_tokenizers_are_named_as_the_reader_rebuilds_them() {
+        for (name, rebuild) in super::super::PRE_TOKENIZERS.iter() {
+            let kv = tokenizer_metadata(&tokenizer_with_pre(rebuild()), None).unwrap();
+            let written = kv.iter().find_map(|(k, v)| match v {
+                Kv::Str(s) if k == "tokenizer.ggml.pre" => Some(s.clone()),
+                _ => None,
+            });
+            let first = super::super::PRE_TOKENIZERS
+                .iter()
+                .find(|(_, r)| r() == rebuild())
+                .unwrap()
+                .0;
+            assert_eq!(written.as_deref(), Some(first), "{name}");
+        }
+        let odd = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Punctuation", "behavior": "Isolated"},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]});
+        let err = tokenizer_metadata(&tokenizer_with_pre(odd), None)
+            .err()
+            .unwrap();
+        assert!(err.contains("pre_tokenizer"), "{err}");
+    }
 }
