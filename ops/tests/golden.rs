@@ -152,14 +152,17 @@ fn configs_written_back_have_one_rope_and_one_dtype() {
     assert_eq!(cfg["rope_scaling"]["original_max_position_embeddings"], 16);
 }
 
+/// tests/golden/gguf-quants/blocks.safetensors (make_gguf_quant_goldens.py).
+fn quant_goldens() -> Vec<u8> {
+    std::fs::read(golden_dir("gguf-quants").join("blocks.safetensors")).unwrap()
+}
+
 /// Every GGUF tensor type, dequantized bit for bit as the `gguf` Python package's reference
 /// dequantizers do (tests/golden/make_gguf_quant_goldens.py: random blocks with sane scales).
 #[test]
 fn gguf_dequantization_matches_gguf_py_bit_for_bit() {
     use distillery_ops::model::gguf::quants::{GgmlType, dequantize};
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/golden/gguf-quants/blocks.safetensors");
-    let bytes = std::fs::read(path).unwrap();
+    let bytes = quant_goldens();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut checked = Vec::new();
     for &ty in GgmlType::ALL {
@@ -316,9 +319,7 @@ fn gguf_exports_of_every_family_read_back_as_the_same_model() {
 #[test]
 fn gguf_quantization_matches_gguf_py_bit_for_bit() {
     use distillery_ops::model::gguf::quants::{GgmlType, quantize};
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/golden/gguf-quants/blocks.safetensors");
-    let bytes = std::fs::read(path).unwrap();
+    let bytes = quant_goldens();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for ty in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_1] {
         let x = bytes_to_f32(

@@ -575,16 +575,30 @@ pub fn gguf_query_scale(
 /// Undoes llama.cpp's `permute` of q_proj/k_proj rows (it interleaves the two RoPE halves of each
 /// head). `w` is `[heads * head_dim, cols]` row-major.
 pub fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = w.len() / cols;
-    let d = rows / heads;
+    move_rope_rows(w, heads, cols, false)
+}
+
+/// llama.cpp's `LlamaModel.permute` of q_proj/k_proj rows: within each head, the two RoPE halves
+/// interleaved (the inverse of [`unpermute_rows`]). `w` is `[heads * head_dim, cols]`.
+pub fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    move_rope_rows(w, heads, cols, true)
+}
+
+/// Row `h·d + j·(d/2) + i` (Hugging Face's halves) is row `h·d + 2i + j` in llama.cpp's layout.
+fn move_rope_rows(w: &[f32], heads: usize, cols: usize, to_llama_cpp: bool) -> Vec<f32> {
+    let d = w.len() / cols / heads;
     let mut out = vec![0f32; w.len()];
     for h in 0..heads {
         for i in 0..d / 2 {
             for j in 0..2 {
-                let permuted = h * d + i * 2 + j;
-                let original = h * d + j * (d / 2) + i;
-                out[original * cols..(original + 1) * cols]
-                    .copy_from_slice(&w[permuted * cols..(permuted + 1) * cols]);
+                let interleaved = h * d + i * 2 + j;
+                let halves = h * d + j * (d / 2) + i;
+                let (from, to) = if to_llama_cpp {
+                    (halves, interleaved)
+                } else {
+                    (interleaved, halves)
+                };
+                out[to * cols..(to + 1) * cols].copy_from_slice(&w[from * cols..(from + 1) * cols]);
             }
         }
     }
@@ -856,5 +870,6 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rows(&permuted, heads, cols), orig);
+        assert_eq!(permute_rows(&orig, heads, cols), permuted);
     }
 }

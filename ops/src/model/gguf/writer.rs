@@ -7,8 +7,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::gguf_query_scale;
 use super::quants::{GgmlType, quantize};
+use super::{gguf_query_scale, permute_rows};
 use crate::model::ModelError;
 use crate::model::arch::{Role, TensorSpec};
 use crate::model::config::ModelConfig;
@@ -608,24 +608,6 @@ pub fn write_gguf(
     file.sync_all().map_err(io)?;
     std::fs::rename(&tmp, out).map_err(io)?;
     Ok(report)
-}
-
-/// llama.cpp's `LlamaModel.permute` of q_proj/k_proj rows: within each head, the two RoPE halves
-/// interleaved (the inverse of [`super::unpermute_rows`]). `w` is `[heads * head_dim, cols]`.
-pub fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let d = w.len() / cols / heads;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                let permuted = h * d + i * 2 + j;
-                let original = h * d + j * (d / 2) + i;
-                out[permuted * cols..(permuted + 1) * cols]
-                    .copy_from_slice(&w[original * cols..(original + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
