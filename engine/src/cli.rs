@@ -150,7 +150,7 @@ enum Command {
         /// Steps to export (with --to: exactly one)
         #[arg(required = true)]
         steps: Vec<String>,
-        /// Directory to write the output into
+        /// Directory to write the output into (with --format gguf: the .gguf file)
         #[arg(long, required_unless_present = "bundle", conflicts_with = "bundle")]
         to: Option<PathBuf>,
         /// Write a bundle (recipe, lock, outputs) that `cache import` takes on another machine
@@ -166,8 +166,9 @@ enum Command {
         #[arg(long, default_value = "hf", value_parser = ["hf", "gguf"], requires = "to")]
         format: String,
         /// GGUF quantization (llama-quantize's names)
-        #[arg(long, default_value = "f16", value_parser = distillery_ops::model::gguf::writer::GgufQuant::NAMES)]
-        quant: String,
+        /// [default: f16]
+        #[arg(long, value_parser = distillery_ops::model::gguf::writer::GgufQuant::NAMES)]
+        quant: Option<String>,
     },
     /// Write RECIPE.lock: source hashes, step keys, output hashes
     Lock {
@@ -216,7 +217,6 @@ enum CacheCommand {
     },
 }
 
-/// A failure with its exit code, already worded for the terminal.
 /// `export --format gguf`: the step's model as one llama.cpp file, its provenance in the metadata.
 fn export_gguf(
     recipe: &Recipe,
@@ -265,6 +265,7 @@ fn export_gguf(
     Ok(())
 }
 
+/// A failure with its exit code, already worded for the terminal.
 struct Failure {
     code: u8,
     text: String,
@@ -701,7 +702,20 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
                     ));
                 }
                 let entry = store.get(&keys[0])?.expect("checked above");
+                if format != "gguf" && quant.is_some() {
+                    return Err(Failure::new(
+                        exit::USER,
+                        "error: --quant applies to --format gguf; a Hugging Face export keeps the step's files as they are",
+                    ));
+                }
+                if format == "gguf" && *copy {
+                    return Err(Failure::new(
+                        exit::USER,
+                        "error: --copy applies to --format hf; a GGUF export is always a new file",
+                    ));
+                }
                 if format == "gguf" {
+                    let quant = quant.as_deref().unwrap_or("f16");
                     return export_gguf(&recipe, &steps[0], kinds[0], &entry, dir, quant, *replace);
                 }
                 distillery_cache::export_entry(

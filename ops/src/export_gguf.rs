@@ -18,7 +18,9 @@ impl Op for ExportGguf {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "export_gguf",
-            version: 1,
+            // 2: llama-quantize's choice for a tied embedding (Q6_K) and a fused qkv; Q/K biases
+            // permuted for Llama; the vocabulary padded; add_bos_token and add_space_prefix.
+            version: 2,
             doc: "a model as one llama.cpp GGUF file (names, metadata, tokenizer; quantized)",
             inputs: vec![Port::new(
                 "model",

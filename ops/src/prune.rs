@@ -180,6 +180,18 @@ impl PruneTarget {
         n
     }
 
+    /// A plan-time caution, not a shape problem (so `search` keeps such targets): which layers
+    /// `num_layers` keeps is decided by the scores, and for families whose windows transformers
+    /// 4.x derives from the layer index the kept layers must alternate; `prune` checks them once
+    /// chosen (an error under `strict_shapes`).
+    pub fn depth_caution(&self, c: &ModelConfig) -> Option<(&'static str, String)> {
+        let n = self.num_layers?;
+        (c.family.windows_by_index_in_4x && n < c.num_hidden_layers).then(|| ("num_layers", format!(
+            "num_layers keeps the layers the scores rank highest, and transformers 4.x alternates {}'s windows by layer index (even layers sliding), ignoring layer_types: unless the kept layers alternate, the export computes another model there (checked when the layers are chosen); to be sure, give drop_layers in pairs",
+            c.architecture()
+        )))
+    }
+
     /// Why transformers would not load the pruned shape, or load a different model, as
     /// `(param, message)` pairs naming the rule and the nearest sizes it loads; empty when the
     /// export loads everywhere distillery promises (transformers 4.46+ and 5.x):
@@ -218,14 +230,6 @@ impl PruneTarget {
             out.push(("drop_layers", format!(
                 "after dropping layers {:?}, {message}; drop layers in pairs to keep the alternation",
                 self.drop_layers
-            )));
-        } else if self.num_layers.is_some()
-            && c.family.windows_by_index_in_4x
-            && n.layer_types.is_none()
-        {
-            out.push(("num_layers", format!(
-                "num_layers keeps the layers the scores rank highest, and transformers 4.x alternates {}'s windows by layer index (even layers sliding), ignoring layer_types: unless the kept layers alternate, the export computes another model there (checked again when the layers are chosen); to be sure, give drop_layers in pairs",
-                c.architecture()
             )));
         }
         out
@@ -670,6 +674,7 @@ impl Op for Prune {
         }
         t.loadability_problems(&config)
             .into_iter()
+            .chain(t.depth_caution(&config))
             .map(|(param, message)| Problem {
                 param: Some(param.into()),
                 message: format!("{message} (set strict_shapes = true to make this an error)"),

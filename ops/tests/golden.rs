@@ -313,6 +313,24 @@ fn gguf_exports_of_every_family_read_back_as_the_same_model() {
         eprintln!("{name}: relative RMS logit error {}", rms.join(", "));
     }
     assert!(bad.is_empty(), "{bad:?}");
+
+    // A tokenizer that puts BOS before every text keeps doing so through GGUF
+    // (`tokenizer.ggml.add_bos_token`, back as a post-processor).
+    let src = with_gguf_tokenizer("family-qwen3");
+    let path = src.path().join("tokenizer_config.json");
+    let mut tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tc["add_bos_token"] = true.into();
+    std::fs::write(&path, tc.to_string()).unwrap();
+    let file = src.path().join("bos.gguf");
+    export_model(src.path(), &file, GgufQuant::F32, "bos", &[]).unwrap();
+    let back = load_model(&file).unwrap();
+    let tok = distillery_ops::model::tokenizer::Tokenizer::from_json(
+        back.tokenizer_json.as_deref().unwrap(),
+        &back.path,
+    )
+    .unwrap();
+    assert_eq!(tok.special_affixes().unwrap(), (vec![1], vec![]));
 }
 
 /// Q8_0, Q5_0 and Q5_1 blocks as llama.cpp's reference quantizers write them (through gguf-py's).

@@ -146,7 +146,10 @@ fn gguf_with_an_unknown_tensor_type() {
     let p = dir.path().join("m.gguf");
     std::fs::write(&p, &f).unwrap();
     let e = load_model(&p).err().unwrap().to_string();
-    assert!(e.contains("m.gguf") && e.contains("ggml type id 99") && e.contains("IQ2_XXS"), "{e}");
+    assert!(
+        e.contains("m.gguf") && e.contains("ggml type id 99") && e.contains("IQ2_XXS"),
+        "{e}"
+    );
     // Truncated inside the header.
     std::fs::write(&p, &f[..30]).unwrap();
     let e = load_model(&p).err().unwrap().to_string();

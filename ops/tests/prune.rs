@@ -482,11 +482,20 @@ fn gemma2_depth_pruning_keeps_the_sliding_alternation_or_says_so() {
         num_layers: Some(2),
         ..Default::default()
     };
-    assert_eq!(by_score.loadability_problems(&gemma2)[0].0, "num_layers");
+    assert!(
+        by_score.loadability_problems(&gemma2).is_empty(),
+        "not a shape problem: search keeps it"
+    );
+    assert_eq!(by_score.depth_caution(&gemma2).unwrap().0, "num_layers");
+    let full_depth = PruneTarget {
+        num_layers: Some(3),
+        ..Default::default()
+    };
+    assert!(full_depth.depth_caution(&gemma2).is_none());
     assert!(broken_window_alternation(&gemma2, &gemma2.keep_layers(&[1, 2])).is_some());
     assert!(broken_window_alternation(&gemma2, &gemma2.keep_layers(&[0, 1])).is_none());
     // Gemma 3 reads layer_types in every version: nothing to warn about.
     let gemma3 = read("family-gemma3_text");
     assert!(broken_window_alternation(&gemma3, &gemma3.keep_layers(&[1, 2])).is_none());
-    assert!(by_score.loadability_problems(&gemma3).is_empty());
+    assert!(by_score.depth_caution(&gemma3).is_none());
 }

@@ -99,7 +99,21 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
         .iter()
         .any(|f| f.ends_with("tokenizer_config.json"));
     let tokenizer_config = match &tokenizer_json {
-        Some(json) if !has_config => Some(tokenizer_config(&config, json, None, None)),
+        Some(json) if !has_config => {
+            let mut tc = tokenizer_config(&config, json, None, None);
+            // special_tokens_map.json, where there is one, names them as transformers reads it.
+            let map: Option<serde_json::Value> =
+                std::fs::read_to_string(path.join("special_tokens_map.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+            for (key, value) in map.iter().flat_map(|m| m.as_object()).flatten() {
+                let text = value.as_str().or_else(|| value["content"].as_str());
+                if let Some(text) = text {
+                    tc[key] = text.into();
+                }
+            }
+            Some(tc)
+        }
         _ => None,
     };
     Ok(LoadedModel {

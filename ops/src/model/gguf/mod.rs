@@ -637,10 +637,10 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
         let mut data = file.dequantize(t);
         let cols = t.shape.get(1).copied().unwrap_or(1);
         match spec.role {
-            Role::Q if family.gguf_permutes_qk => {
+            Role::Q | Role::QBias if family.gguf_permutes_qk => {
                 data = unpermute_rows(&data, config.num_attention_heads, cols)
             }
-            Role::K if family.gguf_permutes_qk => {
+            Role::K | Role::KBias if family.gguf_permutes_qk => {
                 data = unpermute_rows(&data, config.num_key_value_heads, cols)
             }
             r if r.is_norm_scale() && offset != 0.0 => data.iter_mut().for_each(|v| *v -= offset),
@@ -751,6 +751,34 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value, ModelError> {
                    "normalized": false, "special": types.get(i) == Some(&3)})
         })
         .collect();
+    let flag = |key: &str| file.metadata.get(key).and_then(Meta::as_bool);
+    // llama.cpp prepends "▁" to SentencePiece text unless the file says not to (Gemma).
+    let add_space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    // A BOS before every text, as the file says, through the post-processor (as Hugging Face
+    // tokenizers add it, and as evaluate then finds it).
+    let bos = file
+        .metadata
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(Meta::as_u64)
+        .and_then(|id| Some((id, tokens.get(id as usize)?.clone())));
+    let with_bos = |inner: Value| -> Value {
+        let Some((id, text)) = bos
+            .clone()
+            .filter(|_| flag("tokenizer.ggml.add_bos_token") == Some(true))
+        else {
+            return inner;
+        };
+        let template = json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": text, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {text.clone(): {"id": text, "ids": [id], "tokens": [text]}}});
+        if inner.is_null() {
+            template
+        } else {
+            json!({"type": "Sequence", "processors": [inner, template]})
+        }
+    };
     match model {
         "gpt2" => {
             let merges = strings("tokenizer.ggml.merges")?;
@@ -783,7 +811,7 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value, ModelError> {
                 "added_tokens": added,
                 "normalizer": null,
                 "pre_tokenizer": pre_tokenizer,
-                "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+                "post_processor": with_bos(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})),
                 "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                 "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                           "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
@@ -831,10 +859,14 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value, ModelError> {
                 "truncation": null,
                 "padding": null,
                 "added_tokens": added,
-                "normalizer": {"type": "Sequence", "normalizers": [
-                    {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+                "normalizer": if add_space_prefix {
+                    json!({"type": "Sequence", "normalizers": [
+                        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]})
+                } else {
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+                },
                 "pre_tokenizer": null,
-                "post_processor": null,
+                "post_processor": with_bos(Value::Null),
                 "decoder": {"type": "Sequence", "decoders": [
                     {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
                     {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},

@@ -56,11 +56,18 @@ impl GgufQuant {
     }
 
     /// The type of one tensor, as `llama-quantize` picks it: 1-D tensors stay F32; the `_M`
-    /// mixes give the output matrix, and `attn_v`/`ffn_down` in the first and last eighth of
-    /// the layers and every third one between, Q6_K (`use_more_bits`). Rows that are not whole
+    /// mixes give the output matrix (the embedding when tied), and `attn_v`/`ffn_down` in the
+    /// first and last eighth of the layers and every third one between, Q6_K (`use_more_bits`),
+    /// and a fused `attn_qkv` one step more than the base. Rows that are not whole
     /// 256-blocks fall back as llama-quantize does (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0),
     /// then to F16.
-    pub fn tensor_type(self, spec: &TensorSpec, shape: &[usize], layers: usize) -> GgmlType {
+    pub fn tensor_type(
+        self,
+        spec: &TensorSpec,
+        shape: &[usize],
+        layers: usize,
+        tied: bool,
+    ) -> GgmlType {
         if shape.len() < 2 {
             return GgmlType::F32;
         }
@@ -79,8 +86,13 @@ impl GgufQuant {
                     GgmlType::Q5_K
                 };
                 match (spec.role, spec.layer) {
+                    // The output matrix (the embedding when tied) gets Q6_K.
                     (Role::Head, _) => GgmlType::Q6_K,
+                    (Role::Embed, _) if tied => GgmlType::Q6_K,
                     (Role::V | Role::Down, Some(l)) if more_bits(l) => GgmlType::Q6_K,
+                    // Phi-3's fused qkv: one step up, as llama-quantize gives attn_qkv.
+                    (Role::Qkv, _) if self == GgufQuant::Q4_K_M => GgmlType::Q5_K,
+                    (Role::Qkv, _) => GgmlType::Q6_K,
                     _ => base,
                 }
             }
@@ -211,7 +223,7 @@ fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
         kv.push((k("rope.freq_base_swa"), Kv::F32(local.theta as f32)));
     }
     // Windows: llama.cpp derives which layers slide from the architecture (Gemma 2: even layers;
-    // Gemma 3: five of every six; Phi-3: all) and gives the others none at all.
+    // Gemma 3: five of every six) and runs the others without (it disables Phi-3's window too).
     let windows: Vec<Option<usize>> = (0..config.num_hidden_layers)
         .map(|l| {
             config
@@ -222,7 +234,6 @@ fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
     let pattern: Option<fn(usize) -> bool> = match arch {
         "gemma2" => Some(|l| l % 2 == 0),
         "gemma3" => Some(|l| (l + 1) % 6 != 0),
-        "phi3" => Some(|_| true),
         _ => None,
     };
     if let Some(w) = windows.iter().flatten().next() {
@@ -258,9 +269,12 @@ fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
         ];
         for (key, cap) in caps {
             match (arch, cap) {
-                ("gemma2", cap) => {
-                    // Absent, llama.cpp takes Gemma 2's 50 and 30; 0 states "none".
-                    kv.push((k(key), Kv::F32(cap.unwrap_or(0.0) as f32)));
+                // llama.cpp's Gemma 2 always caps (a 0 would divide by zero).
+                ("gemma2", Some(cap)) => kv.push((k(key), Kv::F32(cap as f32))),
+                ("gemma2", None) => {
+                    return Err(format!(
+                        "{key} is null (no cap), but llama.cpp's Gemma 2 always applies one"
+                    ));
                 }
                 (_, Some(cap)) => {
                     return Err(format!(
@@ -299,6 +313,7 @@ fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
 fn tokenizer_metadata(
     tokenizer_json: &str,
     tokenizer_config: Option<&Value>,
+    vocab_size: usize,
 ) -> Result<Vec<(String, Kv)>, String> {
     let tok: Value =
         serde_json::from_str(tokenizer_json).map_err(|e| format!("tokenizer.json: {e}"))?;
@@ -324,15 +339,31 @@ fn tokenizer_metadata(
     }
     let mut types = vec![1i32; 0];
     let added = tok["added_tokens"].as_array().cloned().unwrap_or_default();
+    let added_id = |a: &Value| -> Result<usize, String> {
+        a["id"]
+            .as_u64()
+            .map(|i| i as usize)
+            .ok_or_else(|| format!("tokenizer.json: added token {} has no id", a["content"]))
+    };
     for a in &added {
-        put(
-            a["id"].as_u64().unwrap_or(0) as usize,
-            a["content"].as_str().unwrap_or(""),
-        );
+        put(added_id(a)?, a["content"].as_str().unwrap_or(""));
     }
+    // llama.cpp sizes the embedding from the token list: pad it to the model's rows with unused
+    // tokens (type 5), as its converter does.
+    if tokens.len() > vocab_size {
+        return Err(format!(
+            "the tokenizer has {} tokens but the model's vocab_size is {vocab_size}",
+            tokens.len()
+        ));
+    }
+    let padded_from = tokens.len();
+    tokens.extend((padded_from..vocab_size).map(|i| Some(format!("[PAD{i}]"))));
     types.resize(tokens.len(), 1);
+    for t in types.iter_mut().skip(padded_from) {
+        *t = 5;
+    }
     for a in &added {
-        let id = a["id"].as_u64().unwrap_or(0) as usize;
+        let id = added_id(a)?;
         types[id] = if a["special"].as_bool().unwrap_or(false) {
             3
         } else {
@@ -396,7 +427,8 @@ fn tokenizer_metadata(
             .enumerate()
             .map(|(i, t)| (t.as_str(), i))
             .collect();
-        for (rank, m) in merges.iter().enumerate() {
+        // The first (best) merge that makes a piece gives its score.
+        for (rank, m) in merges.iter().enumerate().rev() {
             if let Some(id) = index.get(m.replace(' ', "").as_str()) {
                 scores[*id] = -(rank as f32);
             }
@@ -408,6 +440,13 @@ fn tokenizer_metadata(
         }
         kv.push(("tokenizer.ggml.model".into(), Kv::Str("llama".into())));
         kv.push(("tokenizer.ggml.scores".into(), Kv::F32s(scores)));
+        // llama.cpp prepends "▁" to a SentencePiece text unless told not to; Llama 2's
+        // normalizer prepends it, Gemma's does not.
+        let prepends = tok["normalizer"].to_string().contains("\"Prepend\"")
+            || tok["pre_tokenizer"]
+                .to_string()
+                .contains("\"prepend_scheme\":\"always\"");
+        kv.push(("tokenizer.ggml.add_space_prefix".into(), Kv::Bool(prepends)));
     } else {
         return Err("tokenizer.json is neither byte-level BPE nor BPE with byte fallback; GGUF export cannot describe it".into());
     }
@@ -426,10 +465,18 @@ fn tokenizer_metadata(
             kv.push((gguf.into(), Kv::U32(id)));
         }
     }
+    // Whether a BOS goes before every text: as tokenizer_config.json says, else as the
+    // tokenizer.json post-processor does (Llama 3's and Gemma's add one).
+    let post_adds_bos = id_of("bos_token").is_some_and(|bos| {
+        let post = tok["post_processor"].to_string();
+        post.contains("TemplateProcessing") && post.contains(&format!("[{bos}]"))
+    });
+    let add_bos = tokenizer_config
+        .and_then(|c| c.get("add_bos_token"))
+        .and_then(Value::as_bool)
+        .unwrap_or(post_adds_bos);
+    kv.push(("tokenizer.ggml.add_bos_token".into(), Kv::Bool(add_bos)));
     if let Some(cfg) = tokenizer_config {
-        if let Some(b) = cfg.get("add_bos_token").and_then(Value::as_bool) {
-            kv.push(("tokenizer.ggml.add_bos_token".into(), Kv::Bool(b)));
-        }
         if let Some(b) = cfg.get("add_eos_token").and_then(Value::as_bool) {
             kv.push(("tokenizer.ggml.add_eos_token".into(), Kv::Bool(b)));
         }
@@ -490,7 +537,9 @@ pub fn write_gguf(
     ];
     kv.extend(model_metadata(config).map_err(bad)?);
     match export.tokenizer_json {
-        Some(t) => kv.extend(tokenizer_metadata(t, export.tokenizer_config).map_err(bad)?),
+        Some(t) => kv.extend(
+            tokenizer_metadata(t, export.tokenizer_config, config.vocab_size).map_err(bad)?,
+        ),
         None => return Err(bad(
             "the model has no tokenizer.json; a GGUF without a tokenizer does not run in llama.cpp"
                 .into(),
@@ -537,13 +586,18 @@ pub fn write_gguf(
             .find(|(n, _)| n == &spec.name)
             .map(|(_, s)| s.clone())
             .ok_or_else(|| bad(format!("no shape for `{}`", spec.name)))?;
-        let ty = export.quant.tensor_type(spec, &shape, layers);
+        let ty = export
+            .quant
+            .tensor_type(spec, &shape, layers, config.tie_word_embeddings);
         plan(spec.gguf_name(), Ok(spec), shape, ty);
     }
 
-    let tmp = out.with_extension("gguf.partial");
-    let file =
-        std::fs::File::create(&tmp).map_err(|e| bad(format!("create {}: {e}", tmp.display())))?;
+    let tmp = PartialFile(std::path::PathBuf::from(format!(
+        "{}.partial",
+        out.display()
+    )));
+    let file = std::fs::File::create(&tmp.0)
+        .map_err(|e| bad(format!("create {}: {e}", tmp.0.display())))?;
     let mut w = BufWriter::new(file);
     let io = |e: std::io::Error| ModelError::Gguf {
         path: out.to_path_buf(),
@@ -579,11 +633,12 @@ pub fn write_gguf(
             Ok(spec) => {
                 let mut data = tensor(&spec.name)?;
                 let cols = shape.get(1).copied().unwrap_or(1);
+                // llama.cpp's converter permutes the biases of q/k with their rows.
                 match spec.role {
-                    Role::Q if family.gguf_permutes_qk => {
+                    Role::Q | Role::QBias if family.gguf_permutes_qk => {
                         data = permute_rows(&data, config.num_attention_heads, cols)
                     }
-                    Role::K if family.gguf_permutes_qk => {
+                    Role::K | Role::KBias if family.gguf_permutes_qk => {
                         data = permute_rows(&data, config.num_key_value_heads, cols)
                     }
                     r if r.is_norm_scale() && shift != 0.0 => {
@@ -594,6 +649,12 @@ pub fn write_gguf(
                 data
             }
         };
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!(
+                "tensor `{name}` holds {} at flat index {i}",
+                data[i]
+            )));
+        }
         let bytes = quantize(ty, &data).expect("export types all quantize");
         w.write_all(&bytes).map_err(io)?;
         w.write_all(&vec![
@@ -606,8 +667,18 @@ pub fn write_gguf(
     }
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, out).map_err(io)?;
+    std::fs::rename(&tmp.0, out).map_err(io)?;
+    std::mem::forget(tmp);
     Ok(report)
+}
+
+/// A file being written, removed unless the write completes (then it is renamed and forgotten).
+struct PartialFile(std::path::PathBuf);
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
@@ -699,7 +770,7 @@ mod tests {
     #[test]
     fn pre_tokenizers_are_named_as_the_reader_rebuilds_them() {
         for (name, rebuild) in super::super::PRE_TOKENIZERS.iter() {
-            let kv = tokenizer_metadata(&tokenizer_with_pre(rebuild()), None).unwrap();
+            let kv = tokenizer_metadata(&tokenizer_with_pre(rebuild()), None, 160).unwrap();
             let written = kv.iter().find_map(|(k, v)| match v {
                 Kv::Str(s) if k == "tokenizer.ggml.pre" => Some(s.clone()),
                 _ => None,
@@ -714,7 +785,7 @@ mod tests {
         let odd = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Punctuation", "behavior": "Isolated"},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]});
-        let err = tokenizer_metadata(&tokenizer_with_pre(odd), None)
+        let err = tokenizer_metadata(&tokenizer_with_pre(odd), None, 160)
             .err()
             .unwrap();
         assert!(err.contains("pre_tokenizer"), "{err}");
