@@ -228,16 +228,20 @@ impl GgufFile {
         }
         let data_start = r.pos.div_ceil(align) * align;
         for t in &tensors {
-            let numel: usize = t.shape.iter().product();
-            let (per, bytes) = t.ty.block();
-            if numel % per != 0 {
+            // Checked arithmetic: a corrupt header must give an error, not an overflow.
+            let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let Some(bytes) = numel.and_then(|n| t.ty.bytes_for(n)) else {
                 return Err(bad(format!(
-                    "tensor `{}`: {numel} elements is not a whole number of blocks",
-                    t.name
+                    "tensor `{}`: shape {:?} is not a whole number of {} blocks",
+                    t.name,
+                    t.shape,
+                    t.ty.name()
                 )));
-            }
-            let end = data_start + t.offset + numel / per * bytes;
-            if end > mmap.len() {
+            };
+            let end = data_start
+                .checked_add(t.offset)
+                .and_then(|e| e.checked_add(bytes));
+            if end.is_none_or(|end| end > mmap.len()) {
                 return Err(bad(format!(
                     "tensor `{}` runs past the end of the file: truncated?",
                     t.name
@@ -844,7 +848,8 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value, ModelError> {
                 for k in 1..chars.len() {
                     let (l, r) = piece.split_at(chars[k].0);
                     if index.contains_key(l) && index.contains_key(r) {
-                        merges.push((scores[id], id, format!("{l} {r}")));
+                        let score = scores.get(id).copied().unwrap_or(f64::NEG_INFINITY);
+                        merges.push((score, id, format!("{l} {r}")));
                     }
                 }
             }
