@@ -236,6 +236,18 @@ impl PruneTarget {
     }
 }
 
+/// A model that rotates part of each head in a family whose transformers 4.46 class rotates whole
+/// heads (Phi-3: `partial_rotary_factor` came in 4.49): its export computes another model there.
+/// A plan-time caution about the model, not the shape, so `search` is not affected.
+pub fn partial_rotary_caution(c: &ModelConfig) -> Option<(&'static str, String)> {
+    (c.family.partial_rotary && !c.family.partial_rotary_in_446 && c.partial_rotary_factor < 1.0)
+        .then(|| ("partial_rotary_factor", format!(
+            "partial_rotary_factor is {}, but transformers 4.46's {} rotates whole heads (the factor is read from 4.49): the export gives these logits in transformers 4.49+ and 5.x only",
+            c.partial_rotary_factor,
+            c.architecture()
+        )))
+}
+
 /// Where `pruned` breaks the sliding/full alternation that transformers 4.x assumes for families
 /// whose windows it derives from the layer index ([`Family::windows_by_index_in_4x`]): a
 /// sentence naming the first layer out of step, or `None` when the layers alternate (or the
@@ -675,6 +687,7 @@ impl Op for Prune {
         t.loadability_problems(&config)
             .into_iter()
             .chain(t.depth_caution(&config))
+            .chain(partial_rotary_caution(&config))
             .map(|(param, message)| Problem {
                 param: Some(param.into()),
                 message: format!("{message} (set strict_shapes = true to make this an error)"),

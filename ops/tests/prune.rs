@@ -499,3 +499,23 @@ fn gemma2_depth_pruning_keeps_the_sliding_alternation_or_says_so() {
     assert!(broken_window_alternation(&gemma3, &gemma3.keep_layers(&[1, 2])).is_none());
     assert!(by_score.depth_caution(&gemma3).is_none());
 }
+
+/// Phi-3 rotating part of each head (Phi-4-mini's 0.75) gets a plan-time caution for transformers
+/// 4.46, whose Phi3 rotates whole heads; Nemotron's partial rotary is read by 4.46 and needs none.
+#[test]
+fn partial_rotary_is_cautioned_where_transformers_4_46_ignores_it() {
+    use distillery_ops::prune::partial_rotary_caution;
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(golden_dir(name).join("config.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let config = |v: serde_json::Value| ModelConfig::from_json_str(&v.to_string()).unwrap();
+    let mut phi3 = read("family-phi3");
+    assert!(partial_rotary_caution(&config(phi3.clone())).is_none());
+    phi3["rope_parameters"]["partial_rotary_factor"] = 0.75.into();
+    let (_, why) = partial_rotary_caution(&config(phi3)).unwrap();
+    assert!(why.contains("4.49"), "{why}");
+    assert!(partial_rotary_caution(&config(read("family-nemotron"))).is_none());
+}

@@ -312,8 +312,12 @@ impl Evaluate {
             let mut ds = tokenized(data, &tok)?;
             // `loglikelihood_rolling` scores `tok_encode(document)`: with the tokenizer's BOS, if
             // its post-processor adds one (then log p(BOS | prefix) counts, as in the harness).
+            // A document that already starts with the prefix token's text is left as it is
+            // (`has_bos_prefix`).
             for d in ds.docs.iter_mut() {
-                *d = harness.wrap(std::mem::take(d));
+                if d.first() != Some(&prefix) {
+                    *d = harness.wrap(std::mem::take(d));
+                }
             }
             let max_tokens = ctx.params.usize("max_tokens")?;
             if max_tokens > 0 {

@@ -102,6 +102,9 @@ pub struct Family {
     /// Whether `partial_rotary_factor` below 1 is run (Phi-3, Nemotron); the others rotate whole
     /// heads and transformers fails on anything else.
     pub partial_rotary: bool,
+    /// Whether transformers 4.46's class reads `partial_rotary_factor` (Nemotron does; Phi-3's
+    /// came in 4.49, so 4.46 rotates whole heads).
+    pub partial_rotary_in_446: bool,
     /// transformers 4.x's class derives `head_dim = hidden_size / num_attention_heads` and
     /// ignores the field (Qwen2, Phi-3 in 4.46): a pruned hidden size must keep the product.
     pub head_dim_derived_in_4x: bool,
@@ -147,6 +150,7 @@ const LLAMA_LIKE: Family = Family {
     query_pre_attn_scalar: false,
     rope_per_layer_type: false,
     partial_rotary: false,
+    partial_rotary_in_446: true,
     head_dim_derived_in_4x: false,
     windows_by_index_in_4x: false,
     windows: WindowRule::Never,
@@ -240,6 +244,7 @@ pub const PHI3: Family = Family {
     model_type: "phi3",
     packed: true,
     partial_rotary: true,
+    partial_rotary_in_446: false,
     head_dim_derived_in_4x: true,
     attention_bias: AttentionBias::Never,
     mlp_bias_key: false,
