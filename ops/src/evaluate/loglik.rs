@@ -102,7 +102,11 @@ impl<E> HarnessTokens<'_, E> {
                 (vec![self.prefix], c)
             }
         } else {
-            let trimmed = context.trim_end();
+            // Python's `str.rstrip()`: Unicode whitespace plus the separators U+001C..U+001F,
+            // which Rust's `char::is_whitespace` leaves.
+            let trimmed = context.trim_end_matches(|c: char| {
+                c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+            });
             let continuation = format!("{}{continuation}", &context[trimmed.len()..]);
             let whole = self.tok_encode(&format!("{trimmed}{continuation}"))?;
             let context_ids = self.tok_encode(trimmed)?;
@@ -176,4 +180,34 @@ pub fn score_windows<B: Backend>(
         }
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chars(s: &str) -> Result<Vec<u32>, std::convert::Infallible> {
+        Ok(s.chars().map(|c| c as u32).collect())
+    }
+
+    /// `_encode_pair`: trailing whitespace as Python's `rstrip()` sees it (the U+001C..U+001F
+    /// separators included) moves to the continuation; specials wrap every `tok_encode`; an empty
+    /// context is the prefix token.
+    #[test]
+    fn requests_split_as_the_harness_splits_them() {
+        let h = HarnessTokens {
+            plain: &chars,
+            before: vec![1],
+            after: vec![],
+            prefix: 1,
+            prefix_text: "<s>".into(),
+        };
+        let w = h.request("ab \u{1f}", "c", 100).unwrap();
+        assert_eq!(w.scored, 3, "' ', U+001F and 'c' are scored");
+        assert_eq!(w.input, vec![1, 'a' as u32, 'b' as u32, ' ' as u32, 0x1f]);
+        let w = h.request("", "xy", 100).unwrap();
+        assert_eq!((w.input, w.scored), (vec![1, 'x' as u32], 2));
+        // A text that starts with the prefix token's text gets no second one.
+        assert_eq!(h.tok_encode("<s>a").unwrap()[0], '<' as u32);
+    }
 }
