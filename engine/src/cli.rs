@@ -167,7 +167,7 @@ enum Command {
         format: String,
         /// GGUF quantization (llama-quantize's names)
         /// [default: f16]
-        #[arg(long, value_parser = distillery_ops::model::gguf::writer::GgufQuant::NAMES)]
+        #[arg(long, ignore_case = true, value_parser = distillery_ops::model::gguf::writer::GgufQuant::NAMES)]
         quant: Option<String>,
     },
     /// Write RECIPE.lock: source hashes, step keys, output hashes
@@ -234,6 +234,27 @@ fn export_gguf(
             format!(
                 "error: step `{step}` produces a {}, not a model; GGUF holds models",
                 kind.name()
+            ),
+        ));
+    }
+    if to.is_dir() {
+        return Err(Failure::new(
+            exit::USER,
+            format!(
+                "error: {} is a directory; give the path of the .gguf file to write",
+                to.display()
+            ),
+        ));
+    }
+    if let Some(parent) = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && !p.is_dir())
+    {
+        return Err(Failure::new(
+            exit::USER,
+            format!(
+                "error: {} does not exist; create it first",
+                parent.display()
             ),
         ));
     }

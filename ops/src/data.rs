@@ -155,6 +155,20 @@ impl TokenizedDataset {
     }
 }
 
+/// Per document of a raw-text dataset input, `(words, bytes)` as [`harness_word_count`] and UTF-8
+/// count them; `None` for a tokenized dataset artifact, which keeps only totals.
+pub fn document_counts(artifact: &Artifact) -> Result<Option<Vec<(usize, usize)>>, OpError> {
+    if artifact.path.join(TOKENS_FILE).is_file() && artifact.files.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        read_documents(artifact)?
+            .iter()
+            .map(|d| (harness_word_count(&d.text), d.text.len()))
+            .collect(),
+    ))
+}
+
 /// Tokenizes a dataset input: a tokenized dataset artifact is read as is; raw files are tokenized
 /// with `tokenizer`.
 pub fn tokenized(artifact: &Artifact, tokenizer: &Tokenizer) -> Result<TokenizedDataset, OpError> {

@@ -20,7 +20,8 @@ impl Op for ExportGguf {
             name: "export_gguf",
             // 2: llama-quantize's choice for a tied embedding (Q6_K) and a fused qkv; Q/K biases
             // permuted for Llama; the vocabulary padded; add_bos_token and add_space_prefix.
-            version: 2,
+            // 3: general.name "<recipe> <step>".
+            version: 3,
             doc: "a model as one llama.cpp GGUF file (names, metadata, tokenizer; quantized)",
             inputs: vec![Port::new(
                 "model",
@@ -54,12 +55,12 @@ impl Op for ExportGguf {
                     .collect()
             })
             .unwrap_or_default();
-        let name = ctx
-            .provenance
-            .get("step")
-            .and_then(|s| s.as_str())
-            .unwrap_or("model")
-            .to_string();
+        // `general.name`: "<recipe> <step>", as `distillery export --format gguf` names it.
+        let field = |k: &str| ctx.provenance.get(k).and_then(|s| s.as_str());
+        let name = match (field("recipe"), field("step")) {
+            (Some(r), Some(s)) => format!("{r} {s}"),
+            (_, s) => s.unwrap_or("model").to_string(),
+        };
         ctx.progress.phase("writing", 1, "file");
         let report = export_model(
             &model.path,

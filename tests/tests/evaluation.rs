@@ -367,3 +367,54 @@ params = {{ window = 32 }}
     ]);
     assert!(String::from_utf8_lossy(&e.stderr).contains("--replace"));
 }
+
+/// With `max_tokens`, words and bytes are those of the documents scored: files past the budget
+/// change no metric.
+#[test]
+fn word_perplexity_under_max_tokens_ignores_documents_past_the_budget() {
+    let env = Env::new();
+    common::tiny_model_and_text(&env);
+    env.write(
+        "a/a.txt",
+        "the quick brown fox jumps over the lazy dog and runs far away\n",
+    );
+    env.write(
+        "b/b.txt",
+        &"many many more words that are never scored at all\n".repeat(20),
+    );
+    let recipe = |files: &str| {
+        format!(
+            r#"
+[sources.teacher]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = {files}
+
+[steps.ppl]
+op = "evaluate"
+inputs = {{ model = "sources.teacher", data = "sources.text" }}
+params = {{ window = 32, max_tokens = 30 }}
+"#
+        )
+    };
+    env.write("one.toml", &recipe(r#"["a/a.txt"]"#));
+    env.write("two.toml", &recipe(r#"["a/a.txt", "b/b.txt"]"#));
+    env.ok(&["run", "one.toml"]);
+    env.ok(&["run", "two.toml"]);
+    let (one, two) = (
+        report(&env, "one.toml", "ppl"),
+        report(&env, "two.toml", "ppl"),
+    );
+    for k in [
+        "words",
+        "bytes",
+        "word_perplexity",
+        "byte_perplexity",
+        "loglikelihood",
+    ] {
+        assert_eq!(one["perplexity"][k], two["perplexity"][k], "{k}");
+    }
+}

@@ -156,7 +156,8 @@ impl Op for Evaluate {
             // them; an empty context's continuation starting with the prefix token; Gemma's
             // embedding scale rounded to bf16 under bf16 compute; a checkpoint with tokenizer.json
             // but no tokenizer_config.json takes its BOS from config.json, as its exports do.
-            version: 7,
+            // 8: under max_tokens, words and bytes of the documents scored only.
+            version: 8,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),
@@ -321,17 +322,32 @@ impl Evaluate {
             }
             let max_tokens = ctx.params.usize("max_tokens")?;
             if max_tokens > 0 {
-                // Whole documents until the budget; the last one cut (word counts scaled alike).
+                // Whole documents until the budget, the last one cut: words and bytes are those
+                // of the documents scored (the cut one in proportion to its kept tokens), so that
+                // files past the budget change nothing. A tokenized dataset keeps only totals:
+                // scaled by the kept share of all tokens.
+                let counts = crate::data::document_counts(data)?;
                 let total = ds.total_tokens().max(1);
                 let mut left = max_tokens;
-                for d in ds.docs.iter_mut() {
+                let (mut words, mut bytes) = (0f64, 0f64);
+                for (i, d) in ds.docs.iter_mut().enumerate() {
+                    let len = d.len().max(1);
                     d.truncate(left);
                     left -= d.len();
+                    if let Some(c) = &counts {
+                        let kept = d.len() as f64 / len as f64;
+                        words += c[i].0 as f64 * kept;
+                        bytes += c[i].1 as f64 * kept;
+                    }
+                }
+                if counts.is_none() {
+                    let kept = ds.total_tokens() as f64 / total as f64;
+                    words = ds.words as f64 * kept;
+                    bytes = ds.bytes as f64 * kept;
                 }
                 ds.docs.retain(|d| !d.is_empty());
-                let kept = ds.total_tokens() as f64 / total as f64;
-                ds.words = (ds.words as f64 * kept).round() as usize;
-                ds.bytes = (ds.bytes as f64 * kept).round() as usize;
+                ds.words = words.round() as usize;
+                ds.bytes = bytes.round() as usize;
             }
             let mut windows: Vec<Window> = Vec::new();
             let mut doc_of = Vec::new();
