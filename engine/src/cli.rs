@@ -268,6 +268,13 @@ fn export_gguf(
         ));
     }
     let quant = GgufQuant::from_name(quant).expect("clap checked the name");
+    if let Some(types) = distillery_ops::model::gguf::writer::source_quantization(&entry.data_dir())
+    {
+        eprintln!(
+            "warning: step `{step}` is already quantized ({}); quantizing it again adds a second rounding",
+            types.join(", ")
+        );
+    }
     let provenance = [
         ("recipe".to_string(), recipe.name.clone()),
         ("step".to_string(), step.to_string()),

@@ -350,6 +350,19 @@ params = {{ window = 32 }}
             "{quant}: {back} vs {pruned}"
         );
     }
+    // Exporting the q8_0 step again says it quantizes twice.
+    let twice = env.path("twice.gguf");
+    let out = env.ok(&[
+        "export",
+        "r.toml",
+        "gguf",
+        "--to",
+        twice.to_str().unwrap(),
+        "--format",
+        "gguf",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already quantized (Q8_0)"), "{err}");
     // Not a model, not overwritten without --replace.
     let e = env.run(&[
         "export", "r.toml", "ppl", "--to", "x.gguf", "--format", "gguf",

@@ -60,7 +60,7 @@ impl LoadedModel {
 
 /// The GGUF file a model source is: the path itself, or the one `.gguf` file of a directory
 /// without config.json (an `export_gguf` output).
-fn gguf_file(path: &Path) -> Option<PathBuf> {
+pub fn gguf_file(path: &Path) -> Option<PathBuf> {
     if path.is_file() {
         return Some(path.to_path_buf());
     }

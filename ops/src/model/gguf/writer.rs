@@ -725,6 +725,21 @@ fn write_kv(w: &mut impl Write, v: &Kv) -> std::io::Result<()> {
     }
 }
 
+/// The quantized types of a GGUF source (`None` for a checkpoint directory or a float GGUF): a
+/// model exported from it is quantized a second time, which callers say.
+pub fn source_quantization(model: &Path) -> Option<Vec<&'static str>> {
+    let file = super::GgufFile::open(&crate::model::checkpoint::gguf_file(model)?).ok()?;
+    let mut types: Vec<&'static str> = file
+        .tensors
+        .iter()
+        .filter(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16))
+        .map(|t| t.ty.name())
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    (!types.is_empty()).then_some(types)
+}
+
 /// Exports the model at `model` (a Hugging Face checkpoint directory or a GGUF file) as the GGUF
 /// file `out`, quantized as `quant`, with `provenance` under `distillery.*` keys.
 pub fn export_model(
