@@ -348,16 +348,10 @@ impl GgufFile {
                 high_freq_factor: high,
                 original_max_position_embeddings: original,
             };
-            let plain: Vec<f32> = (0..head_dim / 2)
-                .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64) as f32))
-                .collect();
-            let mut scaled = plain.clone();
-            crate::model::decoder::apply_rope_scaling(&mut scaled, Some(&scaling));
-            let matches = plain
+            let matches = rope_freq_divisors(head_dim, theta, &scaling)
                 .iter()
-                .zip(&scaled)
                 .zip(&divisors)
-                .all(|((p, s), d)| ((p / s) - d).abs() <= 1e-3 * d.abs().max(1.0));
+                .all(|(want, d)| (want - d).abs() <= 1e-3 * d.abs().max(1.0));
             if matches {
                 return Ok(Some(scaling.to_json()));
             }
@@ -557,6 +551,19 @@ impl GgufFile {
         }
         ModelConfig::from_json_str(&json.to_string()).map_err(bad)
     }
+}
+
+/// llama.cpp's `rope_freqs.weight` for a RoPE scaling: per frequency, the divisor of the plain
+/// inverse frequency (`[head_dim / 2]`), as its converter writes Llama 3 scaling.
+pub fn rope_freq_divisors(
+    head_dim: usize,
+    theta: f64,
+    scaling: &crate::model::config::RopeScaling,
+) -> Vec<f32> {
+    use crate::model::decoder::rope_inv_freq;
+    let plain = rope_inv_freq(head_dim, theta, None);
+    let scaled = rope_inv_freq(head_dim, theta, Some(scaling));
+    plain.iter().zip(&scaled).map(|(p, s)| p / s).collect()
 }
 
 /// Gemma's query scale as llama.cpp derives it (it stores none): `head_dim`, except the 27B

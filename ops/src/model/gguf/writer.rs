@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::quants::{GgmlType, quantize};
-use super::{gguf_query_scale, permute_rows};
+use super::{gguf_query_scale, permute_rows, rope_freq_divisors};
 use crate::model::ModelError;
 use crate::model::arch::{Role, TensorSpec};
 use crate::model::config::ModelConfig;
@@ -122,22 +122,6 @@ enum Kv {
     F32s(Vec<f32>),
 }
 
-/// llama.cpp's `rope_freqs.weight` for Llama 3 scaling: per frequency, the divisor of the plain
-/// inverse frequency (what its converter writes; `[head_dim / 2]`).
-fn llama3_rope_freqs(config: &ModelConfig) -> Vec<f32> {
-    let half = config.head_dim / 2;
-    let plain: Vec<f32> = (0..half)
-        .map(|i| {
-            1.0 / (config
-                .rope_theta
-                .powf((2 * i) as f64 / config.head_dim as f64) as f32)
-        })
-        .collect();
-    let mut scaled = plain.clone();
-    crate::model::decoder::apply_rope_scaling(&mut scaled, config.rope_scaling.as_ref());
-    plain.iter().zip(&scaled).map(|(p, s)| p / s).collect()
-}
-
 /// The GGUF metadata of a model: architecture, shapes and norms, RoPE, windows and soft-caps as
 /// llama.cpp reads them, for `config` (refusing by name what llama.cpp would compute otherwise).
 fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
@@ -193,7 +177,7 @@ fn model_metadata(config: &ModelConfig) -> Result<Vec<(String, Kv)>, String> {
                     Kv::F32(j["factor"].as_f64().unwrap_or(1.0) as f32),
                 ));
             }
-            // Written as the `rope_freqs.weight` tensor (see `llama3_rope_freqs`); llama.cpp
+            // Written as the `rope_freqs.weight` tensor (see `rope_freq_divisors`); llama.cpp
             // has no keys for the low/high frequency factors, so readers assume Llama 3's 1 and 4.
             "llama3" if arch == "llama" => {
                 let (low, high) = (
@@ -567,11 +551,8 @@ pub fn write_gguf(
         planned.push((name, source, shape, ty, offset));
         offset += bytes.div_ceil(ALIGNMENT) * ALIGNMENT;
     };
-    if matches!(
-        config.rope_scaling,
-        Some(crate::model::config::RopeScaling::Llama3 { .. })
-    ) {
-        let freqs = llama3_rope_freqs(config);
+    if let Some(scaling @ crate::model::config::RopeScaling::Llama3 { .. }) = &config.rope_scaling {
+        let freqs = rope_freq_divisors(config.head_dim, config.rope_theta, scaling);
         let n = freqs.len();
         plan(
             "rope_freqs.weight".into(),
