@@ -155,37 +155,36 @@ impl TokenizedDataset {
     }
 }
 
-/// Per document of a raw-text dataset input, `(words, bytes)` as [`harness_word_count`] and UTF-8
-/// count them; `None` for a tokenized dataset artifact, which keeps only totals.
-pub fn document_counts(artifact: &Artifact) -> Result<Option<Vec<(usize, usize)>>, OpError> {
-    if artifact.path.join(TOKENS_FILE).is_file() && artifact.files.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(
-        read_documents(artifact)?
-            .iter()
-            .map(|d| (harness_word_count(&d.text), d.text.len()))
-            .collect(),
-    ))
-}
-
 /// Tokenizes a dataset input: a tokenized dataset artifact is read as is; raw files are tokenized
 /// with `tokenizer`.
 pub fn tokenized(artifact: &Artifact, tokenizer: &Tokenizer) -> Result<TokenizedDataset, OpError> {
+    Ok(tokenized_with_counts(artifact, tokenizer)?.0)
+}
+
+/// [`tokenized`], with each raw-text document's `(words, bytes)` as [`harness_word_count`] and
+/// UTF-8 count them; `None` for a tokenized dataset artifact, which keeps only totals.
+pub fn tokenized_with_counts(
+    artifact: &Artifact,
+    tokenizer: &Tokenizer,
+) -> Result<(TokenizedDataset, Option<Vec<(usize, usize)>>), OpError> {
     if artifact.path.join(TOKENS_FILE).is_file() && artifact.files.is_empty() {
-        return TokenizedDataset::read(&artifact.path);
+        return Ok((TokenizedDataset::read(&artifact.path)?, None));
     }
     let docs = read_documents(artifact)?;
     if docs.is_empty() {
         return Err(OpError::Invalid("the dataset has no documents".into()));
     }
-    let words = docs.iter().map(|d| harness_word_count(&d.text)).sum();
-    let bytes = docs.iter().map(|d| d.text.len()).sum();
+    let counts: Vec<(usize, usize)> = docs
+        .iter()
+        .map(|d| (harness_word_count(&d.text), d.text.len()))
+        .collect();
+    let words = counts.iter().map(|c| c.0).sum();
+    let bytes = counts.iter().map(|c| c.1).sum();
     let docs = docs
         .iter()
         .map(|d| tokenizer.encode(&d.text))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(TokenizedDataset { docs, words, bytes })
+    Ok((TokenizedDataset { docs, words, bytes }, Some(counts)))
 }
 
 /// A small, fast, seedable generator (splitmix64): data order must not depend on a crate's version.

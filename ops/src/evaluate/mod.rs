@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::data::tokenized;
+use crate::data::tokenized_with_counts;
 use crate::model::decoder::{Compute, Decoder};
 use crate::op::{
     Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
@@ -310,7 +310,7 @@ impl Evaluate {
                 .params
                 .usize("window")?
                 .min(model.config.max_position_embeddings);
-            let mut ds = tokenized(data, &tok)?;
+            let (mut ds, counts) = tokenized_with_counts(data, &tok)?;
             // `loglikelihood_rolling` scores `tok_encode(document)`: with the tokenizer's BOS, if
             // its post-processor adds one (then log p(BOS | prefix) counts, as in the harness).
             // A document that already starts with the prefix token's text is left as it is
@@ -326,7 +326,6 @@ impl Evaluate {
                 // of the documents scored (the cut one in proportion to its kept tokens), so that
                 // files past the budget change nothing. A tokenized dataset keeps only totals:
                 // scaled by the kept share of all tokens.
-                let counts = crate::data::document_counts(data)?;
                 let total = ds.total_tokens().max(1);
                 let mut left = max_tokens;
                 let (mut words, mut bytes) = (0f64, 0f64);
