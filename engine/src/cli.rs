@@ -268,12 +268,10 @@ fn export_gguf(
         ));
     }
     let quant = GgufQuant::from_name(quant).expect("clap checked the name");
-    if let Some(types) = distillery_ops::model::gguf::writer::source_quantization(&entry.data_dir())
+    if let Some(warning) =
+        distillery_ops::model::gguf::writer::requantization_warning(&entry.data_dir())
     {
-        eprintln!(
-            "warning: step `{step}` is already quantized ({}); quantizing it again adds a second rounding",
-            types.join(", ")
-        );
+        eprintln!("warning: step `{step}`: {warning}");
     }
     let provenance = [
         ("recipe".to_string(), recipe.name.clone()),

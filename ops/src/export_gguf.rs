@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::model::gguf::writer::{GgufQuant, describe, export_model, source_quantization};
+use crate::model::gguf::writer::{GgufQuant, describe, export_model, requantization_warning};
 use crate::op::{
     ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue, Port,
 };
@@ -61,11 +61,8 @@ impl Op for ExportGguf {
             (Some(r), Some(s)) => format!("{r} {s}"),
             (_, s) => s.unwrap_or("model").to_string(),
         };
-        if let Some(types) = source_quantization(&model.path) {
-            ctx.progress.note(&format!(
-                "warning: the model is already quantized ({}); quantizing it again adds a second rounding",
-                types.join(", ")
-            ));
+        if let Some(warning) = requantization_warning(&model.path) {
+            ctx.progress.note(&format!("warning: {warning}"));
         }
         ctx.progress.phase("writing", 1, "file");
         let report = export_model(

@@ -706,9 +706,9 @@ fn write_kv(w: &mut impl Write, v: &Kv) -> std::io::Result<()> {
     }
 }
 
-/// The quantized types of a GGUF source (`None` for a checkpoint directory or a float GGUF): a
-/// model exported from it is quantized a second time, which callers say.
-pub fn source_quantization(model: &Path) -> Option<Vec<&'static str>> {
+/// When the model at `model` is a GGUF with quantized tensors, the warning to give: exporting it
+/// quantizes it a second time. `None` for a checkpoint directory or a float GGUF.
+pub fn requantization_warning(model: &Path) -> Option<String> {
     let file = super::GgufFile::open(&crate::model::checkpoint::gguf_file(model)?).ok()?;
     let mut types: Vec<&'static str> = file
         .tensors
@@ -718,7 +718,12 @@ pub fn source_quantization(model: &Path) -> Option<Vec<&'static str>> {
         .collect();
     types.sort_unstable();
     types.dedup();
-    (!types.is_empty()).then_some(types)
+    (!types.is_empty()).then(|| {
+        format!(
+            "the model is already quantized ({}); quantizing it again adds a second rounding",
+            types.join(", ")
+        )
+    })
 }
 
 /// Exports the model at `model` (a Hugging Face checkpoint directory or a GGUF file) as the GGUF
