@@ -15,7 +15,9 @@ It also writes tests/golden/lm-eval/golden-bos-template.json (and tokenizer-bos-
 same model with a tokenizer.json
 whose post-processor adds BOS (`TemplateProcessing`, as Gemma's and Llama 3's do). The harness then
 encodes every context and every rolling document with that BOS (its `tok_encode` keeps the
-tokenizer's default `add_special_tokens=True`), so the rolling score includes log p(BOS | BOS).
+tokenizer's default `add_special_tokens=True`), so the rolling score includes log p(BOS | BOS)
+(lm-eval issue #3333). distillery takes only the multiple-choice numbers from that golden: its
+rolling windows do not score the duplicate BOS, and match golden.json's rolling numbers instead.
 """
 import json
 import os

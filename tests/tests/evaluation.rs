@@ -73,11 +73,19 @@ params = {{ window = 16 }}
 #[test]
 fn numbers_match_lm_evaluation_harness() {
     let env = Env::new();
-    matches_harness(&env, &golden("v5-llama-bos-chartok"), "golden.json");
+    matches_harness(
+        &env,
+        &golden("v5-llama-bos-chartok"),
+        "golden.json",
+        "golden.json",
+    );
 }
 
 /// A tokenizer whose post-processor adds BOS (Gemma's, Llama 3's): the harness encodes every
-/// context and document with it, and so must distillery.
+/// multiple-choice context with it, and so does distillery. Rolling windows start from BOS and do
+/// not score the post-processor's BOS again: there distillery departs from lm-eval 0.4.13 (its
+/// issue #3333, field case 13), and the numbers are the harness's on the same text without the
+/// duplicate, i.e. those of the same model whose tokenizer adds nothing (golden.json).
 #[test]
 fn a_tokenizer_that_adds_bos_is_scored_as_the_harness_scores_it() {
     let env = Env::new();
@@ -92,13 +100,16 @@ fn a_tokenizer_that_adds_bos_is_scored_as_the_harness_scores_it() {
         model.join("tokenizer.json"),
     )
     .unwrap();
-    matches_harness(&env, &model, "golden-bos-template.json");
+    matches_harness(&env, &model, "golden-bos-template.json", "golden.json");
 }
 
-fn matches_harness(env: &Env, model: &std::path::Path, golden_file: &str) {
+/// Multiple-choice numbers against `mc_golden`, rolling ones against `rolling_golden`.
+fn matches_harness(env: &Env, model: &std::path::Path, mc_golden: &str, rolling_golden: &str) {
     let data = golden("lm-eval");
-    let want: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join(golden_file)).unwrap()).unwrap();
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(data.join(f)).unwrap()).unwrap()
+    };
+    let (want, want_rolling) = (read(mc_golden), read(rolling_golden));
     env.write(
         "r.toml",
         &format!(
@@ -150,7 +161,7 @@ params = {{ window = 64 }}
     for k in ["acc", "acc_norm", "acc_stderr", "acc_norm_stderr"] {
         close(&mc[k], &wmc[k], 1e-9, k);
     }
-    let (p, wp) = (&r["perplexity"], &want["rolling"]);
+    let (p, wp) = (&r["perplexity"], &want_rolling["rolling"]);
     for (g, w) in p["document_loglikelihoods"]
         .as_array()
         .unwrap()

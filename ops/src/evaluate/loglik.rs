@@ -85,6 +85,16 @@ impl<E> HarnessTokens<'_, E> {
         out
     }
 
+    /// A document for rolling windows: [`Self::wrap`] without a leading prefix token, which the
+    /// windows already start from (no BOS scored after BOS, unlike lm-evaluation-harness#3333).
+    pub fn wrap_after_prefix(&self, plain: Vec<u32>) -> Vec<u32> {
+        let mut out = self.wrap(plain);
+        if self.before.first() == Some(&self.prefix) {
+            out.remove(0);
+        }
+        out
+    }
+
     /// One `loglikelihood` request encoded as `HFLM.loglikelihood` and `_encode_pair` do:
     /// trailing whitespace of the context moves to the continuation; the continuation's tokens
     /// are those of `tok_encode(context + continuation)` past `tok_encode(context)`; an empty

@@ -157,7 +157,8 @@ impl Op for Evaluate {
             // embedding scale rounded to bf16 under bf16 compute; a checkpoint with tokenizer.json
             // but no tokenizer_config.json takes its BOS from config.json, as its exports do.
             // 8: under max_tokens, words and bytes of the documents scored only.
-            version: 8,
+            // 9: a post-processor's BOS not scored again after the prefix token in rolling windows.
+            version: 9,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),
@@ -311,13 +312,13 @@ impl Evaluate {
                 .usize("window")?
                 .min(model.config.max_position_embeddings);
             let (mut ds, counts) = tokenized_with_counts(data, &tok)?;
-            // `loglikelihood_rolling` scores `tok_encode(document)`: with the tokenizer's BOS, if
-            // its post-processor adds one (then log p(BOS | prefix) counts, as in the harness).
-            // A document that already starts with the prefix token's text is left as it is
-            // (`has_bos_prefix`).
+            // Rolling windows start from the prefix token, which stands for the tokenizer's BOS:
+            // a post-processor's own leading BOS is not scored a second time. lm-evaluation-harness
+            // 0.4.13 does score it (log p(BOS | BOS), its issue #3333); that is the one place
+            // distillery departs from it. Other special tokens the tokenizer adds stay.
             for d in ds.docs.iter_mut() {
                 if d.first() != Some(&prefix) {
-                    *d = harness.wrap(std::mem::take(d));
+                    *d = harness.wrap_after_prefix(std::mem::take(d));
                 }
             }
             let max_tokens = ctx.params.usize("max_tokens")?;
