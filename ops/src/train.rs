@@ -913,14 +913,19 @@ fn loss_svg(title: &str, losses: &[f64]) -> String {
 pub fn summarize(out_dir: &Path) -> Option<String> {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("train.json")).ok()?).ok()?;
+    let objective = v["objective"].as_str()?;
+    // exp(loss) is a perplexity only for cross-entropy; of a KL it is a meaningless (often
+    // overflowing) number (field case 15).
+    let perplexity = match (objective, v["final_val_perplexity"].as_f64()) {
+        ("cross_entropy", Some(p)) => format!(" (perplexity {p:.2})"),
+        _ => String::new(),
+    };
     Some(format!(
-        "{} for {} steps ({} tokens): final loss {:.4}, validation loss {:.4} (perplexity {:.2}), {:.0} tokens/s",
-        v["objective"].as_str()?,
+        "{objective} for {} steps ({} tokens): final loss {:.4}, validation loss {:.4}{perplexity}, {:.0} tokens/s",
         v["steps"],
         v["tokens"],
         v["final_loss"].as_f64().unwrap_or(f64::NAN),
         v["final_val_loss"].as_f64().unwrap_or(f64::NAN),
-        v["final_val_perplexity"].as_f64().unwrap_or(f64::NAN),
         v["tokens_per_second_this_run"].as_f64().unwrap_or(0.0)
     ))
 }
@@ -985,5 +990,23 @@ impl crate::op::Op for Train {
 
     fn summarize(&self, out_dir: &Path) -> Option<String> {
         summarize(out_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// exp(validation loss) is shown as a perplexity for cross-entropy only, never for a KL.
+    #[test]
+    fn summaries_show_a_perplexity_for_cross_entropy_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |objective: &str| {
+            let v = serde_json::json!({"objective": objective, "steps": 2, "tokens": 64,
+                "final_loss": 3.0, "final_val_loss": 3.0, "final_val_perplexity": 20.09,
+                "tokens_per_second_this_run": 10.0});
+            std::fs::write(dir.path().join("train.json"), v.to_string()).unwrap();
+            super::summarize(dir.path()).unwrap()
+        };
+        assert!(write("cross_entropy").contains("(perplexity 20.09)"));
+        assert!(!write("distillation").contains("perplexity"));
     }
 }
