@@ -309,6 +309,20 @@ impl Params {
             Some(v) => Err(wrong(name, "a list of integers", v)),
         }
     }
+    /// A list of strings; absent is empty.
+    pub fn str_list(&self, name: &str) -> Result<Vec<String>, OpError> {
+        match self.0.get(name) {
+            None => Ok(Vec::new()),
+            Some(ParamValue::List(items)) => items
+                .iter()
+                .map(|v| match v {
+                    ParamValue::Str(s) => Ok(s.clone()),
+                    v => Err(wrong(name, "a list of strings", v)),
+                })
+                .collect(),
+            Some(v) => Err(wrong(name, "a list of strings", v)),
+        }
+    }
     /// A list of `[a, b]` integer pairs; absent is empty.
     pub fn int_pairs(&self, name: &str) -> Result<Vec<(i64, i64)>, OpError> {
         let expected = "a list of [a, b] integer pairs";

@@ -3,9 +3,9 @@
 //! `(mean_s |A|)^2` per (batch row, channel); then a pass per channel that sums the batch rows
 //! into the accumulator. No `[batch, seq, d]` temporary, no float atomics (wgpu lacks them).
 
+use super::empty_dense;
 use burn::tensor::{Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeRuntime, FloatElement};
 use cubecl::prelude::*;
@@ -89,7 +89,7 @@ pub(super) fn accumulate<R: CubeRuntime, F: FloatElement>(
     let client = activation.client.clone();
     let device = activation.device.clone();
 
-    let partial = empty_device::<R, F>(client.clone(), device.clone(), Shape::new([batch, d]));
+    let partial = empty_dense::<R, F>(client.clone(), device.clone(), Shape::new([batch, d]));
     partial_kernel::launch::<F, R>(
         &client,
         CubeCount::Static(d.div_ceil(CHANNELS as usize) as u32, batch as u32, 1),
@@ -99,7 +99,7 @@ pub(super) fn accumulate<R: CubeRuntime, F: FloatElement>(
         LANES,
     );
 
-    let out = empty_device::<R, F>(client.clone(), device, Shape::new([d]));
+    let out = empty_dense::<R, F>(client.clone(), device, Shape::new([d]));
     let cube = 256u32;
     sum_kernel::launch::<F, R>(
         &client,

@@ -4,9 +4,9 @@
 //! the row loss inside its gradient and so reads the row a third time. Nothing of size
 //! `[rows, vocab]` is allocated but the gradient itself.
 
+use super::empty_dense;
 use burn::tensor::{Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeRuntime, FloatElement};
 use cubecl::prelude::*;
@@ -169,8 +169,8 @@ pub(super) fn rows<R: CubeRuntime, F: FloatElement>(
     );
     let client = teacher.client.clone();
     let device = teacher.device.clone();
-    let loss = empty_device::<R, F>(client.clone(), device.clone(), Shape::new([rows]));
-    let grad = empty_device::<R, F>(client.clone(), device, Shape::new([rows, vocab]));
+    let loss = empty_dense::<R, F>(client.clone(), device.clone(), Shape::new([rows]));
+    let grad = empty_dense::<R, F>(client.clone(), device, Shape::new([rows, vocab]));
     let (x, y) = (rows.min(GRID_X), rows.div_ceil(GRID_X));
     kl_rows_kernel::launch::<F, R>(
         &client,

@@ -1,6 +1,10 @@
 //! The `evaluate` op: perplexity (rolling windows, token and word), multiple-choice accuracy
-//! (acc and acc_norm), parameter counts, forward throughput and peak memory, as a JSON report.
+//! (acc and acc_norm), generation with exact match, zero- or few-shot, parameter counts,
+//! forward throughput and peak memory, as a JSON report; every convention lm-evaluation-harness
+//! 0.4's.
 
+pub mod fewshot;
+pub mod generation;
 pub mod loglik;
 
 use std::path::Path;
@@ -19,6 +23,12 @@ use loglik::{Window, rolling_windows, score_windows};
 
 pub const REPORT_FILE: &str = "report.json";
 
+/// lm-evaluation-harness's GSM8K task (`gsm8k.yaml`): prompt, stop strings and the regexes its
+/// `exact_match` ignores.
+pub const GSM8K_DOC_TO_TEXT: &str = "Question: {{question}}\nAnswer:";
+pub const GSM8K_UNTIL: [&str; 3] = ["Question:", "</s>", "<|im_end|>"];
+pub const GSM8K_IGNORE: [&str; 4] = [",", "\\$", "(?s).*#### ", "\\.$"];
+
 pub struct Evaluate;
 
 /// One multiple-choice item.
@@ -27,6 +37,9 @@ pub struct Choice {
     pub context: String,
     pub choices: Vec<String>,
     pub gold: usize,
+    /// The document as read, for the few-shot sampler's "not the document itself" test (the
+    /// harness compares whole documents).
+    pub raw: Value,
 }
 
 /// Reads multiple-choice items: JSONL lines `{context, choices, gold}` (the harness's common
@@ -55,12 +68,14 @@ pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
             }
             // The word boundary's space becomes the target delimiter.
             let context = a[..cut].trim_end().to_string();
+            let choices = vec![
+                a[cut..].trim_start().to_string(),
+                b[cut..].trim_start().to_string(),
+            ];
             items.push(Choice {
+                raw: json!({"context": context, "choices": choices, "gold": 0}),
                 context,
-                choices: vec![
-                    a[cut..].trim_start().to_string(),
-                    b[cut..].trim_start().to_string(),
-                ],
+                choices,
                 gold: 0,
             });
         }
@@ -116,6 +131,7 @@ pub fn read_choices(artifact: &Artifact) -> Result<Vec<Choice>, OpError> {
                 context: context.to_string(),
                 choices,
                 gold,
+                raw: v.clone(),
             });
         }
     }
@@ -172,6 +188,16 @@ impl Op for Evaluate {
                     ArtifactKind::Dataset,
                     "multiple choice: JSONL {context, choices, gold} or correct/wrong line pairs",
                 ),
+                Port::optional(
+                    "generate",
+                    ArtifactKind::Dataset,
+                    "generation: JSONL documents (GSM8K's {question, answer} by default) for doc_to_text/doc_to_target",
+                ),
+                Port::optional(
+                    "fewshot",
+                    ArtifactKind::Dataset,
+                    "few-shot examples in the task's own shape (default: the task's file, the document itself left out)",
+                ),
             ],
             output: ArtifactKind::Report,
             params: vec![
@@ -206,6 +232,94 @@ impl Op for Evaluate {
                     "put between a multiple-choice context and each choice (lm-evaluation-harness's target_delimiter)",
                 ),
                 ParamSpec::with_default(
+                    "num_fewshot",
+                    ParamType::Int,
+                    ParamValue::Int(0),
+                    "examples put before each multiple-choice or generation document",
+                ),
+                ParamSpec::with_default(
+                    "fewshot_seed",
+                    ParamType::Int,
+                    ParamValue::Int(1234),
+                    "seed of the few-shot sampler (lm-evaluation-harness's fewshot_random_seed)",
+                ),
+                ParamSpec::with_default(
+                    "fewshot_sampler",
+                    ParamType::Choice(&fewshot::Sampler::NAMES),
+                    ParamValue::Str("default".into()),
+                    "default: drawn at random as the harness draws them; first_n: the first ones",
+                ),
+                ParamSpec::with_default(
+                    "fewshot_delimiter",
+                    ParamType::Str,
+                    ParamValue::Str("\n\n".into()),
+                    "after each few-shot example",
+                ),
+                ParamSpec::with_default(
+                    "description",
+                    ParamType::Str,
+                    ParamValue::Str(String::new()),
+                    "text put first in every context, verbatim (end it with the separator you want)",
+                ),
+                ParamSpec::with_default(
+                    "doc_to_text",
+                    ParamType::Str,
+                    ParamValue::Str(GSM8K_DOC_TO_TEXT.into()),
+                    "generation prompt: a Jinja template over a document's fields",
+                ),
+                ParamSpec::with_default(
+                    "doc_to_target",
+                    ParamType::Str,
+                    ParamValue::Str("{{answer}}".into()),
+                    "generation reference (and few-shot answer): a Jinja template",
+                ),
+                ParamSpec::with_default(
+                    "until",
+                    ParamType::StrList,
+                    ParamValue::List(
+                        GSM8K_UNTIL
+                            .iter()
+                            .map(|s| ParamValue::Str(s.to_string()))
+                            .collect(),
+                    ),
+                    "stop strings: a generation ends at the first (the tokenizer's EOS always ends it)",
+                ),
+                ParamSpec::with_default(
+                    "max_gen_toks",
+                    ParamType::Int,
+                    ParamValue::Int(256),
+                    "tokens generated at most per document",
+                ),
+                ParamSpec::with_default(
+                    "strict_match_regex",
+                    ParamType::Str,
+                    ParamValue::Str(generation::STRICT_MATCH.into()),
+                    "the strict-match filter: the answer is its first match's group",
+                ),
+                ParamSpec::with_default(
+                    "flexible_extract_regex",
+                    ParamType::Str,
+                    ParamValue::Str(generation::FLEXIBLE_EXTRACT.into()),
+                    "the flexible-extract filter: the answer is its last match",
+                ),
+                ParamSpec::with_default(
+                    "regexes_to_ignore",
+                    ParamType::StrList,
+                    ParamValue::List(
+                        GSM8K_IGNORE
+                            .iter()
+                            .map(|s| ParamValue::Str(s.to_string()))
+                            .collect(),
+                    ),
+                    "removed from answer and reference before exact_match compares them",
+                ),
+                ParamSpec::with_default(
+                    "ignore_case",
+                    ParamType::Bool,
+                    ParamValue::Bool(true),
+                    "exact_match compares lowercased",
+                ),
+                ParamSpec::with_default(
                     "compute",
                     ParamType::Choice(&Compute::NAMES),
                     ParamValue::Str("float32".into()),
@@ -216,7 +330,7 @@ impl Op for Evaluate {
     }
 
     fn check(&self, params: &Params) -> Vec<Problem> {
-        params.require_positive(&["window", "batch"])
+        params.require_positive(&["window", "batch", "max_gen_toks"])
     }
 
     fn estimate(
@@ -393,9 +507,19 @@ impl Evaluate {
             });
         }
 
+        let shots = Shots::from_params(&ctx.params)?;
+        if ctx.inputs.contains_key("fewshot")
+            && ctx.inputs.contains_key("tasks")
+            && ctx.inputs.contains_key("generate")
+        {
+            return Err(OpError::Invalid(
+                "`fewshot` examples are for one task: evaluate multiple choice and generation in separate steps when a `fewshot` input names the examples".into(),
+            ));
+        }
+        let max_items = ctx.params.usize("max_items")?;
         if let Some(tasks) = ctx.inputs.get("tasks") {
-            let mut items = read_choices(tasks)?;
-            let max_items = ctx.params.usize("max_items")?;
+            let all = read_choices(tasks)?;
+            let mut items = all.clone();
             if max_items > 0 {
                 items.truncate(max_items);
             }
@@ -404,14 +528,40 @@ impl Evaluate {
                     "the tasks input has no multiple-choice items".into(),
                 ));
             }
-            // Requests as the harness builds them: (context, delimiter + choice).
+            let pool = match ctx.inputs.get("fewshot") {
+                Some(f) => read_choices(f)?,
+                None => all,
+            };
+            let same_split = !ctx.inputs.contains_key("fewshot");
             let delimiter = ctx.params.str("target_delimiter")?.to_string();
+            let mut draw = shots.draw();
+            let contexts = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let picked = draw
+                        .examples(pool.len(), same_split, &|j| pool[j].raw == item.raw)
+                        .map_err(|e| {
+                            OpError::Invalid(format!("multiple-choice item {}: {e}", i + 1))
+                        })?;
+                    let examples: Vec<(&str, &str)> = picked
+                        .iter()
+                        .map(|&j| {
+                            (
+                                pool[j].context.as_str(),
+                                pool[j].choices[pool[j].gold].as_str(),
+                            )
+                        })
+                        .collect();
+                    Ok(shots.context(&examples, &item.context, &delimiter))
+                })
+                .collect::<Result<Vec<String>, OpError>>()?;
+            // Requests as the harness builds them: (context, delimiter + choice).
             let mut windows = Vec::new();
             let mut owner = Vec::new();
-            for (i, item) in items.iter().enumerate() {
+            for (i, (item, context)) in items.iter().zip(&contexts).enumerate() {
                 for (c, choice) in item.choices.iter().enumerate() {
-                    let w =
-                        harness.request(&item.context, &format!("{delimiter}{choice}"), max_len)?;
+                    let w = harness.request(context, &format!("{delimiter}{choice}"), max_len)?;
                     if w.scored == 0 {
                         return Err(OpError::Invalid(format!(
                             "multiple-choice item {} choice {c} ({choice:?}) has no tokens to score",
@@ -472,9 +622,23 @@ impl Evaluate {
                 "acc_norm": correct_norm as f64 / items.len() as f64,
                 "acc_norm_stderr": mean_stderr(correct_norm, items.len()),
                 "target_delimiter": delimiter,
+                "num_fewshot": shots.num,
                 // Per item, each choice's log-likelihood (the harness's logged `resps`).
                 "loglikelihoods": per_item,
+                "contexts": (shots.num > 0).then_some(contexts),
             });
+        }
+
+        if let Some(docs) = ctx.inputs.get("generate") {
+            let run = GenerationRun {
+                ctx,
+                shots: &shots,
+                harness: &harness,
+                model: &model,
+                tok: &tok,
+                decoder: &decoder,
+            };
+            report["generation"] = run.run(docs, &device)?;
         }
         if forward_tokens > 0 {
             report["throughput"] = json!({
@@ -494,6 +658,229 @@ impl Evaluate {
         write(REPORT_FILE, serde_json::to_string_pretty(&report).unwrap())?;
         write("report.txt", text)?;
         Ok(())
+    }
+}
+
+/// Few-shot settings: how many examples, drawn how, joined how.
+struct Shots {
+    num: usize,
+    seed: u64,
+    sampler: fewshot::Sampler,
+    delimiter: String,
+    description: String,
+}
+
+impl Shots {
+    fn from_params(p: &Params) -> Result<Shots, OpError> {
+        let seed = p.int("fewshot_seed")?;
+        Ok(Shots {
+            num: p.usize("num_fewshot")?,
+            seed: u64::try_from(seed).map_err(|_| {
+                OpError::Invalid(format!(
+                    "parameter `fewshot_seed` must not be negative (got {seed})"
+                ))
+            })?,
+            sampler: fewshot::Sampler::from_name(p.str("fewshot_sampler")?)
+                .expect("checked against the choices"),
+            delimiter: p.str("fewshot_delimiter")?.to_string(),
+            description: p.str("description")?.to_string(),
+        })
+    }
+
+    /// A fresh sampler for one task (seeded once, drawn document after document).
+    fn draw(&self) -> fewshot::FewshotDraw {
+        fewshot::FewshotDraw::new(self.sampler, self.seed, self.num)
+    }
+
+    fn context(&self, examples: &[(&str, &str)], question: &str, target_delimiter: &str) -> String {
+        fewshot::fewshot_context(
+            &self.description,
+            examples,
+            question,
+            target_delimiter,
+            &self.delimiter,
+        )
+    }
+}
+
+/// One `generate_until` task over JSONL documents.
+struct GenerationRun<'a> {
+    ctx: &'a OpContext<'a>,
+    shots: &'a Shots,
+    harness: &'a loglik::HarnessTokens<'a, crate::model::ModelError>,
+    model: &'a crate::model::LoadedModel,
+    tok: &'a crate::model::tokenizer::Tokenizer,
+    decoder: &'a Decoder<B>,
+}
+
+impl GenerationRun<'_> {
+    fn run(&self, input: &Artifact, device: &burn::tensor::Device<B>) -> Result<Value, OpError> {
+        let p = &self.ctx.params;
+        let all = generation::read_docs(input)?;
+        let mut docs = all.clone();
+        let max_items = p.usize("max_items")?;
+        if max_items > 0 {
+            docs.truncate(max_items);
+        }
+        if docs.is_empty() {
+            return Err(OpError::Invalid(
+                "the generate input has no documents".into(),
+            ));
+        }
+        let (pool, same_split) = match self.ctx.inputs.get("fewshot") {
+            Some(f) => (generation::read_docs(f)?, false),
+            None => (all, true),
+        };
+        let templates = generation::Templates::new(&[
+            ("doc_to_text", p.str("doc_to_text")?.to_string()),
+            ("doc_to_target", p.str("doc_to_target")?.to_string()),
+        ])?;
+        let delimiter = p.str("target_delimiter")?;
+        let max_gen = p.usize("max_gen_toks")?;
+        let max_len = self.model.config.max_position_embeddings;
+        if max_gen >= max_len {
+            return Err(OpError::Invalid(format!(
+                "parameter `max_gen_toks` = {max_gen} leaves no room for a prompt in the model's {max_len}-token context; lower it"
+            )));
+        }
+        let named = |files: &[std::path::PathBuf], i: usize| match files {
+            [one] => format!("{} document {}", one.display(), i + 1),
+            _ => format!("document {}", i + 1),
+        };
+        let pool_files = match self.ctx.inputs.get("fewshot") {
+            Some(f) => &f.files,
+            None => &input.files,
+        };
+        // Contexts as the harness builds them, then its `tok_encode`, cut to the last
+        // `max_length - max_gen_toks` tokens.
+        let mut draw = self.shots.draw();
+        let mut prompts = Vec::with_capacity(docs.len());
+        let mut references = Vec::with_capacity(docs.len());
+        for (i, doc) in docs.iter().enumerate() {
+            let at = || named(&input.files, i);
+            let picked = draw
+                .examples(pool.len(), same_split, &|j| pool[j] == *doc)
+                .map_err(|e| OpError::Invalid(format!("{}: {e}", at())))?;
+            let mut examples = Vec::with_capacity(picked.len());
+            for j in picked {
+                let at = || named(pool_files, j);
+                examples.push((
+                    templates.render("doc_to_text", &pool[j], &at)?,
+                    templates.render("doc_to_target", &pool[j], &at)?,
+                ));
+            }
+            let examples: Vec<(&str, &str)> = examples
+                .iter()
+                .map(|(q, a)| (q.as_str(), a.as_str()))
+                .collect();
+            let question = templates.render("doc_to_text", doc, &at)?;
+            references.push(templates.render("doc_to_target", doc, &at)?);
+            let context = self.shots.context(&examples, &question, delimiter);
+            let mut ids = self.harness.tok_encode(&context)?;
+            if ids.is_empty() {
+                ids.push(self.harness.prefix);
+            }
+            let keep = max_len - max_gen;
+            if ids.len() > keep {
+                ids.drain(..ids.len() - keep);
+            }
+            prompts.push(ids);
+        }
+        // The stop strings, the tokenizer's EOS text among them (as the harness adds it); EOS
+        // ids end a generation as transformers' `generate` ends it.
+        let mut until: Vec<String> = p.str_list("until")?;
+        let mut eos_ids = self.model.config.eos_ids();
+        if let Some(eos) = self.model.special_token("eos_token") {
+            if let Some(id) = self.tok.token_id(&eos) {
+                eos_ids.push(id);
+            }
+            if !until.contains(&eos) {
+                until.push(eos);
+            }
+        }
+        let batch = p.usize("batch")?;
+        // Longest first, as the harness orders requests: similar lengths share a batch.
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+        let mut continuations: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        self.ctx
+            .progress
+            .phase("generation", prompts.len() as u64, "documents");
+        let started = Instant::now();
+        let mut done = 0;
+        for chunk in order.chunks(batch.max(1)) {
+            let batch_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+            let outs = crate::model::generate::greedy(
+                self.decoder,
+                &batch_prompts,
+                max_gen,
+                &mut |_, c: &[u32]| {
+                    c.last().is_some_and(|t| eos_ids.contains(t)) || {
+                        let text = self.tok.decode(c);
+                        until
+                            .iter()
+                            .any(|u| !u.is_empty() && text.contains(u.as_str()))
+                    }
+                },
+                device,
+            );
+            for (&i, out) in chunk.iter().zip(outs) {
+                continuations[i] = out;
+            }
+            done += chunk.len();
+            self.ctx.progress.set(done as u64);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let generated: usize = continuations.iter().map(Vec::len).sum();
+        let responses: Vec<String> = continuations
+            .iter()
+            .map(|c| generation::cut_at_stop(&self.tok.decode_text(c), &until))
+            .collect();
+        let ignore =
+            generation::compile_all(&p.str_list("regexes_to_ignore")?, "regexes_to_ignore")?;
+        let ignore_case = p.bool("ignore_case")?;
+        let filters = [
+            generation::RegexFilter::new(
+                "strict-match",
+                p.str("strict_match_regex")?,
+                0,
+                "strict_match_regex",
+            )?,
+            generation::RegexFilter::new(
+                "flexible-extract",
+                p.str("flexible_extract_regex")?,
+                -1,
+                "flexible_extract_regex",
+            )?,
+        ];
+        let mut exact = serde_json::Map::new();
+        let mut stderr = serde_json::Map::new();
+        let mut extracted = serde_json::Map::new();
+        for f in &filters {
+            let answers: Vec<String> = responses.iter().map(|r| f.apply(r)).collect();
+            let hits = answers
+                .iter()
+                .zip(&references)
+                .filter(|(a, r)| generation::exact_match(a, r, &ignore, ignore_case))
+                .count();
+            exact.insert(f.name.clone(), json!(hits as f64 / docs.len() as f64));
+            stderr.insert(f.name.clone(), json!(mean_stderr(hits, docs.len())));
+            extracted.insert(f.name.clone(), json!(answers));
+        }
+        Ok(json!({
+            "items": docs.len(),
+            "num_fewshot": self.shots.num,
+            "exact_match": exact,
+            "exact_match_stderr": stderr,
+            "until": until,
+            "max_gen_toks": max_gen,
+            "generated_tokens": generated,
+            "seconds": secs,
+            "tokens_per_second": generated as f64 / secs.max(1e-9),
+            "responses": responses,
+            "extracted": extracted,
+            "contexts_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
+        }))
     }
 }
 
@@ -532,6 +919,20 @@ pub fn render(r: &Value) -> String {
             mc["acc_norm_stderr"].as_f64().unwrap_or(f64::NAN),
             mc["correct_norm"],
             mc["items"]
+        ));
+    }
+    if let Some(g) = r.get("generation") {
+        let em = |f: &str| g["exact_match"][f].as_f64().unwrap_or(f64::NAN);
+        let se = |f: &str| g["exact_match_stderr"][f].as_f64().unwrap_or(f64::NAN);
+        out.push_str(&format!(
+            "generation          exact_match {:.4} ± {:.4} strict-match, {:.4} ± {:.4} flexible-extract ({} documents, {}-shot, {:.1} tokens/s)\n",
+            em("strict-match"),
+            se("strict-match"),
+            em("flexible-extract"),
+            se("flexible-extract"),
+            g["items"],
+            g["num_fewshot"],
+            g["tokens_per_second"].as_f64().unwrap_or(0.0)
         ));
     }
     if let Some(t) = r.get("throughput") {

@@ -853,6 +853,20 @@ impl ModelConfig {
     }
 
     /// The first EOS id (some configs list several).
+    /// Every EOS id `eos_token_id` names (one, or a list: Llama 3's instruct models end turns
+    /// with either of two): where greedy generation stops.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|v| v as u32)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn eos_id(&self) -> Option<u32> {
         match &self.eos_token_id {
             Some(Value::Number(n)) => n.as_u64().map(|v| v as u32),

@@ -6,6 +6,7 @@
 //! loading and saving translate from and to Hugging Face's `[out, in]` through the family's tensor
 //! table, splitting and re-packing Phi-3's fused projections.
 
+use super::generate::KvCache;
 use std::collections::HashMap;
 
 use burn::module::{Module, Param};
@@ -268,9 +269,12 @@ const MATERIALIZED_ROPE_LIMIT: usize = 1 << 24;
 /// `rotate_half` as a matmul by a signed permutation (exact in f32), which keeps every step
 /// contiguous; slicing and concatenating halves went through strided copies.
 pub struct Rope<B: Backend> {
-    /// `[seq, head_dim]` row-major, for the fused host loop.
+    /// `[seq, rotary_dim]` row-major, for the fused host loop; `[batch, seq, rotary_dim]` when
+    /// each row has its own positions (`per_row`: left-padded generation).
     cos: Vec<f32>,
     sin: Vec<f32>,
+    rot_dim: usize,
+    per_row: bool,
     /// The tables as tensors for the tensor-op path; None on the fast path (Flex), which reads
     /// `cos`/`sin` directly.
     tensors: Option<RopeTensors<B>>,
@@ -298,19 +302,111 @@ impl<B: Backend> Rope<B> {
         kv_heads: usize,
         device: &B::Device,
     ) -> Self {
-        let half = inv_freq.len();
-        let d = 2 * half;
-        let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
-        for pos in 0..seq {
+        let (cos, sin) = Self::tables(inv_freq, 0..seq);
+        let tensors = (!fast::is_flex::<B>()).then(|| {
+            RopeTensors::new(
+                &cos,
+                &sin,
+                2 * inv_freq.len(),
+                batch,
+                seq,
+                heads,
+                kv_heads,
+                device,
+            )
+        });
+        Rope {
+            cos,
+            sin,
+            rot_dim: 2 * inv_freq.len(),
+            per_row: false,
+            tensors,
+        }
+    }
+
+    /// Tables for explicit positions, `positions [batch, seq]` row-major (a left-padded row's
+    /// tokens count from its first real token, as transformers' `position_ids` do).
+    pub(crate) fn at_positions(
+        inv_freq: &[f32],
+        positions: &[usize],
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        device: &B::Device,
+    ) -> Self {
+        let (cos, sin) = Self::tables(inv_freq, positions.iter().copied());
+        let mut rope = Rope {
+            cos,
+            sin,
+            rot_dim: 2 * inv_freq.len(),
+            per_row: true,
+            tensors: None,
+        };
+        if !fast::is_flex::<B>() {
+            rope.tensors = Some(rope.row_tables(
+                batch,
+                positions.len() / batch.max(1),
+                heads,
+                kv_heads,
+                device,
+            ));
+        }
+        rope
+    }
+
+    /// cos and sin `[positions, rotary_dim]`, angles in f32 like transformers (position ×
+    /// inv_freq in f32), each half repeated.
+    fn tables(inv_freq: &[f32], positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in positions {
             let angles: Vec<f32> = inv_freq.iter().map(|f| pos as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let tensors = (!fast::is_flex::<B>())
-            .then(|| RopeTensors::new(&cos, &sin, d, batch, seq, heads, kv_heads, device));
-        Rope { cos, sin, tensors }
+        (cos, sin)
+    }
+
+    /// The tensor-op tables for `[batch, seq]`, `heads` query and `kv_heads` key heads.
+    fn row_tables(
+        &self,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        device: &B::Device,
+    ) -> RopeTensors<B> {
+        if !self.per_row {
+            return RopeTensors::new(
+                &self.cos,
+                &self.sin,
+                self.rot_dim,
+                batch,
+                seq,
+                heads,
+                kv_heads,
+                device,
+            );
+        }
+        let t = RopeTensors::new(
+            &self.cos,
+            &self.sin,
+            self.rot_dim,
+            1,
+            batch * seq,
+            heads,
+            kv_heads,
+            device,
+        );
+        let d = self.rot_dim;
+        RopeTensors {
+            cos_q: t.cos_q.reshape([batch, seq, heads, d]),
+            sin_q: t.sin_q.reshape([batch, seq, heads, d]),
+            cos_k: t.cos_k.reshape([batch, seq, kv_heads, d]),
+            sin_k: t.sin_k.reshape([batch, seq, kv_heads, d]),
+            rotate: t.rotate,
+        }
     }
 
     /// `x [batch, seq, n, head_dim]` with `n` the query (`keys` false) or KV head count. With a
@@ -318,7 +414,7 @@ impl<B: Backend> Rope<B> {
     /// (i, i + rotary_dim / 2)), the rest pass through, as transformers' Nemotron and Phi-3 do.
     fn apply(&self, x: Tensor<B, 4>, keys: bool) -> Tensor<B, 4> {
         let [b, s, n, d] = x.dims();
-        let r = self.cos.len() / s.max(1);
+        let r = self.rot_dim;
         if s == 0 || r == d {
             return self.apply_whole(x, keys);
         }
@@ -337,7 +433,7 @@ impl<B: Backend> Rope<B> {
         let t = match &self.tensors {
             Some(t) => t,
             None => {
-                built = RopeTensors::new(&self.cos, &self.sin, d, b, s, n, n, &x.device());
+                built = self.row_tables(b, s, n, n, &x.device());
                 &built
             }
         };
@@ -413,8 +509,55 @@ impl<B: Backend> Attention<B> {
         c: Compute,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, s, _] = x.dims();
+        let (q, k, v) = self.project(x, rope, c);
+        let fused = match (c, self.softcap) {
+            // The fused CPU attention multiplies in f32 and does not cap; bf16 compute and
+            // soft-capping keep the tensor ops.
+            (Compute::F32, None) => {
+                fast::causal_attention(q, k, v, self.sliding_window, self.scale as f32)
+            }
+            _ => Err((q, k, v)),
+        };
+        let context = match fused {
+            Ok(context) => context.reshape([b, s, self.n_heads * self.head_dim]),
+            Err((q, k, v)) => self.attend(q, k, v, &bias(self.sliding_window), c),
+        };
+        let out = linear_bias(context.clone(), &self.o_proj, &self.o_bias, c);
+        (context, out)
+    }
+
+    /// One step of incremental decoding: `x [batch, seq, hidden]` are the new positions, `cache`
+    /// this layer's keys and values of the positions before them (extended here), `bias` the
+    /// mask `[batch, kv_heads, seq * rep, cached + seq]` of the new queries over every key.
+    /// Returns the output `[batch, seq, hidden]`.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        cache: &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        bias: &Tensor<B, 4>,
+        c: Compute,
+    ) -> Tensor<B, 3> {
+        let (q, k, v) = self.project(x, rope, c);
+        let (k, v) = match cache.take() {
+            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 1), Tensor::cat(vec![cv, v], 1)),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let context = self.attend(q, k, v, bias, c);
+        linear_bias(context, &self.o_proj, &self.o_bias, c)
+    }
+
+    /// Queries `[batch, seq, heads, head_dim]` and keys and values `[batch, seq, kv_heads,
+    /// head_dim]`, the queries and keys normed per head (where the family does) and rotated.
+    fn project(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        c: Compute,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let rep = h / kvh;
         // q/k norms run per head over head_dim, before RoPE.
         let head_norm = |t: Tensor<B, 4>, norm: &Option<Norm<B>>| match norm {
             Some(norm) => {
@@ -434,52 +577,53 @@ impl<B: Backend> Attention<B> {
         );
         let (q, k) = (rope.apply(q, false), rope.apply(k, true));
         let v = linear_bias(x, &self.v_proj, &self.v_bias, c).reshape([b, s, kvh, d]);
+        (q, k, v)
+    }
+
+    /// Attention by tensor ops: `q [batch, seq, heads, head_dim]`, `k`/`v` `[batch, keys,
+    /// kv_heads, head_dim]`, `bias` as in [`Self::forward`] over `keys` columns; the context
+    /// `[batch, seq, heads * head_dim]`.
+    fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        bias: &Tensor<B, 4>,
+        c: Compute,
+    ) -> Tensor<B, 3> {
+        let [b, s, h, d] = q.dims();
+        let kvh = self.n_kv_heads;
+        let rep = h / kvh;
         // Scaled by multiplying, as transformers does (`head_dim ** -0.5`).
         let scale = self.scale;
-        let fused = match (c, self.softcap) {
-            // The fused CPU attention multiplies in f32 and does not cap; bf16 compute and
-            // soft-capping keep the tensor ops.
-            (Compute::F32, None) => {
-                fast::causal_attention(q, k, v, self.sliding_window, scale as f32)
+        let v = v.swap_dims(1, 2); // [b, kvh, keys, d]
+        // Grouped-query attention: the `rep` query heads of a KV group are stacked with the
+        // positions, rows (position, head), so each group is one matmul against its K and V (no
+        // copies of K/V) and one transpose of [seq, group] blocks gets there.
+        let q = q
+            .reshape([b, s, kvh, rep * d])
+            .swap_dims(1, 2)
+            .reshape([b, kvh, s * rep, d]);
+        let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, keys]
+        let scores = matmul(q, k_t, c);
+        let probs = match self.softcap {
+            // Gemma 2: scaled, capped, then masked (as its eager attention does).
+            Some(cap) => {
+                let capped = softcap(scores * scale, cap);
+                match fast::attention_probs(capped, 1.0, bias) {
+                    Ok(probs) => probs,
+                    Err(capped) => softmax(capped + bias.clone(), 3),
+                }
             }
-            _ => Err((q, k, v)),
+            None => match fast::attention_probs(scores, scale as f32, bias) {
+                Ok(probs) => probs,
+                Err(scores) => softmax(scores * scale + bias.clone(), 3),
+            },
         };
-        let context = match fused {
-            Ok(context) => context.reshape([b, s, h * d]),
-            Err((q, k, v)) => {
-                let v = v.swap_dims(1, 2); // [b, kvh, s, d]
-                // Grouped-query attention: the `rep` query heads of a KV group are stacked with
-                // the positions, rows (position, head), so each group is one matmul against its
-                // K and V (no copies of K/V) and one transpose of [seq, group] blocks gets there.
-                let q =
-                    q.reshape([b, s, kvh, rep * d])
-                        .swap_dims(1, 2)
-                        .reshape([b, kvh, s * rep, d]);
-                let k_t = k.swap_dims(1, 2).swap_dims(2, 3); // [b, kvh, d, s]
-                let scores = matmul(q, k_t, c);
-                let bias = bias(self.sliding_window);
-                let probs = match self.softcap {
-                    // Gemma 2: scaled, capped, then masked (as its eager attention does).
-                    Some(cap) => {
-                        let capped = softcap(scores * scale, cap);
-                        match fast::attention_probs(capped, 1.0, &bias) {
-                            Ok(probs) => probs,
-                            Err(capped) => softmax(capped + bias, 3),
-                        }
-                    }
-                    None => match fast::attention_probs(scores, scale as f32, &bias) {
-                        Ok(probs) => probs,
-                        Err(scores) => softmax(scores * scale + bias, 3),
-                    },
-                };
-                matmul(probs, v, c) // [b, kvh, s * rep, d]
-                    .reshape([b, kvh, s, rep * d])
-                    .swap_dims(1, 2)
-                    .reshape([b, s, h * d])
-            }
-        };
-        let out = linear_bias(context.clone(), &self.o_proj, &self.o_bias, c);
-        (context, out)
+        matmul(probs, v, c) // [b, kvh, s * rep, d]
+            .reshape([b, kvh, s, rep * d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d])
     }
 }
 
@@ -1073,7 +1217,74 @@ impl<B: Backend> Decoder<B> {
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>, hooks: &mut dyn Hooks<B>) -> Tensor<B, 3> {
         let [b, s] = tokens.dims();
         let device = tokens.device();
-        let want = hooks.wants();
+        let x = self.embed(tokens);
+        let (heads, kv_heads) = self.head_counts();
+        let rope = Rope::new(&self.inv_freq, b, s, heads, kv_heads, &device);
+        let local_rope = self
+            .extras
+            .inv_freq_local
+            .as_ref()
+            .map(|f| Rope::new(f, b, s, heads, kv_heads, &device));
+        // Built on first use, once per forward and window: the fused CPU attention needs none.
+        let biases = std::cell::RefCell::new(HashMap::new());
+        let bias = |window: Option<usize>| {
+            biases
+                .borrow_mut()
+                .entry(window)
+                .or_insert_with(|| self.causal_bias(b, s, window, &device))
+                .clone()
+        };
+        let mut attend = |_: usize, attn: &Attention<B>, normed, rope: &Rope<B>| {
+            let (context, out) = attn.forward(normed, rope, &bias, self.compute);
+            (Some(context), out)
+        };
+        self.blocks(x, &rope, local_rope.as_ref(), &mut attend, hooks)
+    }
+
+    /// Query and KV head counts (of the first block; 1 and 1 without blocks).
+    fn head_counts(&self) -> (usize, usize) {
+        match self.layers.first() {
+            Some(block) => (block.self_attn.n_heads, block.self_attn.n_kv_heads),
+            None => (1, 1),
+        }
+    }
+
+    /// Hidden states after the final norm for new positions of a [`KvCache`]d sequence:
+    /// `tokens [batch, seq]` at `positions [batch, seq]` (row-major), `bias(window)` the mask of
+    /// these queries over every cached and new key (`[batch, kv_heads, seq * rep, cached +
+    /// seq]`). The cache gains the new keys and values.
+    pub fn hidden_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: &[usize],
+        cache: &mut KvCache<B>,
+        bias: &dyn Fn(Option<usize>) -> Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let [b, _] = tokens.dims();
+        let device = tokens.device();
+        let x = self.embed(tokens);
+        let (heads, kv_heads) = self.head_counts();
+        let rope = Rope::at_positions(&self.inv_freq, positions, b, heads, kv_heads, &device);
+        let local_rope = self
+            .extras
+            .inv_freq_local
+            .as_ref()
+            .map(|f| Rope::at_positions(f, positions, b, heads, kv_heads, &device));
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let mut attend = |l: usize, attn: &Attention<B>, normed, rope: &Rope<B>| {
+            let bias = bias(attn.sliding_window);
+            let out = attn.forward_cached(normed, rope, &mut cache.layers[l], &bias, self.compute);
+            (None, out)
+        };
+        self.blocks(x, &rope, local_rope.as_ref(), &mut attend, &mut NoHooks)
+    }
+
+    /// `tokens [batch, seq]` → the residual stream's start `[batch, seq, hidden]` in f32 (scaled
+    /// where the family scales its embeddings).
+    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
         let hidden = self.embed_tokens.val().dims()[1];
         let mut x = self
             .embed_tokens
@@ -1090,25 +1301,26 @@ impl<B: Backend> Decoder<B> {
             };
             x = x.mul_scalar(scale);
         }
-        let (heads, kv_heads) = match self.layers.first() {
-            Some(block) => (block.self_attn.n_heads, block.self_attn.n_kv_heads),
-            None => (1, 1),
-        };
-        let rope = Rope::new(&self.inv_freq, b, s, heads, kv_heads, &device);
-        let local_rope = self
-            .extras
-            .inv_freq_local
-            .as_ref()
-            .map(|f| Rope::new(f, b, s, heads, kv_heads, &device));
-        // Built on first use, once per forward and window: the fused CPU attention needs none.
-        let biases = std::cell::RefCell::new(HashMap::new());
-        let bias = |window: Option<usize>| {
-            biases
-                .borrow_mut()
-                .entry(window)
-                .or_insert_with(|| self.causal_bias(b, s, window, &device))
-                .clone()
-        };
+        x
+    }
+
+    /// The blocks and the final norm over the residual stream `x [batch, seq, hidden]`; each
+    /// block's attention is `attend(layer, attention, normed input, rope)`, which returns the
+    /// context before o_proj (where it has one, for the hooks) and the output.
+    fn blocks(
+        &self,
+        mut x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        local_rope: Option<&Rope<B>>,
+        attend: &mut dyn FnMut(
+            usize,
+            &Attention<B>,
+            Tensor<B, 3>,
+            &Rope<B>,
+        ) -> (Option<Tensor<B, 3>>, Tensor<B, 3>),
+        hooks: &mut dyn Hooks<B>,
+    ) -> Tensor<B, 3> {
+        let want = hooks.wants();
         // Each block's MLP output is added to the residual stream by the next norm (the next
         // block's input norm, or the final one), fused with it on the CPU fast path.
         let mut mlp_out: Option<Tensor<B, 3>> = None;
@@ -1130,15 +1342,16 @@ impl<B: Backend> Decoder<B> {
             if want.contains(HookPoint::AttnNorm) {
                 hooks.activation(l, HookPoint::AttnNorm, &normed);
             }
-            let rope = match (&local_rope, block.self_attn.local_rope) {
+            let rope = match (local_rope, block.self_attn.local_rope) {
                 (Some(local), true) => local,
-                _ => &rope,
+                _ => rope,
             };
-            let (context, attn) = block.self_attn.forward(normed, rope, &bias, self.compute);
-            if want.contains(HookPoint::AttnContext) {
+            let (context, attn) = attend(l, &block.self_attn, normed, rope);
+            if let Some(context) = context
+                && want.contains(HookPoint::AttnContext)
+            {
                 hooks.activation(l, HookPoint::AttnContext, &context);
             }
-            drop(context);
             let attn = match &block.post_attn_norm {
                 Some(norm) => norm.forward(attn),
                 None => attn,

@@ -1,4 +1,4 @@
-//! The model: config.json, the Burn decoder, checkpoint IO (Hugging Face safetensors, GGUF) and
+//! The model: config.json, the Burn decoder (greedy decoding with a KV cache too), checkpoint IO (Hugging Face safetensors, GGUF) and
 //! tokenizers.
 
 pub mod arch;
@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod fast;
+pub mod generate;
 pub mod gguf;
 pub mod tokenizer;
 pub mod weights;
