@@ -17,7 +17,9 @@ impl Op for Compare {
     fn signature(&self) -> OpSignature {
         OpSignature {
             name: "compare",
-            version: 2,
+            // 3: every metric present (acc_norm, bits per byte, exact_match), differences from
+            // the first report.
+            version: 3,
             doc: "put evaluation reports side by side",
             inputs: PORTS
                 .iter()
@@ -77,6 +79,34 @@ impl Op for Compare {
     }
 }
 
+/// The metrics a table can show: header, path into a report, decimals.
+const METRICS: [(&str, &[&str], usize); 8] = [
+    ("token ppl", &["perplexity", "token_perplexity"], 2),
+    ("word ppl", &["perplexity", "word_perplexity"], 1),
+    ("bits/byte", &["perplexity", "bits_per_byte"], 4),
+    ("acc", &["multiple_choice", "acc"], 4),
+    ("acc_norm", &["multiple_choice", "acc_norm"], 4),
+    (
+        "em strict",
+        &["generation", "exact_match", "strict-match"],
+        4,
+    ),
+    (
+        "em flexible",
+        &["generation", "exact_match", "flexible-extract"],
+        4,
+    ),
+    ("tokens/s", &["throughput", "tokens_per_second"], 0),
+];
+
+fn metric<'a>(report: &'a Value, path: &[&str]) -> Option<f64> {
+    path.iter()
+        .try_fold(report, |v, k| v.get(*k))
+        .and_then(Value::as_f64)
+}
+
+/// Every metric any report has, one column each; rows after the first show their difference
+/// from the first (`Δ`), the reference the others are compared with.
 fn render(rows: &[Value]) -> String {
     // The label column fits the longest label.
     let w = rows
@@ -85,30 +115,83 @@ fn render(rows: &[Value]) -> String {
         .max()
         .unwrap_or(0)
         .max(14);
-    let mut out = format!(
-        "{:<w$} {:>11} {:>10} {:>10} {:>14} {:>10}\n",
-        "model", "parameters", "token ppl", "word ppl", "pair acc", "tokens/s"
-    );
+    let shown: Vec<_> = METRICS
+        .iter()
+        .filter(|(_, path, _)| rows.iter().any(|r| metric(&r["report"], path).is_some()))
+        .collect();
+    let cell = |r: &Value, path: &[&str], d: usize| -> String {
+        let Some(x) = metric(&r["report"], path) else {
+            return "-".into();
+        };
+        match rows
+            .first()
+            .and_then(|first| metric(&first["report"], path))
+        {
+            Some(base) if !std::ptr::eq(r, &rows[0]) => format!("{x:.d$} ({:+.d$})", x - base),
+            _ => format!("{x:.d$}"),
+        }
+    };
+    let widths: Vec<usize> = shown
+        .iter()
+        .map(|(name, path, d)| {
+            rows.iter()
+                .map(|r| cell(r, path, *d).chars().count())
+                .chain([name.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = format!("{:<w$} {:>11}", "model", "parameters");
+    for ((name, _, _), cw) in shown.iter().zip(&widths) {
+        out.push_str(&format!(" {name:>cw$}"));
+    }
+    out.push('\n');
     for r in rows {
-        let rep = &r["report"];
-        let f = |v: &Value, d: usize| {
-            v.as_f64()
-                .map(|x| format!("{x:.d$}"))
-                .unwrap_or_else(|| "-".into())
-        };
-        let acc = match rep.get("multiple_choice") {
-            Some(mc) => format!("{} ({}/{})", f(&mc["acc"], 3), mc["correct"], mc["items"]),
-            None => "-".into(),
-        };
         out.push_str(&format!(
-            "{:<w$} {:>10.1}M {:>10} {:>10} {:>14} {:>10}\n",
+            "{:<w$} {:>10.1}M",
             r["label"].as_str().unwrap_or("?"),
-            rep["model"]["parameters"].as_f64().unwrap_or(0.0) / 1e6,
-            f(&rep["perplexity"]["token_perplexity"], 2),
-            f(&rep["perplexity"]["word_perplexity"], 1),
-            acc,
-            f(&rep["throughput"]["tokens_per_second"], 0),
+            r["report"]["model"]["parameters"].as_f64().unwrap_or(0.0) / 1e6,
+        ));
+        for ((_, path, d), cw) in shown.iter().zip(&widths) {
+            out.push_str(&format!(" {:>cw$}", cell(r, path, *d)));
+        }
+        out.push('\n');
+    }
+    if rows.len() > 1 {
+        out.push_str(&format!(
+            "(in parentheses: the difference from {})\n",
+            rows[0]["label"].as_str().unwrap_or("the first")
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_present_is_shown_with_its_difference_from_the_first() {
+        let rows = vec![
+            json!({"label": "teacher", "report": {"model": {"parameters": 2e6},
+                "perplexity": {"token_perplexity": 10.0},
+                "multiple_choice": {"acc": 0.5, "acc_norm": 0.75}}}),
+            json!({"label": "student", "report": {"model": {"parameters": 1e6},
+                "perplexity": {"token_perplexity": 12.5},
+                "multiple_choice": {"acc": 0.25, "acc_norm": 0.5},
+                "generation": {"exact_match": {"strict-match": 0.125, "flexible-extract": 0.25}}}}),
+        ];
+        let t = render(&rows);
+        for want in [
+            "acc_norm",
+            "em strict",
+            "12.50 (+2.50)",
+            "0.2500 (-0.2500)",
+            "0.1250",
+            "difference from teacher",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
+        assert!(!t.contains("tokens/s"), "no report has throughput:\n{t}");
+    }
 }

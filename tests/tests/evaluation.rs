@@ -175,6 +175,133 @@ params = {{ window = 64 }}
     }
 }
 
+/// Few-shot and generation against lm-evaluation-harness 0.4.13 on the same model and files
+/// (make_lm_eval_goldens.py → fewshot-generation.json): 2-shot multiple choice with examples
+/// drawn by the harness's seeded sampler from the same split, and a GSM8K-shaped generation task
+/// 1-shot (GSM8K's stop strings, filters and exact_match; 12 new tokens in a 64-token context,
+/// so the prompts are cut from the left). Contexts and generations equal, string for string.
+#[test]
+fn few_shot_and_generation_match_lm_evaluation_harness() {
+    let env = Env::new();
+    let data = golden("lm-eval");
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("fewshot-generation.json")).unwrap(),
+    )
+    .unwrap();
+    env.write(
+        "r.toml",
+        &format!(
+            r#"
+[sources.m]
+kind = "model"
+path = "{m}"
+
+[sources.mc]
+kind = "dataset"
+files = "{d}/mc.jsonl"
+format = "jsonl"
+
+[sources.gen]
+kind = "dataset"
+files = "{d}/gen.jsonl"
+format = "jsonl"
+
+[steps.mc]
+op = "evaluate"
+inputs = {{ model = "sources.m", tasks = "sources.mc" }}
+params = {{ num_fewshot = 2 }}
+
+[steps.gen]
+op = "evaluate"
+inputs = {{ model = "sources.m", generate = "sources.gen" }}
+params = {{ num_fewshot = 1, max_gen_toks = 12, batch = 4 }}
+"#,
+            m = golden("v5-llama-bos-chartok").display(),
+            d = data.display()
+        ),
+    );
+    env.ok(&["run", "r.toml"]);
+    let mc = &report(&env, "r.toml", "mc")["multiple_choice"];
+    let wmc = &want["multiple_choice"];
+    assert_eq!(mc["contexts"], wmc["contexts"], "few-shot contexts");
+    for (got, exp) in mc["loglikelihoods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(wmc["loglikelihoods"].as_array().unwrap())
+    {
+        for (g, w) in got.as_array().unwrap().iter().zip(exp.as_array().unwrap()) {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{g} vs harness {w}"
+            );
+        }
+    }
+    assert_eq!(mc["acc"], wmc["acc"]);
+    assert_eq!(mc["acc_norm"], wmc["acc_norm"]);
+
+    let r = report(&env, "r.toml", "gen");
+    let (g, wg) = (&r["generation"], &want["generation"]);
+    assert_eq!(
+        g["responses"], wg["responses"],
+        "greedy generations, cut at the stop strings"
+    );
+    assert_eq!(
+        g["extracted"], wg["extracted"],
+        "answers each filter extracted"
+    );
+    assert_eq!(g["exact_match"], wg["exact_match"]);
+    let shown = text(&env.ok(&["show", "r.toml", "gen"]));
+    assert!(shown.contains("exact_match"), "{shown}");
+}
+
+/// A generation task whose template names a field the documents lack, or whose few-shot count
+/// exceeds the examples, fails naming the file, the document and the parameter.
+#[test]
+fn a_generation_task_that_cannot_be_built_says_where() {
+    let env = Env::new();
+    env.write("gen.jsonl", "{\"q\": \"1+1?\", \"answer\": \"#### 2\"}\n");
+    env.write(
+        "r.toml",
+        &format!(
+            r#"
+[sources.m]
+kind = "model"
+path = "{m}"
+
+[sources.gen]
+kind = "dataset"
+files = "gen.jsonl"
+format = "jsonl"
+
+[steps.gen]
+op = "evaluate"
+inputs = {{ model = "sources.m", generate = "sources.gen" }}
+params = {{ max_gen_toks = 4 }}
+
+[steps.shots]
+op = "evaluate"
+inputs = {{ model = "sources.m", generate = "sources.gen" }}
+params = {{ max_gen_toks = 4, num_fewshot = 1, doc_to_text = "{{{{q}}}}" }}
+"#,
+            m = golden("v5-llama-bos-chartok").display(),
+        ),
+    );
+    for (step, says) in [
+        ("gen", vec!["gen.jsonl document 1", "doc_to_text"]),
+        (
+            "shots",
+            vec!["gen.jsonl document 1", "num_fewshot = 1 but only 0"],
+        ),
+    ] {
+        let out = env.run(&["run", "r.toml", "--until", step]);
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        let err = stderr(&out);
+        assert!(says.iter().all(|s| err.contains(s)), "{step}: {err}");
+    }
+}
+
 #[test]
 fn multiple_choice_scores_delimiter_plus_choice_after_the_context() {
     let env = Env::new();
