@@ -174,7 +174,8 @@ impl Op for Evaluate {
             // but no tokenizer_config.json takes its BOS from config.json, as its exports do.
             // 8: under max_tokens, words and bytes of the documents scored only.
             // 9: a post-processor's BOS not scored again after the prefix token in rolling windows.
-            version: 9,
+            // 10: few-shot contexts and generation tasks; num_fewshot in the report.
+            version: 10,
             doc: "perplexity, multiple-choice accuracy, parameters and throughput of a model",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to evaluate"),
