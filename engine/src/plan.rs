@@ -456,10 +456,14 @@ pub fn resolve_sources(
                         options.insert("format".to_string(), "text".to_string());
                         decl.insert("format".into(), Canon::Str("text".into()));
                     }
-                    DatasetFormat::Jsonl { field } => {
-                        options.insert("format".to_string(), "jsonl".to_string());
+                    DatasetFormat::Jsonl { field } | DatasetFormat::Chat { field } => {
+                        let name = match format {
+                            DatasetFormat::Chat { .. } => "chat",
+                            _ => "jsonl",
+                        };
+                        options.insert("format".to_string(), name.to_string());
                         options.insert("field".to_string(), field.clone());
-                        decl.insert("format".into(), Canon::Str("jsonl".into()));
+                        decl.insert("format".into(), Canon::Str(name.into()));
                         decl.insert("field".into(), Canon::Str(field.clone()));
                     }
                 }

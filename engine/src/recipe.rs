@@ -30,7 +30,14 @@ pub struct Recipe {
 #[derive(Clone, Debug, PartialEq)]
 pub enum DatasetFormat {
     Text,
-    Jsonl { field: String },
+    Jsonl {
+        field: String,
+    },
+    /// JSONL conversations (`field`: a list of `{role, content}` messages), rendered by the
+    /// model's chat template, the loss on assistant tokens only.
+    Chat {
+        field: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -454,10 +461,10 @@ impl Checker<'_> {
                 let format_name = match t.get("format") {
                     Some(n) => {
                         let f = self.as_str(n, &format!("{what}.format"))?;
-                        if f != "text" && f != "jsonl" {
+                        if f != "text" && f != "jsonl" && f != "chat" {
                             self.err(
                                 Diagnostic::at(&n.span, format!("unknown dataset format `{f}`"))
-                                    .help("expected \"text\" or \"jsonl\""),
+                                    .help("expected \"text\", \"jsonl\" or \"chat\""),
                             );
                             return None;
                         }
@@ -466,20 +473,28 @@ impl Checker<'_> {
                     None if files.iter().all(|(f, _)| f.ends_with(".jsonl")) => "jsonl".into(),
                     None => "text".into(),
                 };
-                let format = if format_name == "jsonl" {
-                    let field = match t.get("field") {
+                let mut field = |default: &str| -> Option<String> {
+                    Some(match t.get("field") {
                         Some(n) => self.as_str(n, &format!("{what}.field"))?.to_string(),
-                        None => "text".to_string(),
-                    };
-                    DatasetFormat::Jsonl { field }
-                } else {
-                    if let Some(n) = t.get("field") {
-                        self.err(
-                            Diagnostic::at(&n.span, "`field` only applies to JSONL datasets")
-                                .help("set format = \"jsonl\" or remove `field`"),
-                        );
+                        None => default.to_string(),
+                    })
+                };
+                let format = match format_name.as_str() {
+                    "jsonl" => DatasetFormat::Jsonl {
+                        field: field("text")?,
+                    },
+                    "chat" => DatasetFormat::Chat {
+                        field: field("messages")?,
+                    },
+                    _ => {
+                        if let Some(n) = t.get("field") {
+                            self.err(
+                                Diagnostic::at(&n.span, "`field` only applies to JSONL datasets")
+                                    .help("set format = \"jsonl\" (or \"chat\") or remove `field`"),
+                            );
+                        }
+                        DatasetFormat::Text
                     }
-                    DatasetFormat::Text
                 };
                 Some(SourceDecl {
                     name: name.to_string(),

@@ -66,7 +66,8 @@ fn main() {
                             .map(|i| ((k * 131 + b * 7 + i) * 7919 % vocab) as u32)
                             .collect()
                     })
-                    .collect::<Vec<Vec<u32>>>(),
+                    .collect::<Vec<Vec<u32>>>()
+                    .into(),
             ]
         };
         let mut run = |k: usize, student: Student<TB>| {

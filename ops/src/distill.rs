@@ -19,7 +19,7 @@ use crate::op::{
     Params, Port, Problem,
 };
 use crate::runtime::{self, Backend as B, TrainBackend as TB};
-use crate::train::{self, Objective, Student, cross_entropy};
+use crate::train::{self, Objective, Student, cross_entropy, trained_rows};
 
 pub struct Distill;
 
@@ -141,6 +141,7 @@ impl Objective for Kd {
         student: &Student<TB>,
         input: &[u32],
         targets: &[u32],
+        trained: Option<&[bool]>,
         batch: usize,
     ) -> Tensor<TB, 1> {
         let device = runtime::device();
@@ -155,8 +156,14 @@ impl Objective for Kd {
             .model
             .forward_with_hooks(tokens_tensor::<TB>(input, batch, &device), &mut s_hooks);
         let [b, s, v] = s_logits.dims();
-        let t = t_logits.reshape([b * s, v]);
-        let st = s_logits.clone().reshape([b * s, v]);
+        // Chat data: every term on the assistant's tokens only.
+        let (Some(t), Some(st)) = (
+            trained_rows(t_logits.reshape([b * s, v]), trained),
+            trained_rows(s_logits.clone().reshape([b * s, v]), trained),
+        ) else {
+            // Nothing to learn from in this micro-batch: a zero loss, no gradient.
+            return (s_logits.sum() * 0.0).reshape([1]);
+        };
         let kd = if self.top_k > 0 {
             topk_kl_reference(Tensor::from_inner(t), st, self.temperature, self.top_k)
         } else {
@@ -164,7 +171,7 @@ impl Objective for Kd {
             kl_loss(t, st, self.temperature, self.direction)
         };
         let logit_loss = if self.ce_weight > 0.0 {
-            let ce = cross_entropy(s_logits, targets);
+            let ce = cross_entropy(s_logits, targets, trained);
             // KD rescaled to the CE's magnitude (a constant factor: no gradient through the ratio).
             let ratio = ce.clone().detach() / (kd.clone().detach() + 1e-12);
             ce * self.ce_weight + kd * ratio * (1.0 - self.ce_weight)
@@ -180,11 +187,13 @@ impl Objective for Kd {
             let h_t = Tensor::<TB, 3>::from_inner(t_hooks.out[lt].clone());
             let [b, s, hs] = h_s.dims();
             let w = student.projections[i].val(); // [student_hidden, teacher_hidden]
-            let projected =
-                h_s.reshape([b * s, hs])
-                    .matmul(w)
-                    .reshape([b, s, self.hidden.teacher_hidden]);
-            hidden = hidden + cosine_distance(projected, h_t);
+            let th = self.hidden.teacher_hidden;
+            let rows = |x: Tensor<TB, 2>| trained_rows(x, trained).expect("some trained rows");
+            let projected = rows(h_s.reshape([b * s, hs]).matmul(w));
+            let h_t = rows(h_t.reshape([b * s, th]));
+            let n = projected.dims()[0];
+            hidden =
+                hidden + cosine_distance(projected.reshape([1, n, th]), h_t.reshape([1, n, th]));
         }
         let hidden = hidden / pairs.len() as f64;
         // Rescaled to the logit loss each step (a constant factor: no gradient through it).
@@ -254,7 +263,8 @@ impl Op for Distill {
             // CPU attention. 6: its key product reads transposed keys.
             // 7: config.json from the family table (attention_bias, mlp_bias explicit).
             // 8: Gemma's embedding scale rounded to bf16 under bf16 compute, as transformers does.
-            version: 8,
+            // 9: chat data (the loss on the assistant's tokens); chat_template.jinja kept.
+            version: 9,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(
@@ -423,7 +433,7 @@ impl Op for Distill {
 mod tests {
     use super::*;
     use crate::model::checkpoint::load_model;
-    use burn::module::Param;
+    use burn::module::{AutodiffModule, Param};
     use burn::tensor::TensorData;
 
     fn golden_model() -> crate::model::checkpoint::LoadedModel {
@@ -467,7 +477,9 @@ mod tests {
         // Student and teacher are the same model: the KL is zero, so the logit loss is the
         // cross-entropy share; the student's layer 0 against the teacher's layer 1 differ.
         let plain = Kd::new(teacher.clone(), 1.0, KlDirection::Forward, 0, 0.5);
-        let logit = plain.loss(&student, &input, &targets, 2).into_scalar() as f64;
+        let logit = plain
+            .loss(&student, &input, &targets, None, 2)
+            .into_scalar() as f64;
         let kd = Kd::new(teacher, 1.0, KlDirection::Forward, 0, 0.5).with_hidden_loss(HiddenLoss {
             pairs: vec![(0, 1)],
             weight: 0.3,
@@ -477,7 +489,7 @@ mod tests {
         });
         assert_eq!(kd.projections().len(), 1);
         assert_eq!(kd.projections()[0].shape, [h, h]);
-        let loss = kd.loss(&student, &input, &targets, 2);
+        let loss = kd.loss(&student, &input, &targets, None, 2);
         let total = loss.clone().into_scalar() as f64;
         assert!(logit > 0.0);
         assert!(
@@ -494,6 +506,105 @@ mod tests {
             norm > 0.0 && norm.is_finite(),
             "projection gradient norm {norm}"
         );
+    }
+
+    /// Chat data's mask: the KL and the cross-entropy average over the marked targets only,
+    /// checked against the per-token losses computed on the host from both models' logits; an
+    /// all-true mask is the unmasked loss exactly; a mask marking nothing is a zero loss with
+    /// zero gradients.
+    #[test]
+    fn a_loss_mask_averages_over_the_marked_tokens_only() {
+        let m = golden_model();
+        let device = runtime::device();
+        let teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+        // The student: the same model with its final norm scaled, so the KL is not zero.
+        let mut student_model = Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap();
+        student_model.norm.weight = student_model.norm.weight.map(|w| w * 1.7);
+        let student = Student {
+            model: student_model,
+            projections: vec![],
+        };
+        let input: Vec<u32> = (0..16).map(|i| (i * 7 % 100) as u32).collect();
+        let targets: Vec<u32> = (1..17).map(|i| (i * 7 % 100) as u32).collect();
+        let mask: Vec<bool> = (0..16).map(|i| i % 3 == 1 || i == 15).collect();
+        let logits = |lg: Vec<f32>, v: usize| -> Vec<Vec<f64>> {
+            lg.chunks(v)
+                .map(|r| {
+                    let max = r.iter().cloned().fold(f32::MIN, f32::max) as f64;
+                    let lse = r.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+                    r.iter().map(|&x| x as f64 - lse).collect()
+                })
+                .collect()
+        };
+        let v = m.config.vocab_size;
+        let lt = logits(
+            teacher
+                .forward(tokens_tensor::<B>(&input, 2, &device))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+            v,
+        );
+        let ls = logits(
+            student
+                .model
+                .valid()
+                .forward(tokens_tensor::<B>(&input, 2, &device))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+            v,
+        );
+        let marked: Vec<usize> = (0..16).filter(|&i| mask[i]).collect();
+        let kl: f64 = marked
+            .iter()
+            .map(|&i| {
+                (0..v)
+                    .map(|j| lt[i][j].exp() * (lt[i][j] - ls[i][j]))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / marked.len() as f64;
+        let ce: f64 = -marked
+            .iter()
+            .map(|&i| ls[i][targets[i] as usize])
+            .sum::<f64>()
+            / marked.len() as f64;
+
+        let kd = Kd::new(teacher.clone(), 1.0, KlDirection::Forward, 0, 0.0);
+        let got = kd
+            .loss(&student, &input, &targets, Some(&mask), 2)
+            .into_scalar() as f64;
+        assert!(
+            (got - kl).abs() < 1e-5 * kl.max(1e-3),
+            "masked KL {got} vs host {kl}"
+        );
+        let got_ce = train::cross_entropy(
+            student
+                .model
+                .forward(tokens_tensor::<TB>(&input, 2, &device)),
+            &targets,
+            Some(&mask),
+        )
+        .into_scalar() as f64;
+        assert!(
+            (got_ce - ce).abs() < 1e-5 * ce,
+            "masked CE {got_ce} vs host {ce}"
+        );
+
+        let all = vec![true; 16];
+        let a = kd
+            .loss(&student, &input, &targets, Some(&all), 2)
+            .into_scalar();
+        let b = kd.loss(&student, &input, &targets, None, 2).into_scalar();
+        assert_eq!(a.to_bits(), b.to_bits(), "an all-true mask is no mask");
+
+        let none = vec![false; 16];
+        let zero = kd.loss(&student, &input, &targets, Some(&none), 2);
+        assert_eq!(zero.clone().into_scalar(), 0.0);
+        let grads = zero.backward();
+        let g = student.model.embed_tokens.grad(&grads).expect("a gradient");
+        assert_eq!(g.abs().sum().into_scalar(), 0.0);
     }
 
     #[test]

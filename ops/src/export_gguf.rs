@@ -20,8 +20,9 @@ impl Op for ExportGguf {
             name: "export_gguf",
             // 2: llama-quantize's choice for a tied embedding (Q6_K) and a fused qkv; Q/K biases
             // permuted for Llama; the vocabulary padded; add_bos_token and add_space_prefix.
-            // 3: general.name "<recipe> <step>".
-            version: 3,
+            // 3: general.name "<recipe> <step>". 4: the chat template from chat_template.jinja
+            // (transformers 5) or a named template list too.
+            version: 4,
             doc: "a model as one llama.cpp GGUF file (names, metadata, tokenizer; quantized)",
             inputs: vec![Port::new(
                 "model",

@@ -533,8 +533,9 @@ impl Op for Prune {
         OpSignature {
             name: "prune",
             // 2: writes tokenizer_config.json. 3: config.json from the family table (attention_bias,
-            // mlp_bias, the family's activation key written explicitly).
-            version: 3,
+            // mlp_bias, the family's activation key written explicitly). 4: chat_template.jinja
+            // (transformers 5's chat template) copied with the tokenizer.
+            version: 4,
             doc: "slice a model along width and depth by importance (Minitron)",
             inputs: vec![
                 Port::new("model", ArtifactKind::Model, "the model to prune"),

@@ -90,5 +90,10 @@ pub fn tokenizer(model: &LoadedModel) -> Result<Tokenizer, OpError> {
                 .into(),
         })
     })?;
-    Ok(Tokenizer::from_json(json, &model.path)?)
+    let special = |key: &str| model.special_token(key).unwrap_or_default();
+    Ok(Tokenizer::from_json(json, &model.path)?.with_chat_template(
+        crate::model::chat::template_source(model),
+        special("bos_token"),
+        special("eos_token"),
+    ))
 }

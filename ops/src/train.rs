@@ -12,7 +12,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::json;
 
-use crate::data::{pack, tokenized};
+use crate::data::{Packed, pack_with_mask, tokenized};
 use crate::model::checkpoint::{LoadedModel, SaveOptions, load_model};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{Compute, Decoder, tokens_tensor};
@@ -317,12 +317,15 @@ impl ModuleMapper<TB> for AdamStep<'_> {
 
 /// What a training op optimizes.
 pub trait Objective {
-    /// Loss of the student on `[batch, seq]` inputs with `[batch, seq]` next-token targets.
+    /// Loss of the student on `[batch, seq]` inputs with `[batch, seq]` next-token targets,
+    /// averaged over the targets `trained` marks (`[batch, seq]`; chat data's assistant tokens),
+    /// or over all of them when it is `None`.
     fn loss(
         &self,
         student: &Student<TB>,
         input: &[u32],
         targets: &[u32],
+        trained: Option<&[bool]>,
         batch: usize,
     ) -> Tensor<TB, 1>;
     fn name(&self) -> &'static str;
@@ -336,16 +339,60 @@ pub trait Objective {
 /// Plain next-token cross-entropy.
 pub struct CrossEntropy;
 
+/// Mean next-token cross-entropy of `logits [batch, seq, vocab]` against `targets [batch * seq]`
+/// over the targets `trained` marks (all when `None`); 0, with no gradient, when it marks none.
 pub fn cross_entropy<Bk: burn::tensor::backend::Backend>(
     logits: Tensor<Bk, 3>,
     targets: &[u32],
+    trained: Option<&[bool]>,
 ) -> Tensor<Bk, 1> {
-    let [b, s, _] = logits.dims();
+    let [b, s, v] = logits.dims();
     let device = logits.device();
-    let t: Vec<i64> = targets.iter().map(|&x| x as i64).collect();
-    let t = Tensor::<Bk, 3, Int>::from_data(TensorData::new(t, [b, s, 1]), &device);
-    let lp = log_softmax(logits, 2).gather(2, t);
-    lp.mean().neg()
+    let logits = logits.reshape([b * s, v]);
+    let kept: Vec<i64> = match trained {
+        Some(mask) => targets
+            .iter()
+            .zip(mask)
+            .filter(|(_, m)| **m)
+            .map(|(&t, _)| t as i64)
+            .collect(),
+        None => targets.iter().map(|&x| x as i64).collect(),
+    };
+    let Some(logits) = trained_rows(logits, trained) else {
+        return Tensor::zeros([1], &device);
+    };
+    let n = kept.len();
+    let t = Tensor::<Bk, 2, Int>::from_data(TensorData::new(kept, [n, 1]), &device);
+    log_softmax(logits, 1).gather(1, t).mean().neg()
+}
+
+/// The rows `[tokens, width]` the loss counts: all (`trained` is `None`), or those it marks;
+/// `None` when it marks none.
+pub fn trained_rows<Bk: burn::tensor::backend::Backend>(
+    rows: Tensor<Bk, 2>,
+    trained: Option<&[bool]>,
+) -> Option<Tensor<Bk, 2>> {
+    let Some(mask) = trained else {
+        return Some(rows);
+    };
+    let kept: Vec<i64> = mask
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| **m)
+        .map(|(i, _)| i as i64)
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    if kept.len() == mask.len() {
+        return Some(rows);
+    }
+    let device = rows.device();
+    let n = kept.len();
+    Some(rows.select(
+        0,
+        Tensor::<Bk, 1, Int>::from_data(TensorData::new(kept, [n]), &device),
+    ))
 }
 
 impl Objective for CrossEntropy {
@@ -354,12 +401,13 @@ impl Objective for CrossEntropy {
         student: &Student<TB>,
         input: &[u32],
         targets: &[u32],
+        trained: Option<&[bool]>,
         batch: usize,
     ) -> Tensor<TB, 1> {
         let logits = student
             .model
             .forward(tokens_tensor::<TB>(input, batch, &runtime::device()));
-        cross_entropy(logits, targets)
+        cross_entropy(logits, targets, trained)
     }
     fn name(&self) -> &'static str {
         "cross_entropy"
@@ -492,19 +540,26 @@ fn projections(
 fn validation_loss(
     objective: &dyn Objective,
     model: &Student<TB>,
-    val: &[Vec<u32>],
+    val: &Packed,
     micro: usize,
 ) -> f64 {
-    if val.is_empty() {
+    if val.tokens.is_empty() {
         return f64::NAN;
     }
     let mut total = 0.0;
     let mut n = 0;
     for chunk in val.chunks(micro) {
-        let (input, targets) = split(chunk);
-        let l = objective.loss(model, &input, &targets, chunk.len());
-        total += l.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0] * chunk.len() as f64;
-        n += chunk.len();
+        let (input, targets, trained) = split(&chunk);
+        let l = objective.loss(
+            model,
+            &input,
+            &targets,
+            trained.as_deref(),
+            chunk.tokens.len(),
+        );
+        total +=
+            l.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0] * chunk.tokens.len() as f64;
+        n += chunk.tokens.len();
     }
     total / n as f64
 }
@@ -533,7 +588,7 @@ pub fn optimizer_step(
     student: Student<TB>,
     state: &mut AdamState,
     objective: &dyn Objective,
-    micro_batches: &[Vec<Vec<u32>>],
+    micro_batches: &[Packed],
     cfg: &TrainConfig,
     lr: f64,
 ) -> Result<StepOutcome, NonFinite> {
@@ -542,8 +597,14 @@ pub fn optimizer_step(
     let mut loss_sum = 0.0;
     let mut tokens = 0u64;
     for batch in micro_batches {
-        let (input, targets) = split(batch);
-        let loss = objective.loss(&student, &input, &targets, batch.len()) / accum as f64;
+        let (input, targets, trained) = split(batch);
+        let loss = objective.loss(
+            &student,
+            &input,
+            &targets,
+            trained.as_deref(),
+            batch.tokens.len(),
+        ) / accum as f64;
         let value = loss
             .clone()
             .into_data()
@@ -562,7 +623,7 @@ pub fn optimizer_step(
             None => grads,
             Some(acc) => add_grads(acc, grads, &student),
         });
-        tokens += batch.iter().map(|s| s.len() as u64 - 1).sum::<u64>();
+        tokens += batch.tokens.iter().map(|s| s.len() as u64 - 1).sum::<u64>();
     }
     let mut grads = grads_acc.expect("at least one micro batch");
     let mut norms = GradNorms {
@@ -600,14 +661,24 @@ pub fn optimizer_step(
     })
 }
 
-/// Inputs (all but the last token) and targets (all but the first) of sequences.
-fn split(seqs: &[Vec<u32>]) -> (Vec<u32>, Vec<u32>) {
+/// Inputs (all but the last token), targets (all but the first) and, for chat data, whether
+/// each target is trained (its token's mask).
+fn split(seqs: &Packed) -> (Vec<u32>, Vec<u32>, Option<Vec<bool>>) {
     let input = seqs
+        .tokens
         .iter()
         .flat_map(|s| s[..s.len() - 1].iter().copied())
         .collect();
-    let targets = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
-    (input, targets)
+    let targets = seqs
+        .tokens
+        .iter()
+        .flat_map(|s| s[1..].iter().copied())
+        .collect();
+    let trained = seqs
+        .trained
+        .as_ref()
+        .map(|m| m.iter().flat_map(|s| s[1..].iter().copied()).collect());
+    (input, targets, trained)
 }
 
 /// Runs the loop on `model` (the student) with `objective`; writes the trained checkpoint, metrics
@@ -621,21 +692,31 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
     let config = src.config.clone();
     let data = tokenized(ctx.input("data")?, &tok)?;
     let eos = config.eos_id().unwrap_or(0);
-    let seqs = pack(
+    let seqs = pack_with_mask(
         &data,
         cfg.seq_len.min(config.max_position_embeddings),
         eos,
         ctx.seed()?,
     )?;
-    if seqs.len() <= cfg.val_sequences {
+    if seqs.tokens.len() <= cfg.val_sequences {
         return Err(OpError::Invalid(format!(
             "the data packs into {} sequences of {} tokens: not enough to hold out {} for validation and train on the rest",
-            seqs.len(),
+            seqs.tokens.len(),
             cfg.seq_len,
             cfg.val_sequences
         )));
     }
     let (val, train) = seqs.split_at(cfg.val_sequences);
+    if let Some(t) = &seqs.trained {
+        let (on, all) = (
+            t.iter().flatten().filter(|m| **m).count(),
+            t.len() * cfg.seq_len,
+        );
+        ctx.progress.note(&format!(
+            "chat data: the loss counts {on} of {all} tokens ({:.1}%, the assistant's)",
+            100.0 * on as f64 / all.max(1) as f64
+        ));
+    }
     let steps = cfg.steps();
     let accum = cfg.global_batch / cfg.micro_batch;
     let key = ctx.provenance["key"]
@@ -711,12 +792,10 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
     let mut tokens_done = 0u64;
     for step in start..steps {
         let lr = cfg.lr_at(step);
-        let micro_batches: Vec<Vec<Vec<u32>>> = (0..accum)
+        let micro_batches: Vec<Packed> = (0..accum)
             .map(|a| {
                 let base = step * cfg.global_batch + a * cfg.micro_batch;
-                (0..cfg.micro_batch)
-                    .map(|e| train[(base + e) % train.len()].clone())
-                    .collect()
+                train.pick((0..cfg.micro_batch).map(|e| (base + e) % train.tokens.len()))
             })
             .collect();
         let outcome = match optimizer_step(student, &mut state, objective, &micro_batches, &cfg, lr)
@@ -734,7 +813,7 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
                             "tokens": (step + 1) as u64 * (cfg.global_batch * cfg.seq_len) as u64});
         let last = step + 1 == steps;
         if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
-            m["val_loss"] = validation_loss(objective, &student, val, cfg.micro_batch).into();
+            m["val_loss"] = validation_loss(objective, &student, &val, cfg.micro_batch).into();
         }
         metrics.push(m);
         let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
@@ -941,7 +1020,8 @@ impl crate::op::Op for Train {
             // CPU attention. 6: its key product reads transposed keys.
             // 7: config.json from the family table (attention_bias, mlp_bias explicit).
             // 8: Gemma's embedding scale rounded to bf16 under bf16 compute, as transformers does.
-            version: 8,
+            // 9: chat data (the loss on the assistant's tokens); chat_template.jinja kept.
+            version: 9,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

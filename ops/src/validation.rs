@@ -33,7 +33,7 @@ pub fn mean_lm_loss(decoder: &Decoder<B>, seqs: &[Vec<u32>]) -> f64 {
         .iter()
         .map(|s| {
             let logits = decoder.forward(tokens_tensor::<B>(&s[..s.len() - 1], 1, &device));
-            cross_entropy(logits, &s[1..])
+            cross_entropy(logits, &s[1..], None)
                 .into_data()
                 .convert::<f64>()
                 .to_vec::<f64>()

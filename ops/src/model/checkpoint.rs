@@ -10,12 +10,14 @@ use crate::model::gguf;
 use crate::model::weights::{DType, TensorMeta, Weights, write_shards};
 
 /// Tokenizer files copied along with a checkpoint.
-pub const TOKENIZER_FILES: [&str; 5] = [
+pub const TOKENIZER_FILES: [&str; 6] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
     "vocab.json",
+    // transformers 5 saves the chat template here rather than in tokenizer_config.json.
+    "chat_template.jinja",
 ];
 
 /// A model opened for reading.

@@ -2,6 +2,7 @@
 //! tokenizers.
 
 pub mod arch;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;

@@ -4,9 +4,14 @@
 use std::path::Path;
 
 use crate::model::ModelError;
+use crate::model::chat::ChatTemplate;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The checkpoint's chat template, compiled when the checkpoint has one (an error kept for
+    /// when chat data asks for it: other data never needs it).
+    chat: Option<Result<ChatTemplate, String>>,
+    origin: std::path::PathBuf,
 }
 
 impl Tokenizer {
@@ -17,7 +22,46 @@ impl Tokenizer {
                 why: e.to_string(),
             }
         })?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer {
+            inner,
+            chat: None,
+            origin: origin.to_path_buf(),
+        })
+    }
+
+    /// Attaches the checkpoint's chat template (its Jinja source and special tokens).
+    pub fn with_chat_template(mut self, source: Option<String>, bos: String, eos: String) -> Self {
+        self.chat = source.map(|s| ChatTemplate::new(&s, bos, eos).map_err(|e| e.to_string()));
+        self
+    }
+
+    /// The chat template; an error naming the checkpoint when it has none or it does not compile.
+    pub fn chat_template(&self) -> Result<&ChatTemplate, ModelError> {
+        match &self.chat {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(ModelError::Tokenizer {
+                path: self.origin.clone(),
+                why: format!("its chat template does not compile: {e}"),
+            }),
+            None => Err(ModelError::Tokenizer {
+                path: self.origin.clone(),
+                why: "chat data needs the model's chat template, and it has none (no chat_template.jinja, no `chat_template` in tokenizer_config.json); add one, or use format = \"jsonl\" text".into(),
+            }),
+        }
+    }
+
+    /// Token ids of `text` without special tokens added, with each token's byte range in it.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), ModelError> {
+        self.inner
+            .encode(text, false)
+            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.origin.clone(),
+                why: e.to_string(),
+            })
     }
 
     /// Token ids of `text`, without special tokens added (BOS is the caller's choice).

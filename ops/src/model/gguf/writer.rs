@@ -736,13 +736,18 @@ pub fn export_model(
     provenance: &[(String, String)],
 ) -> Result<GgufTensorReport, ModelError> {
     let m = crate::model::checkpoint::load_model(model)?;
-    let tokenizer_config: Option<Value> = m.tokenizer_config.clone().or_else(|| {
+    let mut tokenizer_config: Option<Value> = m.tokenizer_config.clone().or_else(|| {
         let file = m
             .tokenizer_files
             .iter()
             .find(|f| f.ends_with("tokenizer_config.json"))?;
         serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()
     });
+    // The template wherever the checkpoint keeps it (transformers 5: chat_template.jinja; named
+    // templates: the default one), as `tokenizer.chat_template`.
+    if let Some(t) = crate::model::chat::template_source(&m) {
+        tokenizer_config.get_or_insert_with(|| serde_json::json!({}))["chat_template"] = t.into();
+    }
     let export = GgufExport {
         config: &m.config,
         tokenizer_json: m.tokenizer_json.as_deref(),

@@ -1,0 +1,259 @@
+//! Chat data: conversations (`[{role, content}]`) rendered by the model's own chat template
+//! (Jinja, as transformers' `apply_chat_template` renders it: minijinja with trim_blocks and
+//! lstrip_blocks, loop controls, `raise_exception`, Python's string methods), and which bytes of
+//! the text are the assistant's: the loss mask of chat training.
+//!
+//! A template that marks the assistant's text with transformers' `{% generation %}` blocks gives
+//! exactly the bytes transformers' `return_assistant_tokens_mask` counts. Without marks, an
+//! assistant turn's bytes are found by rendering the conversation up to the turn with the
+//! generation prompt (where the assistant's text starts) and up to and including it (where it
+//! ends), each a prefix of the whole conversation's text: the turn's own closing marks count (a
+//! ChatML `<|im_end|>` and the newline after it). A template that renders earlier turns
+//! differently once later ones follow cannot be masked this way, and says so.
+
+use std::ops::Range;
+
+use minijinja::{Environment, Error, ErrorKind, Value as JinjaValue, context};
+use serde_json::Value;
+
+use super::LoadedModel;
+use crate::op::OpError;
+
+/// A checkpoint's chat template, ready to render.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    /// Whether the template marks the assistant's text with `{% generation %}` blocks.
+    marked: bool,
+}
+
+/// What a `{% generation %}` block's start and end render as when spans are wanted: Unicode
+/// noncharacters, which no text holds.
+const GENERATION_START: char = '\u{FDD0}';
+const GENERATION_END: char = '\u{FDD1}';
+
+/// Where a template comes from: `chat_template.jinja` (transformers 5 saves it there), else
+/// tokenizer_config.json's `chat_template` (a string, or named templates: the `default` one).
+pub fn template_source(model: &LoadedModel) -> Option<String> {
+    let dir_file = |name: &str| {
+        model
+            .tokenizer_files
+            .iter()
+            .find(|f| f.file_name().is_some_and(|n| n == name))
+            .cloned()
+    };
+    if let Some(p) = dir_file("chat_template.jinja") {
+        return std::fs::read_to_string(p).ok();
+    }
+    let config: Option<Value> = model.tokenizer_config.clone().or_else(|| {
+        let p = dir_file("tokenizer_config.json")?;
+        serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+    });
+    match config?.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(String::from),
+        _ => None,
+    }
+}
+
+fn raise_exception(message: String) -> Result<JinjaValue, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+impl ChatTemplate {
+    /// A template from its Jinja source, with the special tokens it may name.
+    pub fn new(source: &str, bos_token: String, eos_token: String) -> Result<ChatTemplate, Error> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        // transformers' `{% generation %}` blocks (a Jinja extension of its own) become two
+        // variables, empty in plain rendering, noncharacters when the spans are wanted.
+        let marks = fancy_regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+            .expect("a valid regex");
+        let marked = marks.is_match(source).unwrap_or(false);
+        let source = marks
+            .replace_all(source, |c: &fancy_regex::Captures| {
+                let which = if c.get(2).is_some() {
+                    "__generation_end"
+                } else {
+                    "__generation_start"
+                };
+                format!("{{{{{} {which} {}}}}}", &c[1], &c[3])
+            })
+            .into_owned();
+        env.add_template_owned("chat", source)?;
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+            marked,
+        })
+    }
+
+    /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
+    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, Error> {
+        self.render_marking(messages, add_generation_prompt, ("", ""))
+    }
+
+    fn render_marking(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        (start, end): (&str, &str),
+    ) -> Result<String, Error> {
+        self.env.get_template("chat")?.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+            __generation_start => start,
+            __generation_end => end,
+        })
+    }
+
+    /// The spans between `{% generation %}` marks, and the text without them.
+    fn marked_spans(&self, messages: &[Value]) -> Result<(String, Vec<Range<usize>>), String> {
+        let raw = self
+            .render_marking(
+                messages,
+                false,
+                (&GENERATION_START.to_string(), &GENERATION_END.to_string()),
+            )
+            .map_err(|e| e.to_string())?;
+        let (mut text, mut spans, mut open) = (String::with_capacity(raw.len()), Vec::new(), None);
+        for c in raw.chars() {
+            if c == GENERATION_START {
+                open = Some(text.len());
+            } else if c == GENERATION_END {
+                if let Some(start) = open.take() {
+                    spans.push(start..text.len());
+                }
+            } else {
+                text.push(c);
+            }
+        }
+        Ok((text, spans))
+    }
+
+    /// The conversation's text and the byte ranges of its assistant turns (the template's own
+    /// end-of-turn marks included where it puts them inside the turn). Errors say which message
+    /// cannot be placed.
+    pub fn render_with_assistant_spans(
+        &self,
+        messages: &[Value],
+    ) -> Result<(String, Vec<Range<usize>>), String> {
+        if self.marked {
+            return self.marked_spans(messages);
+        }
+        let whole = self.render(messages, false).map_err(|e| e.to_string())?;
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m["role"] != "assistant" {
+                continue;
+            }
+            let before = self
+                .render(&messages[..i], true)
+                .map_err(|e| format!("message {}: {e}", i + 1))?;
+            let through = self
+                .render(&messages[..=i], false)
+                .map_err(|e| format!("message {}: {e}", i + 1))?;
+            if !through.starts_with(&before) || !whole.starts_with(&through) {
+                return Err(format!(
+                    "message {} (assistant): the template renders the conversation up to it differently once later turns follow, so its tokens cannot be told apart; use a template that renders turns independently",
+                    i + 1
+                ));
+            }
+            spans.push(before.len()..through.len());
+        }
+        Ok((whole, spans))
+    }
+}
+
+/// Which tokens are the assistant's: a token counts when its byte range (`offsets`, as the
+/// tokenizer reports them on the rendered text) overlaps an assistant span.
+pub fn assistant_mask(offsets: &[(usize, usize)], spans: &[Range<usize>]) -> Vec<bool> {
+    offsets
+        .iter()
+        .map(|&(start, end)| spans.iter().any(|s| start < s.end && end > s.start))
+        .collect()
+}
+
+/// The messages of one conversation: `field` of a JSONL line, a list of `{role, content}`
+/// objects with string roles; `at` names the line in errors.
+pub fn messages(line: &Value, field: &str, at: &dyn Fn() -> String) -> Result<Vec<Value>, OpError> {
+    let list = line.get(field).and_then(Value::as_array).ok_or_else(|| {
+        OpError::Invalid(format!(
+            "{}: no list `{field}` of {{\"role\", \"content\"}} messages; set `field` in the dataset source to the name holding them",
+            at()
+        ))
+    })?;
+    for (i, m) in list.iter().enumerate() {
+        if !m["role"].is_string() || m.get("content").is_none() {
+            return Err(OpError::Invalid(format!(
+                "{}: message {} has no string `role` or no `content`",
+                at(),
+                i + 1
+            )));
+        }
+    }
+    if !list.iter().any(|m| m["role"] == "assistant") {
+        return Err(OpError::Invalid(format!(
+            "{}: the conversation has no assistant message: nothing to train on",
+            at()
+        )));
+    }
+    Ok(list.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn assistant_turns_are_found_by_prefix_rendering() {
+        let t = ChatTemplate::new(CHATML, "<s>".into(), "</s>".into()).unwrap();
+        let msgs = vec![
+            json!({"role": "user", "content": "Hi"}),
+            json!({"role": "assistant", "content": "Hello!"}),
+            json!({"role": "user", "content": "2+2?"}),
+            json!({"role": "assistant", "content": "4"}),
+        ];
+        let (text, spans) = t.render_with_assistant_spans(&msgs).unwrap();
+        let turns: Vec<&str> = spans.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(turns, vec!["Hello!<|im_end|>\n", "4<|im_end|>\n"]);
+        let mask = assistant_mask(&[(0, 3), (40, 44), (44, 46)], &[(41..50)]);
+        assert_eq!(mask, vec![false, true, true]);
+    }
+
+    #[test]
+    fn a_template_that_raises_or_rewrites_history_says_so() {
+        let raising = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}";
+        let t = ChatTemplate::new(raising, String::new(), String::new()).unwrap();
+        let err = t
+            .render(&[json!({"role": "assistant", "content": "x"})], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must start with the user"), "{err}");
+        // Only the last assistant turn is shown in full: earlier ones change once more follow.
+        let rewriting = "{% for m in messages %}{% if loop.last or m['role'] != 'assistant' %}{{ m['content'] }}{% else %}[...]{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(rewriting, String::new(), String::new()).unwrap();
+        let msgs = vec![
+            json!({"role": "user", "content": "a"}),
+            json!({"role": "assistant", "content": "b"}),
+            json!({"role": "user", "content": "c"}),
+            json!({"role": "assistant", "content": "d"}),
+        ];
+        let err = t.render_with_assistant_spans(&msgs).unwrap_err();
+        assert!(err.contains("message 2"), "{err}");
+    }
+}
