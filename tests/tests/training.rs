@@ -224,3 +224,98 @@ fn bf16_compute_distills_like_f32_with_f32_master_weights() {
     // The written checkpoint holds the f32 master weights (the source's dtype), not bf16 copies.
     assert_eq!(bf16_config["dtype"], "float32");
 }
+
+const CHAT_TEMPLATE: &str = "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}{% else %}{{ 'A: ' }}{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}";
+
+/// Chat data end to end: conversations rendered by the model's chat template, the loss on the
+/// assistant's tokens (a character tokenizer: each answer is its characters plus EOS, counted
+/// here independently of the template), trained and distilled; a conversation without an answer
+/// and a model without a template are refused naming the line and the fix.
+#[test]
+fn chat_data_trains_on_the_assistants_tokens() {
+    let env = Env::new();
+    setup(&env);
+    env.write(
+        "model/tokenizer_config.json",
+        &serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+            "eos_token": "</s>", "chat_template": CHAT_TEMPLATE})
+        .to_string(),
+    );
+    let mut lines = String::new();
+    let mut answer_tokens = 0;
+    for i in 0..60 {
+        let answer = format!("{} plus {} is {}.", i, i % 7, i + i % 7);
+        answer_tokens += answer.chars().count() + 1;
+        lines.push_str(
+            &serde_json::json!({"messages": [
+                {"role": "user", "content": format!("what is {} plus {}?", i, i % 7)},
+                {"role": "assistant", "content": answer},
+            ]})
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    env.write("data/chat.jsonl", &lines);
+    env.write(
+        "r.toml",
+        r#"
+[recipe]
+seed = 3
+
+[sources.base]
+kind = "model"
+path = "model"
+
+[sources.chat]
+kind = "dataset"
+files = "data/chat.jsonl"
+format = "chat"
+
+[steps.tokens]
+op = "tokenize"
+inputs = { model = "sources.base", data = "sources.chat" }
+
+[steps.tuned]
+op = "train"
+inputs = { model = "sources.base", data = "steps.tokens" }
+params = { tokens = 2048, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 1e-3, val_sequences = 4 }
+
+[steps.distilled]
+op = "distill"
+inputs = { student = "steps.tuned", teacher = "sources.base", data = "sources.chat" }
+params = { tokens = 2048, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 1e-3, val_sequences = 4, ce_weight = 0.5 }
+"#,
+    );
+    let out = env.ok(&["run", "r.toml"]);
+    let log = text(&out);
+    assert!(log.contains("the loss counts"), "{log}");
+    let shown: serde_json::Value =
+        serde_json::from_slice(&env.ok(&["show", "r.toml", "tokens", "--json"]).stdout).unwrap();
+    let dir = std::path::PathBuf::from(shown["path"].as_str().unwrap());
+    let mask = std::fs::read(dir.join("trained.u8")).unwrap();
+    assert_eq!(mask.iter().filter(|&&m| m == 1).count(), answer_tokens);
+
+    // A conversation with no answer; a model with no template.
+    env.write(
+        "data/bad.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    );
+    let bad = std::fs::read_to_string(env.path("r.toml"))
+        .unwrap()
+        .replace("data/chat.jsonl", "data/bad.jsonl");
+    env.write("bad.toml", &bad);
+    let out = env.run(&["run", "bad.toml", "--until", "tokens"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("bad.jsonl:1") && stderr(&out).contains("no assistant message"),
+        "{}",
+        stderr(&out)
+    );
+    env.write(
+        "model/tokenizer_config.json",
+        r#"{"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}"#,
+    );
+    let out = env.run(&["run", "r.toml", "--until", "tokens"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(stderr(&out).contains("chat template"), "{}", stderr(&out));
+}
