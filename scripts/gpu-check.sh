@@ -63,6 +63,13 @@ run)
     DISTILLERY_CACHE="$work/cache" "$bin/distillery" run "$work/r.toml" "${bf16[@]}"
     DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/r.toml" table "${bf16[@]}"
   fi
+  echo "== few-shot and generation (KV cache) against lm-evaluation-harness's golden"
+  sed "s|ROOT|$PWD|g" tests/gpu/harness.toml > "$work/h.toml"
+  DISTILLERY_CACHE="$work/cache" "$bin/distillery" run "$work/h.toml"
+  for s in mc gen; do
+    DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/h.toml" "$s" --json > "$work/$s.json"
+  done
+  python3 tests/gpu/check_harness_golden.py "$work/mc.json" "$work/gen.json"
   rm -rf "$work"
   ;;
 *)
