@@ -348,6 +348,18 @@ impl Packed {
         }
     }
 
+    /// How many targets (every token but each sequence's first) the loss counts: all of them
+    /// without a mask.
+    pub fn trained_targets(&self) -> usize {
+        match &self.trained {
+            Some(t) => t
+                .iter()
+                .map(|m| m.iter().skip(1).filter(|x| **x).count())
+                .sum(),
+            None => self.tokens.iter().map(|s| s.len().saturating_sub(1)).sum(),
+        }
+    }
+
     /// Consecutive runs of `n` sequences (the last may be shorter).
     pub fn chunks(&self, n: usize) -> impl Iterator<Item = Packed> + '_ {
         let n = n.max(1);

@@ -205,6 +205,20 @@ impl Objective for Kd {
         "distillation"
     }
 
+    fn non_finite_cause(&self, input: &[u32], batch: usize) -> Option<String> {
+        let logits = self
+            .teacher
+            .forward(tokens_tensor::<B>(input, batch, &runtime::device()));
+        let values = logits.into_data().convert::<f32>().to_vec::<f32>().ok()?;
+        let bad = values.iter().filter(|x| !x.is_finite()).count();
+        (bad > 0).then(|| {
+            format!(
+                "the frozen teacher's logits are not finite ({bad} of {} values on this batch; its weights passed the load check, so its forward overflowed): not a learning-rate problem; run the teacher in float32 (compute = \"float32\") or check the teacher checkpoint",
+                values.len()
+            )
+        })
+    }
+
     fn projections(&self) -> Vec<train::ProjectionInit> {
         let h = &self.hidden;
         let (r, c) = (h.student_hidden, h.teacher_hidden);
@@ -432,6 +446,7 @@ impl Op for Distill {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Packed;
     use crate::model::checkpoint::load_model;
     use burn::module::{AutodiffModule, Param};
     use burn::tensor::TensorData;
@@ -605,6 +620,126 @@ mod tests {
         let grads = zero.backward();
         let g = student.model.embed_tokens.grad(&grads).expect("a gradient");
         assert_eq!(g.abs().sum().into_scalar(), 0.0);
+    }
+
+    /// A teacher whose forward overflows (finite weights, a final norm scaled to 3e38) fails the
+    /// step naming the teacher, not the learning rate.
+    #[test]
+    fn a_teacher_that_overflows_is_named_as_the_cause() {
+        let m = golden_model();
+        let device = runtime::device();
+        let mut teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+        teacher.norm.weight = teacher.norm.weight.map(|w| w * 3e38);
+        let student = Student {
+            model: Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap(),
+            projections: vec![],
+        };
+        let kd = Kd::new(teacher, 1.0, KlDirection::Forward, 0, 0.0);
+        let seqs: Vec<Vec<u32>> = (0..2)
+            .map(|b| (0..9).map(|i| ((i * 7 + b) % 100) as u32).collect())
+            .collect();
+        let cfg = train::TrainConfig {
+            tokens: 16,
+            seq_len: 8,
+            micro_batch: 2,
+            global_batch: 2,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            clip: 1.0,
+            checkpoint_every: 0,
+            val_every: 0,
+            val_sequences: 0,
+            compute: Default::default(),
+        };
+        let mut state = train::AdamState {
+            step: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        let err = match train::optimizer_step(student, &mut state, &kd, &[seqs.into()], &cfg, 1e-3)
+        {
+            Ok(_) => panic!("the loss of an overflowing teacher is finite"),
+            Err(e) => e,
+        };
+        assert_eq!(err.what, "loss");
+        let cause = err.cause.expect("a cause");
+        assert!(
+            cause.contains("frozen teacher") && cause.contains("not a learning-rate problem"),
+            "{cause}"
+        );
+    }
+
+    /// With a loss mask, how the global batch is cut into micro-batches is a memory setting
+    /// only: one micro-batch of two sequences and two of one give the same loss (the mean over
+    /// every marked target, not a mean of per-micro-batch means).
+    #[test]
+    fn masked_losses_do_not_depend_on_the_micro_batch() {
+        let m = golden_model();
+        let device = runtime::device();
+        let student = || Student {
+            model: Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap(),
+            projections: vec![],
+        };
+        let seqs: Vec<Vec<u32>> = (0..2)
+            .map(|b| (0..9).map(|i| ((i * 7 + b * 3) % 100) as u32).collect())
+            .collect();
+        // Sequence 0 marks 1 target, sequence 1 marks 6: unequal counts.
+        let masks = vec![
+            vec![false, false, false, true, false, false, false, false, false],
+            vec![false, true, true, true, true, true, true, false, false],
+        ];
+        let packed = Packed {
+            tokens: seqs,
+            trained: Some(masks),
+        };
+        let cfg = train::TrainConfig {
+            tokens: 16,
+            seq_len: 8,
+            micro_batch: 1,
+            global_batch: 2,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            clip: 1.0,
+            checkpoint_every: 0,
+            val_every: 0,
+            val_sequences: 0,
+            compute: Default::default(),
+        };
+        let step = |batches: Vec<Packed>| {
+            let mut state = train::AdamState {
+                step: 0,
+                m: Vec::new(),
+                v: Vec::new(),
+            };
+            match train::optimizer_step(
+                student(),
+                &mut state,
+                &train::CrossEntropy,
+                &batches,
+                &cfg,
+                1e-3,
+            ) {
+                Ok(o) => (o.loss, o.grad_norm),
+                Err(e) => panic!("non-finite {}", e.what),
+            }
+        };
+        let (one, norm_one) = step(vec![packed.clone()]);
+        let (two, norm_two) = step(packed.chunks(1).collect());
+        assert!((one - two).abs() < 1e-6 * one, "{one} vs {two}");
+        assert!(
+            (norm_one - norm_two).abs() < 1e-5 * norm_one,
+            "{norm_one} vs {norm_two}"
+        );
     }
 
     #[test]

@@ -90,10 +90,8 @@ pub fn tokenizer(model: &LoadedModel) -> Result<Tokenizer, OpError> {
                 .into(),
         })
     })?;
-    let special = |key: &str| model.special_token(key).unwrap_or_default();
     Ok(Tokenizer::from_json(json, &model.path)?.with_chat_template(
         crate::model::chat::template_source(model),
-        special("bos_token"),
-        special("eos_token"),
+        crate::model::chat::special_tokens(model),
     ))
 }

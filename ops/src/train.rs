@@ -329,6 +329,11 @@ pub trait Objective {
         batch: usize,
     ) -> Tensor<TB, 1>;
     fn name(&self) -> &'static str;
+    /// Asked only once the loss on `input` (`[batch, seq]`) came out non-finite: a cause outside
+    /// the student (a frozen teacher whose forward overflows), said as what to do, or `None`.
+    fn non_finite_cause(&self, _input: &[u32], _batch: usize) -> Option<String> {
+        None
+    }
     /// The learned projections this objective uses (`[student_hidden, teacher_hidden]`), in the
     /// order `loss` reads `student.projections`.
     fn projections(&self) -> Vec<ProjectionInit> {
@@ -358,9 +363,11 @@ pub fn cross_entropy<Bk: burn::tensor::backend::Backend>(
             .collect(),
         None => targets.iter().map(|&x| x as i64).collect(),
     };
-    let Some(logits) = trained_rows(logits, trained) else {
-        return Tensor::zeros([1], &device);
+    let Some(kept_logits) = trained_rows(logits.clone(), trained) else {
+        // Zero, on the graph: backward gives zero gradients rather than none.
+        return (logits.sum() * 0.0).reshape([1]);
     };
+    let logits = kept_logits;
     let n = kept.len();
     let t = Tensor::<Bk, 2, Int>::from_data(TensorData::new(kept, [n, 1]), &device);
     log_softmax(logits, 1).gather(1, t).mean().neg()
@@ -550,6 +557,14 @@ fn validation_loss(
     let mut n = 0;
     for chunk in val.chunks(micro) {
         let (input, targets, trained) = split(&chunk);
+        // Weighted by sequences, or by marked targets in chat data (none: no weight).
+        let weight = match &trained {
+            None => chunk.tokens.len(),
+            Some(_) => chunk.trained_targets(),
+        };
+        if weight == 0 {
+            continue;
+        }
         let l = objective.loss(
             model,
             &input,
@@ -557,9 +572,11 @@ fn validation_loss(
             trained.as_deref(),
             chunk.tokens.len(),
         );
-        total +=
-            l.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0] * chunk.tokens.len() as f64;
-        n += chunk.tokens.len();
+        total += l.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0] * weight as f64;
+        n += weight;
+    }
+    if n == 0 {
+        return f64::NAN;
     }
     total / n as f64
 }
@@ -580,6 +597,8 @@ pub struct StepOutcome {
 pub struct NonFinite {
     pub what: &'static str,
     pub param: Option<usize>,
+    /// What the objective found wrong besides the student (a frozen teacher's logits).
+    pub cause: Option<String>,
 }
 
 /// One optimizer step: loss and gradients over the micro-batches (`[micro_batch]` sequences
@@ -596,15 +615,27 @@ pub fn optimizer_step(
     let mut grads_acc: Option<burn::optim::GradientsParams> = None;
     let mut loss_sum = 0.0;
     let mut tokens = 0u64;
-    for batch in micro_batches {
+    // Chat data: each micro-batch's mean over its marked targets weighs by their count, so the
+    // step's loss is the mean over the global batch's marked targets whatever micro_batch is.
+    let marked: Vec<usize> = micro_batches.iter().map(Packed::trained_targets).collect();
+    let all_marked: usize = marked.iter().sum();
+    for (batch, &count) in micro_batches.iter().zip(&marked) {
         let (input, targets, trained) = split(batch);
+        if trained.is_some() && count == 0 {
+            // Nothing to learn from here; the others carry the step.
+            continue;
+        }
         let loss = objective.loss(
             &student,
             &input,
             &targets,
             trained.as_deref(),
             batch.tokens.len(),
-        ) / accum as f64;
+        );
+        let loss = match trained {
+            None => loss / accum as f64,
+            Some(_) => loss * (count as f64 / all_marked as f64),
+        };
         let value = loss
             .clone()
             .into_data()
@@ -615,6 +646,7 @@ pub fn optimizer_step(
             return Err(NonFinite {
                 what: "loss",
                 param: None,
+                cause: objective.non_finite_cause(&input, batch.tokens.len()),
             });
         }
         loss_sum += value;
@@ -625,7 +657,15 @@ pub fn optimizer_step(
         });
         tokens += batch.tokens.iter().map(|s| s.len() as u64 - 1).sum::<u64>();
     }
-    let mut grads = grads_acc.expect("at least one micro batch");
+    let Some(mut grads) = grads_acc else {
+        // A global batch of chat data with no assistant token: no update, nothing learned.
+        return Ok(StepOutcome {
+            student,
+            loss: 0.0,
+            grad_norm: 0.0,
+            tokens,
+        });
+    };
     let mut norms = GradNorms {
         grads: &grads,
         sq: Vec::new(),
@@ -635,6 +675,7 @@ pub fn optimizer_step(
         return Err(NonFinite {
             what: "gradient",
             param: Some(i),
+            cause: None,
         });
     }
     let norm = norms.sq.iter().sum::<f64>().sqrt();
@@ -801,9 +842,9 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
         let outcome = match optimizer_step(student, &mut state, objective, &micro_batches, &cfg, lr)
         {
             Ok(o) => o,
-            Err(NonFinite { what, param }) => {
+            Err(NonFinite { what, param, cause }) => {
                 let param = param.map(|i| names[i].as_str());
-                return Err(nan_error(step, what, param, last_ckpt_step, &ckpt));
+                return Err(nan_error(step, what, param, cause, last_ckpt_step, &ckpt));
             }
         };
         student = outcome.student;
@@ -942,7 +983,14 @@ fn write_checkpoint(
     Ok(())
 }
 
-fn nan_error(step: usize, what: &str, param: Option<&str>, last: usize, ckpt: &Path) -> OpError {
+fn nan_error(
+    step: usize,
+    what: &str,
+    param: Option<&str>,
+    cause: Option<String>,
+    last: usize,
+    ckpt: &Path,
+) -> OpError {
     let at = param
         .map(|p| format!(" (first non-finite gradient: parameter `{p}`)"))
         .unwrap_or_default();
@@ -954,8 +1002,13 @@ fn nan_error(step: usize, what: &str, param: Option<&str>, last: usize, ckpt: &P
     } else {
         "no checkpoint was written yet".into()
     };
+    let fix = match cause {
+        // Not the student's learning: no learning rate helps.
+        Some(cause) => cause,
+        None => "lower lr or raise warmup_steps".into(),
+    };
     OpError::Failed(format!(
-        "non-finite {what} at step {}{at}; nothing was committed; {resume}; lower lr or raise warmup_steps",
+        "non-finite {what} at step {}{at}; nothing was committed; {resume}; {fix}",
         step + 1
     ))
 }

@@ -52,10 +52,31 @@ GEMMA = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
 
+# The generation marks on their own indented lines (trim_blocks and lstrip_blocks apply to them),
+# `tojson` with an indent over a message's extra fields in their order, non-ASCII kept.
+CHATML_BLOCKS = """{% for message in messages %}
+    {{- '<|im_start|>' + message['role'] + '\\n' }}
+    {% if message['role'] == 'assistant' %}
+        {% generation %}
+        {{- message['content'] + '<|im_end|>' }}
+        {% endgeneration %}
+    {% else %}
+        {{- message['content'] }}
+        {% if message['meta'] is defined %}{{ message['meta'] | tojson(indent=2) }}{% endif %}
+        {{- '<|im_end|>' }}
+    {% endif %}
+    {{- '\\n' }}
+{% endfor %}
+{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"""
+
 CONVERSATIONS = [
     [
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "It is 4."},
+    ],
+    [
+        {"role": "user", "content": "Tools?", "meta": {"zeta": 1, "alpha": ["é", True, None]}},
+        {"role": "assistant", "content": "None."},
     ],
     [
         {"role": "user", "content": "  Name a colour. "},
@@ -86,7 +107,8 @@ def main():
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, f)
     t = AutoTokenizer.from_pretrained(OUT)
     golden = {"templates": {}}
-    for name, template in (("chatml", CHATML), ("llama3", LLAMA3), ("gemma", GEMMA)):
+    for name, template in (("chatml", CHATML), ("llama3", LLAMA3), ("gemma", GEMMA),
+                           ("chatml_blocks", CHATML_BLOCKS)):
         cases = []
         for conv in CONVERSATIONS:
             text = t.apply_chat_template(conv, chat_template=template, tokenize=False)

@@ -115,11 +115,10 @@ impl FewshotDraw {
         }
     }
 
-    /// Indices into `pool` of the examples for one document. `same_as` is `Some(i)` when the
-    /// pool is the evaluated split itself and the document is `pool[i]`: then, as the harness
-    /// does, `n + 1` are drawn and every example equal to the document (`equal(j)`) is dropped,
-    /// with a second draw from the pool without it when duplicates leave fewer than `n`.
-    /// Errors name what is short.
+    /// Indices into a pool of `pool` examples for one document. When the pool is the evaluated
+    /// split itself (`same_split`), as the harness does, `n + 1` are drawn and every example
+    /// equal to the document (`equal_to_doc(j)`) is dropped, with a second draw from the pool
+    /// without it when duplicates leave fewer than `n`. Errors name what is short.
     pub fn examples(
         &mut self,
         pool: usize,
@@ -186,7 +185,8 @@ impl FewshotDraw {
 }
 
 /// The harness's plain-text context: `description`, then each `(question, answer)` example
-/// followed by `target_delimiter`/`fewshot_delimiter`, then the question asked.
+/// followed by `target_delimiter`/`fewshot_delimiter`, then the question asked. An example with an
+/// empty answer is its question alone, with neither delimiter (the harness's `build_qa_turn`).
 pub fn fewshot_context(
     description: &str,
     examples: &[(&str, &str)],
@@ -197,9 +197,11 @@ pub fn fewshot_context(
     let mut out = description.to_string();
     for (q, a) in examples {
         out.push_str(q);
-        out.push_str(target_delimiter);
-        out.push_str(a);
-        out.push_str(fewshot_delimiter);
+        if !a.is_empty() {
+            out.push_str(target_delimiter);
+            out.push_str(a);
+            out.push_str(fewshot_delimiter);
+        }
     }
     out.push_str(question);
     out
@@ -248,5 +250,7 @@ mod tests {
     fn contexts_join_as_the_harness_joins_them() {
         let c = fewshot_context("D\n\n", &[("Q1", "A1"), ("Q2", "A2")], "Q3", " ", "\n\n");
         assert_eq!(c, "D\n\nQ1 A1\n\nQ2 A2\n\nQ3");
+        let c = fewshot_context("", &[("Q1", ""), ("Q2", "A2")], "Q3", " ", "\n\n");
+        assert_eq!(c, "Q1Q2 A2\n\nQ3");
     }
 }

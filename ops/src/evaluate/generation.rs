@@ -10,8 +10,14 @@ use serde_json::Value;
 
 use crate::op::{Artifact, OpError};
 
+/// One generation document: its fields and where it was read (`file:line`, for errors).
+pub struct Doc {
+    pub fields: Value,
+    pub at: String,
+}
+
 /// One JSONL document per line, each a JSON object (the fields the templates name).
-pub fn read_docs(artifact: &Artifact) -> Result<Vec<Value>, OpError> {
+pub fn read_docs(artifact: &Artifact) -> Result<Vec<Doc>, OpError> {
     let mut docs = Vec::new();
     for path in &artifact.files {
         let text = std::fs::read_to_string(path).map_err(|e| OpError::io(path, "read", e))?;
@@ -19,20 +25,42 @@ pub fn read_docs(artifact: &Artifact) -> Result<Vec<Value>, OpError> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line).map_err(|e| {
-                OpError::Invalid(format!("{}:{}: not JSON: {e}", path.display(), i + 1))
-            })?;
+            let at = format!("{}:{}", path.display(), i + 1);
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| OpError::Invalid(format!("{at}: not JSON: {e}")))?;
             if !v.is_object() {
                 return Err(OpError::Invalid(format!(
-                    "{}:{}: a generation document must be a JSON object such as {{\"question\": ..., \"answer\": ...}}",
-                    path.display(),
-                    i + 1
+                    "{at}: a generation document must be a JSON object such as {{\"question\": ..., \"answer\": ...}}"
                 )));
             }
-            docs.push(v);
+            docs.push(Doc { fields: v, at });
         }
     }
     Ok(docs)
+}
+
+/// The harness's `regex_replace` filter: Python's `re.sub(pattern, repl, string, count)`.
+fn regex_replace(
+    value: String,
+    pattern: String,
+    repl: String,
+    count: Option<usize>,
+) -> Result<String, minijinja::Error> {
+    let re = Regex::new(&pattern).map_err(|e| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("regex_replace: {pattern:?}: {e}"),
+        )
+    })?;
+    // Python's `\1` group references become `${1}`.
+    let repl = Regex::new(r"\\(\d+)")
+        .expect("a valid regex")
+        .replace_all(&repl, "$${${1}}")
+        .into_owned();
+    Ok(match count {
+        Some(n) if n > 0 => re.replacen(&value, n, repl.as_str()).into_owned(),
+        _ => re.replace_all(&value, repl.as_str()).into_owned(),
+    })
 }
 
 /// Renders `doc_to_text`/`doc_to_target` templates over documents; a field a template names
@@ -44,8 +72,13 @@ pub struct Templates {
 impl Templates {
     /// `templates` as (parameter name, Jinja source); errors name the parameter.
     pub fn new(templates: &[(&'static str, String)]) -> Result<Templates, OpError> {
+        // lm-evaluation-harness's environment: strict undefined, trailing newlines kept, its
+        // `regex_replace` filter; Python's string methods (`.split`, `.strip`) as its YAMLs use.
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_keep_trailing_newline(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("regex_replace", regex_replace);
         for (name, source) in templates {
             env.add_template_owned(*name, source.clone()).map_err(|e| {
                 OpError::Invalid(format!("parameter `{name}`: not a Jinja template: {e}"))
@@ -224,6 +257,20 @@ mod tests {
 
     #[test]
     fn templates_render_the_harness_syntax_and_name_missing_fields() {
+        // gsm8k-cot-llama.yaml's shapes: a trailing newline kept, Python's string methods.
+        let t = Templates::new(&[
+            ("nl", "Q: {{question}}\n".into()),
+            ("target", "{{answer.split('####')[-1].strip()}}".into()),
+            (
+                "re",
+                "{{answer | regex_replace('#### (\\\\d+)', 'is \\\\1')}}".into(),
+            ),
+        ])
+        .unwrap();
+        let doc = serde_json::json!({"question": "2+2?", "answer": "so #### 4"});
+        assert_eq!(t.render("nl", &doc, &|| "d".into()).unwrap(), "Q: 2+2?\n");
+        assert_eq!(t.render("target", &doc, &|| "d".into()).unwrap(), "4");
+        assert_eq!(t.render("re", &doc, &|| "d".into()).unwrap(), "so is 4");
         let t =
             Templates::new(&[("doc_to_text", "Question: {{question}}\nAnswer:".into())]).unwrap();
         let doc = serde_json::json!({"question": "2+2?", "answer": "#### 4"});

@@ -517,6 +517,14 @@ impl Evaluate {
                 "`fewshot` examples are for one task: evaluate multiple choice and generation in separate steps when a `fewshot` input names the examples".into(),
             ));
         }
+        if ctx.inputs.contains_key("fewshot") {
+            let tasks = ctx.inputs.contains_key("tasks") || ctx.inputs.contains_key("generate");
+            if shots.num == 0 || !tasks {
+                return Err(OpError::Invalid(
+                    "a `fewshot` input is wired but nothing uses it: set num_fewshot and wire `tasks` or `generate`, or remove it".into(),
+                ));
+            }
+        }
         let max_items = ctx.params.usize("max_items")?;
         if let Some(tasks) = ctx.inputs.get("tasks") {
             let all = read_choices(tasks)?;
@@ -718,19 +726,23 @@ impl GenerationRun<'_> {
     fn run(&self, input: &Artifact, device: &burn::tensor::Device<B>) -> Result<Value, OpError> {
         let p = &self.ctx.params;
         let all = generation::read_docs(input)?;
-        let mut docs = all.clone();
         let max_items = p.usize("max_items")?;
-        if max_items > 0 {
-            docs.truncate(max_items);
-        }
+        let docs = match max_items {
+            0 => &all[..],
+            n => &all[..n.min(all.len())],
+        };
         if docs.is_empty() {
             return Err(OpError::Invalid(
                 "the generate input has no documents".into(),
             ));
         }
+        let own_pool;
         let (pool, same_split) = match self.ctx.inputs.get("fewshot") {
-            Some(f) => (generation::read_docs(f)?, false),
-            None => (all, true),
+            Some(f) => {
+                own_pool = generation::read_docs(f)?;
+                (&own_pool[..], false)
+            }
+            None => (&all[..], true),
         };
         let templates = generation::Templates::new(&[
             ("doc_to_text", p.str("doc_to_text")?.to_string()),
@@ -744,40 +756,35 @@ impl GenerationRun<'_> {
                 "parameter `max_gen_toks` = {max_gen} leaves no room for a prompt in the model's {max_len}-token context; lower it"
             )));
         }
-        let named = |files: &[std::path::PathBuf], i: usize| match files {
-            [one] => format!("{} document {}", one.display(), i + 1),
-            _ => format!("document {}", i + 1),
-        };
-        let pool_files = match self.ctx.inputs.get("fewshot") {
-            Some(f) => &f.files,
-            None => &input.files,
-        };
         // Contexts as the harness builds them, then its `tok_encode`, cut to the last
         // `max_length - max_gen_toks` tokens.
         let mut draw = self.shots.draw();
         let mut prompts = Vec::with_capacity(docs.len());
         let mut references = Vec::with_capacity(docs.len());
-        for (i, doc) in docs.iter().enumerate() {
-            let at = || named(&input.files, i);
+        // The harness's request order: longest (untruncated) context first, then by context.
+        let mut order_key = Vec::with_capacity(docs.len());
+        for doc in docs {
+            let at = || doc.at.clone();
             let picked = draw
-                .examples(pool.len(), same_split, &|j| pool[j] == *doc)
+                .examples(pool.len(), same_split, &|j| pool[j].fields == doc.fields)
                 .map_err(|e| OpError::Invalid(format!("{}: {e}", at())))?;
             let mut examples = Vec::with_capacity(picked.len());
             for j in picked {
-                let at = || named(pool_files, j);
+                let at = || pool[j].at.clone();
                 examples.push((
-                    templates.render("doc_to_text", &pool[j], &at)?,
-                    templates.render("doc_to_target", &pool[j], &at)?,
+                    templates.render("doc_to_text", &pool[j].fields, &at)?,
+                    templates.render("doc_to_target", &pool[j].fields, &at)?,
                 ));
             }
             let examples: Vec<(&str, &str)> = examples
                 .iter()
                 .map(|(q, a)| (q.as_str(), a.as_str()))
                 .collect();
-            let question = templates.render("doc_to_text", doc, &at)?;
-            references.push(templates.render("doc_to_target", doc, &at)?);
+            let question = templates.render("doc_to_text", &doc.fields, &at)?;
+            references.push(templates.render("doc_to_target", &doc.fields, &at)?);
             let context = self.shots.context(&examples, &question, delimiter);
             let mut ids = self.harness.tok_encode(&context)?;
+            order_key.push((std::cmp::Reverse(ids.len()), context));
             if ids.is_empty() {
                 ids.push(self.harness.prefix);
             }
@@ -790,7 +797,24 @@ impl GenerationRun<'_> {
         // The stop strings, the tokenizer's EOS text among them (as the harness adds it); EOS
         // ids end a generation as transformers' `generate` ends it.
         let mut until: Vec<String> = p.str_list("until")?;
-        let mut eos_ids = self.model.config.eos_ids();
+        // generation_config.json's EOS ids where it names them (Llama 3 instruct ends turns
+        // with <|eot_id|> there), else config.json's: those `generate` stops at.
+        let mut eos_ids = match self
+            .model
+            .generation_config
+            .as_ref()
+            .and_then(|g| g.get("eos_token_id"))
+        {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| v as u32).into_iter().collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
+            _ => self.model.config.eos_ids(),
+        };
         if let Some(eos) = self.model.special_token("eos_token") {
             if let Some(id) = self.tok.token_id(&eos) {
                 eos_ids.push(id);
@@ -802,7 +826,7 @@ impl GenerationRun<'_> {
         let batch = p.usize("batch")?;
         // Longest first, as the harness orders requests: similar lengths share a batch.
         let mut order: Vec<usize> = (0..prompts.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
+        order.sort_by(|&a, &b| order_key[a].cmp(&order_key[b]));
         let mut continuations: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         self.ctx
             .progress

@@ -13,7 +13,7 @@
 
 use std::ops::Range;
 
-use minijinja::{Environment, Error, ErrorKind, Value as JinjaValue, context};
+use minijinja::{Environment, Error, ErrorKind, Value as JinjaValue};
 use serde_json::Value;
 
 use super::LoadedModel;
@@ -22,20 +22,22 @@ use crate::op::OpError;
 /// A checkpoint's chat template, ready to render.
 pub struct ChatTemplate {
     env: Environment<'static>,
-    bos_token: String,
-    eos_token: String,
+    /// The tokenizer's special tokens by name (`bos_token`, `eos_token`, `pad_token`, ...), as
+    /// transformers passes its `special_tokens_map` to the template.
+    special_tokens: serde_json::Map<String, Value>,
     /// Whether the template marks the assistant's text with `{% generation %}` blocks.
     marked: bool,
 }
 
-/// What a `{% generation %}` block's start and end render as when spans are wanted: Unicode
+/// What a `{% generation %}` block's text is wrapped in when spans are wanted: Unicode
 /// noncharacters, which no text holds.
 const GENERATION_START: char = '\u{FDD0}';
 const GENERATION_END: char = '\u{FDD1}';
 
 /// Where a template comes from: `chat_template.jinja` (transformers 5 saves it there), else
 /// tokenizer_config.json's `chat_template` (a string, or named templates: the `default` one).
-pub fn template_source(model: &LoadedModel) -> Option<String> {
+/// `None` when the checkpoint has none; `Some(Err)` says why one could not be read.
+pub fn template_source(model: &LoadedModel) -> Option<Result<String, String>> {
     let dir_file = |name: &str| {
         model
             .tokenizer_files
@@ -44,88 +46,176 @@ pub fn template_source(model: &LoadedModel) -> Option<String> {
             .cloned()
     };
     if let Some(p) = dir_file("chat_template.jinja") {
-        return std::fs::read_to_string(p).ok();
+        return Some(std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display())));
     }
     let config: Option<Value> = model.tokenizer_config.clone().or_else(|| {
         let p = dir_file("tokenizer_config.json")?;
         serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
     });
     match config?.get("chat_template")? {
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(Ok(s.clone())),
         Value::Array(named) => named
             .iter()
             .find(|t| t["name"] == "default")
             .and_then(|t| t["template"].as_str())
-            .map(String::from),
+            .map(|t| Ok(t.to_string())),
         _ => None,
     }
+}
+
+/// The special tokens a template may name, as transformers passes its `special_tokens_map`:
+/// `bos_token`, `eos_token`, `unk_token`, `sep_token`, `pad_token`, `cls_token`, `mask_token`,
+/// those the tokenizer has.
+pub fn special_tokens(model: &LoadedModel) -> serde_json::Map<String, Value> {
+    [
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+    ]
+    .into_iter()
+    .filter_map(|k| Some((k.to_string(), Value::String(model.special_token(k)?))))
+    .collect()
 }
 
 fn raise_exception(message: String) -> Result<JinjaValue, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }
 
+/// The body of a `{% generation %}` block: as is, or between the two marks when the render
+/// asks for spans (`__generation_marks`).
+fn generation(state: &minijinja::State, body: String) -> String {
+    if state
+        .lookup("__generation_marks")
+        .is_some_and(|v| v.is_true())
+    {
+        format!("{GENERATION_START}{body}{GENERATION_END}")
+    } else {
+        body
+    }
+}
+
+/// transformers' `tojson`: Python's `json.dumps(x, ensure_ascii=False, indent=indent)` (its
+/// separators `", "` and `": "`, keys in their order), not Jinja's HTML-escaping one.
+fn tojson(value: JinjaValue, kwargs: minijinja::value::Kwargs) -> Result<JinjaValue, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let v: Value = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    python_json(&v, indent, 0, &mut out);
+    Ok(JinjaValue::from_safe_string(out))
+}
+
+/// `json.dumps` layout: `[a, b]` and `{"k": v}` on one line, or one item a line under `indent`.
+fn python_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    let (open, between, close) = match indent {
+        None => (String::new(), ", ".to_string(), String::new()),
+        Some(n) => (
+            format!("\n{}", " ".repeat(n * (depth + 1))),
+            format!(",\n{}", " ".repeat(n * (depth + 1))),
+            format!("\n{}", " ".repeat(n * depth)),
+        ),
+    };
+    match v {
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            out.push_str(&open);
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&between);
+                }
+                python_json(x, indent, depth + 1, out);
+            }
+            out.push_str(&close);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            out.push('{');
+            out.push_str(&open);
+            for (i, (k, x)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&between);
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                python_json(x, indent, depth + 1, out);
+            }
+            out.push_str(&close);
+            out.push('}');
+        }
+        // Scalars and empty containers as serde_json writes them (strings unescaped past ASCII,
+        // as ensure_ascii=False writes them).
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 impl ChatTemplate {
-    /// A template from its Jinja source, with the special tokens it may name.
-    pub fn new(source: &str, bos_token: String, eos_token: String) -> Result<ChatTemplate, Error> {
+    /// A template from its Jinja source, with the tokenizer's special tokens by name
+    /// (`{"bos_token": "<s>", ...}`).
+    pub fn new(
+        source: &str,
+        special_tokens: serde_json::Map<String, Value>,
+    ) -> Result<ChatTemplate, Error> {
+        // transformers' environment: trim_blocks, lstrip_blocks, loop controls (a feature of
+        // this build), raise_exception, its tojson. `strftime_now` is left undefined so that
+        // training data does not depend on the day it is rendered (Llama 3.1's template falls
+        // back to its own date then); a template that calls it anyway fails naming it.
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        // transformers' `{% generation %}` blocks (a Jinja extension of its own) become two
-        // variables, empty in plain rendering, noncharacters when the spans are wanted.
+        env.add_filter("tojson", tojson);
+        env.add_filter("__generation", generation);
+        // transformers' `{% generation %}` blocks (a Jinja extension of its own) become filter
+        // blocks: still block tags, so trim_blocks and lstrip_blocks treat them alike.
         let marks = fancy_regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
             .expect("a valid regex");
         let marked = marks.is_match(source).unwrap_or(false);
         let source = marks
             .replace_all(source, |c: &fancy_regex::Captures| {
-                let which = if c.get(2).is_some() {
-                    "__generation_end"
+                let tag = if c.get(2).is_some() {
+                    "endfilter"
                 } else {
-                    "__generation_start"
+                    "filter __generation"
                 };
-                format!("{{{{{} {which} {}}}}}", &c[1], &c[3])
+                format!("{{%{} {tag} {}%}}", &c[1], &c[3])
             })
             .into_owned();
         env.add_template_owned("chat", source)?;
         Ok(ChatTemplate {
             env,
-            bos_token,
-            eos_token,
+            special_tokens,
             marked,
         })
     }
 
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`.
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, Error> {
-        self.render_marking(messages, add_generation_prompt, ("", ""))
+        self.render_marking(messages, add_generation_prompt, false)
     }
 
     fn render_marking(
         &self,
         messages: &[Value],
         add_generation_prompt: bool,
-        (start, end): (&str, &str),
+        marks: bool,
     ) -> Result<String, Error> {
-        self.env.get_template("chat")?.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-            __generation_start => start,
-            __generation_end => end,
-        })
+        let mut ctx = self.special_tokens.clone();
+        ctx.insert("messages".into(), Value::Array(messages.to_vec()));
+        ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        ctx.insert("__generation_marks".into(), marks.into());
+        self.env.get_template("chat")?.render(Value::Object(ctx))
     }
 
     /// The spans between `{% generation %}` marks, and the text without them.
     fn marked_spans(&self, messages: &[Value]) -> Result<(String, Vec<Range<usize>>), String> {
         let raw = self
-            .render_marking(
-                messages,
-                false,
-                (&GENERATION_START.to_string(), &GENERATION_END.to_string()),
-            )
+            .render_marking(messages, false, true)
             .map_err(|e| e.to_string())?;
         let (mut text, mut spans, mut open) = (String::with_capacity(raw.len()), Vec::new(), None);
         for c in raw.chars() {
@@ -221,7 +311,7 @@ mod tests {
 
     #[test]
     fn assistant_turns_are_found_by_prefix_rendering() {
-        let t = ChatTemplate::new(CHATML, "<s>".into(), "</s>".into()).unwrap();
+        let t = ChatTemplate::new(CHATML, Default::default()).unwrap();
         let msgs = vec![
             json!({"role": "user", "content": "Hi"}),
             json!({"role": "assistant", "content": "Hello!"}),
@@ -238,7 +328,7 @@ mod tests {
     #[test]
     fn a_template_that_raises_or_rewrites_history_says_so() {
         let raising = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}";
-        let t = ChatTemplate::new(raising, String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(raising, Default::default()).unwrap();
         let err = t
             .render(&[json!({"role": "assistant", "content": "x"})], false)
             .unwrap_err()
@@ -246,7 +336,7 @@ mod tests {
         assert!(err.contains("must start with the user"), "{err}");
         // Only the last assistant turn is shown in full: earlier ones change once more follow.
         let rewriting = "{% for m in messages %}{% if loop.last or m['role'] != 'assistant' %}{{ m['content'] }}{% else %}[...]{% endif %}{% endfor %}";
-        let t = ChatTemplate::new(rewriting, String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(rewriting, Default::default()).unwrap();
         let msgs = vec![
             json!({"role": "user", "content": "a"}),
             json!({"role": "assistant", "content": "b"}),

@@ -852,7 +852,6 @@ impl ModelConfig {
         )
     }
 
-    /// The first EOS id (some configs list several).
     /// Every EOS id `eos_token_id` names (one, or a list: Llama 3's instruct models end turns
     /// with either of two): where greedy generation stops.
     pub fn eos_ids(&self) -> Vec<u32> {
@@ -867,6 +866,7 @@ impl ModelConfig {
         }
     }
 
+    /// The first EOS id (some configs list several).
     pub fn eos_id(&self) -> Option<u32> {
         match &self.eos_token_id {
             Some(Value::Number(n)) => n.as_u64().map(|v| v as u32),

@@ -1242,7 +1242,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Query and KV head counts (of the first block; 1 and 1 without blocks).
-    fn head_counts(&self) -> (usize, usize) {
+    pub fn head_counts(&self) -> (usize, usize) {
         match self.layers.first() {
             Some(block) => (block.self_attn.n_heads, block.self_attn.n_kv_heads),
             None => (1, 1),

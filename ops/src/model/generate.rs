@@ -62,7 +62,8 @@ pub fn decoding_mask(
 
 /// Greedy continuations of `prompts` (non-empty token lists), decoded together: at most
 /// `max_new` tokens each; a row stops early once `finished(row, continuation)` says so (an EOS
-/// token, a stop string), and its later tokens are neither computed into its result nor kept.
+/// token, a stop string): it rides along in the batch until every row is done, but nothing more
+/// is added to its result.
 /// Ties in the argmax go to the lowest token id, as `torch.argmax` does.
 ///
 /// # Panics
@@ -80,10 +81,7 @@ pub fn greedy<B: Backend>(
         return out;
     }
     assert!(prompts.iter().all(|p| !p.is_empty()), "empty prompt");
-    let (heads, kv_heads) = match decoder.layers.first() {
-        Some(b) => (b.self_attn.n_heads, b.self_attn.n_kv_heads),
-        None => (1, 1),
-    };
+    let (heads, kv_heads) = decoder.head_counts();
     let rep = heads / kv_heads;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();

@@ -29,9 +29,16 @@ impl Tokenizer {
         })
     }
 
-    /// Attaches the checkpoint's chat template (its Jinja source and special tokens).
-    pub fn with_chat_template(mut self, source: Option<String>, bos: String, eos: String) -> Self {
-        self.chat = source.map(|s| ChatTemplate::new(&s, bos, eos).map_err(|e| e.to_string()));
+    /// Attaches the checkpoint's chat template: its Jinja source (or why it could not be read)
+    /// and the special tokens it may name.
+    pub fn with_chat_template(
+        mut self,
+        source: Option<Result<String, String>>,
+        special_tokens: serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        self.chat = source.map(|s| {
+            s.and_then(|s| ChatTemplate::new(&s, special_tokens).map_err(|e| e.to_string()))
+        });
         self
     }
 
@@ -41,7 +48,7 @@ impl Tokenizer {
             Some(Ok(t)) => Ok(t),
             Some(Err(e)) => Err(ModelError::Tokenizer {
                 path: self.origin.clone(),
-                why: format!("its chat template does not compile: {e}"),
+                why: format!("its chat template cannot be used: {e}"),
             }),
             None => Err(ModelError::Tokenizer {
                 path: self.origin.clone(),

@@ -746,6 +746,10 @@ pub fn export_model(
     // The template wherever the checkpoint keeps it (transformers 5: chat_template.jinja; named
     // templates: the default one), as `tokenizer.chat_template`.
     if let Some(t) = crate::model::chat::template_source(&m) {
+        let t = t.map_err(|why| ModelError::Tokenizer {
+            path: m.path.clone(),
+            why: format!("its chat template cannot be read: {why}"),
+        })?;
         tokenizer_config.get_or_insert_with(|| serde_json::json!({}))["chat_template"] = t.into();
     }
     let export = GgufExport {
