@@ -10,7 +10,9 @@ generation task 1-shot (gen.jsonl). The base model is the demo's Q4_1 GGUF, whic
 dequantizes as distillery does; the pruned model is distillery's `prune` of it (calibrated on
 tests/golden/eval-text.txt), exported as a Hugging Face checkpoint that the harness loads.
 Prints, per model and task, the largest log-likelihood difference, whether every choice, context
-and generation is equal, and both sides' metrics; exits 1 when anything differs.
+and generation is equal, and both sides' metrics; exits 1 when anything differs. It also writes
+the harness's numbers on the base model to lm-eval/smollm2.json, which CI checks distillery against
+(tests/tests/evaluation.rs, when the GGUF can be fetched).
 """
 import json
 import os
@@ -62,7 +64,7 @@ format = "jsonl"
 [steps.stats]
 op = "calibrate"
 inputs = {{ model = "sources.m", data = "sources.text" }}
-params = {{ samples = 8, seq_len = 64, batch = 4 }}
+params = {{ samples = 2, seq_len = 16, batch = 2 }}
 
 [steps.scores]
 op = "score"
@@ -165,6 +167,26 @@ def compare(name, ours, theirs):
     return ok
 
 
+def write_golden(theirs):
+    """The harness's numbers on the base model, for the CI test that runs distillery on the same
+    GGUF (tests/tests/evaluation.rs): lm-eval/smollm2.json."""
+    s, res = theirs["samples"], theirs["results"]
+    gen = [x for x in s["distillery_gen"] if x["filter"] == "strict-match"]
+    golden = {
+        "lm_eval_version": lm_eval.__version__,
+        "mc_zero": {"acc": res["distillery_mc"]["acc,none"], "acc_norm": res["distillery_mc"]["acc_norm,none"],
+                    "loglikelihoods": [[r[0][0] for r in x["resps"]] for x in s["distillery_mc"]]},
+        "mc_two": {"acc": res["distillery_mc_fewshot"]["acc,none"],
+                   "contexts": [x["arguments"][0][0] for x in s["distillery_mc_fewshot"]],
+                   "loglikelihoods": [[r[0][0] for r in x["resps"]] for x in s["distillery_mc_fewshot"]]},
+        "rolling": {"word_perplexity": res["distillery_rolling"]["word_perplexity,none"],
+                    "loglikelihoods": [x["resps"][0][0] for x in s["distillery_rolling"]]},
+        "generation": {"responses": [x["resps"][0][0] for x in gen]},
+    }
+    with open(os.path.join(DATA, "smollm2.json"), "w") as f:
+        json.dump(golden, f, indent=1)
+
+
 def main():
     if not os.path.isfile(GGUF):
         sys.exit(f"{GGUF} is missing: run scripts/demo.sh first (it fetches SmolLM2)")
@@ -180,7 +202,10 @@ def main():
             ("pruned", "pruned", f"pretrained={pruned_dir}"),
         ):
             ours = {k: report(work, f"{model}_{k}") for k in ("zero", "two", "gen")}
-            ok &= compare(name, ours, harness(args, work))
+            theirs = harness(args, work)
+            ok &= compare(name, ours, theirs)
+            if name == "base":
+                write_golden(theirs)
     print("all equal" if ok else "DIFFERENCES")
     sys.exit(0 if ok else 1)
 

@@ -3,6 +3,8 @@
 //! conventions for multiple choice, and models or results that are not finite.
 
 mod common;
+#[path = "../support/demo_files.rs"]
+mod demo_files;
 
 use common::{Env, golden, stderr, text};
 
@@ -289,11 +291,8 @@ params = {{ max_gen_toks = 4, num_fewshot = 1, doc_to_text = "{{{{q}}}}" }}
         ),
     );
     for (step, says) in [
-        ("gen", vec!["gen.jsonl document 1", "doc_to_text"]),
-        (
-            "shots",
-            vec!["gen.jsonl document 1", "num_fewshot = 1 but only 0"],
-        ),
+        ("gen", vec!["gen.jsonl:1", "doc_to_text", "[\"question\"]"]),
+        ("shots", vec!["gen.jsonl:1", "num_fewshot = 1 but only 0"]),
     ] {
         let out = env.run(&["run", "r.toml", "--until", step]);
         assert_eq!(out.status.code(), Some(3), "{}", text(&out));
@@ -568,4 +567,122 @@ params = {{ window = 32, max_tokens = 30 }}
     ] {
         assert_eq!(one["perplexity"][k], two["perplexity"][k], "{k}");
     }
+}
+
+/// SmolLM2-135M-Instruct (the demo's Q4_1 GGUF) against lm-evaluation-harness 0.4.13 on the same
+/// tasks (tests/golden/check_lm_eval_smollm2.py → lm-eval/smollm2.json): multiple choice 0- and
+/// 2-shot, rolling perplexity, and GSM8K-shaped generation 1-shot, item for item. Skips when the
+/// GGUF cannot be fetched.
+#[test]
+fn smollm2_matches_lm_evaluation_harness() {
+    let gguf = match demo_files::smollm2_gguf() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIPPED: the SmolLM2 GGUF is not available: {why}");
+            return;
+        }
+    };
+    let env = Env::new();
+    let data = golden("lm-eval");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("smollm2.json")).unwrap()).unwrap();
+    env.write(
+        "r.toml",
+        &format!(
+            r#"
+[sources.m]
+kind = "model"
+path = "{m}"
+
+[sources.mc]
+kind = "dataset"
+files = "{d}/mc.jsonl"
+format = "jsonl"
+
+[sources.docs]
+kind = "dataset"
+files = "{d}/docs.jsonl"
+format = "jsonl"
+
+[sources.gen]
+kind = "dataset"
+files = "{d}/gen.jsonl"
+format = "jsonl"
+
+[steps.zero]
+op = "evaluate"
+inputs = {{ model = "sources.m", data = "sources.docs", tasks = "sources.mc" }}
+
+[steps.two]
+op = "evaluate"
+inputs = {{ model = "sources.m", tasks = "sources.mc" }}
+params = {{ num_fewshot = 2 }}
+
+[steps.gen]
+op = "evaluate"
+inputs = {{ model = "sources.m", generate = "sources.gen" }}
+params = {{ num_fewshot = 1, max_gen_toks = 12 }}
+"#,
+            m = gguf.display(),
+            d = data.display()
+        ),
+    );
+    env.ok(&["run", "r.toml"]);
+    let close = |got: &serde_json::Value, want: &serde_json::Value, what: &str| {
+        for (item, (g, w)) in got
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(want.as_array().unwrap())
+            .enumerate()
+        {
+            for (g, w) in g.as_array().unwrap().iter().zip(w.as_array().unwrap()) {
+                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{what} item {item}: {g} vs harness {w}"
+                );
+            }
+        }
+    };
+    let zero = report(&env, "r.toml", "zero");
+    close(
+        &zero["multiple_choice"]["loglikelihoods"],
+        &want["mc_zero"]["loglikelihoods"],
+        "0-shot",
+    );
+    assert_eq!(zero["multiple_choice"]["acc"], want["mc_zero"]["acc"]);
+    assert_eq!(
+        zero["multiple_choice"]["acc_norm"],
+        want["mc_zero"]["acc_norm"]
+    );
+    let (p, wp) = (&zero["perplexity"], &want["rolling"]);
+    for (g, w) in p["document_loglikelihoods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(wp["loglikelihoods"].as_array().unwrap())
+    {
+        let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs(),
+            "document log-likelihood {g} vs harness {w}"
+        );
+    }
+    let two = report(&env, "r.toml", "two");
+    assert_eq!(
+        two["multiple_choice"]["contexts"],
+        want["mc_two"]["contexts"]
+    );
+    close(
+        &two["multiple_choice"]["loglikelihoods"],
+        &want["mc_two"]["loglikelihoods"],
+        "2-shot",
+    );
+    assert_eq!(two["multiple_choice"]["acc"], want["mc_two"]["acc"]);
+    let generated = report(&env, "r.toml", "gen");
+    assert_eq!(
+        generated["generation"]["responses"],
+        want["generation"]["responses"]
+    );
 }

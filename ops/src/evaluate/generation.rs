@@ -99,8 +99,21 @@ impl Templates {
             .get_template(name)
             .map_err(|e| OpError::Invalid(format!("parameter `{name}`: {e}")))?;
         t.render(doc).map_err(|e| {
+            // Name the fields the template uses that this document lacks.
+            let mut missing: Vec<String> = t
+                .undeclared_variables(false)
+                .into_iter()
+                .filter(|v| doc.get(v).is_none())
+                .collect();
+            missing.sort();
+            let has: Vec<&String> = doc.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+            let why = if missing.is_empty() {
+                e.to_string()
+            } else {
+                format!("it names {missing:?}, which the document lacks (it has {has:?})")
+            };
             OpError::Invalid(format!(
-                "{}: parameter `{name}` cannot be rendered over this document: {e} (the fields it names must be in every document)",
+                "{}: parameter `{name}` cannot be rendered over this document: {why}; set `{name}` to the fields your documents have",
                 at()
             ))
         })
