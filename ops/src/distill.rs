@@ -622,6 +622,28 @@ mod tests {
         assert_eq!(g.abs().sum().into_scalar(), 0.0);
     }
 
+    /// One optimizer step over two sequences of 8 targets, `micro_batch` at a time.
+    fn one_step_config(micro_batch: usize) -> train::TrainConfig {
+        train::TrainConfig {
+            tokens: 16,
+            seq_len: 8,
+            micro_batch,
+            global_batch: 2,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            clip: 1.0,
+            checkpoint_every: 0,
+            val_every: 0,
+            val_sequences: 0,
+            compute: Default::default(),
+        }
+    }
+
     /// A teacher whose forward overflows (finite weights, a final norm scaled to 3e38) fails the
     /// step naming the teacher, not the learning rate.
     #[test]
@@ -638,24 +660,7 @@ mod tests {
         let seqs: Vec<Vec<u32>> = (0..2)
             .map(|b| (0..9).map(|i| ((i * 7 + b) % 100) as u32).collect())
             .collect();
-        let cfg = train::TrainConfig {
-            tokens: 16,
-            seq_len: 8,
-            micro_batch: 2,
-            global_batch: 2,
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup_steps: 0,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            clip: 1.0,
-            checkpoint_every: 0,
-            val_every: 0,
-            val_sequences: 0,
-            compute: Default::default(),
-        };
+        let cfg = one_step_config(2);
         let mut state = train::AdamState {
             step: 0,
             m: Vec::new(),
@@ -697,24 +702,7 @@ mod tests {
             tokens: seqs,
             trained: Some(masks),
         };
-        let cfg = train::TrainConfig {
-            tokens: 16,
-            seq_len: 8,
-            micro_batch: 1,
-            global_batch: 2,
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup_steps: 0,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            clip: 1.0,
-            checkpoint_every: 0,
-            val_every: 0,
-            val_sequences: 0,
-            compute: Default::default(),
-        };
+        let cfg = one_step_config(1);
         let step = |batches: Vec<Packed>| {
             let mut state = train::AdamState {
                 step: 0,

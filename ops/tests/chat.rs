@@ -30,6 +30,16 @@ fn specials() -> serde_json::Map<String, Value> {
         .clone()
 }
 
+/// The mask transformers computed (`return_assistant_tokens_mask`).
+fn transformers_mask(case: &Value) -> Vec<bool> {
+    case["assistant_mask"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_u64() == Some(1))
+        .collect()
+}
+
 fn messages(case: &Value) -> Vec<Value> {
     case["messages"].as_array().unwrap().clone()
 }
@@ -70,12 +80,7 @@ fn templates_render_tokenize_and_mask_as_transformers_does() {
             let want_ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
             assert_eq!(ids, want_ids, "{name}: token ids");
             let mask = assistant_mask(&offsets, &spans);
-            let want: Vec<bool> = case["assistant_mask"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m.as_u64() == Some(1))
-                .collect();
+            let want = transformers_mask(case);
             assert_eq!(
                 marked(&tok, &ids, &mask),
                 marked(&tok, &ids, &want),
@@ -117,12 +122,7 @@ fn unmarked_templates_mask_each_whole_assistant_turn() {
             assert_eq!(text, case["text"].as_str().unwrap(), "{name}: text");
             let (ids, offsets) = tok.encode_with_offsets(&text).unwrap();
             let mask = assistant_mask(&offsets, &spans);
-            let want: Vec<bool> = case["assistant_mask"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m.as_u64() == Some(1))
-                .collect();
+            let want = transformers_mask(case);
             for (i, (m, w)) in mask.iter().zip(&want).enumerate() {
                 // ChatML's layout newlines inside the assistant's turn, outside the marks.
                 let layout =

@@ -105,6 +105,38 @@ fn a_tokenizer_that_adds_bos_is_scored_as_the_harness_scores_it() {
     matches_harness(&env, &model, "golden-bos-template.json", "golden.json");
 }
 
+/// `[sources.m]` (the model) and one JSONL dataset source per name among the harness golden
+/// files (`mc`, `docs`, `gen` → `lm-eval/<name>.jsonl`).
+fn harness_sources(model: &std::path::Path, names: &[&str]) -> String {
+    let data = golden("lm-eval");
+    let mut out = format!(
+        "[sources.m]\nkind = \"model\"\npath = \"{}\"\n",
+        model.display()
+    );
+    for n in names {
+        out.push_str(&format!(
+            "\n[sources.{n}]\nkind = \"dataset\"\nfiles = \"{}/{n}.jsonl\"\nformat = \"jsonl\"\n",
+            data.display()
+        ));
+    }
+    out
+}
+
+/// Per item, each choice's log-likelihood within `tol` (relative, at least absolute) of the
+/// harness's.
+fn assert_loglikelihoods(got: &serde_json::Value, want: &serde_json::Value, tol: f64, what: &str) {
+    let rows = |v: &serde_json::Value| v.as_array().unwrap().clone();
+    for (item, (g, w)) in rows(got).iter().zip(rows(want)).enumerate() {
+        for (g, w) in rows(g).iter().zip(rows(&w)) {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!(
+                (g - w).abs() <= tol * w.abs().max(1.0),
+                "{what} item {item}: distillery {g}, harness {w}"
+            );
+        }
+    }
+}
+
 /// Multiple-choice numbers against `mc_golden`, rolling ones against `rolling_golden`.
 fn matches_harness(env: &Env, model: &std::path::Path, mc_golden: &str, rolling_golden: &str) {
     let data = golden("lm-eval");
@@ -115,28 +147,13 @@ fn matches_harness(env: &Env, model: &std::path::Path, mc_golden: &str, rolling_
     env.write(
         "r.toml",
         &format!(
-            r#"
-[sources.m]
-kind = "model"
-path = "{m}"
-
-[sources.docs]
-kind = "dataset"
-files = "{d}/docs.jsonl"
-format = "jsonl"
-
-[sources.mc]
-kind = "dataset"
-files = "{d}/mc.jsonl"
-format = "jsonl"
-
+            r#"{}
 [steps.harness]
 op = "evaluate"
 inputs = {{ model = "sources.m", data = "sources.docs", tasks = "sources.mc" }}
 params = {{ window = 64 }}
 "#,
-            m = model.display(),
-            d = data.display()
+            harness_sources(model, &["docs", "mc"])
         ),
     );
     env.ok(&["run", "r.toml"]);
@@ -149,17 +166,12 @@ params = {{ window = 64 }}
         );
     };
     let (mc, wmc) = (&r["multiple_choice"], &want["multiple_choice"]);
-    for (item, (got, exp)) in mc["loglikelihoods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(wmc["loglikelihoods"].as_array().unwrap())
-        .enumerate()
-    {
-        for (g, w) in got.as_array().unwrap().iter().zip(exp.as_array().unwrap()) {
-            close(g, w, 1e-4, &format!("item {item} log-likelihood"));
-        }
-    }
+    assert_loglikelihoods(
+        &mc["loglikelihoods"],
+        &wmc["loglikelihoods"],
+        1e-4,
+        "0-shot",
+    );
     for k in ["acc", "acc_norm", "acc_stderr", "acc_norm_stderr"] {
         close(&mc[k], &wmc[k], 1e-9, k);
     }
@@ -193,21 +205,7 @@ fn few_shot_and_generation_match_lm_evaluation_harness() {
     env.write(
         "r.toml",
         &format!(
-            r#"
-[sources.m]
-kind = "model"
-path = "{m}"
-
-[sources.mc]
-kind = "dataset"
-files = "{d}/mc.jsonl"
-format = "jsonl"
-
-[sources.gen]
-kind = "dataset"
-files = "{d}/gen.jsonl"
-format = "jsonl"
-
+            r#"{}
 [steps.mc]
 op = "evaluate"
 inputs = {{ model = "sources.m", tasks = "sources.mc" }}
@@ -218,28 +216,19 @@ op = "evaluate"
 inputs = {{ model = "sources.m", generate = "sources.gen" }}
 params = {{ num_fewshot = 1, max_gen_toks = 12, batch = 4 }}
 "#,
-            m = golden("v5-llama-bos-chartok").display(),
-            d = data.display()
+            harness_sources(&golden("v5-llama-bos-chartok"), &["mc", "gen"])
         ),
     );
     env.ok(&["run", "r.toml"]);
     let mc = &report(&env, "r.toml", "mc")["multiple_choice"];
     let wmc = &want["multiple_choice"];
     assert_eq!(mc["contexts"], wmc["contexts"], "few-shot contexts");
-    for (got, exp) in mc["loglikelihoods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(wmc["loglikelihoods"].as_array().unwrap())
-    {
-        for (g, w) in got.as_array().unwrap().iter().zip(exp.as_array().unwrap()) {
-            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-            assert!(
-                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                "{g} vs harness {w}"
-            );
-        }
-    }
+    assert_loglikelihoods(
+        &mc["loglikelihoods"],
+        &wmc["loglikelihoods"],
+        1e-4,
+        "2-shot",
+    );
     assert_eq!(mc["acc"], wmc["acc"]);
     assert_eq!(mc["acc_norm"], wmc["acc_norm"]);
 
@@ -589,26 +578,7 @@ fn smollm2_matches_lm_evaluation_harness() {
     env.write(
         "r.toml",
         &format!(
-            r#"
-[sources.m]
-kind = "model"
-path = "{m}"
-
-[sources.mc]
-kind = "dataset"
-files = "{d}/mc.jsonl"
-format = "jsonl"
-
-[sources.docs]
-kind = "dataset"
-files = "{d}/docs.jsonl"
-format = "jsonl"
-
-[sources.gen]
-kind = "dataset"
-files = "{d}/gen.jsonl"
-format = "jsonl"
-
+            r#"{}
 [steps.zero]
 op = "evaluate"
 inputs = {{ model = "sources.m", data = "sources.docs", tasks = "sources.mc" }}
@@ -623,32 +593,15 @@ op = "evaluate"
 inputs = {{ model = "sources.m", generate = "sources.gen" }}
 params = {{ num_fewshot = 1, max_gen_toks = 12 }}
 "#,
-            m = gguf.display(),
-            d = data.display()
+            harness_sources(&gguf, &["mc", "docs", "gen"])
         ),
     );
     env.ok(&["run", "r.toml"]);
-    let close = |got: &serde_json::Value, want: &serde_json::Value, what: &str| {
-        for (item, (g, w)) in got
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(want.as_array().unwrap())
-            .enumerate()
-        {
-            for (g, w) in g.as_array().unwrap().iter().zip(w.as_array().unwrap()) {
-                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-                assert!(
-                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                    "{what} item {item}: {g} vs harness {w}"
-                );
-            }
-        }
-    };
     let zero = report(&env, "r.toml", "zero");
-    close(
+    assert_loglikelihoods(
         &zero["multiple_choice"]["loglikelihoods"],
         &want["mc_zero"]["loglikelihoods"],
+        1e-4,
         "0-shot",
     );
     assert_eq!(zero["multiple_choice"]["acc"], want["mc_zero"]["acc"]);
@@ -674,9 +627,10 @@ params = {{ num_fewshot = 1, max_gen_toks = 12 }}
         two["multiple_choice"]["contexts"],
         want["mc_two"]["contexts"]
     );
-    close(
+    assert_loglikelihoods(
         &two["multiple_choice"]["loglikelihoods"],
         &want["mc_two"]["loglikelihoods"],
+        1e-4,
         "2-shot",
     );
     assert_eq!(two["multiple_choice"]["acc"], want["mc_two"]["acc"]);

@@ -1219,12 +1219,7 @@ impl<B: Backend> Decoder<B> {
         let device = tokens.device();
         let x = self.embed(tokens);
         let (heads, kv_heads) = self.head_counts();
-        let rope = Rope::new(&self.inv_freq, b, s, heads, kv_heads, &device);
-        let local_rope = self
-            .extras
-            .inv_freq_local
-            .as_ref()
-            .map(|f| Rope::new(f, b, s, heads, kv_heads, &device));
+        let (rope, local_rope) = self.ropes(|f| Rope::new(f, b, s, heads, kv_heads, &device));
         // Built on first use, once per forward and window: the fused CPU attention needs none.
         let biases = std::cell::RefCell::new(HashMap::new());
         let bias = |window: Option<usize>| {
@@ -1239,6 +1234,15 @@ impl<B: Backend> Decoder<B> {
             (Some(context), out)
         };
         self.blocks(x, &rope, local_rope.as_ref(), &mut attend, hooks)
+    }
+
+    /// The RoPE tables and, where the family has a local set (Gemma 3), the local ones, each
+    /// built by `make` from its inverse frequencies.
+    fn ropes(&self, make: impl Fn(&[f32]) -> Rope<B>) -> (Rope<B>, Option<Rope<B>>) {
+        (
+            make(&self.inv_freq),
+            self.extras.inv_freq_local.as_deref().map(&make),
+        )
     }
 
     /// Query and KV head counts (of the first block; 1 and 1 without blocks).
@@ -1264,12 +1268,8 @@ impl<B: Backend> Decoder<B> {
         let device = tokens.device();
         let x = self.embed(tokens);
         let (heads, kv_heads) = self.head_counts();
-        let rope = Rope::at_positions(&self.inv_freq, positions, b, heads, kv_heads, &device);
-        let local_rope = self
-            .extras
-            .inv_freq_local
-            .as_ref()
-            .map(|f| Rope::at_positions(f, positions, b, heads, kv_heads, &device));
+        let (rope, local_rope) =
+            self.ropes(|f| Rope::at_positions(f, positions, b, heads, kv_heads, &device));
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
