@@ -848,7 +848,13 @@ impl GenerationRun<'_> {
                     }
                 },
                 device,
-            );
+            )
+            .map_err(|e| {
+                OpError::Failed(format!(
+                    "generating for {}: {e}; the model's forward overflowed (its weights passed the load check): try compute = \"float32\"",
+                    docs[chunk[e.row]].at
+                ))
+            })?;
             for (&i, out) in chunk.iter().zip(outs) {
                 continuations[i] = out;
             }

@@ -66,6 +66,9 @@ pub fn decoding_mask(
 /// is added to its result.
 /// Ties in the argmax go to the lowest token id, as `torch.argmax` does.
 ///
+/// # Errors
+/// [`NonFiniteLogits`] when a row's logits hold a NaN or an infinity: no token can be chosen.
+///
 /// # Panics
 /// When a prompt is empty.
 pub fn greedy<B: Backend>(
@@ -74,11 +77,11 @@ pub fn greedy<B: Backend>(
     max_new: usize,
     finished: &mut dyn FnMut(usize, &[u32]) -> bool,
     device: &B::Device,
-) -> Vec<Vec<u32>> {
+) -> Result<Vec<Vec<u32>>, NonFiniteLogits> {
     let batch = prompts.len();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
     if batch == 0 || max_new == 0 {
-        return out;
+        return Ok(out);
     }
     assert!(prompts.iter().all(|p| !p.is_empty()), "empty prompt");
     let (heads, kv_heads) = decoder.head_counts();
@@ -131,6 +134,9 @@ pub fn greedy<B: Backend>(
         step_tokens.clear();
         positions.clear();
         for (row, l) in logits.chunks(vocab).enumerate() {
+            if !done[row] && l.iter().any(|x| !x.is_finite()) {
+                return Err(NonFiniteLogits { row, step });
+            }
             let next = argmax(l);
             if !done[row] {
                 out[row].push(next);
@@ -144,7 +150,15 @@ pub fn greedy<B: Backend>(
             break;
         }
     }
-    out
+    Ok(out)
+}
+
+/// Greedy decoding met logits that are not finite: in batch row `row`, at new token `step`.
+#[derive(Debug, thiserror::Error)]
+#[error("the logits of batch row {row} are not finite at generated token {step}")]
+pub struct NonFiniteLogits {
+    pub row: usize,
+    pub step: usize,
 }
 
 /// The first index of the largest value (NaN never wins).
@@ -215,7 +229,7 @@ mod tests {
                 .iter()
                 .map(|p| uncached(&decoder, p, max_new))
                 .collect();
-            let batched = greedy(&decoder, &prompts, max_new, &mut |_, _| false, &device);
+            let batched = greedy(&decoder, &prompts, max_new, &mut |_, _| false, &device).unwrap();
             assert_eq!(batched, expected, "{name}: batched, left-padded");
             for (p, e) in prompts.iter().zip(&expected) {
                 let alone = greedy(
@@ -224,7 +238,8 @@ mod tests {
                     max_new,
                     &mut |_, _| false,
                     &device,
-                );
+                )
+                .unwrap();
                 assert_eq!(&alone[0], e, "{name}: alone");
             }
             let stopped = greedy(
@@ -233,10 +248,31 @@ mod tests {
                 max_new,
                 &mut |row, c| row == 1 && c.len() == 2,
                 &device,
-            );
+            )
+            .unwrap();
             assert_eq!(stopped[1], expected[1][..2], "{name}: stopped row");
             assert_eq!(stopped[0], expected[0], "{name}: others run on");
         }
+    }
+
+    /// Logits that overflow stop the decoding with the row and step, never a token picked from
+    /// NaNs.
+    #[test]
+    fn non_finite_logits_are_an_error() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
+        let m = load_model(&root.join("llama-gqa-tied-f32")).unwrap();
+        let device = Default::default();
+        let mut decoder = Decoder::<Flex>::load(&m.config, &m.weights, &device).unwrap();
+        decoder.norm.weight = decoder.norm.weight.map(|w| w * 3e38);
+        let err = greedy(
+            &decoder,
+            &[vec![1, 2, 3], vec![4]],
+            4,
+            &mut |_, _| false,
+            &device,
+        )
+        .unwrap_err();
+        assert_eq!(err.step, 0);
     }
 
     #[test]
