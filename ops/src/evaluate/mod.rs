@@ -799,21 +799,16 @@ impl GenerationRun<'_> {
         let mut until: Vec<String> = p.str_list("until")?;
         // generation_config.json's EOS ids where it names them (Llama 3 instruct ends turns
         // with <|eot_id|> there), else config.json's: those `generate` stops at.
-        let mut eos_ids = match self
-            .model
-            .generation_config
-            .as_ref()
-            .and_then(|g| g.get("eos_token_id"))
-        {
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|v| v as u32).into_iter().collect()
-            }
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
-            _ => self.model.config.eos_ids(),
+        let from_generation = crate::model::config::token_ids(
+            self.model
+                .generation_config
+                .as_ref()
+                .and_then(|g| g.get("eos_token_id")),
+        );
+        let mut eos_ids = if from_generation.is_empty() {
+            self.model.config.eos_ids()
+        } else {
+            from_generation
         };
         if let Some(eos) = self.model.special_token("eos_token") {
             if let Some(id) = self.tok.token_id(&eos) {

@@ -855,15 +855,7 @@ impl ModelConfig {
     /// Every EOS id `eos_token_id` names (one, or a list: Llama 3's instruct models end turns
     /// with either of two): where greedy generation stops.
     pub fn eos_ids(&self) -> Vec<u32> {
-        match &self.eos_token_id {
-            Some(Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(Value::as_u64)
-                .map(|v| v as u32)
-                .collect(),
-            _ => Vec::new(),
-        }
+        token_ids(self.eos_token_id.as_ref())
     }
 
     /// The first EOS id (some configs list several).
@@ -1066,6 +1058,20 @@ fn read_layer_types(
             }
             Ok(Some(kinds))
         }
+    }
+}
+
+/// The ids an `eos_token_id` field holds (config.json and generation_config.json write one id
+/// or a list); none for anything else.
+pub fn token_ids(field: Option<&Value>) -> Vec<u32> {
+    match field {
+        Some(Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|v| v as u32)
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -1193,8 +1193,11 @@ impl<B: Backend> Decoder<B> {
         for i in 0..seq {
             let row: Vec<f32> = (0..seq)
                 .map(|j| {
-                    let hidden = j > i || window.is_some_and(|w| i >= j + w);
-                    if hidden { f32::NEG_INFINITY } else { 0.0 }
+                    if attends(i, j, window) {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
                 })
                 .collect();
             for _ in 0..rep {
@@ -1413,6 +1416,12 @@ impl<B: Backend> Decoder<B> {
     ) -> Tensor<B, 3> {
         self.logits_of(self.hidden(tokens, hooks))
     }
+}
+
+/// Whether the query at `query` sees the key at `key`: causal, and within `window` positions
+/// where the layer slides (transformers' `q - k < window`).
+pub fn attends(query: usize, key: usize, window: Option<usize>) -> bool {
+    key <= query && !window.is_some_and(|w| query >= key + w)
 }
 
 /// Token ids as a `[batch, seq]` int tensor.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use super::decoder::{Decoder, tokens_tensor};
+use super::decoder::{Decoder, attends, tokens_tensor};
 
 /// Each layer's rotated keys and its values so far, `[batch, positions, kv_heads, head_dim]`.
 pub struct KvCache<B: Backend> {
@@ -44,7 +44,7 @@ pub fn decoding_mask(
                     let seen = if q < p {
                         j == q
                     } else {
-                        j <= q && j >= p && !window.is_some_and(|w| q >= j + w)
+                        j >= p && attends(q, j, window)
                     };
                     if seen { 0.0 } else { f32::NEG_INFINITY }
                 })
