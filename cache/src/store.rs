@@ -266,6 +266,13 @@ impl Store {
         }
     }
 
+    /// Removes the scratch directory of `key` if the step left nothing in it (a failed step
+    /// that never checkpointed): checkpoints stay for the next run to resume from.
+    pub fn remove_empty_scratch(&self, key: &CacheKey) {
+        // remove_dir refuses a non-empty directory: exactly the rule.
+        let _ = fs::remove_dir(self.scratch_path(key));
+    }
+
     /// Starts writing the entry for `key` into a fresh partial directory.
     pub fn begin(&self, key: &CacheKey) -> Result<Partial> {
         let nonce = SystemTime::now()

@@ -31,6 +31,18 @@ pub enum RunError {
         #[source]
         source: CacheError,
     },
+    /// The executor could not do its job (Slurm refused a job, a script could not be written).
+    #[error("{message}")]
+    Executor { message: String },
+    #[error(
+        "the cache directory {dir} is not usable from the compute nodes: {why}\n  = help: put the cache on a filesystem the nodes share (--cache-dir or DISTILLERY_CACHE), and this binary too"
+    )]
+    CacheNotShared {
+        dir: std::path::PathBuf,
+        why: String,
+    },
+    #[error("interrupted; cancelled the jobs this run submitted: {}", if cancelled.is_empty() { "none were running".to_string() } else { cancelled.join(", ") })]
+    Interrupted { cancelled: Vec<String> },
     #[error("step `{step}`: {source}")]
     Cache {
         step: String,
@@ -79,11 +91,7 @@ pub fn execute(
         .iter()
         .filter(|p| p.status == Status::Run)
         .collect();
-    // Steps found in the cache count as this recipe's last run of them too (the entry may have
-    // come from another recipe): the next plan explains changes against them.
-    for p in plan.steps.iter().filter(|p| p.status == Status::Cached) {
-        write_record(store, recipe, &p.name, &record_of(recipe, p));
-    }
+    record_cached(recipe, plan, store);
     let mut summary = RunSummary {
         cached: plan
             .steps
@@ -194,7 +202,29 @@ pub fn execute(
         }
     });
     summary.seconds = start.elapsed().as_secs_f64();
-    // What this recipe last produced is what gc keeps while the recipe file exists.
+    pin_last_run(recipe, plan, store);
+    reporter.event(Event::RunFinished {
+        ran: summary.ran.len(),
+        cached: summary.cached.len(),
+        failed: usize::from(failure.is_some()),
+        seconds: summary.seconds,
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+/// Steps found in the cache count as this recipe's last run of them too (the entry may have
+/// come from another recipe): the next plan explains changes against them.
+pub(crate) fn record_cached(recipe: &Recipe, plan: &Plan, store: &Store) {
+    for p in plan.steps.iter().filter(|p| p.status == Status::Cached) {
+        write_record(store, recipe, &p.name, &record_of(recipe, p));
+    }
+}
+
+/// What this recipe last produced is what gc keeps while the recipe file exists.
+pub(crate) fn pin_last_run(recipe: &Recipe, plan: &Plan, store: &Store) {
     let abs = std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone());
     let keys = plan
         .steps
@@ -210,16 +240,6 @@ pub fn execute(
             keys,
         },
     );
-    reporter.event(Event::RunFinished {
-        ran: summary.ran.len(),
-        cached: summary.cached.len(),
-        failed: usize::from(failure.is_some()),
-        seconds: summary.seconds,
-    });
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(summary),
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -346,6 +366,9 @@ fn run_step(
     let started = SystemTime::now();
     let op = registry.get(&p.op).expect("validated op");
     let result = catch_unwind(AssertUnwindSafe(|| op.run(&ctx)));
+    if !matches!(result, Ok(Ok(()))) {
+        store.remove_empty_scratch(&p.key);
+    }
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

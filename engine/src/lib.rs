@@ -11,6 +11,7 @@ pub mod lockfile;
 pub mod plan;
 pub mod recipe;
 pub mod report;
+pub mod slurm;
 pub mod tree;
 
 pub use cli::main_with;

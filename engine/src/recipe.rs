@@ -10,6 +10,7 @@ use distillery_ops::{
 };
 
 use crate::diag::{Diagnostic, SourceMap, Span, closest, did_you_mean};
+use crate::slurm::settings::{ExecutorKind, ExecutorSettings};
 use crate::tree::{self, Node, Table, Value};
 
 /// Version of the recipe format; part of every key.
@@ -22,6 +23,8 @@ pub struct Recipe {
     pub name: String,
     pub description: String,
     pub seed: u64,
+    /// `[executor]`: where the steps run by default (never part of a key).
+    pub executor: ExecutorSettings,
     pub sources: Vec<SourceDecl>,
     pub steps: Vec<StepDecl>,
     pub map: SourceMap,
@@ -83,10 +86,12 @@ pub struct InputDecl {
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub threads: Option<usize>,
-    /// GPUs the step may use (for estimates and, later, schedulers).
+    /// GPUs the step may use: estimates, and `sbatch --gpus` under the Slurm executor.
     pub gpus: Option<usize>,
     pub devices: Vec<String>,
     pub memory: Option<u64>,
+    /// The step's time limit in seconds: its Slurm job's `--time` (the local executor has none).
+    pub time: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -256,7 +261,7 @@ impl Checker<'_> {
     fn recipe(&mut self, path: &Path, root: &Table, map: SourceMap) -> Option<Recipe> {
         self.unknown_keys(
             root,
-            &["recipe", "sources", "steps"],
+            &["recipe", "sources", "steps", "executor"],
             "the recipe's top level",
         );
         let mut name = path
@@ -358,11 +363,16 @@ impl Checker<'_> {
         if !self.diags.is_empty() {
             return None;
         }
+        let executor = match root.get("executor") {
+            Some(node) => self.executor(node),
+            None => ExecutorSettings::default(),
+        };
         Some(Recipe {
             path: path.to_path_buf(),
             name,
             description,
             seed,
+            executor,
             sources,
             steps,
             map,
@@ -842,13 +852,95 @@ impl Checker<'_> {
         (Params(params), spans)
     }
 
+    /// `[executor]`: kind, partition, account, time, sbatch_args, max_requeue.
+    fn executor(&mut self, node: &Node) -> ExecutorSettings {
+        let mut e = ExecutorSettings::default();
+        let Some(t) = self.as_table(node, "[executor]") else {
+            return e;
+        };
+        self.unknown_keys(
+            t,
+            &[
+                "kind",
+                "partition",
+                "account",
+                "time",
+                "sbatch_args",
+                "max_requeue",
+            ],
+            "[executor]",
+        );
+        if let Some(n) = t.get("kind")
+            && let Some(k) = self.as_str(n, "executor.kind")
+        {
+            match ExecutorKind::parse(k) {
+                Some(k) => e.kind = Some(k),
+                None => self.err(
+                    Diagnostic::at(&n.span, format!("unknown executor `{k}`"))
+                        .help("expected \"local\" or \"slurm\""),
+                ),
+            }
+        }
+        if let Some(n) = t.get("partition") {
+            e.partition = self.as_str(n, "executor.partition").map(String::from);
+        }
+        if let Some(n) = t.get("account") {
+            e.account = self.as_str(n, "executor.account").map(String::from);
+        }
+        if let Some(n) = t.get("time")
+            && let Some(s) = self.as_str(n, "executor.time")
+        {
+            match crate::slurm::settings::parse_time(s) {
+                Some(secs) => e.time = Some(secs),
+                None => self.err(
+                    Diagnostic::at(&n.span, format!("`{s}` is not a time limit"))
+                        .help(crate::slurm::settings::TIME_HELP),
+                ),
+            }
+        }
+        if let Some(n) = t.get("sbatch_args") {
+            e.sbatch_args = self
+                .str_list(n, "executor.sbatch_args")
+                .map(|l| l.into_iter().map(|(s, _)| s).collect());
+        }
+        if let Some(n) = t.get("max_requeue") {
+            match n.value {
+                Value::Int(i) if i >= 0 => e.max_requeue = Some(i as u32),
+                _ => self.err(Diagnostic::at(
+                    &n.span,
+                    "executor.max_requeue must be a non-negative integer",
+                )),
+            }
+        }
+        e
+    }
+
     fn resources(&mut self, node: Option<&Node>) -> Resources {
         let mut r = Resources::default();
         let Some(node) = node else { return r };
         let Some(t) = self.as_table(node, "resources") else {
             return r;
         };
-        self.unknown_keys(t, &["threads", "devices", "memory", "gpus"], "resources");
+        self.unknown_keys(
+            t,
+            &["threads", "devices", "memory", "gpus", "time"],
+            "resources",
+        );
+        if let Some(n) = t.get("time") {
+            match &n.value {
+                Value::Str(s) => match crate::slurm::settings::parse_time(s) {
+                    Some(secs) => r.time = Some(secs),
+                    None => self.err(
+                        Diagnostic::at(&n.span, format!("`{s}` is not a time limit"))
+                            .help(crate::slurm::settings::TIME_HELP),
+                    ),
+                },
+                _ => self.err(
+                    Diagnostic::at(&n.span, "resources.time must be a string")
+                        .help(crate::slurm::settings::TIME_HELP),
+                ),
+            }
+        }
         if let Some(n) = t.get("gpus") {
             match n.value {
                 Value::Int(i) if i > 0 => r.gpus = Some(i as usize),

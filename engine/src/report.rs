@@ -44,6 +44,24 @@ pub enum Event {
         step: String,
         message: String,
     },
+    /// A step submitted as a batch job (`--executor slurm`); `attempt` counts resubmissions.
+    JobSubmitted {
+        step: String,
+        job_id: String,
+        log: String,
+        attempt: u32,
+    },
+    /// A step's job changed state: pending, running, completed, failed, cancelled, timed out,
+    /// node failure, preempted, out of memory.
+    JobState {
+        step: String,
+        job_id: String,
+        state: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        nodes: Option<String>,
+    },
     StepFinished {
         step: String,
         key: String,
@@ -320,6 +338,36 @@ impl Reporter for HumanReporter {
                 bar.set_position(done);
             }
             Event::Note { step, message } => self.line(format!("{:>14} {step}: {message}", "note")),
+            Event::JobSubmitted {
+                step,
+                job_id,
+                log,
+                attempt,
+            } => {
+                let again = if attempt > 1 {
+                    format!(", attempt {attempt}")
+                } else {
+                    String::new()
+                };
+                self.line(format!(
+                    "{:>14} {step}: job {job_id}{again}, log {log}",
+                    "submitted"
+                ));
+            }
+            Event::JobState {
+                step,
+                job_id,
+                state,
+                reason,
+                nodes,
+            } => {
+                let on = nodes.map(|n| format!(" on {n}")).unwrap_or_default();
+                let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+                self.line(format!(
+                    "{:>14} {step}: job {job_id} {state}{on}{why}",
+                    "job"
+                ));
+            }
             Event::StepFinished {
                 step,
                 key,

@@ -36,6 +36,8 @@ pub mod exit {
     pub const LOCK_MISMATCH: u8 = 5;
     /// `cache verify` found corrupt entries.
     pub const CORRUPT: u8 = 6;
+    /// Ctrl-C or SIGTERM ended a Slurm run (its jobs cancelled): 128 + SIGINT, as a shell says.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 #[derive(Parser, Debug)]
@@ -98,6 +100,9 @@ impl SelectArgs {
 enum Command {
     /// Plan, then execute the steps that are not cached, in topological order
     Run(run::RunArgs),
+    /// Run one step of a recipe: what each job of `run --executor slurm` runs
+    #[command(hide = true)]
+    RunStep(run::RunStepArgs),
     /// For every step: cached or to run, and why, with its cache key
     Plan(inspect::PlanArgs),
     /// Print the step graph
@@ -320,7 +325,7 @@ fn planned(
 }
 
 fn reporter(cli: &Cli) -> Box<dyn Reporter> {
-    if cli.json && matches!(cli.command, Command::Run(_)) {
+    if cli.json && matches!(cli.command, Command::Run(_) | Command::RunStep(_)) {
         Box::new(JsonReporter::new())
     } else if cli.json {
         // Other commands print one JSON document on stdout; their events (hashing) go aside.
@@ -335,6 +340,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
     let reporter = reporter.as_ref();
     match &cli.command {
         Command::Run(a) => run::run(&cli, a, registry, reporter),
+        Command::RunStep(a) => run::run_step(&cli, a, registry, reporter),
         Command::Plan(a) => inspect::plan(&cli, a, registry, reporter),
         Command::Dag(a) => inspect::dag(&cli, a, registry),
         Command::Show(a) => inspect::show(&cli, a, registry, reporter),

@@ -1,6 +1,67 @@
-//! `distillery run`: plan, then execute what is not cached.
+//! `distillery run`: plan, then execute what is not cached, here or as Slurm jobs; and
+//! `distillery run-step`, the one step a Slurm job runs.
 
 use super::*;
+use crate::slurm::settings::{
+    ExecutorKind, ExecutorSettings, TIME_HELP, parse_time, user_settings,
+};
+use crate::slurm::{INTERRUPTED, SlurmRun, catch_interrupts};
+
+fn time_arg(s: &str) -> Result<u64, String> {
+    parse_time(s).ok_or_else(|| format!("`{s}` is not a time limit; {TIME_HELP}"))
+}
+
+/// Where the steps run, and the Slurm settings on the command line.
+#[derive(Args, Debug, Clone, Default)]
+pub(super) struct ExecutorArgs {
+    /// Where the steps run: here, or one Slurm job per step
+    /// [default: `[executor] kind` of the recipe or the user config, else local]
+    #[arg(long, value_parser = ["local", "slurm"])]
+    executor: Option<String>,
+    /// Slurm partition of the jobs [default: `[executor] partition`, else the cluster's]
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm account of the jobs [default: `[executor] account`]
+    #[arg(long)]
+    account: Option<String>,
+    /// Time limit of a job whose step declares no `resources.time`, e.g. 4:00:00 or 90m
+    /// [default: `[executor] time`, else the partition's]
+    #[arg(long, value_parser = time_arg)]
+    time: Option<u64>,
+    /// One more sbatch flag (repeatable): --sbatch-arg=--qos=high
+    #[arg(long = "sbatch-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    sbatch_args: Vec<String>,
+    /// Resubmissions of a job ended by its time limit, preemption or a node failure [default: 2]
+    #[arg(long)]
+    max_requeue: Option<u32>,
+}
+
+impl ExecutorArgs {
+    fn settings(&self) -> ExecutorSettings {
+        ExecutorSettings {
+            kind: self.executor.as_deref().and_then(ExecutorKind::parse),
+            partition: self.partition.clone(),
+            account: self.account.clone(),
+            time: self.time,
+            sbatch_args: (!self.sbatch_args.is_empty()).then(|| self.sbatch_args.clone()),
+            max_requeue: self.max_requeue,
+        }
+    }
+
+    /// The Slurm flags given, by name: an error with the local executor.
+    fn slurm_flags(&self) -> Vec<&'static str> {
+        [
+            ("--partition", self.partition.is_some()),
+            ("--account", self.account.is_some()),
+            ("--time", self.time.is_some()),
+            ("--sbatch-arg", !self.sbatch_args.is_empty()),
+            ("--max-requeue", self.max_requeue.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, given)| given.then_some(f))
+        .collect()
+    }
+}
 
 #[derive(Args, Debug)]
 pub(super) struct RunArgs {
@@ -20,6 +81,8 @@ pub(super) struct RunArgs {
     /// Seconds to wait for another run holding a step's lock
     #[arg(long, default_value_t = 6 * 3600)]
     pub(super) lock_timeout: u64,
+    #[command(flatten)]
+    pub(super) executor: ExecutorArgs,
 }
 
 pub(super) fn run(
@@ -35,8 +98,23 @@ pub(super) fn run(
         locked,
         jobs,
         lock_timeout,
+        executor,
     } = a;
     let (recipe, graph) = load(args, registry, cli.json)?;
+    let settings = executor
+        .settings()
+        .or(recipe.executor.clone())
+        .or(user_settings().map_err(|e| Failure::new(exit::USER, format!("error: {e}")))?);
+    let kind = settings.kind.unwrap_or(ExecutorKind::Local);
+    if kind == ExecutorKind::Local && !executor.slurm_flags().is_empty() {
+        return Err(Failure::new(
+            exit::USER,
+            format!(
+                "error: {} apply to the Slurm executor, and this run is local\n  = help: add --executor slurm (or `kind = \"slurm\"` in `[executor]`)",
+                executor.slurm_flags().join(", ")
+            ),
+        ));
+    }
     let store = open_store(cli)?;
     let plan = plan_for(
         &recipe,
@@ -75,16 +153,52 @@ pub(super) fn run(
     if *dry_run {
         return Ok(());
     }
-    let jobs = jobs.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let opts = RunOptions {
-        jobs,
-        lock_timeout: Duration::from_secs(*lock_timeout),
+    let result = match kind {
+        ExecutorKind::Local => {
+            let opts = RunOptions {
+                jobs: jobs.unwrap_or_else(all_cores),
+                lock_timeout: Duration::from_secs(*lock_timeout),
+            };
+            execute(&recipe, &plan, registry, &store, reporter, &opts)
+        }
+        ExecutorKind::Slurm => {
+            catch_interrupts();
+            let exe = std::env::current_exe().map_err(|e| {
+                Failure::new(
+                    exit::OTHER,
+                    format!("error: cannot find this binary's path: {e}"),
+                )
+            })?;
+            let slurm = SlurmRun {
+                settings,
+                exe,
+                recipe_file: std::fs::canonicalize(&recipe.path).unwrap_or(recipe.path.clone()),
+                overrides: args.set.clone(),
+                lock_timeout: *lock_timeout,
+                poll: Duration::from_secs_f64(
+                    std::env::var("DISTILLERY_SLURM_POLL")
+                        .ok()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .filter(|v| v.is_finite() && *v > 0.0)
+                        .unwrap_or(10.0),
+                ),
+                interrupted: &INTERRUPTED,
+            };
+            slurm.execute(&recipe, &plan, &store, reporter)
+        }
     };
-    match execute(&recipe, &plan, registry, &store, reporter, &opts) {
+    run_failure(result)
+}
+
+fn all_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// A run's error as the terminal sees it, with its exit code.
+fn run_failure<T>(result: Result<T, RunError>) -> Result<(), Failure> {
+    match result {
         Ok(_) => Ok(()),
         Err(e @ RunError::LockTimeout { .. }) => {
             Err(Failure::new(exit::LOCK_TIMEOUT, format!("error: {e}")))
@@ -95,6 +209,61 @@ pub(super) fn run(
                 "error: {e}\n  = note: nothing was committed for this step; fix the cause and rerun: finished steps stay cached\n"
             ),
         )),
+        Err(e @ RunError::Interrupted { .. }) => {
+            Err(Failure::new(exit::INTERRUPTED, format!("error: {e}")))
+        }
         Err(e) => Err(Failure::new(exit::OTHER, format!("error: {e}"))),
     }
+}
+
+/// `run-step`: what one Slurm job runs.
+#[derive(Args, Debug)]
+pub(super) struct RunStepArgs {
+    #[command(flatten)]
+    pub(super) recipe: RecipeArgs,
+    /// The step to run
+    #[arg(long)]
+    step: String,
+    /// The key the step had when its job was submitted: a recipe or source changed since is
+    /// refused, not computed under another key
+    #[arg(long)]
+    key: String,
+    /// Threads [default: all the job may use]
+    #[arg(long, short)]
+    jobs: Option<usize>,
+    /// Seconds to wait for another run holding the step's lock
+    #[arg(long, default_value_t = 6 * 3600)]
+    lock_timeout: u64,
+}
+
+pub(super) fn run_step(
+    cli: &Cli,
+    a: &RunStepArgs,
+    registry: &OpRegistry,
+    reporter: &dyn Reporter,
+) -> Result<(), Failure> {
+    let (recipe, graph) = load(&a.recipe, registry, cli.json)?;
+    let store = open_store(cli)?;
+    let selection = Selection {
+        only: Some(a.step.clone()),
+        ..Default::default()
+    };
+    let plan = plan_for(&recipe, &graph, registry, &store, &selection, reporter)?;
+    let p = find_step(&recipe, &plan, &a.step)?;
+    if p.key.to_hex() != a.key {
+        return Err(Failure::new(
+            exit::USER,
+            format!(
+                "error: step `{}` now has key {}, but this job was submitted for {}: the recipe, an override or a source changed since\n  = help: rerun `distillery run` to submit the step as it is now",
+                a.step,
+                p.key.short(),
+                &a.key[..a.key.len().min(12)]
+            ),
+        ));
+    }
+    let opts = RunOptions {
+        jobs: a.jobs.unwrap_or_else(all_cores),
+        lock_timeout: Duration::from_secs(a.lock_timeout),
+    };
+    run_failure(execute(&recipe, &plan, registry, &store, reporter, &opts))
 }

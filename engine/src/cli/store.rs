@@ -11,6 +11,10 @@ pub(super) enum CacheCommand {
     Import { bundle: PathBuf },
     /// Print the cache directory
     Dir,
+    /// Write a file into the cache naming this host: the Slurm executor's check that the
+    /// compute nodes share the cache
+    #[command(hide = true)]
+    Probe { token: String },
     /// List what gc keeps: each pin (a lock file, a recipe's last run), its keys, whether its file exists
     Pins,
     /// Release pins: those of the given recipe or lock files, or with --missing those whose file is gone
@@ -92,6 +96,23 @@ pub(super) fn cache(cli: &Cli, a: &CacheArgs) -> Result<(), Failure> {
     let store = open_store(cli)?;
     match command {
         CacheCommand::Dir => println!("{}", store.root().display()),
+        CacheCommand::Probe { token } => {
+            let path = crate::slurm::probe_path(&store, token);
+            let host = distillery_cache::store::hostname();
+            std::fs::create_dir_all(path.parent().expect("a file in a directory"))
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    distillery_cache::store::write_atomic(&path, host.as_bytes())
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| {
+                    Failure::new(
+                        exit::OTHER,
+                        format!("error: {} on {host}: {e}", path.display()),
+                    )
+                })?;
+            println!("{host} wrote {}", path.display());
+        }
         CacheCommand::Pins => {
             let pins = store.pins()?;
             if cli.json {
