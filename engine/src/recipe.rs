@@ -360,13 +360,13 @@ impl Checker<'_> {
                 steps.push(s);
             }
         }
-        if !self.diags.is_empty() {
-            return None;
-        }
         let executor = match root.get("executor") {
             Some(node) => self.executor(node),
             None => ExecutorSettings::default(),
         };
+        if !self.diags.is_empty() {
+            return None;
+        }
         Some(Recipe {
             path: path.to_path_buf(),
             name,

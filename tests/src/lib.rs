@@ -273,12 +273,67 @@ impl Op for Draw {
 }
 
 /// The shipped ops plus the test ops.
+/// `tick`: counts to `seconds`, one a second, checkpointing the count in its scratch directory
+/// and resuming from it: a long step that a time limit or a kill interrupts. Each start is
+/// appended to the counter as `STEP@COUNT`.
+pub struct Tick;
+
+impl Op for Tick {
+    fn signature(&self) -> OpSignature {
+        OpSignature {
+            name: "tick",
+            version: 1,
+            doc: "count seconds, resumably (test op)",
+            inputs: vec![],
+            output: ArtifactKind::Report,
+            params: vec![ParamSpec::with_default(
+                "seconds",
+                ParamType::Int,
+                ParamValue::Int(3),
+                "how long to count",
+            )],
+        }
+    }
+
+    fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
+        let total = ctx.params.int("seconds")?.max(0) as u64;
+        let ckpt = ctx.scratch_dir.join("count");
+        let from: u64 = std::fs::read_to_string(&ckpt)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        if let Ok(path) = std::env::var("DISTILLERY_TEST_COUNTER") {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            writeln!(f, "{}@{from}", ctx.step).unwrap();
+        }
+        ctx.progress.phase("ticking", total, "s");
+        for i in from..total {
+            std::thread::sleep(Duration::from_secs(1));
+            let tmp = ctx.scratch_dir.join("count.tmp");
+            std::fs::write(&tmp, (i + 1).to_string())
+                .and_then(|()| std::fs::rename(&tmp, &ckpt))
+                .map_err(|e| OpError::io(&ckpt, "write", e))?;
+            ctx.progress.set(i + 1);
+        }
+        std::fs::write(
+            ctx.out_dir.join("out.txt"),
+            format!("counted to {total}, resumed at {from}"),
+        )
+        .map_err(|e| OpError::io(&ctx.out_dir, "write", e))
+    }
+}
+
 pub fn registry() -> OpRegistry {
     let mut r = distillery_ops::builtin();
     r.register(Emit)
         .register(Join)
         .register(Inspect)
         .register(MakeStats)
-        .register(Draw);
+        .register(Draw)
+        .register(Tick);
     r
 }

@@ -205,6 +205,13 @@ fn a_failing_step_commits_nothing_and_exits_3() {
             .count(),
         0
     );
+    // A step that failed before checkpointing leaves no empty scratch directory behind.
+    assert_eq!(
+        std::fs::read_dir(env.cache().join("scratch"))
+            .unwrap()
+            .count(),
+        0
+    );
     env.ok(&["run", "r.toml"]);
     assert_eq!(env.executions(), ["c", "d"]);
 }
