@@ -168,6 +168,15 @@ fn every_step_runs_as_a_job_and_the_rerun_submits_nothing() {
         (Some(0), Some(3))
     );
     assert!(env.executions().is_empty());
+    // --force reaches the job: the cached step is computed again.
+    let forced = slurm_command(
+        &env,
+        &["run", "r.toml", "--executor", "slurm", "--force", "b"],
+    )
+    .output()
+    .unwrap();
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert_eq!(env.executions(), ["b"]);
 
     // The same recipe run here gives the same keys and the same bytes.
     let local = Env::new();

@@ -234,6 +234,9 @@ pub(super) struct RunStepArgs {
     /// Seconds to wait for another run holding the step's lock
     #[arg(long, default_value_t = 6 * 3600)]
     lock_timeout: u64,
+    /// Recompute the step even if cached, discarding its checkpoints (`run --force`)
+    #[arg(long)]
+    force: bool,
 }
 
 pub(super) fn run_step(
@@ -246,6 +249,11 @@ pub(super) fn run_step(
     let store = open_store(cli)?;
     let selection = Selection {
         only: Some(a.step.clone()),
+        force: if a.force {
+            vec![a.step.clone()]
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     };
     let plan = plan_for(&recipe, &graph, registry, &store, &selection, reporter)?;

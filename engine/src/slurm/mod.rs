@@ -98,8 +98,8 @@ impl SlurmRun<'_> {
         self.settings.sbatch_args.clone().unwrap_or_default()
     }
 
-    /// The job of step `p`.
-    fn spec(&self, recipe: &Recipe, store: &Store, p: &PlannedStep) -> JobSpec {
+    /// The job of step `p`, its `attempt`-th (1 for the first).
+    fn spec(&self, recipe: &Recipe, store: &Store, p: &PlannedStep, attempt: u32) -> JobSpec {
         let step = &recipe.steps[p.index];
         let r = &step.resources;
         let mut command = vec![
@@ -117,6 +117,10 @@ impl SlurmRun<'_> {
         ];
         if let Some(t) = r.threads {
             command.extend(["--jobs".into(), t.to_string()]);
+        }
+        // `--force` recomputes from nothing once; a resubmission resumes what that run began.
+        if attempt == 1 && p.reasons.contains(&crate::plan::Reason::Forced) {
+            command.push("--force".into());
         }
         for s in &self.overrides {
             command.extend(["--set".into(), s.clone()]);
@@ -312,7 +316,7 @@ impl SlurmRun<'_> {
         let mut active: BTreeMap<usize, Attempt> = BTreeMap::new();
         let mut failure: Option<RunError> = None;
         let submit = |p: &PlannedStep, attempt: u32| -> Result<Attempt, RunError> {
-            let spec = self.spec(recipe, store, p);
+            let spec = self.spec(recipe, store, p, attempt);
             let script = log_dir(store, recipe).join(format!("{}.sbatch", p.name));
             let job = self.submit(&spec, &script)?;
             let log = PathBuf::from(spec.log.to_string_lossy().replace("%j", &job));
