@@ -84,6 +84,8 @@ struct Attempt {
     state: JobState,
     attempt: u32,
     running_since: Option<Instant>,
+    /// Whether `step_started` was reported.
+    started: bool,
     submitted: Instant,
     /// Polls in a row in which Slurm knew nothing of the job.
     unknown: u32,
@@ -332,6 +334,7 @@ impl SlurmRun<'_> {
                 state: JobState::Pending,
                 attempt,
                 running_since: None,
+                started: false,
                 submitted: Instant::now(),
                 unknown: 0,
             })
@@ -407,8 +410,18 @@ impl SlurmRun<'_> {
                 a.unknown = 0;
                 if info.state != a.state {
                     a.state = info.state;
+                    // As a local run says a step started: when its job first runs (or ends
+                    // before a poll saw it run).
                     if info.state == JobState::Running && a.running_since.is_none() {
                         a.running_since = Some(Instant::now());
+                    }
+                    if info.state != JobState::Pending && !a.started {
+                        a.started = true;
+                        reporter.event(Event::StepStarted {
+                            step: p.name.clone(),
+                            op: p.op.clone(),
+                            key: p.key.to_hex(),
+                        });
                     }
                     reporter.event(Event::JobState {
                         step: p.name.clone(),
