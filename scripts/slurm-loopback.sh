@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A one-host Slurm cluster on loopback for the executor's tests: munge, slurmctld and slurmd
 # from Debian's slurm-wlm, no systemd, no cgroups (proctrack/linuxproc, task/none), no accounting
-# daemon (the executor reads job states from squeue and scontrol).
+# daemon (the executor reads job states from scontrol, which remembers finished jobs MinJobAge s).
+# The daemons it starts are found again by their pid files, never by name: a system Slurm on the
+# same host is left alone.
 #
 #   scripts/slurm-loopback.sh start   # installs the packages when missing, starts the daemons,
 #                                     # prints `export SLURM_CONF=...` for the shell to eval
@@ -74,8 +76,8 @@ start() {
     if [ "$(id -u)" -eq 0 ]; then munged --force; else munged; fi
   fi
   export SLURM_CONF="$conf"
-  pgrep -x slurmctld >/dev/null || slurmctld -f "$conf" -i
-  pgrep -x slurmd >/dev/null || slurmd -f "$conf"
+  running slurmctld || slurmctld -f "$conf" -i
+  running slurmd || slurmd -f "$conf"
   # A node drained by an earlier configuration comes back.
   timeout 10 scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true
   for _ in $(seq 1 60); do
@@ -90,11 +92,24 @@ start() {
   return 1
 }
 
+# Whether the daemon this script started (its pid file in $dir/run) is alive.
+running() {
+  local pid
+  pid="$(cat "$dir/run/$1.pid" 2>/dev/null)" || return 1
+  [ -n "$pid" ] || return 1
+  # An exited daemon whose parent has not reaped it yet is a zombie (state Z): not running.
+  local state
+  state="$(ps -o stat= -p "$pid" 2>/dev/null)" || return 1
+  [ -n "$state" ] && [ "${state#Z}" = "$state" ]
+}
+
 stop() {
-  pkill -x slurmd || true
-  pkill -x slurmctld || true
+  local d
+  for d in slurmd slurmctld; do
+    running "$d" && kill "$(cat "$dir/run/$d.pid")" 2>/dev/null || true
+  done
   for _ in $(seq 1 50); do
-    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || return 0
+    running slurmd || running slurmctld || return 0
     sleep 0.2
   done
 }

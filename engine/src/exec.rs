@@ -285,10 +285,14 @@ fn run_step(
     };
     let forced = p.reasons.contains(&crate::plan::Reason::Forced);
     // An entry edited in place is recomputed and replaced, like a forced one.
-    let replace = forced
-        || p.reasons
-            .iter()
-            .any(|r| matches!(r, crate::plan::Reason::EntryModified { .. }));
+    let replace = p.reasons.iter().any(|r| {
+        matches!(
+            r,
+            crate::plan::Reason::Forced
+                | crate::plan::Reason::ForcedResumed
+                | crate::plan::Reason::EntryModified { .. }
+        )
+    });
     let lock = store
         .lock(&p.key, opts.lock_timeout, &mut |holder| {
             reporter.event(Event::StepWaiting {

@@ -905,10 +905,10 @@ impl Checker<'_> {
         }
         if let Some(n) = t.get("max_requeue") {
             match n.value {
-                Value::Int(i) if i >= 0 => e.max_requeue = Some(i as u32),
+                Value::Int(i) if (0..=100).contains(&i) => e.max_requeue = Some(i as u32),
                 _ => self.err(Diagnostic::at(
                     &n.span,
-                    "executor.max_requeue must be a non-negative integer",
+                    "executor.max_requeue must be an integer from 0 to 100",
                 )),
             }
         }

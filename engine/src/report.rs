@@ -44,7 +44,8 @@ pub enum Event {
         step: String,
         message: String,
     },
-    /// A step submitted as a batch job (`--executor slurm`); `attempt` counts resubmissions.
+    /// A step submitted as a batch job (`--executor slurm`); `attempt` is 1 for the first
+    /// submission, 2 for the first resubmission after a time limit, preemption or node failure.
     JobSubmitted {
         step: String,
         job_id: String,

@@ -272,7 +272,6 @@ impl Op for Draw {
     }
 }
 
-/// The shipped ops plus the test ops.
 /// `tick`: counts to `seconds`, one a second, checkpointing the count in its scratch directory
 /// and resuming from it: a long step that a time limit or a kill interrupts. Each start is
 /// appended to the counter as `STEP@COUNT`.
@@ -327,6 +326,7 @@ impl Op for Tick {
     }
 }
 
+/// The shipped ops plus the test ops.
 pub fn registry() -> OpRegistry {
     let mut r = distillery_ops::builtin();
     r.register(Emit)

@@ -292,7 +292,13 @@ fn ctrl_c_cancels_this_runs_jobs_and_only_those() {
         "[steps.slow]\nop = \"emit\"\nparams = { sleep_ms = 120000 }\n",
     );
     let other = Command::new("sbatch")
-        .args(["--parsable", "--job-name=not-ours", "--wrap", "sleep 120"])
+        .args([
+            "--parsable",
+            "--job-name=not-ours",
+            "--output=/dev/null",
+            "--wrap",
+            "sleep 120",
+        ])
         .output()
         .unwrap();
     let other = String::from_utf8_lossy(&other.stdout).trim().to_string();
@@ -380,7 +386,7 @@ fn a_cache_the_nodes_do_not_share_is_refused_before_any_step_is_submitted() {
     assert!(
         err.contains(&format!(
             "the cache directory {cache} is not usable from the compute nodes"
-        )) && err.contains("left no file"),
+        )) && (err.contains("left no file") || err.contains("without writing its log")),
         "{err}"
     );
     assert!(of_kind(&events(&out), "job_submitted").is_empty());
@@ -409,6 +415,23 @@ fn executor_settings_are_checked() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         stderr(&out).contains("--partition apply to the Slurm executor"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Every op is one process on one device: a job holding idle GPUs is refused, before Slurm.
+    let out = env.run(&[
+        "run",
+        "r.toml",
+        "--executor",
+        "slurm",
+        "--set",
+        "steps.a.resources.gpus=4",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out)
+            .contains("step `a` (emit) declares resources.gpus = 4, but runs on one device"),
         "{}",
         stderr(&out)
     );

@@ -17,12 +17,12 @@ use crate::plan::{Plan, Selection, Status, make_plan, resolve_sources};
 use crate::recipe::{self, Recipe, RecipeErrors};
 use crate::report::{Event, HumanReporter, JsonReporter, Reporter};
 
-/// Exit codes, distinct per kind of failure.
 mod inspect;
 mod outputs;
 mod run;
 mod store;
 
+/// Exit codes, distinct per kind of failure.
 pub mod exit {
     /// Something outside the recipe went wrong (I/O, a corrupt cache).
     pub const OTHER: u8 = 1;
@@ -92,6 +92,7 @@ impl SelectArgs {
             from: self.from.clone(),
             until: self.until.clone(),
             force: self.force.clone(),
+            force_resume: Vec::new(),
         }
     }
 }

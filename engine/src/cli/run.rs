@@ -32,7 +32,7 @@ pub(super) struct ExecutorArgs {
     #[arg(long = "sbatch-arg", value_name = "FLAG", allow_hyphen_values = true)]
     sbatch_args: Vec<String>,
     /// Resubmissions of a job ended by its time limit, preemption or a node failure [default: 2]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
     max_requeue: Option<u32>,
 }
 
@@ -162,6 +162,31 @@ pub(super) fn run(
             execute(&recipe, &plan, registry, &store, reporter, &opts)
         }
         ExecutorKind::Slurm => {
+            if jobs.is_some() {
+                return Err(Failure::new(
+                    exit::USER,
+                    "error: --jobs sets the threads of a local run; a Slurm job's threads are its step's resources.threads (its --cpus-per-task)\n  = help: declare resources.threads on the steps, or run with --executor local",
+                ));
+            }
+            if let Err(e) = crate::slurm::settings::check_sbatch_args(
+                settings.sbatch_args.as_deref().unwrap_or_default(),
+            ) {
+                return Err(Failure::new(exit::USER, format!("error: {e}")));
+            }
+            let oversized = crate::slurm::oversized_steps(&recipe, &plan);
+            if !oversized.is_empty() {
+                return Err(Failure::new(
+                    exit::USER,
+                    format!(
+                        "error: a job would hold GPUs no process uses:\n{}\n  = help: set those steps' resources.gpus to 1 (e.g. --set steps.STEP.resources.gpus=1)",
+                        oversized
+                            .iter()
+                            .map(|l| format!("  - {l}"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    ),
+                ));
+            }
             catch_interrupts();
             let exe = std::env::current_exe().map_err(|e| {
                 Failure::new(
@@ -188,6 +213,23 @@ pub(super) fn run(
         }
     };
     run_failure(result)
+}
+
+/// The CPUs Slurm gave this job on this node: `SLURM_CPUS_PER_TASK` when the job asked per
+/// task, else the first count of `SLURM_JOB_CPUS_PER_NODE` (`"4"` or `"4(x2)"`). Without
+/// cgroups or CPU binding a process sees every core of the node, not its allocation.
+fn slurm_cpus() -> Option<usize> {
+    let var = |name: &str| std::env::var(name).ok();
+    var("SLURM_CPUS_PER_TASK")
+        .and_then(|v| v.trim().parse().ok())
+        .or_else(|| {
+            var("SLURM_JOB_CPUS_PER_NODE").and_then(|v| {
+                v.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .and_then(|n| n.parse().ok())
+            })
+        })
+        .filter(|&n: &usize| n > 0)
 }
 
 fn all_cores() -> usize {
@@ -228,15 +270,20 @@ pub(super) struct RunStepArgs {
     /// refused, not computed under another key
     #[arg(long)]
     key: String,
-    /// Threads [default: all the job may use]
+    /// Threads [default: the job's CPUs as Slurm says (SLURM_CPUS_PER_TASK,
+    /// SLURM_JOB_CPUS_PER_NODE), else all cores]
     #[arg(long, short)]
     jobs: Option<usize>,
     /// Seconds to wait for another run holding the step's lock
     #[arg(long, default_value_t = 6 * 3600)]
     lock_timeout: u64,
     /// Recompute the step even if cached, discarding its checkpoints (`run --force`)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "force_resume")]
     force: bool,
+    /// Recompute the step even if cached, resuming from its checkpoints (a resubmitted job of
+    /// a forced step)
+    #[arg(long)]
+    force_resume: bool,
 }
 
 pub(super) fn run_step(
@@ -254,6 +301,11 @@ pub(super) fn run_step(
         } else {
             Vec::new()
         },
+        force_resume: if a.force_resume {
+            vec![a.step.clone()]
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     };
     let plan = plan_for(&recipe, &graph, registry, &store, &selection, reporter)?;
@@ -262,15 +314,16 @@ pub(super) fn run_step(
         return Err(Failure::new(
             exit::USER,
             format!(
-                "error: step `{}` now has key {}, but this job was submitted for {}: the recipe, an override or a source changed since\n  = help: rerun `distillery run` to submit the step as it is now",
+                "error: step `{}` now has key {}, but this job was submitted for {}: the recipe, an override or a source changed since, or this node ({}) sees a source or an environment variable the submitting host saw differently\n  = help: rerun `distillery run` to submit the step as it is now; `distillery plan` on this node shows what it sees",
                 a.step,
                 p.key.short(),
-                &a.key[..a.key.len().min(12)]
+                &a.key[..a.key.len().min(12)],
+                distillery_cache::store::hostname()
             ),
         ));
     }
     let opts = RunOptions {
-        jobs: a.jobs.unwrap_or_else(all_cores),
+        jobs: a.jobs.or_else(slurm_cpus).unwrap_or_else(all_cores),
         lock_timeout: Duration::from_secs(a.lock_timeout),
     };
     run_failure(execute(&recipe, &plan, registry, &store, reporter, &opts))

@@ -1,6 +1,7 @@
 //! Commands on the cache itself: `gc` and `cache ...`.
 
 use super::*;
+
 #[derive(Subcommand, Debug)]
 pub(super) enum CacheCommand {
     /// Re-hash every entry and report corrupt ones

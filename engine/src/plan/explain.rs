@@ -17,6 +17,9 @@ pub enum Reason {
     /// Never computed for this recipe.
     New,
     Forced,
+    /// Forced by a run that was interrupted: recomputed, resuming from its checkpoints
+    /// (a resubmitted Slurm job of a `--force`d step).
+    ForcedResumed,
     ParamChanged {
         step: String,
         param: String,
@@ -75,6 +78,7 @@ impl fmt::Display for Reason {
         match self {
             Reason::New => write!(f, "new"),
             Reason::Forced => write!(f, "forced"),
+            Reason::ForcedResumed => write!(f, "forced, resuming"),
             Reason::ParamChanged {
                 step,
                 param,

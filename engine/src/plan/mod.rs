@@ -77,6 +77,8 @@ pub struct Selection {
     pub from: Option<String>,
     pub until: Option<String>,
     pub force: Vec<String>,
+    /// Recompute these even if cached, as `force` does, but keep their checkpoints.
+    pub force_resume: Vec<String>,
 }
 
 /// Computes keys, looks them up, and explains every step that has to run.
@@ -114,6 +116,10 @@ pub fn make_plan(
     for f in &selection.force {
         forced.insert(find(f).map_err(|d| vec![d])?);
     }
+    let mut force_resumed = BTreeSet::new();
+    for f in &selection.force_resume {
+        force_resumed.insert(find(f).map_err(|d| vec![d])?);
+    }
 
     let mut keys: Vec<Option<CacheKey>> = vec![None; recipe.steps.len()];
     let mut planned = Vec::new();
@@ -138,6 +144,8 @@ pub fn make_plan(
             (Status::Skipped, Vec::new())
         } else if forced.contains(&i) {
             (Status::Run, vec![Reason::Forced])
+        } else if force_resumed.contains(&i) {
+            (Status::Run, vec![Reason::ForcedResumed])
         } else if let Some(what) = modified {
             (Status::Run, vec![Reason::EntryModified { what }])
         } else if cached {

@@ -26,9 +26,13 @@ pub enum SlurmError {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<Output, SlurmError> {
+    use std::os::unix::process::CommandExt;
     let command = format!("{program} {}", args.join(" "));
     Command::new(program)
         .args(args)
+        // Its own process group: Ctrl-C at the terminal reaches the executor, which cancels its
+        // jobs, and not an sbatch mid-submission (whose job id would be lost).
+        .process_group(0)
         .output()
         .map_err(|source| SlurmError::Missing {
             command: command.clone(),
@@ -52,12 +56,9 @@ fn checked(program: &str, args: &[&str]) -> Result<String, SlurmError> {
 ///
 /// # Errors
 /// `sbatch` missing, refusing the job (an unknown partition, a limit), or printing no id.
-pub fn sbatch(script: &Path, extra: &[String], wait: bool) -> Result<String, SlurmError> {
+pub fn sbatch(script: &Path, extra: &[String]) -> Result<String, SlurmError> {
     let script = script.to_string_lossy();
     let mut args: Vec<&str> = vec!["--parsable"];
-    if wait {
-        args.push("--wait");
-    }
     args.extend(extra.iter().map(String::as_str));
     args.push(&script);
     let stdout = checked("sbatch", &args)?;

@@ -29,10 +29,11 @@ impl JobState {
             "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED"
             | "RESV_DEL_HOLD" | "SUSPENDED" | "STOPPED" => JobState::Pending,
             "COMPLETED" => JobState::Completed,
-            "FAILED" | "BOOT_FAIL" | "DEADLINE" | "SPECIAL_EXIT" | "REVOKED" => JobState::Failed,
+            "FAILED" | "DEADLINE" | "SPECIAL_EXIT" | "REVOKED" => JobState::Failed,
             "CANCELLED" => JobState::Cancelled,
             "TIMEOUT" => JobState::TimedOut,
-            "NODE_FAIL" => JobState::NodeFailure,
+            // A node that failed to boot is the node's failure, not the step's.
+            "NODE_FAIL" | "BOOT_FAIL" => JobState::NodeFailure,
             "PREEMPTED" => JobState::Preempted,
             "OUT_OF_MEMORY" => JobState::OutOfMemory,
             _ => JobState::Running,

@@ -40,6 +40,8 @@ pub struct ExecutorSettings {
     #[serde(default, deserialize_with = "de_time")]
     pub time: Option<u64>,
     /// More `sbatch` flags, one argument each (`["--qos=high", "--constraint=h100"]`).
+    /// Layers add up (the user config's first, the command line's last: sbatch takes the last
+    /// of a repeated flag).
     pub sbatch_args: Option<Vec<String>>,
     /// How many times a job ended by its time limit, preemption or a node failure is
     /// resubmitted (it resumes from its step's scratch checkpoint). 2 when unset.
@@ -64,10 +66,52 @@ impl ExecutorSettings {
             partition: self.partition.or(base.partition),
             account: self.account.or(base.account),
             time: self.time.or(base.time),
-            sbatch_args: self.sbatch_args.or(base.sbatch_args),
+            sbatch_args: match (base.sbatch_args, self.sbatch_args) {
+                (Some(mut b), Some(s)) => {
+                    b.extend(s);
+                    Some(b)
+                }
+                (b, s) => s.or(b),
+            },
             max_requeue: self.max_requeue.or(base.max_requeue),
         }
     }
+}
+
+/// `sbatch` flags the executor sets itself: a user's would break what it relies on (the log it
+/// shows, one job per attempt, a job id on stdout).
+const OWN_SBATCH_FLAGS: &[(&str, &str)] = &[
+    ("--output", "-o"),
+    ("--error", "-e"),
+    ("--open-mode", ""),
+    ("--array", "-a"),
+    ("--wait", "-W"),
+    ("--requeue", ""),
+    ("--no-requeue", ""),
+    ("--parsable", ""),
+    ("--ntasks", "-n"),
+    ("--nodes", "-N"),
+];
+
+/// Refuses extra `sbatch` flags that the executor sets itself.
+///
+/// # Errors
+/// The first such flag, named, with why.
+pub fn check_sbatch_args(args: &[String]) -> Result<(), String> {
+    for arg in args {
+        let name = arg.split('=').next().unwrap_or(arg);
+        let own = OWN_SBATCH_FLAGS.iter().find(|(long, short)| {
+            name == *long
+                || (!short.is_empty()
+                    && (name == *short || (name.starts_with(short) && !name.starts_with("--"))))
+        });
+        if let Some((long, _)) = own {
+            return Err(format!(
+                "sbatch flag `{arg}`: distillery sets {long} itself (each step is one job of one task, its log in the cache's logs/slurm, resubmitted by distillery)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The user's config file: `$XDG_CONFIG_HOME/distillery/config.toml`, else
@@ -94,15 +138,17 @@ pub struct ConfigError {
 /// The `[executor]` table of the user's config file; empty settings when there is no file.
 ///
 /// # Errors
-/// A file that exists but cannot be read, is not TOML, has keys other than `[executor]`, or an
+/// `DISTILLERY_CONFIG` naming a missing file; a file that exists but cannot be read, is not TOML, has keys other than `[executor]`, or an
 /// `[executor]` with unknown or mistyped fields.
 pub fn user_settings() -> Result<ExecutorSettings, ConfigError> {
     let Some(path) = user_config_path() else {
         return Ok(ExecutorSettings::default());
     };
+    let named = std::env::var_os("DISTILLERY_CONFIG").is_some_and(|p| !p.is_empty());
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // The default file is optional; one named by DISTILLERY_CONFIG is meant to be there.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => {
             return Ok(ExecutorSettings::default());
         }
         Err(e) => {
@@ -142,33 +188,40 @@ pub fn parse_time(text: &str) -> Option<u64> {
         .filter(|(_, c)| c.is_ascii_alphabetic())
     {
         let n = num(&t[..unit_at])?;
-        n * match unit {
+        n.checked_mul(match unit {
             's' => 1,
             'm' => 60,
             'h' => 3600,
             'd' => 86400,
             _ => return None,
-        }
+        })?
     } else if let Some((days, rest)) = t.split_once('-') {
-        let days = num(days)?;
         let parts: Vec<u64> = rest.split(':').map(num).collect::<Option<_>>()?;
-        let hms = match parts.as_slice() {
-            [h] => h * 3600,
-            [h, m] => h * 3600 + m * 60,
-            [h, m, s] => h * 3600 + m * 60 + s,
+        let (h, m, s) = match parts.as_slice() {
+            [h] => (*h, 0, 0),
+            [h, m] => (*h, *m, 0),
+            [h, m, s] => (*h, *m, *s),
             _ => return None,
         };
-        days * 86400 + hms
+        seconds(num(days)?, h, m, s)?
     } else {
         let parts: Vec<u64> = t.split(':').map(num).collect::<Option<_>>()?;
         match parts.as_slice() {
-            [m] => m * 60,
-            [m, s] => m * 60 + s,
-            [h, m, s] => h * 3600 + m * 60 + s,
+            [m] => seconds(0, 0, *m, 0)?,
+            [m, s] => seconds(0, 0, *m, *s)?,
+            [h, m, s] => seconds(0, *h, *m, *s)?,
             _ => return None,
         }
     };
     (secs > 0).then_some(secs)
+}
+
+/// `d` days + `h` hours + `m` minutes + `s` seconds, `None` on overflow.
+fn seconds(d: u64, h: u64, m: u64, s: u64) -> Option<u64> {
+    d.checked_mul(86400)?
+        .checked_add(h.checked_mul(3600)?)?
+        .checked_add(m.checked_mul(60)?)?
+        .checked_add(s)
 }
 
 /// Seconds as `sbatch --time` takes them: `D-HH:MM:SS` (Slurm rounds up to whole minutes).
@@ -202,7 +255,18 @@ mod tests {
         ] {
             assert_eq!(parse_time(text), Some(secs), "{text}");
         }
-        for bad in ["", "0", "4x", "1:2:3:4", "-5", "a-1", "1.5h", "h"] {
+        for bad in [
+            "",
+            "0",
+            "4x",
+            "1:2:3:4",
+            "-5",
+            "a-1",
+            "1.5h",
+            "h",
+            "99999999999999999999d",
+            "213503982334602d",
+        ] {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
         assert_eq!(slurm_time(131405), "1-12:30:05");
@@ -226,6 +290,30 @@ mod tests {
             ..Default::default()
         };
         let s = cli.or(recipe).or(user);
+        let layered = ExecutorSettings {
+            sbatch_args: Some(vec!["--qos=high".into()]),
+            ..Default::default()
+        }
+        .or(ExecutorSettings {
+            sbatch_args: Some(vec!["--constraint=h100".into()]),
+            ..Default::default()
+        });
+        assert_eq!(
+            layered.sbatch_args.unwrap(),
+            ["--constraint=h100", "--qos=high"]
+        );
+        assert!(check_sbatch_args(&["--qos=high".into(), "--constraint=h100".into()]).is_ok());
+        for own in [
+            "--output=x.log",
+            "-o",
+            "-ox.log",
+            "--array=1-3",
+            "--wait",
+            "--requeue",
+            "-N2",
+        ] {
+            assert!(check_sbatch_args(&[own.into()]).is_err(), "{own}");
+        }
         assert_eq!(s.partition.as_deref(), Some("recipe"));
         assert_eq!(s.account.as_deref(), Some("acct"));
         assert_eq!(s.time, Some(120));
