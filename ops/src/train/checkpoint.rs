@@ -1,0 +1,164 @@
+//! Resumable checkpoints in the step's scratch directory (model, projections, AdamW state) and
+//! the written output model.
+
+use super::*;
+
+pub(super) fn dtype_for(ctx: &OpContext, model: &LoadedModel) -> Result<DType, OpError> {
+    Ok(match ctx.params.str("dtype")? {
+        "same" => model.weights.dominant_dtype(),
+        other => DType::from_torch_name(other).unwrap(),
+    })
+}
+
+/// Writes a decoder as a checkpoint directory.
+pub(super) fn save_decoder(
+    dir: &Path,
+    model: &Decoder<B>,
+    config: &ModelConfig,
+    dtype: DType,
+    src: &LoadedModel,
+    provenance: &serde_json::Value,
+) -> Result<(), OpError> {
+    let tensors = model.named_tensors(config);
+    let map: std::collections::HashMap<String, Vec<f32>> =
+        tensors.into_iter().map(|(n, _, v)| (n, v)).collect();
+    let opts = SaveOptions {
+        dtype,
+        shard_bytes: 5_000_000_000,
+        tokenizer_json: src.tokenizer_json.as_deref(),
+        tokenizer_files: &src.tokenizer_files,
+        generation_config: src.generation_config.as_ref(),
+        tokenizer_config: src.tokenizer_config.as_ref(),
+        provenance,
+    };
+    crate::model::save_checkpoint(dir, config, &opts, |n| {
+        map.get(n)
+            .cloned()
+            .ok_or_else(|| crate::model::ModelError::Checkpoint {
+                path: dir.to_path_buf(),
+                why: format!("no tensor {n}"),
+            })
+    })?;
+    Ok(())
+}
+
+pub(super) fn save_state(dir: &Path, state: &AdamState) -> Result<(), OpError> {
+    let mut v = std::collections::BTreeMap::new();
+    for (i, (m, s)) in state.m.iter().zip(&state.v).enumerate() {
+        v.insert(
+            format!("m.{i:05}"),
+            m.clone().into_data().to_vec::<f32>().unwrap(),
+        );
+        v.insert(
+            format!("v.{i:05}"),
+            s.clone().into_data().to_vec::<f32>().unwrap(),
+        );
+    }
+    write_vectors(&dir.join("optimizer.safetensors"), &v)
+}
+
+pub(super) fn load_state(dir: &Path, step: usize) -> Result<AdamState, OpError> {
+    let v = read_vectors(&dir.join("optimizer.safetensors"))?;
+    let device = runtime::device();
+    let mut state = AdamState {
+        step,
+        m: Vec::new(),
+        v: Vec::new(),
+    };
+    for (k, x) in v {
+        let t = Tensor::<B, 1>::from_data(TensorData::new(x.clone(), [x.len()]), &device);
+        if k.starts_with("m.") {
+            state.m.push(t);
+        } else {
+            state.v.push(t);
+        }
+    }
+    Ok(state)
+}
+
+pub(super) fn save_projections(dir: &Path, student: &Student<TB>) -> Result<(), OpError> {
+    let v: std::collections::BTreeMap<String, Vec<f32>> = student
+        .projections
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                format!("p.{i:05}"),
+                p.val().inner().into_data().to_vec::<f32>().unwrap(),
+            )
+        })
+        .collect();
+    write_vectors(&dir.join("projections.safetensors"), &v)
+}
+
+/// The projections: from a checkpoint directory when given, else their starting weights.
+pub(super) fn projections(
+    inits: &[ProjectionInit],
+    checkpoint: Option<&Path>,
+) -> Result<Vec<Param<Tensor<TB, 2>>>, OpError> {
+    let saved = match checkpoint {
+        Some(dir) => Some(read_vectors(&dir.join("projections.safetensors"))?),
+        None => None,
+    };
+    let device = runtime::device();
+    inits
+        .iter()
+        .enumerate()
+        .map(|(i, init)| {
+            let [r, c] = init.shape;
+            let w = match &saved {
+                Some(v) => v
+                    .get(&format!("p.{i:05}"))
+                    .filter(|w| w.len() == r * c)
+                    .cloned()
+                    .ok_or_else(|| {
+                        OpError::Invalid(format!(
+                            "the checkpoint has no projection {i} of shape [{r}, {c}]"
+                        ))
+                    })?,
+                None => init.weights.clone(),
+            };
+            Ok(Param::from_tensor(
+                Tensor::<TB, 2>::from_data(TensorData::new(w, [r, c]), &device).require_grad(),
+            ))
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_checkpoint(
+    ckpt: &Path,
+    student: &Student<TB>,
+    state: &AdamState,
+    config: &ModelConfig,
+    src: &LoadedModel,
+    step: usize,
+    key: &str,
+    metrics: &[serde_json::Value],
+) -> Result<(), OpError> {
+    // Written beside, then swapped in: a kill mid-write leaves the previous checkpoint intact.
+    let tmp = ckpt.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| OpError::io(&tmp, "create", e))?;
+    save_decoder(
+        &tmp,
+        &student.model.valid(),
+        config,
+        DType::F32,
+        src,
+        &json!({"checkpoint_step": step}),
+    )?;
+    save_state(&tmp, state)?;
+    save_projections(&tmp, student)?;
+    let s = json!({"step": step, "key": key, "metrics": metrics});
+    let p = tmp.join("state.json");
+    std::fs::write(&p, s.to_string()).map_err(|e| OpError::io(&p, "write", e))?;
+    let old = ckpt.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if ckpt.exists() {
+        std::fs::rename(ckpt, &old).map_err(|e| OpError::io(ckpt, "move aside", e))?;
+    }
+    std::fs::rename(&tmp, ckpt).map_err(|e| OpError::io(ckpt, "install", e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}

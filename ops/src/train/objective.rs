@@ -1,0 +1,109 @@
+//! What a training op minimizes: the [`Objective`] trait and plain next-token cross-entropy.
+
+use super::*;
+
+/// What a training op optimizes.
+pub trait Objective {
+    /// Loss of the student on `[batch, seq]` inputs with `[batch, seq]` next-token targets,
+    /// averaged over the targets `trained` marks (`[batch, seq]`; chat data's assistant tokens),
+    /// or over all of them when it is `None`.
+    fn loss(
+        &self,
+        student: &Student<TB>,
+        input: &[u32],
+        targets: &[u32],
+        trained: Option<&[bool]>,
+        batch: usize,
+    ) -> Tensor<TB, 1>;
+    fn name(&self) -> &'static str;
+    /// Asked only once the loss on `input` (`[batch, seq]`) came out non-finite: a cause outside
+    /// the student (a frozen teacher whose forward overflows), said as what to do, or `None`.
+    fn non_finite_cause(&self, _input: &[u32], _batch: usize) -> Option<String> {
+        None
+    }
+    /// The learned projections this objective uses (`[student_hidden, teacher_hidden]`), in the
+    /// order `loss` reads `student.projections`.
+    fn projections(&self) -> Vec<ProjectionInit> {
+        Vec::new()
+    }
+}
+
+/// Plain next-token cross-entropy.
+pub struct CrossEntropy;
+
+/// Mean next-token cross-entropy of `logits [batch, seq, vocab]` against `targets [batch * seq]`
+/// over the targets `trained` marks (all when `None`); 0, with no gradient, when it marks none.
+pub fn cross_entropy<Bk: burn::tensor::backend::Backend>(
+    logits: Tensor<Bk, 3>,
+    targets: &[u32],
+    trained: Option<&[bool]>,
+) -> Tensor<Bk, 1> {
+    let [b, s, v] = logits.dims();
+    let device = logits.device();
+    let logits = logits.reshape([b * s, v]);
+    let kept: Vec<i64> = match trained {
+        Some(mask) => targets
+            .iter()
+            .zip(mask)
+            .filter(|(_, m)| **m)
+            .map(|(&t, _)| t as i64)
+            .collect(),
+        None => targets.iter().map(|&x| x as i64).collect(),
+    };
+    let Some(kept_logits) = trained_rows(logits.clone(), trained) else {
+        // Zero, on the graph: backward gives zero gradients rather than none.
+        return (logits.sum() * 0.0).reshape([1]);
+    };
+    let logits = kept_logits;
+    let n = kept.len();
+    let t = Tensor::<Bk, 2, Int>::from_data(TensorData::new(kept, [n, 1]), &device);
+    log_softmax(logits, 1).gather(1, t).mean().neg()
+}
+
+/// The rows `[tokens, width]` the loss counts: all (`trained` is `None`), or those it marks;
+/// `None` when it marks none.
+pub fn trained_rows<Bk: burn::tensor::backend::Backend>(
+    rows: Tensor<Bk, 2>,
+    trained: Option<&[bool]>,
+) -> Option<Tensor<Bk, 2>> {
+    let Some(mask) = trained else {
+        return Some(rows);
+    };
+    let kept: Vec<i64> = mask
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| **m)
+        .map(|(i, _)| i as i64)
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    if kept.len() == mask.len() {
+        return Some(rows);
+    }
+    let device = rows.device();
+    let n = kept.len();
+    Some(rows.select(
+        0,
+        Tensor::<Bk, 1, Int>::from_data(TensorData::new(kept, [n]), &device),
+    ))
+}
+
+impl Objective for CrossEntropy {
+    fn loss(
+        &self,
+        student: &Student<TB>,
+        input: &[u32],
+        targets: &[u32],
+        trained: Option<&[bool]>,
+        batch: usize,
+    ) -> Tensor<TB, 1> {
+        let logits = student
+            .model
+            .forward(tokens_tensor::<TB>(input, batch, &runtime::device()));
+        cross_entropy(logits, targets, trained)
+    }
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+}
