@@ -72,7 +72,7 @@ fn main() {
         };
         let mut run = |k: usize, student: Student<TB>| {
             let lr = cfg.lr_at(k);
-            match optimizer_step(student, &mut state, &kd, &batches(k), &cfg, lr) {
+            match optimizer_step(student, &mut state, &kd, &batches(k), &cfg, lr, &device) {
                 Ok(o) => o,
                 Err(e) => panic!("non-finite {} at step {k}", e.what),
             }

@@ -143,18 +143,18 @@ impl Objective for Kd {
         targets: &[u32],
         trained: Option<&[bool]>,
         batch: usize,
+        device: &runtime::Device,
     ) -> Tensor<TB, 1> {
-        let device = runtime::device();
         let pairs = &self.hidden.pairs;
         let mut t_hooks = BlockOutputs::of(pairs.iter().map(|p| p.1).collect());
         let mut s_hooks = BlockOutputs::of(pairs.iter().map(|p| p.0).collect());
         // The teacher runs without an autodiff graph.
         let t_logits = self
             .teacher
-            .forward_with_hooks(tokens_tensor::<B>(input, batch, &device), &mut t_hooks);
+            .forward_with_hooks(tokens_tensor::<B>(input, batch, device), &mut t_hooks);
         let s_logits = student
             .model
-            .forward_with_hooks(tokens_tensor::<TB>(input, batch, &device), &mut s_hooks);
+            .forward_with_hooks(tokens_tensor::<TB>(input, batch, device), &mut s_hooks);
         let [b, s, v] = s_logits.dims();
         // Chat data: every term on the assistant's tokens only.
         let (Some(t), Some(st)) = (
@@ -181,7 +181,7 @@ impl Objective for Kd {
         if pairs.is_empty() {
             return logit_loss;
         }
-        let mut hidden = Tensor::<TB, 1>::zeros([1], &device);
+        let mut hidden = Tensor::<TB, 1>::zeros([1], device);
         for (i, (ls, lt)) in pairs.iter().enumerate() {
             let h_s = s_hooks.out.remove(ls).expect("hooked student layer");
             let h_t = Tensor::<TB, 3>::from_inner(t_hooks.out[lt].clone());
@@ -205,10 +205,15 @@ impl Objective for Kd {
         "distillation"
     }
 
-    fn non_finite_cause(&self, input: &[u32], batch: usize) -> Option<String> {
+    fn non_finite_cause(
+        &self,
+        input: &[u32],
+        batch: usize,
+        device: &runtime::Device,
+    ) -> Option<String> {
         let logits = self
             .teacher
-            .forward(tokens_tensor::<B>(input, batch, &runtime::device()));
+            .forward(tokens_tensor::<B>(input, batch, device));
         let values = logits.into_data().convert::<f32>().to_vec::<f32>().ok()?;
         let bad = values.iter().filter(|x| !x.is_finite()).count();
         (bad > 0).then(|| {
@@ -493,7 +498,7 @@ mod tests {
         // cross-entropy share; the student's layer 0 against the teacher's layer 1 differ.
         let plain = Kd::new(teacher.clone(), 1.0, KlDirection::Forward, 0, 0.5);
         let logit = plain
-            .loss(&student, &input, &targets, None, 2)
+            .loss(&student, &input, &targets, None, 2, &device)
             .into_scalar() as f64;
         let kd = Kd::new(teacher, 1.0, KlDirection::Forward, 0, 0.5).with_hidden_loss(HiddenLoss {
             pairs: vec![(0, 1)],
@@ -504,7 +509,7 @@ mod tests {
         });
         assert_eq!(kd.projections().len(), 1);
         assert_eq!(kd.projections()[0].shape, [h, h]);
-        let loss = kd.loss(&student, &input, &targets, None, 2);
+        let loss = kd.loss(&student, &input, &targets, None, 2, &device);
         let total = loss.clone().into_scalar() as f64;
         assert!(logit > 0.0);
         assert!(
@@ -588,7 +593,7 @@ mod tests {
 
         let kd = Kd::new(teacher.clone(), 1.0, KlDirection::Forward, 0, 0.0);
         let got = kd
-            .loss(&student, &input, &targets, Some(&mask), 2)
+            .loss(&student, &input, &targets, Some(&mask), 2, &device)
             .into_scalar() as f64;
         assert!(
             (got - kl).abs() < 1e-5 * kl.max(1e-3),
@@ -609,13 +614,15 @@ mod tests {
 
         let all = vec![true; 16];
         let a = kd
-            .loss(&student, &input, &targets, Some(&all), 2)
+            .loss(&student, &input, &targets, Some(&all), 2, &device)
             .into_scalar();
-        let b = kd.loss(&student, &input, &targets, None, 2).into_scalar();
+        let b = kd
+            .loss(&student, &input, &targets, None, 2, &device)
+            .into_scalar();
         assert_eq!(a.to_bits(), b.to_bits(), "an all-true mask is no mask");
 
         let none = vec![false; 16];
-        let zero = kd.loss(&student, &input, &targets, Some(&none), 2);
+        let zero = kd.loss(&student, &input, &targets, Some(&none), 2, &device);
         assert_eq!(zero.clone().into_scalar(), 0.0);
         let grads = zero.backward();
         let g = student.model.embed_tokens.grad(&grads).expect("a gradient");
@@ -666,8 +673,15 @@ mod tests {
             m: Vec::new(),
             v: Vec::new(),
         };
-        let err = match train::optimizer_step(student, &mut state, &kd, &[seqs.into()], &cfg, 1e-3)
-        {
+        let err = match train::optimizer_step(
+            student,
+            &mut state,
+            &kd,
+            &[seqs.into()],
+            &cfg,
+            1e-3,
+            &device,
+        ) {
             Ok(_) => panic!("the loss of an overflowing teacher is finite"),
             Err(e) => e,
         };
@@ -716,6 +730,7 @@ mod tests {
                 &batches,
                 &cfg,
                 1e-3,
+                &device,
             ) {
                 Ok(o) => (o.loss, o.grad_norm),
                 Err(e) => panic!("non-finite {}", e.what),

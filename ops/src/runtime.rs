@@ -30,7 +30,10 @@ pub const BACKEND_NAME: &str = "flex (CPU)";
 /// The same with autodiff, for training.
 pub type TrainBackend = burn::backend::Autodiff<Backend>;
 
-pub fn device() -> burn::tensor::Device<Backend> {
+/// The device of the selected backend (the same for [`TrainBackend`]).
+pub type Device = burn::tensor::Device<Backend>;
+
+pub fn device() -> Device {
     Default::default()
 }
 

@@ -57,16 +57,15 @@ pub(super) fn save_state(dir: &Path, state: &AdamState) -> Result<(), OpError> {
     write_vectors(&dir.join("optimizer.safetensors"), &v)
 }
 
-pub(super) fn load_state(dir: &Path, step: usize) -> Result<AdamState, OpError> {
+pub(super) fn load_state(dir: &Path, step: usize, device: &Device) -> Result<AdamState, OpError> {
     let v = read_vectors(&dir.join("optimizer.safetensors"))?;
-    let device = runtime::device();
     let mut state = AdamState {
         step,
         m: Vec::new(),
         v: Vec::new(),
     };
     for (k, x) in v {
-        let t = Tensor::<B, 1>::from_data(TensorData::new(x.clone(), [x.len()]), &device);
+        let t = Tensor::<B, 1>::from_data(TensorData::new(x.clone(), [x.len()]), device);
         if k.starts_with("m.") {
             state.m.push(t);
         } else {
@@ -95,12 +94,12 @@ pub(super) fn save_projections(dir: &Path, student: &Student<TB>) -> Result<(), 
 pub(super) fn projections(
     inits: &[ProjectionInit],
     checkpoint: Option<&Path>,
+    device: &Device,
 ) -> Result<Vec<Param<Tensor<TB, 2>>>, OpError> {
     let saved = match checkpoint {
         Some(dir) => Some(read_vectors(&dir.join("projections.safetensors"))?),
         None => None,
     };
-    let device = runtime::device();
     inits
         .iter()
         .enumerate()
@@ -119,7 +118,7 @@ pub(super) fn projections(
                 None => init.weights.clone(),
             };
             Ok(Param::from_tensor(
-                Tensor::<TB, 2>::from_data(TensorData::new(w, [r, c]), &device).require_grad(),
+                Tensor::<TB, 2>::from_data(TensorData::new(w, [r, c]), device).require_grad(),
             ))
         })
         .collect()

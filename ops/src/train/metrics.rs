@@ -9,6 +9,7 @@ pub(super) fn validation_loss(
     model: &Student<TB>,
     val: &Packed,
     micro: usize,
+    device: &Device,
 ) -> f64 {
     if val.tokens.is_empty() {
         return f64::NAN;
@@ -31,6 +32,7 @@ pub(super) fn validation_loss(
             &targets,
             trained.as_deref(),
             chunk.tokens.len(),
+            device,
         );
         total += l.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0] * weight as f64;
         n += weight;

@@ -18,7 +18,7 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::{Compute, Decoder, tokens_tensor};
 use crate::model::weights::DType;
 use crate::op::{OpContext, OpError, ParamSpec, ParamType, ParamValue, Params, Problem};
-use crate::runtime::{self, Backend as B, TrainBackend as TB};
+use crate::runtime::{self, Backend as B, Device, TrainBackend as TB};
 use crate::stats::{read_vectors, write_vectors};
 
 mod checkpoint;
@@ -316,16 +316,16 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
             Student {
                 model: Decoder::<TB>::load(&config, &saved.weights, &device)?
                     .with_compute(cfg.compute),
-                projections: projections(&objective.projections(), Some(&ckpt))?,
+                projections: projections(&objective.projections(), Some(&ckpt), &device)?,
             },
-            load_state(&ckpt, start)?,
+            load_state(&ckpt, start, &device)?,
         )
     } else {
         (
             Student {
                 model: Decoder::<TB>::load(&config, &src.weights, &device)?
                     .with_compute(cfg.compute),
-                projections: projections(&objective.projections(), None)?,
+                projections: projections(&objective.projections(), None, &device)?,
             },
             AdamState {
                 step: 0,
@@ -364,8 +364,15 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
                 train.pick((0..cfg.micro_batch).map(|e| (base + e) % train.tokens.len()))
             })
             .collect();
-        let outcome = match optimizer_step(student, &mut state, objective, &micro_batches, &cfg, lr)
-        {
+        let outcome = match optimizer_step(
+            student,
+            &mut state,
+            objective,
+            &micro_batches,
+            &cfg,
+            lr,
+            &device,
+        ) {
             Ok(o) => o,
             Err(NonFinite { what, param, cause }) => {
                 let param = param.map(|i| names[i].as_str());
@@ -379,7 +386,8 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
                             "tokens": (step + 1) as u64 * (cfg.global_batch * cfg.seq_len) as u64});
         let last = step + 1 == steps;
         if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
-            m["val_loss"] = validation_loss(objective, &student, &val, cfg.micro_batch).into();
+            m["val_loss"] =
+                validation_loss(objective, &student, &val, cfg.micro_batch, &device).into();
         }
         metrics.push(m);
         let elapsed = t0.elapsed().as_secs_f64().max(1e-9);

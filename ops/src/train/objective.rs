@@ -6,7 +6,7 @@ use super::*;
 pub trait Objective {
     /// Loss of the student on `[batch, seq]` inputs with `[batch, seq]` next-token targets,
     /// averaged over the targets `trained` marks (`[batch, seq]`; chat data's assistant tokens),
-    /// or over all of them when it is `None`.
+    /// or over all of them when it is `None`; computed on `device`, where the student lives.
     fn loss(
         &self,
         student: &Student<TB>,
@@ -14,11 +14,12 @@ pub trait Objective {
         targets: &[u32],
         trained: Option<&[bool]>,
         batch: usize,
+        device: &Device,
     ) -> Tensor<TB, 1>;
     fn name(&self) -> &'static str;
     /// Asked only once the loss on `input` (`[batch, seq]`) came out non-finite: a cause outside
     /// the student (a frozen teacher whose forward overflows), said as what to do, or `None`.
-    fn non_finite_cause(&self, _input: &[u32], _batch: usize) -> Option<String> {
+    fn non_finite_cause(&self, _input: &[u32], _batch: usize, _device: &Device) -> Option<String> {
         None
     }
     /// The learned projections this objective uses (`[student_hidden, teacher_hidden]`), in the
@@ -97,10 +98,11 @@ impl Objective for CrossEntropy {
         targets: &[u32],
         trained: Option<&[bool]>,
         batch: usize,
+        device: &Device,
     ) -> Tensor<TB, 1> {
         let logits = student
             .model
-            .forward(tokens_tensor::<TB>(input, batch, &runtime::device()));
+            .forward(tokens_tensor::<TB>(input, batch, device));
         cross_entropy(logits, targets, trained)
     }
     fn name(&self) -> &'static str {

@@ -69,6 +69,7 @@ pub fn optimizer_step(
     micro_batches: &[Packed],
     cfg: &TrainConfig,
     lr: f64,
+    device: &Device,
 ) -> Result<StepOutcome, NonFinite> {
     let accum = micro_batches.len();
     let mut grads_acc: Option<burn::optim::GradientsParams> = None;
@@ -90,6 +91,7 @@ pub fn optimizer_step(
             &targets,
             trained.as_deref(),
             batch.tokens.len(),
+            device,
         );
         let loss = match trained {
             None => loss / accum as f64,
@@ -105,7 +107,7 @@ pub fn optimizer_step(
             return Err(NonFinite {
                 what: "loss",
                 param: None,
-                cause: objective.non_finite_cause(&input, batch.tokens.len()),
+                cause: objective.non_finite_cause(&input, batch.tokens.len(), device),
             });
         }
         loss_sum += value;
