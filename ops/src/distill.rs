@@ -403,13 +403,12 @@ impl Op for Distill {
             }
             // Frozen: in bf16 compute its matrices are stored in bf16 too (2 bytes a parameter).
             let compute = runtime::compute(&ctx.params)?;
-            let teacher = Decoder::<B>::load(
-                &teacher_model.config,
-                &teacher_model.weights,
-                &runtime::device(),
-            )?
-            .with_compute(compute)
-            .store_matrices_in_compute_dtype();
+            // One device for the teacher and the student (train::run takes it too).
+            let device = runtime::device();
+            let teacher =
+                Decoder::<B>::load(&teacher_model.config, &teacher_model.weights, &device)?
+                    .with_compute(compute)
+                    .store_matrices_in_compute_dtype();
             let teacher_hidden = teacher_model.config.hidden_size;
             drop(teacher_model);
             let kd = Kd {
@@ -439,7 +438,7 @@ impl Op for Distill {
                     ),
                 },
             };
-            train::run(ctx, &kd, "student")
+            train::run(ctx, &kd, "student", &device)
         })
     }
 

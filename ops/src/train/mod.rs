@@ -249,10 +249,15 @@ fn split(seqs: &Packed) -> (Vec<u32>, Vec<u32>, Option<Vec<bool>>) {
 
 /// Runs the loop on `model` (the student) with `objective`; writes the trained checkpoint, metrics
 /// and a loss curve into the output directory.
-pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Result<(), OpError> {
+/// Everything lives on `device` (the objective's frozen teacher too).
+pub fn run(
+    ctx: &OpContext,
+    objective: &dyn Objective,
+    model_port: &str,
+    device: &Device,
+) -> Result<(), OpError> {
     let cfg = TrainConfig::from_params(&ctx.params)?;
     runtime::compute(&ctx.params)?;
-    let device = runtime::device();
     let src = runtime::open_model(ctx.input(model_port)?)?;
     let tok = runtime::tokenizer(&src)?;
     let config = src.config.clone();
@@ -314,18 +319,18 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
             .note(&format!("resuming from the checkpoint at step {start}"));
         (
             Student {
-                model: Decoder::<TB>::load(&config, &saved.weights, &device)?
+                model: Decoder::<TB>::load(&config, &saved.weights, device)?
                     .with_compute(cfg.compute),
-                projections: projections(&objective.projections(), Some(&ckpt), &device)?,
+                projections: projections(&objective.projections(), Some(&ckpt), device)?,
             },
-            load_state(&ckpt, start, &device)?,
+            load_state(&ckpt, start, device)?,
         )
     } else {
         (
             Student {
-                model: Decoder::<TB>::load(&config, &src.weights, &device)?
+                model: Decoder::<TB>::load(&config, &src.weights, device)?
                     .with_compute(cfg.compute),
-                projections: projections(&objective.projections(), None, &device)?,
+                projections: projections(&objective.projections(), None, device)?,
             },
             AdamState {
                 step: 0,
@@ -371,7 +376,7 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
             &micro_batches,
             &cfg,
             lr,
-            &device,
+            device,
         ) {
             Ok(o) => o,
             Err(NonFinite { what, param, cause }) => {
@@ -387,7 +392,7 @@ pub fn run(ctx: &OpContext, objective: &dyn Objective, model_port: &str) -> Resu
         let last = step + 1 == steps;
         if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
             m["val_loss"] =
-                validation_loss(objective, &student, &val, cfg.micro_batch, &device).into();
+                validation_loss(objective, &student, &val, cfg.micro_batch, device).into();
         }
         metrics.push(m);
         let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
@@ -507,7 +512,9 @@ impl crate::op::Op for Train {
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
-        runtime::with_threads(ctx.threads, || run(ctx, &CrossEntropy, "model"))
+        runtime::with_threads(ctx.threads, || {
+            run(ctx, &CrossEntropy, "model", &runtime::device())
+        })
     }
 
     fn summarize(&self, out_dir: &Path) -> Option<String> {
