@@ -1,5 +1,6 @@
 //! `plan --estimate`: each step's output shape, parameters, FLOPs, resident memory and GPU-hours,
-//! from configs alone (no weights, no hashing), and whether the declared devices can hold it.
+//! from configs alone (no weights, no hashing), and whether the one device a step runs on can hold
+//! it.
 
 use std::collections::BTreeMap;
 
@@ -45,7 +46,7 @@ pub struct StepEstimate {
     pub step: String,
     pub op: String,
     pub estimate: Option<Estimate>,
-    /// GPUs declared for the step (resources.gpus), if any.
+    /// GPUs declared for the step (resources.gpus), if any: said when the step cannot use them.
     pub gpus: Option<usize>,
 }
 
@@ -169,24 +170,33 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
             hours
         ));
         if e.memory_bytes > 0.0 {
-            let need = (e.memory_bytes / gpu.memory_bytes).ceil().max(1.0) as usize;
-            match r.gpus {
-                Some(n) if e.memory_bytes / n as f64 > gpu.memory_bytes => notes.push(format!(
-                    "  ! step `{}` does not fit: {}B over {n} × {} is {}B per GPU (> {:.0} GB); it needs at least {need} GPUs with sharded states (FSDP)",
-                    r.step, si(e.memory_bytes), gpu.name.to_uppercase(), si(e.memory_bytes / n as f64), gpu.memory_bytes / 1e9
-                )),
-                Some(n) => {
-                    let wall = hours / n as f64;
-                    notes.push(format!(
-                        "  step `{}` fits on {n} × {} ({}B per GPU before activations): about {:.1} hours wall-clock ({:.1} days)",
-                        r.step, gpu.name.to_uppercase(), si(e.memory_bytes / n as f64), wall, wall / 24.0
-                    ));
-                }
-                None if need > 1 => notes.push(format!(
-                    "  step `{}` needs at least {need} × {} for its {}B of weights and optimizer state (declare resources.gpus)",
-                    r.step, gpu.name.to_uppercase(), si(e.memory_bytes)
-                )),
-                None => {}
+            // Every op runs as one process on one device: memory is never divided among the
+            // GPUs a step declares, and its wall-clock time is its GPU-hours.
+            let fits = e.memory_bytes <= gpu.memory_bytes;
+            let idle = match r.gpus {
+                Some(n) if n > 1 => format!(
+                    "; it declares resources.gpus = {n}, but runs on one device (no data parallelism yet), so the other {} would idle",
+                    n - 1
+                ),
+                _ => String::new(),
+            };
+            if fits {
+                notes.push(format!(
+                    "  step `{}` fits on one {} ({}B before activations): about {:.1} hours wall-clock ({:.1} days){idle}",
+                    r.step,
+                    gpu.name.to_uppercase(),
+                    si(e.memory_bytes),
+                    hours,
+                    hours / 24.0
+                ));
+            } else {
+                notes.push(format!(
+                    "  ! step `{}` does not fit: {}B on one {} (> {:.0} GB) before activations; distillery trains on one device and has no sharded or low-memory optimizer states yet{idle}",
+                    r.step,
+                    si(e.memory_bytes),
+                    gpu.name.to_uppercase(),
+                    gpu.memory_bytes / 1e9
+                ));
             }
         }
     }

@@ -81,19 +81,18 @@ fn published_recipes_estimate_from_configs_alone() {
         t.contains("warning") && t.contains("not a multiple of num_attention_heads 48"),
         "{t}"
     );
-    // Too few GPUs: said so, with what would fit.
-    let out = env.ok(&[
-        "plan",
-        "--estimate",
-        &recipe("mistral-nemo-12b-to-8b.toml"),
-        "--set",
-        "steps.distilled.resources.gpus=1",
-    ]);
+    // Memory is never divided among GPUs a step cannot use: every op runs on one device.
+    let out = env.ok(&["plan", "--estimate", &recipe("mistral-nemo-12b-to-8b.toml")]);
     let t = text(&out);
     assert!(
-        t.contains("step `distilled` does not fit") && t.contains("needs at least 2 GPUs"),
+        t.contains("step `distilled` does not fit") && t.contains("on one H100"),
         "{t}"
     );
+    assert!(
+        t.contains("it declares resources.gpus = 128, but runs on one device"),
+        "{t}"
+    );
+    assert!(!t.contains("per GPU"), "{t}");
 }
 
 #[test]
