@@ -91,16 +91,7 @@ pub fn execute(
         .iter()
         .filter(|p| p.status == Status::Run)
         .collect();
-    record_cached(recipe, plan, store);
-    let mut summary = RunSummary {
-        cached: plan
-            .steps
-            .iter()
-            .filter(|p| p.status == Status::Cached)
-            .map(|p| p.name.clone())
-            .collect(),
-        ..Default::default()
-    };
+    let mut summary = begin_run(recipe, plan, store);
     let jobs = opts.jobs.max(1);
     let need = |p: &PlannedStep| {
         recipe.steps[p.index]
@@ -215,11 +206,21 @@ pub fn execute(
     }
 }
 
-/// Steps found in the cache count as this recipe's last run of them too (the entry may have
-/// come from another recipe): the next plan explains changes against them.
-pub(crate) fn record_cached(recipe: &Recipe, plan: &Plan, store: &Store) {
-    for p in plan.steps.iter().filter(|p| p.status == Status::Cached) {
+/// What every executor does first: the steps found in the cache count as this recipe's last
+/// run of them too (the entry may have come from another recipe), so that the next plan explains
+/// changes against them; the summary starts with them as cached.
+pub(crate) fn begin_run(recipe: &Recipe, plan: &Plan, store: &Store) -> RunSummary {
+    let cached: Vec<&PlannedStep> = plan
+        .steps
+        .iter()
+        .filter(|p| p.status == Status::Cached)
+        .collect();
+    for p in &cached {
         write_record(store, recipe, &p.name, &record_of(recipe, p));
+    }
+    RunSummary {
+        cached: cached.iter().map(|p| p.name.clone()).collect(),
+        ..Default::default()
     }
 }
 

@@ -11,15 +11,20 @@ use distillery_ops::{
     ParamValue, Params, Port, Problem,
 };
 
-fn count(ctx: &OpContext) {
+/// Appends a line to `$DISTILLERY_TEST_COUNTER`, when set.
+fn count_line(line: &str) {
     if let Ok(path) = std::env::var("DISTILLERY_TEST_COUNTER") {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .unwrap();
-        writeln!(f, "{}", ctx.step).unwrap();
+        writeln!(f, "{line}").unwrap();
     }
+}
+
+fn count(ctx: &OpContext) {
+    count_line(&ctx.step.to_string());
 }
 
 fn common(ctx: &OpContext) -> Result<(), OpError> {
@@ -301,14 +306,7 @@ impl Op for Tick {
             .ok()
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(0);
-        if let Ok(path) = std::env::var("DISTILLERY_TEST_COUNTER") {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .unwrap();
-            writeln!(f, "{}@{from}", ctx.step).unwrap();
-        }
+        count_line(&format!("{}@{from}", ctx.step));
         ctx.progress.phase("ticking", total, "s");
         for i in from..total {
             std::thread::sleep(Duration::from_secs(1));

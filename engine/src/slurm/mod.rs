@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use distillery_cache::Store;
 
-use crate::exec::{RunError, RunSummary, pin_last_run, record_cached};
+use crate::exec::{RunError, RunSummary, begin_run, pin_last_run};
 use crate::plan::{Plan, PlannedStep, Reason, Status};
 use crate::recipe::{Recipe, Ref};
 use crate::report::{Event, Reporter};
@@ -414,16 +414,7 @@ impl SlurmRun<'_> {
         reporter: &dyn Reporter,
     ) -> Result<RunSummary, RunError> {
         let start = Instant::now();
-        record_cached(recipe, plan, store);
-        let mut summary = RunSummary {
-            cached: plan
-                .steps
-                .iter()
-                .filter(|p| p.status == Status::Cached)
-                .map(|p| p.name.clone())
-                .collect(),
-            ..Default::default()
-        };
+        let mut summary = begin_run(recipe, plan, store);
         let to_run: Vec<&PlannedStep> = plan
             .steps
             .iter()
