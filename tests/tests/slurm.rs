@@ -414,7 +414,7 @@ fn executor_settings_are_checked() {
     let out = env.run(&["run", "r.toml", "--partition", "gpu"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
-        stderr(&out).contains("--partition apply to the Slurm executor"),
+        stderr(&out).contains("--partition applies to the Slurm executor"),
         "{}",
         stderr(&out)
     );
@@ -448,4 +448,42 @@ fn executor_settings_are_checked() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn a_job_that_cannot_start_says_why() {
+    if !slurm_up() {
+        return;
+    }
+    let env = Env::new();
+    // More CPUs than the loopback node declares (16): Slurm keeps the job pending for good.
+    env.write(
+        "r.toml",
+        "[steps.big]\nop = \"emit\"\nresources = { threads = 64 }\n",
+    );
+    let mut child = slurm_command(&env, &["run", "r.toml", "--executor", "slurm", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (job, reason) = loop {
+        let line = lines.next().expect("the run ended").unwrap();
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if e["event"] == "job_state" && e["step"] == "big" {
+            break (
+                e["job_id"].as_str().unwrap().to_string(),
+                e["reason"].as_str().map(String::from),
+            );
+        }
+    };
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let _ = Command::new("scancel").arg(&job).status();
+    // Slurm's word for it (PartitionConfig, or Resources on some versions), not silence.
+    let reason = reason.expect("a pending job's reason");
+    assert!(!reason.is_empty());
 }

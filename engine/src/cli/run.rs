@@ -110,8 +110,13 @@ pub(super) fn run(
         return Err(Failure::new(
             exit::USER,
             format!(
-                "error: {} apply to the Slurm executor, and this run is local\n  = help: add --executor slurm (or `kind = \"slurm\"` in `[executor]`)",
-                executor.slurm_flags().join(", ")
+                "error: {} {} to the Slurm executor, and this run is local\n  = help: add --executor slurm (or `kind = \"slurm\"` in `[executor]`)",
+                executor.slurm_flags().join(", "),
+                if executor.slurm_flags().len() == 1 {
+                    "applies"
+                } else {
+                    "apply"
+                }
             ),
         ));
     }
@@ -150,6 +155,9 @@ pub(super) fn run(
     } else if !cli.quiet {
         eprint!("{}", render_plan(&recipe, &plan));
     }
+    if kind == ExecutorKind::Slurm {
+        check_slurm_run(*jobs, &settings, &recipe, &plan)?;
+    }
     if *dry_run {
         return Ok(());
     }
@@ -162,31 +170,6 @@ pub(super) fn run(
             execute(&recipe, &plan, registry, &store, reporter, &opts)
         }
         ExecutorKind::Slurm => {
-            if jobs.is_some() {
-                return Err(Failure::new(
-                    exit::USER,
-                    "error: --jobs sets the threads of a local run; a Slurm job's threads are its step's resources.threads (its --cpus-per-task)\n  = help: declare resources.threads on the steps, or run with --executor local",
-                ));
-            }
-            if let Err(e) = crate::slurm::settings::check_sbatch_args(
-                settings.sbatch_args.as_deref().unwrap_or_default(),
-            ) {
-                return Err(Failure::new(exit::USER, format!("error: {e}")));
-            }
-            let oversized = crate::slurm::oversized_steps(&recipe, &plan);
-            if !oversized.is_empty() {
-                return Err(Failure::new(
-                    exit::USER,
-                    format!(
-                        "error: a job would hold GPUs no process uses:\n{}\n  = help: set those steps' resources.gpus to 1 (e.g. --set steps.STEP.resources.gpus=1)",
-                        oversized
-                            .iter()
-                            .map(|l| format!("  - {l}"))
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    ),
-                ));
-            }
             catch_interrupts();
             let exe = std::env::current_exe().map_err(|e| {
                 Failure::new(
@@ -230,6 +213,41 @@ fn slurm_cpus() -> Option<usize> {
             })
         })
         .filter(|&n: &usize| n > 0)
+}
+
+/// What the Slurm executor refuses before submitting anything (a `--dry-run` too).
+fn check_slurm_run(
+    jobs: Option<usize>,
+    settings: &ExecutorSettings,
+    recipe: &Recipe,
+    plan: &Plan,
+) -> Result<(), Failure> {
+    if jobs.is_some() {
+        return Err(Failure::new(
+            exit::USER,
+            "error: --jobs sets the threads of a local run; a Slurm job's threads are its step's resources.threads (its --cpus-per-task)\n  = help: declare resources.threads on the steps, or run with --executor local",
+        ));
+    }
+    if let Err(e) = crate::slurm::settings::check_sbatch_args(
+        settings.sbatch_args.as_deref().unwrap_or_default(),
+    ) {
+        return Err(Failure::new(exit::USER, format!("error: {e}")));
+    }
+    let oversized = crate::slurm::oversized_steps(&recipe, &plan);
+    if !oversized.is_empty() {
+        return Err(Failure::new(
+            exit::USER,
+            format!(
+                "error: a job would hold GPUs no process uses:\n{}\n  = help: set those steps' resources.gpus to 1 (e.g. --set steps.STEP.resources.gpus=1)",
+                oversized
+                    .iter()
+                    .map(|l| format!("  - {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn all_cores() -> usize {

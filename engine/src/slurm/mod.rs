@@ -160,6 +160,8 @@ fn appears_within(grace: Duration, seen: impl Fn() -> bool) -> bool {
 struct Attempt {
     job: String,
     log: PathBuf,
+    /// The state and pending reason last reported (`None` before the first poll).
+    reported: Option<(JobState, Option<String>)>,
     state: JobState,
     attempt: u32,
     submitted: Instant,
@@ -328,7 +330,9 @@ impl SlurmRun<'_> {
             ],
         };
         let script = dir.join(format!("{token}.sbatch"));
-        let (job, log) = self.submit(&spec, &script)?;
+        let (job, log) = self.submit(&spec, &script).inspect_err(|_| {
+            let _ = std::fs::remove_file(&script);
+        })?;
         reporter.event(Event::Note {
             step: "slurm".into(),
             message: format!(
@@ -461,6 +465,7 @@ impl SlurmRun<'_> {
                 Ok(Attempt {
                     job,
                     log,
+                    reported: None,
                     state: JobState::Pending,
                     attempt,
                     submitted: Instant::now(),
@@ -503,6 +508,8 @@ impl SlurmRun<'_> {
         let mut active: BTreeMap<usize, Attempt> = BTreeMap::new();
         let mut steps: BTreeMap<usize, StepJobs> = BTreeMap::new();
         let mut failure: Option<RunError> = None;
+        // Steps another process holds the lock of, said once.
+        let mut waiting: BTreeSet<usize> = BTreeSet::new();
         loop {
             if self.interrupted() {
                 let ids: Vec<String> = active.values().map(|a| a.job.clone()).collect();
@@ -524,6 +531,35 @@ impl SlurmRun<'_> {
                             Ref::Source(_) => true,
                         });
                     if submitted.contains(&p.index) || !ready {
+                        continue;
+                    }
+                    // Another run at work on the same key: no job that would hold an
+                    // allocation while it waits for the lock. Its result is used once there.
+                    let recompute = p
+                        .reasons
+                        .iter()
+                        .any(|r| matches!(r, Reason::Forced | Reason::EntryModified { .. }));
+                    if !recompute && store.contains(&p.key) {
+                        submitted.insert(p.index);
+                        done.insert(p.index);
+                        summary.cached.push(p.name.clone());
+                        reporter.event(Event::StepFinished {
+                            step: p.name.clone(),
+                            key: p.key.to_hex(),
+                            seconds: 0.0,
+                            outcome: "computed by another run".into(),
+                        });
+                        continue;
+                    }
+                    if let Err(distillery_cache::CacheError::LockTimeout { holder, .. }) =
+                        store.lock(&p.key, Duration::ZERO, &mut |_| {})
+                    {
+                        if waiting.insert(p.index) {
+                            reporter.event(Event::StepWaiting {
+                                step: p.name.clone(),
+                                holder,
+                            });
+                        }
                         continue;
                     }
                     submitted.insert(p.index);
@@ -560,7 +596,8 @@ impl SlurmRun<'_> {
                     }
                 }
             }
-            if active.is_empty() {
+            let blocked = waiting.iter().any(|i| !submitted.contains(i));
+            if active.is_empty() && (!blocked || failure.is_some()) {
                 break;
             }
             self.pause(self.poll);
@@ -602,7 +639,16 @@ impl SlurmRun<'_> {
                 };
                 a.unanswered = 0;
                 let step_jobs = steps.entry(i).or_default();
-                if info.state != a.state {
+                // Reported on the first poll and on every change of state or of the pending
+                // reason: a job that waits (`Priority`, `Resources`) or never can run
+                // (`PartitionConfig`, `ReqNodeNotAvail`) says so.
+                let reason = info
+                    .reason
+                    .clone()
+                    .filter(|_| info.state != JobState::Running);
+                let now = (info.state, reason.clone());
+                if a.reported.as_ref() != Some(&now) {
+                    a.reported = Some(now);
                     a.state = info.state;
                     if info.state == JobState::Running && step_jobs.running_since.is_none() {
                         step_jobs.running_since = Some(Instant::now());
@@ -621,10 +667,7 @@ impl SlurmRun<'_> {
                         step: p.name.clone(),
                         job_id: a.job.clone(),
                         state: info.state.name().into(),
-                        reason: info
-                            .reason
-                            .clone()
-                            .filter(|_| info.state != JobState::Running),
+                        reason,
                         nodes: info
                             .nodes
                             .clone()

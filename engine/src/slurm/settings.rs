@@ -91,6 +91,10 @@ const OWN_SBATCH_FLAGS: &[(&str, &str)] = &[
     ("--parsable", ""),
     ("--ntasks", "-n"),
     ("--nodes", "-N"),
+    ("--cpus-per-task", "-c"),
+    ("--job-name", "-J"),
+    ("--chdir", "-D"),
+    ("--wrap", ""),
 ];
 
 /// Refuses extra `sbatch` flags that the executor sets itself.
@@ -107,7 +111,7 @@ pub fn check_sbatch_args(args: &[String]) -> Result<(), String> {
         });
         if let Some((long, _)) = own {
             return Err(format!(
-                "sbatch flag `{arg}`: distillery sets {long} itself (each step is one job of one task, its log in the cache's logs/slurm, resubmitted by distillery)"
+                "sbatch flag `{arg}` (from --sbatch-arg, or sbatch_args in the recipe's or the user config's [executor]): distillery sets {long} itself (each step is one job of one task, named distillery:RECIPE:STEP, its threads from resources.threads, its log in the cache's logs/slurm, resubmitted by distillery)"
             ));
         }
     }
@@ -203,13 +207,17 @@ pub fn parse_time(text: &str) -> Option<u64> {
             [h, m, s] => (*h, *m, *s),
             _ => return None,
         };
+        // After a day count, hours are below 24; minutes and seconds always below 60.
+        if h >= 24 || m >= 60 || s >= 60 {
+            return None;
+        }
         seconds(num(days)?, h, m, s)?
     } else {
         let parts: Vec<u64> = t.split(':').map(num).collect::<Option<_>>()?;
         match parts.as_slice() {
             [m] => seconds(0, 0, *m, 0)?,
-            [m, s] => seconds(0, 0, *m, *s)?,
-            [h, m, s] => seconds(0, *h, *m, *s)?,
+            [m, s] if *s < 60 => seconds(0, 0, *m, *s)?,
+            [h, m, s] if *m < 60 && *s < 60 => seconds(0, *h, *m, *s)?,
             _ => return None,
         }
     };
@@ -256,6 +264,9 @@ mod tests {
             assert_eq!(parse_time(text), Some(secs), "{text}");
         }
         for bad in [
+            "25:99:00",
+            "1:75",
+            "1-24:00",
             "",
             "0",
             "4x",
@@ -304,6 +315,10 @@ mod tests {
         );
         assert!(check_sbatch_args(&["--qos=high".into(), "--constraint=h100".into()]).is_ok());
         for own in [
+            "--job-name=x",
+            "-c4",
+            "--chdir=/tmp",
+            "--wrap=true",
             "--output=x.log",
             "-o",
             "-ox.log",
