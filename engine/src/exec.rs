@@ -31,9 +31,12 @@ pub enum RunError {
         #[source]
         source: CacheError,
     },
-    /// The executor could not do its job (Slurm refused a job, a script could not be written).
+    /// The executor could not do its job (Slurm missing, a script could not be written).
     #[error("{message}")]
     Executor { message: String },
+    /// The scheduler refused a job as asked (a partition, an account, a resource it lacks).
+    #[error("Slurm refused the job: {message}")]
+    SubmissionRefused { message: String },
     #[error(
         "the cache directory {dir} is not usable from the compute nodes: {why}\n  = help: put the cache on a filesystem the nodes share (--cache-dir or DISTILLERY_CACHE), and this binary too"
     )]

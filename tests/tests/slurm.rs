@@ -487,3 +487,33 @@ fn a_job_that_cannot_start_says_why() {
     let reason = reason.expect("a pending job's reason");
     assert!(!reason.is_empty());
 }
+
+#[test]
+fn a_job_slurm_refuses_is_the_settings_fault() {
+    if !slurm_up() {
+        return;
+    }
+    let env = Env::new();
+    env.write("r.toml", THREE);
+    let out = slurm_command(
+        &env,
+        &[
+            "run",
+            "r.toml",
+            "--executor",
+            "slurm",
+            "--partition",
+            "nope",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Slurm refused the job") && err.contains("Invalid partition"),
+        "{err}"
+    );
+    assert!(err.contains("= help: check --partition"), "{err}");
+    assert!(env.executions().is_empty());
+}

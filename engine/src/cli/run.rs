@@ -269,6 +269,9 @@ fn run_failure<T>(result: Result<T, RunError>) -> Result<(), Failure> {
                 "error: {e}\n  = note: nothing was committed for this step; fix the cause and rerun: finished steps stay cached\n"
             ),
         )),
+        Err(e @ RunError::SubmissionRefused { .. }) => {
+            Err(Failure::new(exit::USER, format!("error: {e}")))
+        }
         Err(e @ RunError::Interrupted { .. }) => {
             Err(Failure::new(exit::INTERRUPTED, format!("error: {e}")))
         }

@@ -250,16 +250,19 @@ impl SlurmRun<'_> {
             .map_err(|e| RunError::Executor {
                 message: format!("cannot write the job script {}: {e}", script_path.display()),
             })?;
-        let job = sbatch(script_path, &self.extra_args()).map_err(|e| RunError::Executor {
-            message: match e {
-                SlurmError::Missing { .. } => format!(
+        let job = sbatch(script_path, &self.extra_args()).map_err(|e| match e {
+            SlurmError::Missing { .. } => RunError::Executor {
+                message: format!(
                     "{e}\n  = help: --executor local runs the steps here; `kind = \"slurm\"` may come from the recipe's [executor] or {}",
                     settings::user_config_path()
                         .map(|p| p.display().to_string())
                         .unwrap_or_else(|| "the user config".into())
                 ),
-                e => format!(
-                    "{e}\n  = help: check --partition, --account, --time, --sbatch-arg and the step's resources (the recipe's or the user config's [executor] may set them)"
+            },
+            // Slurm said no to what was asked: the settings' or the resources' fault.
+            e => RunError::SubmissionRefused {
+                message: format!(
+                    "{e}\n  = help: check --partition, --account, --time, --sbatch-arg and the steps' resources (the recipe's or the user config's [executor] may set them)"
                 ),
             },
         })?;
@@ -474,9 +477,14 @@ impl SlurmRun<'_> {
                 })
             }
             Err(e) => {
-                let e = RunError::StepFailed {
-                    step: p.name.clone(),
-                    message: format!("its job could not be submitted: {e}"),
+                let e = match e {
+                    RunError::SubmissionRefused { message } => RunError::SubmissionRefused {
+                        message: format!("step `{}`: {message}", p.name),
+                    },
+                    e => RunError::StepFailed {
+                        step: p.name.clone(),
+                        message: format!("its job could not be submitted: {e}"),
+                    },
                 };
                 reporter.event(Event::StepFailed {
                     step: p.name.clone(),
