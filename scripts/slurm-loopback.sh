@@ -77,7 +77,8 @@ start() {
   fi
   export SLURM_CONF="$conf"
   running slurmctld || slurmctld -f "$conf" -i
-  running slurmd || slurmd -f "$conf"
+  # -N: the node is "localhost" whatever the host is called.
+  running slurmd || slurmd -f "$conf" -N localhost
   # A node drained by an earlier configuration comes back.
   timeout 10 scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true
   for _ in $(seq 1 60); do
