@@ -246,7 +246,6 @@ pub(crate) fn pin_last_run(recipe: &Recipe, plan: &Plan, store: &Store) {
     );
 }
 
-#[allow(clippy::too_many_arguments)]
 /// What `plan` compares the next run of this step against.
 fn record_of(recipe: &Recipe, p: &PlannedStep) -> StepRecord {
     let step = &recipe.steps[p.index];
@@ -265,6 +264,7 @@ fn record_of(recipe: &Recipe, p: &PlannedStep) -> StepRecord {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_step(
     recipe: &Recipe,
     plan: &Plan,

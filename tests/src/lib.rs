@@ -24,7 +24,7 @@ fn count_line(line: &str) {
 }
 
 fn count(ctx: &OpContext) {
-    count_line(&ctx.step.to_string());
+    count_line(ctx.step);
 }
 
 fn common(ctx: &OpContext) -> Result<(), OpError> {

@@ -86,8 +86,11 @@ op = "join"
 inputs = { left = "steps.a", right = "steps.b" }
 "#;
 
+/// A step's name, key, and its files (relative path, bytes).
+type StepOutput = (String, String, Vec<(String, Vec<u8>)>);
+
 /// Each step's key and the bytes of its files, for comparing runs.
-fn keys_and_outputs(env: &Env) -> Vec<(String, String, Vec<(String, Vec<u8>)>)> {
+fn keys_and_outputs(env: &Env) -> Vec<StepOutput> {
     ["a", "b", "c"]
         .iter()
         .map(|step| {

@@ -233,7 +233,7 @@ fn check_slurm_run(
     ) {
         return Err(Failure::new(exit::USER, format!("error: {e}")));
     }
-    let oversized = crate::slurm::oversized_steps(&recipe, &plan);
+    let oversized = crate::slurm::oversized_steps(recipe, plan);
     if !oversized.is_empty() {
         return Err(Failure::new(
             exit::USER,
