@@ -38,6 +38,9 @@ impl Env {
             .current_dir(self.dir.path())
             .env("DISTILLERY_CACHE", self.cache())
             .env("DISTILLERY_TEST_COUNTER", self.path("counter.txt"))
+            // No user config (`[executor]` defaults) reaches the tests.
+            .env("XDG_CONFIG_HOME", self.path("config-home"))
+            .env_remove("DISTILLERY_CONFIG")
             .env_remove("RUST_BACKTRACE");
         c
     }
