@@ -105,12 +105,7 @@ pub fn execute(
     };
     let devices = |p: &PlannedStep| recipe.steps[p.index].resources.devices.clone();
 
-    let mut done: BTreeSet<usize> = plan
-        .steps
-        .iter()
-        .filter(|p| p.status != Status::Run)
-        .map(|p| p.index)
-        .collect();
+    let mut done = settled(plan);
     let mut started: BTreeSet<usize> = BTreeSet::new();
     let mut failure: Option<RunError> = None;
     let (tx, rx) = mpsc::channel::<(usize, Result<Outcome, RunError>, f64)>();
@@ -125,14 +120,7 @@ pub fn execute(
                     if started.contains(&p.index) {
                         continue;
                     }
-                    let deps_done =
-                        recipe.steps[p.index]
-                            .inputs
-                            .iter()
-                            .all(|inp| match inp.target {
-                                Ref::Step(j) => done.contains(&j),
-                                Ref::Source(_) => true,
-                            });
+                    let deps_done = inputs_done(recipe, p.index, &done);
                     let threads = need(p);
                     let devs = devices(p);
                     if !deps_done || threads > free || devs.iter().any(|d| busy_devices.contains(d))
@@ -195,18 +183,58 @@ pub fn execute(
             }
         }
     });
+    end_run(
+        recipe,
+        plan,
+        store,
+        reporter,
+        &mut summary,
+        start,
+        failure.is_some(),
+    );
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+/// The steps a run does not compute (cached, or not selected): what the steps it runs may read
+/// from the start.
+pub(crate) fn settled(plan: &Plan) -> BTreeSet<usize> {
+    plan.steps
+        .iter()
+        .filter(|p| p.status != Status::Run)
+        .map(|p| p.index)
+        .collect()
+}
+
+/// Whether every step that step `i` reads from is in `done`.
+pub(crate) fn inputs_done(recipe: &Recipe, i: usize, done: &BTreeSet<usize>) -> bool {
+    recipe.steps[i].inputs.iter().all(|inp| match inp.target {
+        Ref::Step(j) => done.contains(&j),
+        Ref::Source(_) => true,
+    })
+}
+
+/// What every executor does last: the run's time, the recipe's pin on what it produced, and the
+/// `run_finished` event.
+pub(crate) fn end_run(
+    recipe: &Recipe,
+    plan: &Plan,
+    store: &Store,
+    reporter: &dyn Reporter,
+    summary: &mut RunSummary,
+    start: Instant,
+    failed: bool,
+) {
     summary.seconds = start.elapsed().as_secs_f64();
     pin_last_run(recipe, plan, store);
     reporter.event(Event::RunFinished {
         ran: summary.ran.len(),
         cached: summary.cached.len(),
-        failed: usize::from(failure.is_some()),
+        failed: usize::from(failed),
         seconds: summary.seconds,
     });
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(summary),
-    }
 }
 
 /// What every executor does first: the steps found in the cache count as this recipe's last
@@ -228,7 +256,7 @@ pub(crate) fn begin_run(recipe: &Recipe, plan: &Plan, store: &Store) -> RunSumma
 }
 
 /// What this recipe last produced is what gc keeps while the recipe file exists.
-pub(crate) fn pin_last_run(recipe: &Recipe, plan: &Plan, store: &Store) {
+fn pin_last_run(recipe: &Recipe, plan: &Plan, store: &Store) {
     let abs = std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone());
     let keys = plan
         .steps

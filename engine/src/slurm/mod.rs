@@ -21,9 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use distillery_cache::Store;
 
-use crate::exec::{RunError, RunSummary, begin_run, pin_last_run};
+use crate::exec::{RunError, RunSummary, begin_run, end_run, inputs_done, settled};
 use crate::plan::{Plan, PlannedStep, Reason, Status};
-use crate::recipe::{Recipe, Ref};
+use crate::recipe::Recipe;
 use crate::report::{Event, Reporter};
 use command::{SlurmError, job_info, sbatch, scancel};
 use job::{JobInfo, JobSpec, JobState};
@@ -433,14 +433,15 @@ impl SlurmRun<'_> {
             self.probe(store, reporter)
                 .and_then(|()| self.run_jobs(recipe, plan, &to_run, store, reporter, &mut summary))
         };
-        summary.seconds = start.elapsed().as_secs_f64();
-        pin_last_run(recipe, plan, store);
-        reporter.event(Event::RunFinished {
-            ran: summary.ran.len(),
-            cached: summary.cached.len(),
-            failed: usize::from(result.is_err()),
-            seconds: summary.seconds,
-        });
+        end_run(
+            recipe,
+            plan,
+            store,
+            reporter,
+            &mut summary,
+            start,
+            result.is_err(),
+        );
         result.map(|()| summary)
     }
 
@@ -506,12 +507,7 @@ impl SlurmRun<'_> {
     ) -> Result<(), RunError> {
         let by_index: BTreeMap<usize, &PlannedStep> =
             plan.steps.iter().map(|p| (p.index, p)).collect();
-        let mut done: BTreeSet<usize> = plan
-            .steps
-            .iter()
-            .filter(|p| p.status != Status::Run)
-            .map(|p| p.index)
-            .collect();
+        let mut done = settled(plan);
         let mut submitted: BTreeSet<usize> = BTreeSet::new();
         let mut active: BTreeMap<usize, Attempt> = BTreeMap::new();
         let mut steps: BTreeMap<usize, StepJobs> = BTreeMap::new();
@@ -531,14 +527,7 @@ impl SlurmRun<'_> {
             }
             if failure.is_none() {
                 for p in to_run {
-                    let ready = recipe.steps[p.index]
-                        .inputs
-                        .iter()
-                        .all(|inp| match inp.target {
-                            Ref::Step(j) => done.contains(&j),
-                            Ref::Source(_) => true,
-                        });
-                    if submitted.contains(&p.index) || !ready {
+                    if submitted.contains(&p.index) || !inputs_done(recipe, p.index, &done) {
                         continue;
                     }
                     // Another run at work on the same key: no job that would hold an
