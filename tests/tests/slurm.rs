@@ -50,6 +50,43 @@ fn slurm_command(env: &Env, args: &[&str]) -> Command {
     c
 }
 
+/// `distillery run r.toml --executor slurm EXTRA...`, to its end.
+fn slurm_run(env: &Env, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", "r.toml", "--executor", "slurm"];
+    args.extend_from_slice(extra);
+    slurm_command(env, &args).output().unwrap()
+}
+
+/// Runs `run r.toml --executor slurm --json` until an event `at` accepts, then sends it SIGINT.
+/// Returns that event, the exit code, stderr, and how long the run took to end after the signal.
+fn interrupt_at(
+    env: &Env,
+    at: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Option<i32>, String, Duration) {
+    let mut child = slurm_command(env, &["run", "r.toml", "--executor", "slurm", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let event = loop {
+        let line = lines.next().expect("the run ended first").unwrap();
+        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if at(&e) {
+            break e;
+        }
+    };
+    let t0 = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (event, status.code(), err, t0.elapsed())
+}
+
 fn events(out: &std::process::Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -124,9 +161,7 @@ fn every_step_runs_as_a_job_and_the_rerun_submits_nothing() {
     }
     let env = Env::new();
     env.write("r.toml", THREE);
-    let out = slurm_command(&env, &["run", "r.toml", "--executor", "slurm", "--json"])
-        .output()
-        .unwrap();
+    let out = slurm_run(&env, &["--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let ev = events(&out);
     let mut submitted: Vec<(String, String)> = of_kind(&ev, "job_submitted")
@@ -159,9 +194,7 @@ fn every_step_runs_as_a_job_and_the_rerun_submits_nothing() {
     assert!(pos("job_submitted", "c") > pos("step_finished", "b"));
     assert_eq!(env.executions(), ["a", "b", "c"]);
 
-    let again = slurm_command(&env, &["run", "r.toml", "--executor", "slurm", "--json"])
-        .output()
-        .unwrap();
+    let again = slurm_run(&env, &["--json"]);
     assert!(again.status.success(), "{}", text(&again));
     let ev = events(&again);
     assert!(of_kind(&ev, "job_submitted").is_empty(), "{}", text(&again));
@@ -172,12 +205,7 @@ fn every_step_runs_as_a_job_and_the_rerun_submits_nothing() {
     );
     assert!(env.executions().is_empty());
     // --force reaches the job: the cached step is computed again.
-    let forced = slurm_command(
-        &env,
-        &["run", "r.toml", "--executor", "slurm", "--force", "b"],
-    )
-    .output()
-    .unwrap();
+    let forced = slurm_run(&env, &["--force", "b"]);
     assert!(forced.status.success(), "{}", text(&forced));
     assert_eq!(env.executions(), ["b"]);
 
@@ -195,19 +223,7 @@ fn a_failed_job_shows_its_exit_code_and_log_tail() {
     }
     let env = Env::new();
     env.write("r.toml", THREE);
-    let out = slurm_command(
-        &env,
-        &[
-            "run",
-            "r.toml",
-            "--executor",
-            "slurm",
-            "--set",
-            "steps.a.params.fail=true",
-        ],
-    )
-    .output()
-    .unwrap();
+    let out = slurm_run(&env, &["--set", "steps.a.params.fail=true"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     let err = stderr(&out);
     assert!(err.contains("failed, exit code 3:0, log "), "{err}");
@@ -245,9 +261,7 @@ resources = { time = "1m" }
 "#,
     );
     let started = Instant::now();
-    let out = slurm_command(&env, &["run", "r.toml", "--executor", "slurm", "--json"])
-        .output()
-        .unwrap();
+    let out = slurm_run(&env, &["--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let ev = events(&out);
     let attempts: Vec<u64> = of_kind(&ev, "job_submitted")
@@ -306,32 +320,12 @@ fn ctrl_c_cancels_this_runs_jobs_and_only_those() {
         .unwrap();
     let other = String::from_utf8_lossy(&other.stdout).trim().to_string();
     assert!(!other.is_empty());
-    let mut child = slurm_command(&env, &["run", "r.toml", "--executor", "slurm", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ours = loop {
-        let line = lines
-            .next()
-            .expect("the run ended before submitting")
-            .unwrap();
-        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if e["event"] == "job_state" && e["state"] == "running" {
-            break e["job_id"].as_str().unwrap().to_string();
-        }
-    };
-    let t0 = Instant::now();
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(130), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(30));
+    let (running, code, err, took) = interrupt_at(&env, |e| {
+        e["event"] == "job_state" && e["state"] == "running"
+    });
+    let ours = running["job_id"].as_str().unwrap().to_string();
+    assert_eq!(code, Some(130), "{err}");
+    assert!(took < Duration::from_secs(30));
     assert!(
         err.contains(&format!("cancelled the jobs this run submitted: {ours}")),
         "{err}"
@@ -464,28 +458,13 @@ fn a_job_that_cannot_start_says_why() {
         "r.toml",
         "[steps.big]\nop = \"emit\"\nresources = { threads = 64 }\n",
     );
-    let mut child = slurm_command(&env, &["run", "r.toml", "--executor", "slurm", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (job, reason) = loop {
-        let line = lines.next().expect("the run ended").unwrap();
-        let e: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if e["event"] == "job_state" && e["step"] == "big" {
-            break (
-                e["job_id"].as_str().unwrap().to_string(),
-                e["reason"].as_str().map(String::from),
-            );
-        }
-    };
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(130));
-    let _ = Command::new("scancel").arg(&job).status();
+    let (state, code, err, _) =
+        interrupt_at(&env, |e| e["event"] == "job_state" && e["step"] == "big");
+    let _ = Command::new("scancel")
+        .arg(state["job_id"].as_str().unwrap())
+        .status();
+    assert_eq!(code, Some(130), "{err}");
+    let reason = state["reason"].as_str().map(String::from);
     // Slurm's word for it (PartitionConfig, or Resources on some versions), not silence.
     let reason = reason.expect("a pending job's reason");
     assert!(!reason.is_empty());
@@ -498,19 +477,7 @@ fn a_job_slurm_refuses_is_the_settings_fault() {
     }
     let env = Env::new();
     env.write("r.toml", THREE);
-    let out = slurm_command(
-        &env,
-        &[
-            "run",
-            "r.toml",
-            "--executor",
-            "slurm",
-            "--partition",
-            "nope",
-        ],
-    )
-    .output()
-    .unwrap();
+    let out = slurm_run(&env, &["--partition", "nope"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let err = stderr(&out);
     assert!(
