@@ -19,6 +19,8 @@ pub struct RunOptions {
     /// Threads the whole run may use; a step takes `resources.threads` of them (all by default).
     pub jobs: usize,
     pub lock_timeout: Duration,
+    /// Who starts the ranks of a step with `resources.tasks > 1`.
+    pub launcher: crate::launch::Launcher,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -385,6 +387,7 @@ fn run_step(
         scratch_dir,
         seed: p.seed,
         threads,
+        ranks: distillery_ops::parallel::Ranks::solo(),
         progress: &progress,
         provenance: serde_json::json!({
             "recipe": recipe.name,
@@ -401,6 +404,30 @@ fn run_step(
     };
     let started = SystemTime::now();
     let op = registry.get(&p.op).expect("validated op");
+    let tasks = step.resources.tasks.unwrap_or(1);
+    if tasks > 1 {
+        // Data-parallel: the ranks are processes; the first one writes `partial`.
+        let launched = crate::launch::run_ranks(
+            &crate::launch::RankContext::of(&p.op, &ctx),
+            tasks,
+            step.resources.nodes.unwrap_or(1),
+            opts.launcher,
+            &|message| {
+                reporter.event(Event::Note {
+                    step: p.name.clone(),
+                    message: message.to_string(),
+                })
+            },
+        );
+        if let Err(message) = launched {
+            store.remove_empty_scratch(&p.key);
+            return Err(RunError::StepFailed {
+                step: p.name.clone(),
+                message,
+            });
+        }
+        return commit(store, recipe, p, partial, started, replace, &record, lock);
+    }
     let result = catch_unwind(AssertUnwindSafe(|| op.run(&ctx)));
     if !matches!(result, Ok(Ok(()))) {
         store.remove_empty_scratch(&p.key);
@@ -428,6 +455,26 @@ fn run_step(
             });
         }
     }
+    commit(store, recipe, p, partial, started, replace, &record, lock)
+}
+
+/// Commits a step's finished output and records it.
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    store: &Store,
+    recipe: &Recipe,
+    p: &PlannedStep,
+    partial: distillery_cache::Partial,
+    started: SystemTime,
+    replace: bool,
+    record: &StepRecord,
+    lock: distillery_cache::KeyLock,
+) -> Result<Outcome, RunError> {
+    let step = &recipe.steps[p.index];
+    let cache_err = |source: CacheError| RunError::Cache {
+        step: p.name.clone(),
+        source,
+    };
     let info = CommitInfo {
         op: p.op.clone(),
         op_version: p.op_version,
@@ -443,7 +490,7 @@ fn run_step(
         partial.commit(info)
     }
     .map_err(cache_err)?;
-    write_record(store, recipe, &p.name, &record);
+    write_record(store, recipe, &p.name, record);
     drop(lock);
     Ok(Outcome::Ran)
 }

@@ -7,6 +7,7 @@ pub mod diag;
 pub mod estimate;
 pub mod exec;
 pub mod graph;
+pub mod launch;
 pub mod lockfile;
 pub mod plan;
 pub mod recipe;

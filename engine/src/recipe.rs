@@ -82,12 +82,19 @@ pub struct InputDecl {
     pub span: Span,
 }
 
-/// Scheduling hints: never part of a key.
+/// Scheduling hints: never part of a key, but for `tasks` (the data-parallel world changes the
+/// result's bits, so a step's key names it when it is more than one).
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub threads: Option<usize>,
-    /// GPUs the step may use: estimates, and `sbatch --gpus` under the Slurm executor.
+    /// GPUs the step may use: estimates, and `sbatch --gpus` under the Slurm executor. With
+    /// `tasks`, one per task.
     pub gpus: Option<usize>,
+    /// Data-parallel ranks (Slurm's tasks): processes that each train on a share of every global
+    /// batch, for ops that can. In the key when more than 1.
+    pub tasks: Option<usize>,
+    /// Nodes the tasks spread over (Slurm's `--nodes`); 1 for the local executor.
+    pub nodes: Option<usize>,
     pub devices: Vec<String>,
     pub memory: Option<u64>,
     /// The step's time limit in seconds: its Slurm job's `--time` (the local executor has none).
@@ -587,6 +594,7 @@ impl Checker<'_> {
         let inputs = self.inputs(name, &key.span, t.get("inputs"), &sig, w);
         let (params, param_spans) = self.params(name, &key.span, t.get("params"), &sig);
         let resources = self.resources(t.get("resources"));
+        self.check_tasks(name, op.as_ref(), &resources, t.get("resources"));
         if self.diags.len() == before {
             for problem in op.check(&params) {
                 let span = problem
@@ -915,6 +923,69 @@ impl Checker<'_> {
         e
     }
 
+    /// Data-parallel settings that cannot work: several tasks for an op that runs as one
+    /// process, nodes that do not divide the tasks, GPUs that are not one per task.
+    fn check_tasks(
+        &mut self,
+        step: &str,
+        op: &dyn distillery_ops::Op,
+        r: &Resources,
+        node: Option<&Node>,
+    ) {
+        let Some(Value::Table(t)) = node.map(|n| &n.value) else {
+            return;
+        };
+        let span = |field: &str| t.get(field).map(|n| n.span.clone());
+        let tasks = r.tasks.unwrap_or(1);
+        if tasks > 1 && !op.data_parallel() {
+            let parallel: Vec<&str> = self
+                .registry
+                .names()
+                .filter(|n| self.registry.get(n).is_some_and(|o| o.data_parallel()))
+                .collect();
+            self.err(
+                Diagnostic::at(
+                    &span("tasks").expect("tasks was given"),
+                    format!(
+                        "step `{step}`: op `{}` runs as one process; it cannot use {tasks} tasks",
+                        op.signature().name
+                    ),
+                )
+                .help(format!(
+                    "remove resources.tasks; ops that run data-parallel: {}",
+                    parallel.join(", ")
+                )),
+            );
+        }
+        if let (Some(nodes), Some(s)) = (r.nodes, span("nodes"))
+            && (nodes > tasks || tasks % nodes != 0)
+        {
+            self.err(
+                Diagnostic::at(
+                    &s,
+                    format!(
+                        "step `{step}`: {tasks} task(s) do not spread evenly over {nodes} nodes"
+                    ),
+                )
+                .help("make resources.tasks a multiple of resources.nodes"),
+            );
+        }
+        if tasks > 1
+            && let Some(gpus) = r.gpus
+            && gpus != tasks
+        {
+            self.err(
+                Diagnostic::at(
+                    &span("gpus").expect("gpus was given"),
+                    format!(
+                        "step `{step}`: {gpus} GPUs for {tasks} tasks; each task (rank) drives one GPU"
+                    ),
+                )
+                .help(format!("set resources.gpus = {tasks}, or leave it out on the CPU")),
+            );
+        }
+    }
+
     fn resources(&mut self, node: Option<&Node>) -> Resources {
         let mut r = Resources::default();
         let Some(node) = node else { return r };
@@ -923,7 +994,9 @@ impl Checker<'_> {
         };
         self.unknown_keys(
             t,
-            &["threads", "devices", "memory", "gpus", "time"],
+            &[
+                "threads", "devices", "memory", "gpus", "time", "tasks", "nodes",
+            ],
             "resources",
         );
         if let Some(n) = t.get("time") {
@@ -948,6 +1021,17 @@ impl Checker<'_> {
                     &n.span,
                     "resources.gpus must be a positive integer",
                 )),
+            }
+        }
+        for (field, slot) in [("tasks", &mut r.tasks), ("nodes", &mut r.nodes)] {
+            if let Some(n) = t.get(field) {
+                match n.value {
+                    Value::Int(i) if i > 0 => *slot = Some(i as usize),
+                    _ => self.err(Diagnostic::at(
+                        &n.span,
+                        format!("resources.{field} must be a positive integer"),
+                    )),
+                }
             }
         }
         if let Some(n) = t.get("threads") {

@@ -392,6 +392,10 @@ impl Op for Distill {
         true
     }
 
+    fn data_parallel(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || {
             let teacher_model = runtime::open_model(ctx.input("teacher")?)?;
@@ -403,8 +407,9 @@ impl Op for Distill {
             }
             // Frozen: in bf16 compute its matrices are stored in bf16 too (2 bytes a parameter).
             let compute = runtime::compute(&ctx.params)?;
-            // One device for the teacher and the student (train::run takes it too).
-            let device = runtime::device();
+            // One device for the teacher and the student (train::run takes it too): this
+            // rank's.
+            let device = runtime::device_for(&ctx.ranks);
             let teacher =
                 Decoder::<B>::load(&teacher_model.config, &teacher_model.weights, &device)?
                     .with_compute(compute)

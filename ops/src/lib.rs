@@ -11,6 +11,7 @@ pub mod evaluate;
 pub mod export_gguf;
 pub mod model;
 pub mod op;
+pub mod parallel;
 pub mod prune;
 pub mod runtime;
 pub mod score;

@@ -434,6 +434,10 @@ pub struct OpContext<'a> {
     pub seed: Option<u64>,
     /// Threads the op may use.
     pub threads: usize,
+    /// This process's place among the step's data-parallel ranks (one rank unless the op is
+    /// [`Op::data_parallel`] and the step asks for more). Only the first rank's `out_dir` is
+    /// committed; every rank shares `scratch_dir`.
+    pub ranks: crate::parallel::Ranks,
     pub progress: &'a dyn Progress,
     /// Provenance to record in model outputs: recipe, step, key, tool version.
     pub provenance: serde_json::Value,
@@ -485,6 +489,9 @@ pub enum OpError {
         #[source]
         source: std::io::Error,
     },
+    /// A data-parallel rank lost its peers (one died, or the collective library failed).
+    #[error(transparent)]
+    Collective(#[from] crate::parallel::CollectiveError),
     #[error(transparent)]
     Other(#[from] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -533,6 +540,12 @@ pub trait Op: Send + Sync {
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError>;
+
+    /// Whether `run` can be one of several data-parallel ranks ([`OpContext::ranks`]): a step
+    /// with `resources.tasks > 1` is refused for an op that cannot.
+    fn data_parallel(&self) -> bool {
+        false
+    }
 
     /// The output's shape and the cost of producing it, from the inputs' estimates (for
     /// `plan --estimate`); None when the op cannot say.

@@ -37,6 +37,20 @@ pub fn device() -> Device {
     Default::default()
 }
 
+/// The device of a data-parallel rank: its GPU ([`crate::parallel::Ranks::device_ordinal`]) on
+/// CUDA builds, the one device elsewhere.
+pub fn device_for(ranks: &crate::parallel::Ranks) -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        burn::backend::cuda::CudaDevice::new(ranks.device_ordinal())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ranks;
+        device()
+    }
+}
+
 /// The step's `compute` parameter, refused up front when this build's device cannot run it
 /// (wgpu has no bf16) rather than failing inside the first matmul.
 pub fn compute(params: &crate::op::Params) -> Result<Compute, OpError> {

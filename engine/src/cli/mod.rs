@@ -104,6 +104,9 @@ enum Command {
     /// Run one step of a recipe: what each job of `run --executor slurm` runs
     #[command(hide = true)]
     RunStep(run::RunStepArgs),
+    /// Run one rank of a data-parallel step: what `run` and `run-step` start per rank
+    #[command(hide = true)]
+    Rank(run::RankArgs),
     /// For every step: cached or to run, and why, with its cache key
     Plan(inspect::PlanArgs),
     /// Print the step graph
@@ -342,6 +345,7 @@ fn dispatch(cli: Cli, registry: &OpRegistry) -> Result<(), Failure> {
     match &cli.command {
         Command::Run(a) => run::run(&cli, a, registry, reporter),
         Command::RunStep(a) => run::run_step(&cli, a, registry, reporter),
+        Command::Rank(a) => run::rank(a, registry, reporter),
         Command::Plan(a) => inspect::plan(&cli, a, registry, reporter),
         Command::Dag(a) => inspect::dag(&cli, a, registry),
         Command::Show(a) => inspect::show(&cli, a, registry, reporter),

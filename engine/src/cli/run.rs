@@ -166,6 +166,7 @@ pub(super) fn run(
             let opts = RunOptions {
                 jobs: jobs.unwrap_or_else(all_cores),
                 lock_timeout: Duration::from_secs(*lock_timeout),
+                launcher: crate::launch::Launcher::Local,
             };
             execute(&recipe, &plan, registry, &store, reporter, &opts)
         }
@@ -305,6 +306,10 @@ pub(super) struct RunStepArgs {
     /// a forced step)
     #[arg(long)]
     force_resume: bool,
+    /// Who starts a data-parallel step's ranks: `srun` inside the job's allocation, or this
+    /// process
+    #[arg(long, default_value = "local", value_parser = ["local", "srun"])]
+    launcher: String,
 }
 
 pub(super) fn run_step(
@@ -346,6 +351,89 @@ pub(super) fn run_step(
     let opts = RunOptions {
         jobs: a.jobs.or_else(slurm_cpus).unwrap_or_else(all_cores),
         lock_timeout: Duration::from_secs(a.lock_timeout),
+        launcher: match a.launcher.as_str() {
+            "srun" => crate::launch::Launcher::Srun,
+            _ => crate::launch::Launcher::Local,
+        },
     };
     run_failure(execute(&recipe, &plan, registry, &store, reporter, &opts))
+}
+
+/// `rank`: one rank of a data-parallel step, started by `run` (local ranks) or by `srun`.
+#[derive(Args, Debug)]
+pub(super) struct RankArgs {
+    /// The step's context, written by the launcher
+    #[arg(long)]
+    context: std::path::PathBuf,
+}
+
+pub(super) fn rank(
+    a: &RankArgs,
+    registry: &OpRegistry,
+    reporter: &dyn Reporter,
+) -> Result<(), Failure> {
+    use crate::launch::{RankContext, ranks_from_env};
+    let text = std::fs::read_to_string(&a.context)
+        .map_err(|e| Failure::new(exit::OTHER, format!("error: {}: {e}", a.context.display())))?;
+    let ctx = serde_json::from_str(&text)
+        .ok()
+        .as_ref()
+        .and_then(RankContext::from_json)
+        .ok_or_else(|| {
+            Failure::new(
+                exit::OTHER,
+                format!("error: {}: not a rank context", a.context.display()),
+            )
+        })?;
+    let ranks = ranks_from_env().ok_or_else(|| {
+        Failure::new(
+            exit::USER,
+            "error: `rank` runs as one of a step's ranks: DISTILLERY_RANK and DISTILLERY_WORLD_SIZE (or Slurm's SLURM_PROCID and SLURM_NTASKS) say which; `distillery run` sets them",
+        )
+    })?;
+    let op = registry.get(&ctx.op).ok_or_else(|| {
+        Failure::new(
+            exit::USER,
+            format!("error: this build has no op `{}`", ctx.op),
+        )
+    })?;
+    // Only the first rank's output is committed; the others write theirs aside.
+    let out_dir = if ranks.is_first() {
+        ctx.out_dir.clone()
+    } else {
+        let d = ctx
+            .scratch_dir
+            .join("parallel")
+            .join(&ranks.session)
+            .join(format!("rank-{}-out", ranks.rank));
+        std::fs::create_dir_all(&d)
+            .map_err(|e| Failure::new(exit::OTHER, format!("error: {}: {e}", d.display())))?;
+        d
+    };
+    let progress = crate::report::StepProgress::new(&ctx.step, reporter);
+    let (rank, world) = (ranks.rank, ranks.world);
+    let op_ctx = distillery_ops::OpContext {
+        step: &ctx.step,
+        inputs: ctx.inputs.clone(),
+        params: ctx.params.clone(),
+        out_dir,
+        scratch_dir: ctx.scratch_dir.clone(),
+        seed: ctx.seed,
+        threads: ctx.threads,
+        ranks,
+        progress: &progress,
+        provenance: ctx.provenance.clone(),
+    };
+    op.run(&op_ctx).map_err(|e| {
+        let code = match e {
+            distillery_ops::OpError::Collective(_) => {
+                distillery_ops::parallel::PEERS_LOST_EXIT as u8
+            }
+            _ => exit::STEP_FAILED,
+        };
+        Failure::new(
+            code,
+            format!("error: rank {rank} of {world}: step `{}`: {e}", ctx.step),
+        )
+    })
 }

@@ -41,7 +41,12 @@ pub(super) fn step_key(
     keys: &[Option<CacheKey>],
 ) -> StepKey {
     let step = &recipe.steps[i];
-    let params = params_canon(&step.params);
+    let mut params = params_canon(&step.params);
+    // Several ranks sum gradients in another order than one: other bits, so another key. (Not a
+    // parameter name an op can have: those have no dot.)
+    if let (Some(tasks), Canon::Map(m)) = (step.resources.tasks.filter(|t| *t > 1), &mut params) {
+        m.insert("resources.tasks".into(), Canon::Int(tasks as i128));
+    }
     let mut inputs = BTreeMap::new();
     for input in &step.inputs {
         let key = match input.target {

@@ -42,7 +42,20 @@ pub(super) fn save_decoder(
     Ok(())
 }
 
-pub(super) fn save_state(dir: &Path, state: &AdamState) -> Result<(), OpError> {
+/// The file holding this rank's optimizer shard: `optimizer.safetensors` for one rank,
+/// `optimizer.rank-00001-of-00004.safetensors` for rank 1 of 4.
+fn state_file(ranks: &Ranks) -> String {
+    if ranks.world == 1 {
+        "optimizer.safetensors".into()
+    } else {
+        format!(
+            "optimizer.rank-{:05}-of-{:05}.safetensors",
+            ranks.rank, ranks.world
+        )
+    }
+}
+
+pub(super) fn save_state(dir: &Path, state: &AdamState, ranks: &Ranks) -> Result<(), OpError> {
     let mut v = std::collections::BTreeMap::new();
     for (i, (m, s)) in state.m.iter().zip(&state.v).enumerate() {
         v.insert(
@@ -54,11 +67,26 @@ pub(super) fn save_state(dir: &Path, state: &AdamState) -> Result<(), OpError> {
             s.clone().into_data().to_vec::<f32>().unwrap(),
         );
     }
-    write_vectors(&dir.join("optimizer.safetensors"), &v)
+    write_vectors(&dir.join(state_file(ranks)), &v)
 }
 
-pub(super) fn load_state(dir: &Path, step: usize, device: &Device) -> Result<AdamState, OpError> {
-    let v = read_vectors(&dir.join("optimizer.safetensors"))?;
+/// This rank's optimizer shard from a checkpoint written by `saved_world` ranks: the same world
+/// is required (the shards' cut depends on it).
+pub(super) fn load_state(
+    dir: &Path,
+    step: usize,
+    saved_world: usize,
+    ranks: &Ranks,
+    device: &Device,
+) -> Result<AdamState, OpError> {
+    if saved_world != ranks.world {
+        return Err(OpError::Invalid(format!(
+            "the checkpoint in {} holds optimizer state sharded over {saved_world} ranks; this run has {}: run the step with tasks = {saved_world} to resume it, or `--force` it to start over",
+            dir.display(),
+            ranks.world
+        )));
+    }
+    let v = read_vectors(&dir.join(state_file(ranks)))?;
     let mut state = AdamState {
         step,
         m: Vec::new(),
@@ -124,6 +152,8 @@ pub(super) fn projections(
         .collect()
 }
 
+/// Writes the resumable checkpoint: every rank its optimizer shard, the first rank the model,
+/// projections and `state.json` (step, key, world, metrics). Collective: every rank calls it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn write_checkpoint(
     ckpt: &Path,
@@ -134,11 +164,21 @@ pub(super) fn write_checkpoint(
     step: usize,
     key: &str,
     metrics: &[serde_json::Value],
+    collective: &dyn Collective,
 ) -> Result<(), OpError> {
+    let ranks = collective.ranks();
     // Written beside, then swapped in: a kill mid-write leaves the previous checkpoint intact.
     let tmp = ckpt.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| OpError::io(&tmp, "create", e))?;
+    if ranks.is_first() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| OpError::io(&tmp, "create", e))?;
+    }
+    collective.barrier().map_err(collective_error)?;
+    save_state(&tmp, state, ranks)?;
+    collective.barrier().map_err(collective_error)?;
+    if !ranks.is_first() {
+        return Ok(());
+    }
     save_decoder(
         &tmp,
         &student.model.valid(),
@@ -147,9 +187,8 @@ pub(super) fn write_checkpoint(
         src,
         &json!({"checkpoint_step": step}),
     )?;
-    save_state(&tmp, state)?;
     save_projections(&tmp, student)?;
-    let s = json!({"step": step, "key": key, "metrics": metrics});
+    let s = json!({"step": step, "key": key, "world": ranks.world, "metrics": metrics});
     let p = tmp.join("state.json");
     std::fs::write(&p, s.to_string()).map_err(|e| OpError::io(&p, "write", e))?;
     let old = ckpt.with_extension("old");
@@ -160,4 +199,9 @@ pub(super) fn write_checkpoint(
     std::fs::rename(&tmp, ckpt).map_err(|e| OpError::io(ckpt, "install", e))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// A collective's failure as the op's.
+pub(super) fn collective_error(e: crate::parallel::CollectiveError) -> OpError {
+    OpError::Collective(e)
 }

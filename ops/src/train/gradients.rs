@@ -1,5 +1,5 @@
-//! Gradients between backward and the update: accumulation over micro-batches and the
-//! per-parameter squared norms that global-norm clipping and the non-finite check read.
+//! Gradients between backward and the update: accumulation over micro-batches, parameter names
+//! for messages, and what a non-finite value reports.
 
 use super::*;
 
@@ -18,28 +18,6 @@ impl<Bk: burn::tensor::backend::Backend> ModuleVisitor<Bk> for Names {
     }
     fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<Bk, D>>) {
         self.names.push(self.path.join("."));
-    }
-}
-
-/// Squared norm of each parameter's gradient, in visiting order.
-pub(super) struct GradNorms<'a> {
-    pub(super) grads: &'a burn::optim::GradientsParams,
-    pub(super) sq: Vec<f64>,
-}
-
-impl ModuleVisitor<TB> for GradNorms<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<TB, D>>) {
-        let s = match self.grads.get::<B, D>(param.id) {
-            Some(g) => g
-                .powf_scalar(2.0)
-                .sum()
-                .into_data()
-                .convert::<f64>()
-                .to_vec::<f64>()
-                .unwrap()[0],
-            None => 0.0,
-        };
-        self.sq.push(s);
     }
 }
 

@@ -18,6 +18,7 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::{Compute, Decoder, tokens_tensor};
 use crate::model::weights::DType;
 use crate::op::{OpContext, OpError, ParamSpec, ParamType, ParamValue, Params, Problem};
+use crate::parallel::{Collective, Ranks};
 use crate::runtime::{self, Backend as B, Device, TrainBackend as TB};
 use crate::stats::{read_vectors, write_vectors};
 
@@ -34,7 +35,7 @@ use gradients::*;
 pub use metrics::summarize;
 use metrics::*;
 pub use objective::{CrossEntropy, Objective, cross_entropy, trained_rows};
-pub use optimizer::{AdamState, StepOutcome, optimizer_step};
+pub use optimizer::{AdamState, Piece, StepError, StepOutcome, optimizer_step, pieces};
 
 /// What a training op optimizes: the model, plus the learned projections `[student_hidden,
 /// teacher_hidden]` of intermediate-state losses (empty for plain training). Only the model is
@@ -249,7 +250,9 @@ fn split(seqs: &Packed) -> (Vec<u32>, Vec<u32>, Option<Vec<bool>>) {
 
 /// Runs the loop on `model` (the student) with `objective`; writes the trained checkpoint, metrics
 /// and a loss curve into the output directory.
-/// Everything lives on `device` (the objective's frozen teacher too).
+/// Everything lives on `device` (the objective's frozen teacher too). With several ranks
+/// ([`OpContext::ranks`]) each computes its share of every global batch, the optimizer state is
+/// sharded over them, and only the first writes the output.
 pub fn run(
     ctx: &OpContext,
     objective: &dyn Objective,
@@ -290,6 +293,16 @@ pub fn run(
     }
     let steps = cfg.steps();
     let accum = cfg.global_batch / cfg.micro_batch;
+    let ranks = ctx.ranks.clone();
+    if accum % ranks.world != 0 {
+        return Err(OpError::Invalid(format!(
+            "global_batch {} is {accum} micro-batches of {}, which do not split evenly over {} ranks: make global_batch / micro_batch a multiple of {}",
+            cfg.global_batch, cfg.micro_batch, ranks.world, ranks.world
+        )));
+    }
+    let collective =
+        crate::parallel::connect(&ranks, &ctx.scratch_dir).map_err(collective_error)?;
+    let collective: &dyn Collective = collective.as_ref();
     let key = ctx.provenance["key"]
         .as_str()
         .unwrap_or_default()
@@ -313,6 +326,7 @@ pub fn run(
             )));
         }
         start = s["step"].as_u64().unwrap_or(0) as usize;
+        let saved_world = s["world"].as_u64().unwrap_or(1) as usize;
         metrics = s["metrics"].as_array().cloned().unwrap_or_default();
         let saved = load_model(&ckpt)?;
         ctx.progress
@@ -323,7 +337,7 @@ pub fn run(
                     .with_compute(cfg.compute),
                 projections: projections(&objective.projections(), Some(&ckpt), device)?,
             },
-            load_state(&ckpt, start, device)?,
+            load_state(&ckpt, start, saved_world, &ranks, device)?,
         )
     } else {
         (
@@ -332,11 +346,7 @@ pub fn run(
                     .with_compute(cfg.compute),
                 projections: projections(&objective.projections(), None, device)?,
             },
-            AdamState {
-                step: 0,
-                m: Vec::new(),
-                v: Vec::new(),
-            },
+            AdamState::new(),
         )
     };
     let names = {
@@ -376,13 +386,15 @@ pub fn run(
             &micro_batches,
             &cfg,
             lr,
+            collective,
             device,
         ) {
             Ok(o) => o,
-            Err(NonFinite { what, param, cause }) => {
+            Err(StepError::NonFinite(NonFinite { what, param, cause })) => {
                 let param = param.map(|i| names[i].as_str());
                 return Err(nan_error(step, what, param, cause, last_ckpt_step, &ckpt));
             }
+            Err(StepError::Collective(e)) => return Err(collective_error(e)),
         };
         student = outcome.student;
         tokens_done += outcome.tokens;
@@ -390,7 +402,7 @@ pub fn run(
         let mut m = json!({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": norm,
                             "tokens": (step + 1) as u64 * (cfg.global_batch * cfg.seq_len) as u64});
         let last = step + 1 == steps;
-        if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
+        if ranks.is_first() && (last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0)) {
             m["val_loss"] =
                 validation_loss(objective, &student, &val, cfg.micro_batch, device).into();
         }
@@ -413,11 +425,24 @@ pub fn run(
                 step + 1,
                 &key,
                 &metrics,
+                collective,
             )?;
             last_ckpt_step = step + 1;
         }
     }
     let secs = t0.elapsed().as_secs_f64();
+    // Measured on every rank: the bytes of optimizer state it holds.
+    // (In MiB and bytes below one, each exact in an f32.)
+    let bytes = state.bytes();
+    let state_bytes: Vec<u64> = collective
+        .all_gather(&[(bytes >> 20) as f32, (bytes & 0xF_FFFF) as f32])
+        .map_err(collective_error)?
+        .chunks(2)
+        .map(|c| ((c[0] as u64) << 20) + c[1] as u64)
+        .collect();
+    if !ranks.is_first() {
+        return Ok(());
+    }
     let dtype = dtype_for(ctx, &src)?;
     let trained = student.model.valid();
     save_decoder(
@@ -450,6 +475,8 @@ pub fn run(
         "final_val_perplexity": final_val.map(f64::exp),
         "seconds_this_run": secs,
         "tokens_per_second_this_run": tokens_done as f64 / secs.max(1e-9),
+        "ranks": ranks.world,
+        "optimizer_state_bytes_per_rank": state_bytes,
     });
     let p = ctx.out_dir.join("train.json");
     std::fs::write(&p, serde_json::to_string_pretty(&summary).unwrap())
@@ -513,8 +540,17 @@ impl crate::op::Op for Train {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || {
-            run(ctx, &CrossEntropy, "model", &runtime::device())
+            run(
+                ctx,
+                &CrossEntropy,
+                "model",
+                &runtime::device_for(&ctx.ranks),
+            )
         })
+    }
+
+    fn data_parallel(&self) -> bool {
+        true
     }
 
     fn summarize(&self, out_dir: &Path) -> Option<String> {
