@@ -48,6 +48,8 @@ pub struct StepEstimate {
     pub estimate: Option<Estimate>,
     /// GPUs declared for the step (resources.gpus), if any: said when the step cannot use them.
     pub gpus: Option<usize>,
+    /// Data-parallel ranks (resources.tasks), one device each.
+    pub tasks: usize,
 }
 
 pub fn estimate(recipe: &Recipe, graph: &StepGraph, registry: &OpRegistry) -> Vec<StepEstimate> {
@@ -90,6 +92,7 @@ pub fn estimate(recipe: &Recipe, graph: &StepGraph, registry: &OpRegistry) -> Ve
             op: step.op.clone(),
             estimate: e,
             gpus: step.resources.gpus,
+            tasks: step.resources.tasks.unwrap_or(1),
         });
     }
     out
@@ -170,32 +173,45 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
             hours
         ));
         if e.memory_bytes > 0.0 {
-            // Every op runs as one process on one device: memory is never divided among the
-            // GPUs a step declares, and its wall-clock time is its GPU-hours.
-            let fits = e.memory_bytes <= gpu.memory_bytes;
+            // A rank holds everything but its 1/W share of the optimizer state; GPUs beyond the
+            // ranks idle, and the ranks share the GPU-hours.
+            let w = r.tasks.max(1) as f64;
+            let per_device = e.memory_bytes - e.optimizer_state_bytes * (1.0 - 1.0 / w);
+            let fits = per_device <= gpu.memory_bytes;
             let idle = match r.gpus {
-                Some(n) if n > 1 => format!(
-                    "; it declares resources.gpus = {n}, but runs on one device (no data parallelism yet), so the other {} would idle",
-                    n - 1
+                Some(n) if n > r.tasks => format!(
+                    "; it declares resources.gpus = {n}, but runs {} process(es), each on one device, so {} would idle (resources.tasks = {n} runs it data-parallel)",
+                    r.tasks,
+                    n - r.tasks
                 ),
                 _ => String::new(),
             };
+            let on = if r.tasks > 1 {
+                format!(
+                    "each of {} {}s (optimizer state sharded {}-way)",
+                    r.tasks,
+                    gpu.name.to_uppercase(),
+                    r.tasks
+                )
+            } else {
+                format!("one {}", gpu.name.to_uppercase())
+            };
+            let wall = hours / w;
             if fits {
                 notes.push(format!(
-                    "  step `{}` fits on one {} ({}B before activations): about {:.1} hours wall-clock ({:.1} days){idle}",
+                    "  step `{}` fits on {on} ({}B per device before activations): about {:.1} hours wall-clock ({:.1} days){idle}",
                     r.step,
-                    gpu.name.to_uppercase(),
-                    si(e.memory_bytes),
-                    hours,
-                    hours / 24.0
+                    si(per_device),
+                    wall,
+                    wall / 24.0
                 ));
             } else {
                 notes.push(format!(
-                    "  ! step `{}` does not fit: {}B on one {} (> {:.0} GB) before activations; distillery trains on one device and has no sharded or low-memory optimizer states yet{idle}",
+                    "  ! step `{}` does not fit: {}B per device on {on} (> {:.0} GB) before activations; more data-parallel ranks (resources.tasks) shard only the optimizer state ({}B){idle}",
                     r.step,
-                    si(e.memory_bytes),
-                    gpu.name.to_uppercase(),
-                    gpu.memory_bytes / 1e9
+                    si(per_device),
+                    gpu.memory_bytes / 1e9,
+                    si(e.optimizer_state_bytes),
                 ));
             }
         }

@@ -363,8 +363,12 @@ fn srun(
         .arg(format!("--nodes={nodes}"))
         // One rank dying ends the others at once instead of leaving them waiting for it.
         .arg("--kill-on-bad-exit=1")
-        .arg(format!("--output={}", dir.join("rank-%t.log").display()))
-        .arg(exe)
+        .arg(format!("--output={}", dir.join("rank-%t.log").display()));
+    if let Ok(c) = std::env::var("SLURM_CPUS_PER_TASK") {
+        // srun does not take the allocation's cpus-per-task from the environment (Slurm ≥ 22.05).
+        cmd.arg(format!("--cpus-per-task={c}"));
+    }
+    cmd.arg(exe)
         .arg("rank")
         .arg("--context")
         .arg(context)
@@ -372,10 +376,6 @@ fn srun(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Ok(c) = std::env::var("SLURM_CPUS_PER_TASK") {
-        // srun does not take the allocation's cpus-per-task from the environment (Slurm ≥ 22.05).
-        cmd.arg(format!("--cpus-per-task={c}"));
-    }
     let t0 = Instant::now();
     let mut child = cmd
         .spawn()

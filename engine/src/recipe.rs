@@ -594,7 +594,7 @@ impl Checker<'_> {
         let inputs = self.inputs(name, &key.span, t.get("inputs"), &sig, w);
         let (params, param_spans) = self.params(name, &key.span, t.get("params"), &sig);
         let resources = self.resources(t.get("resources"));
-        self.check_tasks(name, op.as_ref(), &resources, t.get("resources"));
+        self.check_tasks(name, op.as_ref(), &params, &resources, t.get("resources"));
         if self.diags.len() == before {
             for problem in op.check(&params) {
                 let span = problem
@@ -929,6 +929,7 @@ impl Checker<'_> {
         &mut self,
         step: &str,
         op: &dyn distillery_ops::Op,
+        params: &Params,
         r: &Resources,
         node: Option<&Node>,
     ) {
@@ -956,6 +957,19 @@ impl Checker<'_> {
                     parallel.join(", ")
                 )),
             );
+        }
+        if tasks > 1 && op.data_parallel() {
+            for problem in op.check_tasks(params, tasks) {
+                self.err(
+                    Diagnostic::at(
+                        &span("tasks").expect("tasks was given"),
+                        format!("step `{step}`: {}", problem.message),
+                    )
+                    .help(format!(
+                        "make global_batch / micro_batch a multiple of {tasks}, or use fewer tasks"
+                    )),
+                );
+            }
         }
         if let (Some(nodes), Some(s)) = (r.nodes, span("nodes"))
             && (nodes > tasks || tasks % nodes != 0)

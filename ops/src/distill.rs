@@ -381,6 +381,7 @@ impl Op for Distill {
         e.flops = 2.0 * pt * tokens + 6.0 * ps * tokens;
         let teacher_bytes = crate::estimate::infer_bytes_per_param(p);
         e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps + teacher_bytes * pt;
+        e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * ps;
         e.basis = format!(
             "2·P_teacher·T + 6·P_student·T; student 16 bytes/param, teacher {teacher_bytes} bytes/param"
         );
@@ -394,6 +395,10 @@ impl Op for Distill {
 
     fn data_parallel(&self) -> bool {
         true
+    }
+
+    fn check_tasks(&self, p: &Params, tasks: usize) -> Vec<Problem> {
+        crate::train::check_tasks(p, tasks)
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {

@@ -547,6 +547,12 @@ pub trait Op: Send + Sync {
         false
     }
 
+    /// Checks the parameters of a data-parallel op against its number of ranks (a batch that
+    /// does not split evenly, say); asked only when `tasks > 1`.
+    fn check_tasks(&self, _params: &Params, _tasks: usize) -> Vec<Problem> {
+        Vec::new()
+    }
+
     /// The output's shape and the cost of producing it, from the inputs' estimates (for
     /// `plan --estimate`); None when the op cannot say.
     fn estimate(&self, _params: &Params, _inputs: &BTreeMap<String, Estimate>) -> Option<Estimate> {
@@ -577,11 +583,20 @@ pub struct Estimate {
     pub parameters: Option<u64>,
     /// Floating-point operations to produce it.
     pub flops: f64,
-    /// Bytes that must be resident at once (weights, gradients, optimizer state), all devices together.
+    /// Bytes that must be resident at once on one rank's device (weights, gradients, optimizer
+    /// state), with one rank.
     pub memory_bytes: f64,
+    /// The part of `memory_bytes` that data-parallel ranks shard (AdamW moments, ZeRO-1): each of
+    /// W ranks holds 1/W of it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub optimizer_state_bytes: f64,
     /// How the figures were derived, for the reader.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub basis: String,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl OpRegistry {

@@ -81,18 +81,31 @@ fn published_recipes_estimate_from_configs_alone() {
         t.contains("warning") && t.contains("not a multiple of num_attention_heads 48"),
         "{t}"
     );
-    // Memory is never divided among GPUs a step cannot use: every op runs on one device.
+    // Memory per device: 128 data-parallel ranks shard only the optimizer state (ZeRO-1), so
+    // the student's f32 weights and gradients and the bf16 teacher stay on every device.
     let out = env.ok(&["plan", "--estimate", &recipe("mistral-nemo-12b-to-8b.toml")]);
     let t = text(&out);
     assert!(
-        t.contains("step `distilled` does not fit") && t.contains("on one H100"),
+        t.contains("step `distilled` does not fit")
+            && t.contains("per device on each of 128 H100s (optimizer state sharded 128-way)"),
         "{t}"
     );
+    assert!(!t.contains("would idle"), "{t}");
+    // With one task the declared GPUs would idle, and the estimate says so.
+    let out = env.ok(&[
+        "plan",
+        "--estimate",
+        &recipe("mistral-nemo-12b-to-8b.toml"),
+        "--set",
+        "steps.distilled.resources.tasks=1",
+        "--set",
+        "steps.distilled.resources.nodes=1",
+    ]);
+    let t = text(&out);
     assert!(
-        t.contains("it declares resources.gpus = 128, but runs on one device"),
+        t.contains("but runs 1 process(es), each on one device, so 127 would idle"),
         "{t}"
     );
-    assert!(!t.contains("per GPU"), "{t}");
 }
 
 #[test]

@@ -428,7 +428,7 @@ fn executor_settings_are_checked() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         stderr(&out)
-            .contains("step `a` (emit) declares resources.gpus = 4, but runs on one device"),
+            .contains("step `a` (emit) declares resources.gpus = 4, but runs 1 process(es), each on one device"),
         "{}",
         stderr(&out)
     );
@@ -486,4 +486,106 @@ fn a_job_slurm_refuses_is_the_settings_fault() {
     );
     assert!(err.contains("= help: check --partition"), "{err}");
     assert!(env.executions().is_empty());
+}
+
+/// A data-parallel step is one job of two tasks: `run-step` on the first node starts the ranks
+/// with `srun`, they meet through burn-collective, and the result is the bytes two local ranks
+/// give (same key: where the ranks run does not change it).
+#[test]
+fn a_two_rank_step_is_one_job_of_two_tasks_and_matches_local_ranks() {
+    if !slurm_up() {
+        return;
+    }
+    let env = Env::new();
+    tiny_model_and_text(&env);
+    env.write(
+        "r.toml",
+        r#"
+[recipe]
+name = "ranks"
+seed = 3
+
+[sources.base]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+
+[steps.tuned]
+op = "train"
+inputs = { model = "sources.base", data = "sources.text" }
+params = { tokens = 1536, seq_len = 32, micro_batch = 1, global_batch = 4, warmup_steps = 2, lr = 1e-3, val_sequences = 4 }
+resources = { tasks = 2, threads = 1 }
+"#,
+    );
+    let out = slurm_run(&env, &["--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ev = events(&out);
+    let submitted = of_kind(&ev, "job_submitted");
+    assert_eq!(submitted.len(), 1, "{}", text(&out));
+    let job = submitted[0]["job_id"].as_str().unwrap().to_string();
+    let info = scontrol(&job);
+    if !info.is_empty() {
+        assert!(
+            info.contains("NumTasks=2") || info.contains("NumCPUs=2"),
+            "{info}"
+        );
+    }
+    let notes: Vec<String> = of_kind(&ev, "note")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let shown = |cache: &std::path::Path| {
+        let out = env
+            .command(&["show", "r.toml", "tuned", "--json"])
+            .env("DISTILLERY_CACHE", cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // `entries/KEY/data`
+        let dir = std::path::PathBuf::from(v["path"].as_str().unwrap());
+        let key = dir
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        (key, dir)
+    };
+    let (key, dir) = shown(&env.cache());
+    let log = std::fs::read_to_string(
+        std::fs::read_dir(env.cache().join("logs/slurm/ranks"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    assert!(
+        log.contains("2 ranks on 1 node(s) through srun"),
+        "{log}\n{notes:?}"
+    );
+    let train: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+    assert_eq!(train["ranks"], 2);
+
+    let local = env.path("cache-local");
+    let out = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_CACHE", &local)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let (local_key, local_dir) = shown(&local);
+    assert_eq!(key, local_key);
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        std::fs::read(local_dir.join("model.safetensors")).unwrap(),
+        "srun ranks and local ranks wrote different weights"
+    );
 }

@@ -239,7 +239,7 @@ fn check_slurm_run(
         return Err(Failure::new(
             exit::USER,
             format!(
-                "error: a job would hold GPUs no process uses:\n{}\n  = help: set those steps' resources.gpus to 1 (e.g. --set steps.STEP.resources.gpus=1)",
+                "error: a job would hold GPUs no process uses:\n{}\n  = help: give a data-parallel step (train, distill) as many tasks as GPUs (--set steps.STEP.resources.tasks=8), or set resources.gpus to 1 (--set steps.STEP.resources.gpus=1)",
                 oversized
                     .iter()
                     .map(|l| format!("  - {l}"))

@@ -142,10 +142,16 @@ pub struct JobSpec {
     /// The job's log (`--output`; `%j` is the job id).
     pub log: PathBuf,
     pub workdir: PathBuf,
+    /// CPUs of each task.
     pub cpus: Option<usize>,
+    /// GPUs of the job; with several tasks, one per task.
     pub gpus: Option<usize>,
-    /// Bytes.
+    /// Bytes, of each task.
     pub memory: Option<u64>,
+    /// Tasks (data-parallel ranks), over `nodes` nodes. With more than one, the step's command
+    /// runs once, on the first node, and starts the ranks with `srun` itself.
+    pub tasks: usize,
+    pub nodes: usize,
     /// Seconds.
     pub time: Option<u64>,
     pub partition: Option<String>,
@@ -172,16 +178,21 @@ impl JobSpec {
         opt("output", quote(&self.log.to_string_lossy()));
         opt("open-mode", "append".into());
         opt("chdir", quote(&self.workdir.to_string_lossy()));
-        opt("nodes", "1".into());
-        opt("ntasks", "1".into());
+        let (tasks, nodes) = (self.tasks.max(1), self.nodes.max(1));
+        opt("nodes", nodes.to_string());
+        opt("ntasks", tasks.to_string());
         if let Some(c) = self.cpus {
             opt("cpus-per-task", c.to_string());
         }
-        if let Some(g) = self.gpus {
-            opt("gpus", g.to_string());
+        match self.gpus {
+            Some(_) if tasks > 1 => opt("gpus-per-task", "1".into()),
+            Some(g) => opt("gpus", g.to_string()),
+            None => {}
         }
         if let Some(m) = self.memory {
-            opt("mem", format!("{}M", m.div_ceil(1 << 20)));
+            // --mem is per node.
+            let per_node = m * tasks.div_ceil(nodes) as u64;
+            opt("mem", format!("{}M", per_node.div_ceil(1 << 20)));
         }
         if let Some(t) = self.time {
             opt("time", slurm_time(t));
@@ -193,12 +204,16 @@ impl JobSpec {
             opt("account", quote(a));
         }
         lines.push("#SBATCH --no-requeue".into());
+        let argv: Vec<String> = self.command.iter().map(|a| quote(a)).collect();
+        if tasks > 1 {
+            lines.push(format!("exec {}", argv.join(" ")));
+            return lines.join("\n") + "\n";
+        }
         let mut srun = vec!["srun".to_string(), "--ntasks=1".into()];
         if let Some(c) = self.cpus {
             // srun does not take the allocation's cpus-per-task from the environment (Slurm ≥ 22.05).
             srun.push(format!("--cpus-per-task={c}"));
         }
-        let argv: Vec<String> = self.command.iter().map(|a| quote(a)).collect();
         lines.push(format!("exec {} {}", srun.join(" "), argv.join(" ")));
         lines.join("\n") + "\n"
     }
@@ -246,6 +261,8 @@ mod tests {
             time: Some(5400),
             partition: Some("gpu".into()),
             account: None,
+            tasks: 1,
+            nodes: 1,
             command: vec![
                 "/opt/distillery".into(),
                 "run-step".into(),
@@ -266,5 +283,30 @@ mod tests {
             assert!(s.lines().any(|l| l == line), "{line} missing from\n{s}");
         }
         assert!(!s.contains("--account"));
+
+        // Data-parallel: the tasks in the allocation, one GPU each; the command starts them.
+        let ranks = JobSpec {
+            tasks: 8,
+            nodes: 2,
+            gpus: Some(8),
+            command: vec![
+                "/opt/distillery".into(),
+                "run-step".into(),
+                "--launcher".into(),
+                "srun".into(),
+            ],
+            ..spec
+        };
+        let s = ranks.script();
+        for line in [
+            "#SBATCH --nodes=2",
+            "#SBATCH --ntasks=8",
+            "#SBATCH --gpus-per-task=1",
+            "#SBATCH --mem=327680M",
+            "exec /opt/distillery run-step --launcher srun",
+        ] {
+            assert!(s.lines().any(|l| l == line), "{line} missing from\n{s}");
+        }
+        assert!(!s.contains("--gpus=") && !s.contains("srun --ntasks"));
     }
 }

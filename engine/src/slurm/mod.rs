@@ -55,18 +55,20 @@ pub struct SlurmRun<'a> {
     pub interrupted: &'a AtomicBool,
 }
 
-/// Steps to run whose `resources` ask for more than one job can use: every op runs as one
-/// process on one device (data-parallel ranks launched with `srun` come with data-parallel
-/// training), so `gpus = 8` would hold seven GPUs idle. One line per step, empty when all fit.
+/// Steps to run whose `resources` ask for more GPUs than they can use: a process drives one
+/// device, and a step runs `resources.tasks` processes (one unless it is data-parallel), so
+/// `gpus = 8` without `tasks = 8` would hold seven GPUs idle. One line per step, empty when all
+/// fit.
 pub fn oversized_steps(recipe: &Recipe, plan: &Plan) -> Vec<String> {
     plan.steps
         .iter()
         .filter(|p| p.status == Status::Run)
         .filter_map(|p| {
-            let gpus = recipe.steps[p.index].resources.gpus?;
-            (gpus > 1).then(|| {
+            let r = &recipe.steps[p.index].resources;
+            let (gpus, tasks) = (r.gpus?, r.tasks.unwrap_or(1));
+            (gpus > tasks).then(|| {
                 format!(
-                    "step `{}` ({}) declares resources.gpus = {gpus}, but runs on one device",
+                    "step `{}` ({}) declares resources.gpus = {gpus}, but runs {tasks} process(es), each on one device",
                     p.name, p.op
                 )
             })
@@ -222,6 +224,10 @@ impl SlurmRun<'_> {
         for s in &self.overrides {
             command.extend(["--set".into(), s.clone()]);
         }
+        let tasks = r.tasks.unwrap_or(1);
+        if tasks > 1 {
+            command.extend(["--launcher".into(), "srun".into()]);
+        }
         JobSpec {
             name: format!(
                 "distillery:{}:{}",
@@ -236,6 +242,8 @@ impl SlurmRun<'_> {
             cpus: r.threads,
             gpus: r.gpus,
             memory: r.memory,
+            tasks,
+            nodes: r.nodes.unwrap_or(1),
             time: r.time.or(self.settings.time),
             partition: self.settings.partition.clone(),
             account: self.settings.account.clone(),
@@ -320,6 +328,8 @@ impl SlurmRun<'_> {
             cpus: None,
             gpus: None,
             memory: None,
+            tasks: 1,
+            nodes: 1,
             time: Some(60),
             partition: self.settings.partition.clone(),
             account: self.settings.account.clone(),

@@ -84,7 +84,9 @@ pub enum CollectiveError {
         #[source]
         source: std::io::Error,
     },
-    #[error("this build has no collective for the device (world {world})")]
+    #[error(
+        "DISTILLERY_COLLECTIVE=nccl, but this build has no CUDA (world {world}): build with --features cuda, or unset it"
+    )]
     Unsupported { world: usize },
 }
 
@@ -187,12 +189,28 @@ pub fn collective_timeout() -> Duration {
     )
 }
 
-/// Connects this process to its peers: [`Solo`] for one rank; NCCL on CUDA builds; else
-/// burn-collective. Rendezvous files go in `dir/parallel/SESSION/` (the step's scratch directory,
-/// shared by all ranks' hosts). Every collective is watched: one that waits longer than
-/// [`collective_timeout`] ends the process with [`PEERS_LOST_EXIT`] and a message naming the rank.
+/// Connects this process to its peers: [`Solo`] for one rank, else NCCL on CUDA builds and
+/// burn-collective elsewhere. `DISTILLERY_COLLECTIVE` overrides the choice: `websocket` (a CUDA
+/// machine without NCCL), or `nccl` (NCCL even for one rank, to check it works). Rendezvous files
+/// go in `dir/parallel/SESSION/` (the step's scratch directory, shared by all ranks' hosts).
+/// Every collective is watched: one that waits longer than [`collective_timeout`] ends the
+/// process with [`PEERS_LOST_EXIT`] and a message naming the rank.
 pub fn connect(ranks: &Ranks, dir: &Path) -> Result<Arc<dyn Collective>, CollectiveError> {
-    if ranks.world <= 1 {
+    let choice = std::env::var("DISTILLERY_COLLECTIVE").unwrap_or_default();
+    let nccl = match choice.as_str() {
+        "" => cfg!(feature = "cuda"),
+        "nccl" => true,
+        "websocket" => false,
+        other => {
+            return Err(CollectiveError::Library {
+                rank: ranks.rank,
+                message: format!(
+                    "DISTILLERY_COLLECTIVE=`{other}`: say `nccl` or `websocket`, or unset it"
+                ),
+            });
+        }
+    };
+    if ranks.world <= 1 && choice != "nccl" {
         return Ok(Arc::new(Solo::new()));
     }
     let meeting = dir.join("parallel").join(&ranks.session);
@@ -201,10 +219,18 @@ pub fn connect(ranks: &Ranks, dir: &Path) -> Result<Arc<dyn Collective>, Collect
         path: meeting.clone(),
         source,
     })?;
-    #[cfg(feature = "cuda")]
-    let inner: Box<dyn Collective> = Box::new(nccl::Nccl::connect(ranks, &meeting)?);
-    #[cfg(not(feature = "cuda"))]
-    let inner: Box<dyn Collective> = Box::new(websocket::Websocket::connect(ranks, &meeting)?);
+    let inner: Box<dyn Collective> = if nccl {
+        #[cfg(feature = "cuda")]
+        {
+            Box::new(nccl::Nccl::connect(ranks, &meeting)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            return Err(CollectiveError::Unsupported { world: ranks.world });
+        }
+    } else {
+        Box::new(websocket::Websocket::connect(ranks, &meeting)?)
+    };
     Ok(Arc::new(Watched::new(inner, collective_timeout())))
 }
 

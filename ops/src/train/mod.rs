@@ -228,6 +228,21 @@ pub fn check(p: &Params) -> Vec<Problem> {
     out
 }
 
+/// The batch must split evenly over `tasks` data-parallel ranks: each takes the same number of
+/// micro-batches of every global batch.
+pub fn check_tasks(p: &Params, tasks: usize) -> Vec<Problem> {
+    match (p.int("micro_batch"), p.int("global_batch")) {
+        (Ok(m), Ok(g)) if m > 0 && g % m == 0 && (g / m) % tasks as i64 != 0 => vec![Problem {
+            param: Some("global_batch".into()),
+            message: format!(
+                "global_batch {g} is {} micro-batches of {m}, which do not split evenly over {tasks} tasks",
+                g / m
+            ),
+        }],
+        _ => Vec::new(),
+    }
+}
+
 /// Inputs (all but the last token), targets (all but the first) and, for chat data, whether
 /// each target is trained (its token's mask).
 fn split(seqs: &Packed) -> (Vec<u32>, Vec<u32>, Option<Vec<bool>>) {
@@ -529,6 +544,7 @@ impl crate::op::Op for Train {
         let mut e = crate::estimate::model_estimate(&c);
         e.flops = 6.0 * params * tokens;
         e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params;
+        e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * params;
         e.basis = "6·P·T; 16 bytes/param (f32 weights, grads and Adam), activations extra".into();
         Some(e)
     }
@@ -551,6 +567,10 @@ impl crate::op::Op for Train {
 
     fn data_parallel(&self) -> bool {
         true
+    }
+
+    fn check_tasks(&self, p: &Params, tasks: usize) -> Vec<Problem> {
+        check_tasks(p, tasks)
     }
 
     fn summarize(&self, out_dir: &Path) -> Option<String> {
