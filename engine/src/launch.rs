@@ -280,8 +280,19 @@ fn local(
             match children[rank].try_wait() {
                 Ok(Some(status)) if status.success() => done[rank] = true,
                 Ok(Some(status)) => {
-                    let failed = settle(&mut children, rank, status);
+                    let (failed, running) = settle(&mut children, rank, status);
                     stop(&mut children);
+                    let lost = distillery_ops::parallel::PEERS_LOST_EXIT;
+                    if !running.is_empty() && failed.iter().all(|(_, s)| s.code() == Some(lost)) {
+                        // The ranks that ended gave up waiting for the ones still running.
+                        let hung: Vec<String> = running.iter().map(|r| r.to_string()).collect();
+                        return Err(format!(
+                            "rank {} of {tasks} (on {host}) stopped answering: rank {rank} waited longer than its collective timeout (DISTILLERY_COLLECTIVE_TIMEOUT) for it; stopped all ranks. Rank {rank}'s log ({}) ends:\n{}",
+                            hung.join(", "),
+                            rank_log(dir, rank).display(),
+                            tail(&rank_log(dir, rank), 5)
+                        ));
+                    }
                     let (culprit, status) = culprit(&failed);
                     return Err(format!(
                         "rank {culprit} of {tasks} (pid {}, on {host}) {}; stopped the other ranks. Its log ({}) ends:\n{}",
@@ -305,29 +316,33 @@ fn local(
     }
 }
 
-/// The ranks that failed, once rank `first` did: the others get 3 s to end on their own (those
-/// that lost their peers because of it do), so that the cause is among them.
-fn settle(children: &mut [Child], first: usize, status: ExitStatus) -> Vec<(usize, ExitStatus)> {
+/// The ranks that failed once rank `first` did, and those still running: the others get 3 s to
+/// end on their own (those that lost their peers because of it do), so that the cause is among
+/// them.
+fn settle(
+    children: &mut [Child],
+    first: usize,
+    status: ExitStatus,
+) -> (Vec<(usize, ExitStatus)>, Vec<usize>) {
     let mut failed = vec![(first, status)];
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(3) {
-        let mut running = false;
+    loop {
+        let mut running = Vec::new();
         for (rank, c) in children.iter_mut().enumerate() {
             if failed.iter().any(|(r, _)| *r == rank) {
                 continue;
             }
             match c.try_wait() {
                 Ok(Some(s)) if !s.success() => failed.push((rank, s)),
-                Ok(None) => running = true,
+                Ok(None) => running.push(rank),
                 _ => {}
             }
         }
-        if !running {
-            break;
+        if running.is_empty() || t0.elapsed() > Duration::from_secs(3) {
+            return (failed, running);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    failed
 }
 
 /// Which failed rank caused the others to fail: one killed by a signal, else one that failed on

@@ -205,3 +205,56 @@ pub(super) fn write_checkpoint(
 pub(super) fn collective_error(e: crate::parallel::CollectiveError) -> OpError {
     OpError::Collective(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Optimizer shards are cut by the world size: a checkpoint of another world is refused with
+    /// what to do, and one of the same world loads this rank's shard.
+    #[test]
+    fn a_checkpoint_of_another_world_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = crate::runtime::device();
+        let rank = |rank, world| Ranks {
+            rank,
+            world,
+            local_rank: rank,
+            session: String::new(),
+        };
+        let state = AdamState {
+            step: 3,
+            m: vec![Tensor::from_data(
+                TensorData::new(vec![1f32, 2.0], [2]),
+                &device,
+            )],
+            v: vec![Tensor::from_data(
+                TensorData::new(vec![3f32, 4.0], [2]),
+                &device,
+            )],
+        };
+        save_state(dir.path(), &state, &rank(1, 2)).unwrap();
+        assert!(
+            dir.path()
+                .join("optimizer.rank-00001-of-00002.safetensors")
+                .is_file()
+        );
+        let err = load_state(dir.path(), 3, 2, &rank(1, 3), &device)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("sharded over 2 ranks; this run has 3") && err.contains("tasks = 2"),
+            "{err}"
+        );
+        let back = load_state(dir.path(), 3, 2, &rank(1, 2), &device).unwrap();
+        assert_eq!(
+            back.m[0].clone().into_data().to_vec::<f32>().unwrap(),
+            [1.0, 2.0]
+        );
+        assert_eq!(
+            back.v[0].clone().into_data().to_vec::<f32>().unwrap(),
+            [3.0, 4.0]
+        );
+    }
+}
