@@ -70,6 +70,18 @@ run)
     DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/h.toml" "$s" --json > "$work/$s.json"
   done
   python3 tests/gpu/check_harness_golden.py "$work/mc.json" "$work/gen.json"
+  if [ "$(cat "$bin/FEATURE")" = cuda ]; then
+    # Data-parallel training's NCCL path, with the ranks this machine has GPUs for (one NCCL rank
+    # with one GPU: DISTILLERY_COLLECTIVE=nccl makes even a single rank use it).
+    echo "== distillation through NCCL"
+    gpus="$(nvidia-smi --list-gpus 2>/dev/null | wc -l)"
+    ldconfig -p 2>/dev/null | grep -q libnccl || echo "note: no libnccl in the loader's cache; NCCL will fail to load"
+    if [ "${gpus:-0}" -ge 2 ]; then tasks=2; else tasks=1; fi
+    DISTILLERY_COLLECTIVE=nccl DISTILLERY_CACHE="$work/cache" "$bin/distillery" run "$work/r.toml" \
+      --set steps.distilled.resources.tasks=$tasks --force distilled
+    DISTILLERY_CACHE="$work/cache" "$bin/distillery" show "$work/r.toml" distilled \
+      --set steps.distilled.resources.tasks=$tasks
+  fi
   rm -rf "$work"
   ;;
 *)
