@@ -407,8 +407,13 @@ fn run_step(
     let tasks = step.resources.tasks.unwrap_or(1);
     if tasks > 1 {
         // Data-parallel: the ranks are processes; the first one writes `partial`.
+        let mut context = crate::launch::RankContext::of(&p.op, &ctx);
+        if opts.launcher == crate::launch::Launcher::Local {
+            // Local ranks share this machine's threads; under srun each task has its own CPUs.
+            context.threads = (threads / tasks).max(1);
+        }
         let launched = crate::launch::run_ranks(
-            &crate::launch::RankContext::of(&p.op, &ctx),
+            &context,
             tasks,
             step.resources.nodes.unwrap_or(1),
             opts.launcher,

@@ -196,6 +196,9 @@ pub fn run_ranks(
         .map_err(|e| format!("{}: {e}", context.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("this executable's path: {e}"))?;
     let result = match launcher {
+        Launcher::Local if nodes > 1 => Err(format!(
+            "resources.nodes = {nodes}: the local executor runs every rank on this machine; run it with --executor slurm, or set nodes = 1"
+        )),
         Launcher::Local => local(&exe, &context, &session, &dir, tasks, on_started),
         Launcher::Srun => srun(&exe, &context, &session, &dir, tasks, nodes, on_started),
     };
@@ -236,6 +239,22 @@ fn local(
             .try_clone()
             .map_err(|e| format!("{}: {e}", log.display()))?;
         let mut cmd = Command::new(exe);
+        if cfg!(feature = "cuda") {
+            // One GPU per rank: the rank-th of those this process may use.
+            let visible: Vec<String> = std::env::var("CUDA_VISIBLE_DEVICES")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.split(',').map(|d| d.trim().to_string()).collect())
+                .unwrap_or_else(|| (0..tasks).map(|d| d.to_string()).collect());
+            let Some(gpu) = visible.get(rank) else {
+                stop(&mut children);
+                return Err(format!(
+                    "{tasks} ranks, one GPU each, but CUDA_VISIBLE_DEVICES names {}: use as many tasks as GPUs",
+                    visible.len()
+                ));
+            };
+            cmd.env("CUDA_VISIBLE_DEVICES", gpu);
+        }
         cmd.arg("rank")
             .arg("--context")
             .arg(context)
@@ -419,7 +438,16 @@ fn srun(
         let rank: usize = task.split(['-', ',']).next()?.trim().parse().ok()?;
         Some((rank, host.to_string(), what.to_string()))
     });
+    let lost = format!(
+        "Exited with exit code {}",
+        distillery_ops::parallel::PEERS_LOST_EXIT
+    );
     Err(match culprit {
+        Some((rank, host, what)) if what.trim() == lost => format!(
+            "rank {rank} of {tasks} (on {host}) gave up waiting for the other ranks in a collective, after {:.0} s: another rank hung or died without srun noticing; srun stopped them all. The ranks' logs are {}",
+            t0.elapsed().as_secs_f64(),
+            dir.join("rank-R.log").display()
+        ),
         Some((rank, host, what)) => format!(
             "rank {rank} of {tasks} (on {host}): {what}, after {:.0} s; srun stopped the other ranks. Its log ({}) ends:\n{}",
             t0.elapsed().as_secs_f64(),

@@ -359,6 +359,16 @@ pub(super) fn run_step(
     run_failure(execute(&recipe, &plan, registry, &store, reporter, &opts))
 }
 
+/// The CPUs this process may run on (its affinity mask), if the system says.
+fn allowed_cpus() -> Option<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+            .then(|| libc::CPU_COUNT(&set) as usize)
+    }
+}
+
 /// `rank`: one rank of a data-parallel step, started by `run` (local ranks) or by `srun`.
 #[derive(Args, Debug)]
 pub(super) struct RankArgs {
@@ -412,6 +422,8 @@ pub(super) fn rank(
     };
     let progress = crate::report::StepProgress::new(&ctx.step, reporter);
     let (rank, world) = (ranks.rank, ranks.world);
+    // No more threads than CPUs this process may run on (srun binds each task to its own).
+    let threads = ctx.threads.min(allowed_cpus().unwrap_or(usize::MAX)).max(1);
     let op_ctx = distillery_ops::OpContext {
         step: &ctx.step,
         inputs: ctx.inputs.clone(),
@@ -419,7 +431,7 @@ pub(super) fn rank(
         out_dir,
         scratch_dir: ctx.scratch_dir.clone(),
         seed: ctx.seed,
-        threads: ctx.threads,
+        threads,
         ranks,
         progress: &progress,
         provenance: ctx.provenance.clone(),

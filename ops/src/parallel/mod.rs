@@ -62,8 +62,8 @@ impl Ranks {
     }
 }
 
-/// Why a collective failed. A peer that died usually shows as [`CollectiveError::TimedOut`] or
-/// as its launcher stopping this process, not as an error here.
+/// Why a collective failed. A peer that died usually shows as the launcher stopping this process
+/// (or the watchdog ending it), not as an error here.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
     #[error("rank {rank}: the collective library failed: {message}")]
@@ -134,6 +134,13 @@ pub trait Collective: Send + Sync {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CollectiveError> {
         self.all_gather(&[0.0]).map(|_| ())
+    }
+
+    /// [`Collective::barrier`], with no time limit: for the ranks waiting while the first one
+    /// works alone (validation, writing a checkpoint). A rank that dies meanwhile is still seen
+    /// by the launcher.
+    fn wait_for_all(&self) -> Result<(), CollectiveError> {
+        self.barrier()
     }
 
     /// Every rank's shard (`[shards.range(rank).len()]`), put back together: `[shards.n]`.
@@ -219,19 +226,21 @@ pub fn connect(ranks: &Ranks, dir: &Path) -> Result<Arc<dyn Collective>, Collect
         path: meeting.clone(),
         source,
     })?;
+    // Joining is timed too: NCCL's own has no limit.
+    let watchdog = Watchdog::start(ranks, collective_timeout());
     let inner: Box<dyn Collective> = if nccl {
         #[cfg(feature = "cuda")]
         {
-            Box::new(nccl::Nccl::connect(ranks, &meeting)?)
+            Box::new(watchdog.timed(|| nccl::Nccl::connect(ranks, &meeting))?)
         }
         #[cfg(not(feature = "cuda"))]
         {
             return Err(CollectiveError::Unsupported { world: ranks.world });
         }
     } else {
-        Box::new(websocket::Websocket::connect(ranks, &meeting)?)
+        Box::new(watchdog.timed(|| websocket::Websocket::connect(ranks, &meeting))?)
     };
-    Ok(Arc::new(Watched::new(inner, collective_timeout())))
+    Ok(Arc::new(Watched { inner, watchdog }))
 }
 
 /// Publishes `bytes` as `dir/name` atomically (written beside, then renamed), for the other ranks
@@ -253,7 +262,8 @@ pub(crate) fn publish(
     std::fs::rename(&tmp, &path).map_err(io)
 }
 
-/// Waits (up to 2 minutes: ranks start within seconds of each other) for `dir/name`.
+/// Waits for `dir/name`, up to [`collective_timeout`] (ranks reach this point after loading their
+/// models, which takes long and varies).
 pub(crate) fn await_file(
     ranks: &Ranks,
     dir: &Path,
@@ -261,7 +271,7 @@ pub(crate) fn await_file(
 ) -> Result<Vec<u8>, CollectiveError> {
     let path = dir.join(name);
     let t0 = Instant::now();
-    let limit = Duration::from_secs(120);
+    let limit = collective_timeout();
     loop {
         match std::fs::read(&path) {
             Ok(b) => return Ok(b),
@@ -319,18 +329,18 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A collective whose every call is timed by a watchdog thread.
-struct Watched {
-    inner: Box<dyn Collective>,
+/// A watchdog thread ending the process with [`PEERS_LOST_EXIT`] when a timed call waits longer
+/// than its limit.
+struct Watchdog {
     /// When the call in progress began (ms since the epoch), 0 when none is.
     since: Arc<AtomicU64>,
 }
 
-impl Watched {
-    fn new(inner: Box<dyn Collective>, timeout: Duration) -> Watched {
+impl Watchdog {
+    fn start(ranks: &Ranks, timeout: Duration) -> Watchdog {
         let since = Arc::new(AtomicU64::new(0));
         let watched = since.clone();
-        let ranks = inner.ranks().clone();
+        let ranks = ranks.clone();
         std::thread::spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_millis(500));
@@ -343,11 +353,13 @@ impl Watched {
                         reachable_host(),
                         timeout.as_secs()
                     );
-                    std::process::exit(PEERS_LOST_EXIT);
+                    // SAFETY: _exit ends the process without running exit handlers, which a
+                    // collective stuck in a device call could block.
+                    unsafe { libc::_exit(PEERS_LOST_EXIT) };
                 }
             }
         });
-        Watched { inner, since }
+        Watchdog { since }
     }
 
     fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
@@ -358,15 +370,25 @@ impl Watched {
     }
 }
 
+/// A collective whose every call but [`Collective::wait_for_all`] is timed by a watchdog.
+struct Watched {
+    inner: Box<dyn Collective>,
+    watchdog: Watchdog,
+}
+
 impl Collective for Watched {
     fn ranks(&self) -> &Ranks {
         self.inner.ranks()
     }
     fn all_gather(&self, mine: &[f32]) -> Result<Vec<f32>, CollectiveError> {
-        self.timed(|| self.inner.all_gather(mine))
+        self.watchdog.timed(|| self.inner.all_gather(mine))
     }
     fn reduce_scatter(&self, full: &[f32], shards: Shards) -> Result<Vec<f32>, CollectiveError> {
-        self.timed(|| self.inner.reduce_scatter(full, shards))
+        self.watchdog
+            .timed(|| self.inner.reduce_scatter(full, shards))
+    }
+    fn wait_for_all(&self) -> Result<(), CollectiveError> {
+        self.inner.barrier()
     }
 }
 

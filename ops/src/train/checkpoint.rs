@@ -177,7 +177,9 @@ pub(super) fn write_checkpoint(
     save_state(&tmp, state, ranks)?;
     collective.barrier().map_err(collective_error)?;
     if !ranks.is_first() {
-        return Ok(());
+        // The first rank writes the model and installs the checkpoint: no time limit for that
+        // (a 12B model on a shared filesystem can take longer than a collective may wait).
+        return collective.wait_for_all().map_err(collective_error);
     }
     save_decoder(
         &tmp,
@@ -198,7 +200,7 @@ pub(super) fn write_checkpoint(
     }
     std::fs::rename(&tmp, ckpt).map_err(|e| OpError::io(ckpt, "install", e))?;
     let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    collective.wait_for_all().map_err(collective_error)
 }
 
 /// A collective's failure as the op's.

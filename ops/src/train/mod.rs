@@ -315,8 +315,10 @@ pub fn run(
             cfg.global_batch, cfg.micro_batch, ranks.world, ranks.world
         )));
     }
-    let collective =
-        crate::parallel::connect(&ranks, &ctx.scratch_dir).map_err(collective_error)?;
+    // A rank that cannot join (no NCCL, no such GPU, no rendezvous) fails the step itself: it
+    // did not lose its peers.
+    let collective = crate::parallel::connect(&ranks, &ctx.scratch_dir)
+        .map_err(|e| OpError::Failed(e.to_string()))?;
     let collective: &dyn Collective = collective.as_ref();
     let key = ctx.provenance["key"]
         .as_str()
@@ -417,7 +419,8 @@ pub fn run(
         let mut m = json!({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": norm,
                             "tokens": (step + 1) as u64 * (cfg.global_batch * cfg.seq_len) as u64});
         let last = step + 1 == steps;
-        if ranks.is_first() && (last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0)) {
+        let validate = last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0);
+        if ranks.is_first() && validate {
             m["val_loss"] =
                 validation_loss(objective, &student, &val, cfg.micro_batch, device).into();
         }
@@ -443,6 +446,11 @@ pub fn run(
                 collective,
             )?;
             last_ckpt_step = step + 1;
+        }
+        if validate {
+            // The first rank validated alone; the others wait for it here, with no time limit
+            // (a validation can take longer than a collective may wait).
+            collective.wait_for_all().map_err(collective_error)?;
         }
     }
     let secs = t0.elapsed().as_secs_f64();

@@ -255,7 +255,11 @@ pub fn optimizer_step(
     };
     // This rank's pieces of the gradient summed over ranks.
     let grad_pieces: Vec<Option<Tensor<B, 1>>> = if ranks.world == 1 {
-        params.iter().map(|p| p.grad.clone()).collect()
+        // One rank: every piece is a whole parameter.
+        pieces
+            .iter()
+            .map(|piece| params[piece.param].grad.clone())
+            .collect()
     } else {
         let mut full = Vec::with_capacity(shards.n);
         for (p, &n) in params.iter().zip(&sizes) {
