@@ -72,7 +72,8 @@ run)
   python3 tests/gpu/check_harness_golden.py "$work/mc.json" "$work/gen.json"
   if [ "$(cat "$bin/FEATURE")" = cuda ]; then
     # Data-parallel training's NCCL path, with the ranks this machine has GPUs for (one NCCL rank
-    # with one GPU: DISTILLERY_COLLECTIVE=nccl makes even a single rank use it).
+    # with one GPU: DISTILLERY_COLLECTIVE=nccl makes even a single rank go through every
+    # collective, reduce-scatter and all-gather included).
     echo "== distillation through NCCL"
     gpus="$(nvidia-smi --list-gpus 2>/dev/null | wc -l)"
     ldconfig -p 2>/dev/null | grep -q libnccl || echo "note: no libnccl in the loader's cache; NCCL will fail to load"

@@ -972,7 +972,7 @@ impl Checker<'_> {
             }
         }
         if let (Some(nodes), Some(s)) = (r.nodes, span("nodes"))
-            && (nodes > tasks || tasks % nodes != 0)
+            && (nodes > tasks || !tasks.is_multiple_of(nodes))
         {
             self.err(
                 Diagnostic::at(

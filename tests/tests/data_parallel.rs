@@ -156,6 +156,35 @@ fn ranks_match_one_rank(op: &str) {
     }
 }
 
+/// One rank forced through a collective library takes the sharded path (reduce-scatter,
+/// gathered shards) that one rank alone skips: the same training to within rounding (the
+/// squared norms cross the collective as f32).
+#[test]
+fn one_rank_through_the_collective_matches_one_rank_alone() {
+    let env = Env::new();
+    common::tiny_model_and_text(&env);
+    let alone = weights(&run_with(&env, "train", 1, &env.path("cache-alone")));
+    env.write("r.toml", &recipe(1, ""));
+    let cache = env.path("cache-collective");
+    let out = env
+        .command(&["run", "r.toml"])
+        .env("DISTILLERY_CACHE", &cache)
+        .env("DISTILLERY_COLLECTIVE", "websocket")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let through = weights(&out_dir(&shown(&env, &cache)));
+    for (name, want) in &alone {
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (a, b) in want.iter().zip(&through[name]) {
+            diff += ((a - b) as f64).powi(2);
+            norm += (*a as f64).powi(2);
+        }
+        let rel = (diff / norm.max(1e-30)).sqrt();
+        assert!(rel <= 1e-6, "{name}: {rel:e}");
+    }
+}
+
 /// Processes of this test binary that are rank `rank` of a step whose cache is `cache` (from
 /// their command line and environment).
 fn rank_pids(cache: &Path, rank: usize) -> Vec<u32> {

@@ -136,6 +136,11 @@ pub trait Collective: Send + Sync {
         self.all_gather(&[0.0]).map(|_| ())
     }
 
+    /// Whether this is [`Solo`]: one rank, whose collectives are the identity and can be skipped.
+    fn is_solo(&self) -> bool {
+        false
+    }
+
     /// [`Collective::barrier`], with no time limit: for the ranks waiting while the first one
     /// works alone (validation, writing a checkpoint). A rank that dies meanwhile is still seen
     /// by the launcher.
@@ -172,6 +177,9 @@ impl Collective for Solo {
     fn ranks(&self) -> &Ranks {
         &self.0
     }
+    fn is_solo(&self) -> bool {
+        true
+    }
     fn all_gather(&self, mine: &[f32]) -> Result<Vec<f32>, CollectiveError> {
         Ok(mine.to_vec())
     }
@@ -197,8 +205,8 @@ pub fn collective_timeout() -> Duration {
 }
 
 /// Connects this process to its peers: [`Solo`] for one rank, else NCCL on CUDA builds and
-/// burn-collective elsewhere. `DISTILLERY_COLLECTIVE` overrides the choice: `websocket` (a CUDA
-/// machine without NCCL), or `nccl` (NCCL even for one rank, to check it works). Rendezvous files
+/// burn-collective elsewhere. `DISTILLERY_COLLECTIVE` names the library instead: `websocket` (a
+/// CUDA machine without NCCL) or `nccl`; named, it serves even one rank (to check it works). Rendezvous files
 /// go in `dir/parallel/SESSION/` (the step's scratch directory, shared by all ranks' hosts).
 /// Every collective is watched: one that waits longer than [`collective_timeout`] ends the
 /// process with [`PEERS_LOST_EXIT`] and a message naming the rank.
@@ -217,7 +225,7 @@ pub fn connect(ranks: &Ranks, dir: &Path) -> Result<Arc<dyn Collective>, Collect
             });
         }
     };
-    if ranks.world <= 1 && choice != "nccl" {
+    if ranks.world <= 1 && choice.is_empty() {
         return Ok(Arc::new(Solo::new()));
     }
     let meeting = dir.join("parallel").join(&ranks.session);

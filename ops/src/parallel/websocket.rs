@@ -65,6 +65,8 @@ impl Websocket {
             .with_data_service_port(port)
             .with_global_all_reduce_strategy(AllReduceStrategy::Ring);
         let device = crate::runtime::device();
+        // The device is Copy on the CPU backend only.
+        #[allow(clippy::clone_on_copy)]
         burn_collective::register::<B>(PeerId::from(ranks.rank as u32), device.clone(), config)
             .map_err(|e| {
                 lib(format!(

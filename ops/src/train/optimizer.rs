@@ -254,7 +254,9 @@ pub fn optimizer_step(
             .collect()
     };
     // This rank's pieces of the gradient summed over ranks.
-    let grad_pieces: Vec<Option<Tensor<B, 1>>> = if ranks.world == 1 {
+    // Alone, nothing crosses a collective (a single rank over NCCL still does, to check it).
+    let solo = collective.is_solo();
+    let grad_pieces: Vec<Option<Tensor<B, 1>>> = if solo {
         // One rank: every piece is a whole parameter.
         pieces
             .iter()
@@ -292,7 +294,7 @@ pub fn optimizer_step(
             partial[piece.param] = scalar(g.clone().powf_scalar(2.0).sum());
         }
     }
-    let sq: Vec<f64> = if ranks.world == 1 {
+    let sq: Vec<f64> = if solo {
         partial
     } else {
         let partial: Vec<f32> = partial.iter().map(|&x| x as f32).collect();
@@ -351,7 +353,7 @@ pub fn optimizer_step(
     state.step += 1;
 
     // Every rank's model gets every shard.
-    let values: Vec<Tensor<B, 1>> = if ranks.world == 1 {
+    let values: Vec<Tensor<B, 1>> = if solo {
         updated
     } else {
         let mut mine = Vec::with_capacity(shard.len());
