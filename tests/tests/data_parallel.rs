@@ -27,24 +27,14 @@ fn recipe_for(op: &str, tasks: usize, extra: &str) -> String {
         ),
     };
     format!(
-        r#"
-[recipe]
-seed = 3
-
-[sources.base]
-kind = "model"
-path = "model"
-
-[sources.text]
-kind = "dataset"
-files = "data/train.txt"
-
+        r#"{}
 [steps.tuned]
 op = "{op}"
 inputs = {{ {inputs}, data = "sources.text" }}
 params = {{ tokens = 2304, seq_len = 32, micro_batch = 1, global_batch = 6, warmup_steps = 2, lr = 1e-3, val_sequences = 4{extra} }}
 resources = {{ tasks = {tasks} }}
-"#
+"#,
+        common::TINY_SOURCES
     )
 }
 
@@ -185,6 +175,19 @@ fn one_rank_through_the_collective_matches_one_rank_alone() {
     }
 }
 
+/// The step of the last checkpoint a run into `cache` wrote (0 before the first).
+fn checkpoint_step(cache: &Path) -> u64 {
+    std::fs::read_dir(cache.join("scratch"))
+        .ok()
+        .and_then(|d| {
+            d.filter_map(Result::ok)
+                .find_map(|e| std::fs::read_to_string(e.path().join("checkpoint/state.json")).ok())
+        })
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["step"].as_u64())
+        .unwrap_or(0)
+}
+
 /// Processes of this test binary that are rank `rank` of a step whose cache is `cache` (from
 /// their command line and environment).
 fn rank_pids(cache: &Path, rank: usize) -> Vec<u32> {
@@ -237,14 +240,7 @@ fn a_killed_rank_fails_the_step_at_once_and_the_rerun_resumes_to_the_same_bytes(
         .unwrap();
     let t = Instant::now();
     let at_step = loop {
-        let state = std::fs::read_dir(cache.join("scratch")).ok().and_then(|d| {
-            d.filter_map(Result::ok)
-                .find_map(|e| std::fs::read_to_string(e.path().join("checkpoint/state.json")).ok())
-        });
-        let step = state
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["step"].as_u64())
-            .unwrap_or(0);
+        let step = checkpoint_step(&cache);
         if step >= 2 {
             break step;
         }
@@ -315,11 +311,7 @@ fn a_hung_rank_fails_the_step_after_the_collective_timeout_naming_it() {
         .unwrap();
     let t = Instant::now();
     let pid = loop {
-        let state = std::fs::read_dir(cache.join("scratch")).ok().and_then(|d| {
-            d.filter_map(Result::ok)
-                .find_map(|e| std::fs::read_to_string(e.path().join("checkpoint/state.json")).ok())
-        });
-        if state.is_some()
+        if checkpoint_step(&cache) > 0
             && let Some(pid) = rank_pids(&cache, 1).first()
         {
             break *pid;

@@ -500,25 +500,14 @@ fn a_two_rank_step_is_one_job_of_two_tasks_and_matches_local_ranks() {
     tiny_model_and_text(&env);
     env.write(
         "r.toml",
-        r#"
-[recipe]
-name = "ranks"
-seed = 3
-
-[sources.base]
-kind = "model"
-path = "model"
-
-[sources.text]
-kind = "dataset"
-files = "data/train.txt"
-
+        &(TINY_SOURCES.replace("[recipe]\n", "[recipe]\nname = \"ranks\"\n")
+            + r#"
 [steps.tuned]
 op = "train"
 inputs = { model = "sources.base", data = "sources.text" }
 params = { tokens = 1536, seq_len = 32, micro_batch = 1, global_batch = 4, warmup_steps = 2, lr = 1e-3, val_sequences = 4 }
 resources = { tasks = 2, threads = 1 }
-"#,
+"#),
     );
     let out = slurm_run(&env, &["--json"]);
     assert!(out.status.success(), "{}", text(&out));

@@ -94,6 +94,21 @@ pub fn golden(rel: &str) -> PathBuf {
 
 /// A tiny model (tests/golden/llama-gqa-tied-f32) with a character tokenizer in `model/`, and
 /// `data/train.txt` to train on.
+/// Recipe lines (a seed, `sources.base` and `sources.text`) for what [`tiny_model_and_text`]
+/// writes.
+pub const TINY_SOURCES: &str = r#"
+[recipe]
+seed = 3
+
+[sources.base]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+"#;
+
 pub fn tiny_model_and_text(env: &Env) {
     let model = env.path("model");
     std::fs::create_dir_all(&model).unwrap();
