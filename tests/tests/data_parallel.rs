@@ -38,17 +38,12 @@ resources = {{ tasks = {tasks} }}
     )
 }
 
-/// The step's output directory in `cache`, from `show --json`.
+/// `show --json` of the step `tuned`.
 fn shown(env: &Env, cache: &Path) -> serde_json::Value {
-    let out = env
-        .command(&["show", "r.toml", "tuned", "--json"])
-        .env("DISTILLERY_CACHE", cache)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::show_json(env, cache, "tuned")
 }
 
+/// The step's output directory, from `show --json`.
 fn out_dir(shown: &serde_json::Value) -> PathBuf {
     PathBuf::from(shown["path"].as_str().expect("an output path"))
 }

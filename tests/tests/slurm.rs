@@ -527,13 +527,7 @@ resources = { tasks = 2, threads = 1 }
         .map(|e| e["message"].as_str().unwrap_or_default().to_string())
         .collect();
     let shown = |cache: &std::path::Path| {
-        let out = env
-            .command(&["show", "r.toml", "tuned", "--json"])
-            .env("DISTILLERY_CACHE", cache)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = show_json(&env, cache, "tuned");
         // `entries/KEY/data`
         let dir = std::path::PathBuf::from(v["path"].as_str().unwrap());
         let key = dir

@@ -53,13 +53,7 @@ params = { tokens = 8192, seq_len = 32, micro_batch = 2, global_batch = 4, warmu
 
 /// `show --json` of the step `tuned`.
 fn shown(env: &Env, cache: &Path) -> serde_json::Value {
-    let out = env
-        .command(&["show", "r.toml", "tuned", "--json"])
-        .env("DISTILLERY_CACHE", cache)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::show_json(env, cache, "tuned")
 }
 
 /// The blake3 of the written model file, from the step's manifest.

@@ -94,6 +94,17 @@ pub fn golden(rel: &str) -> PathBuf {
 
 /// A tiny model (tests/golden/llama-gqa-tied-f32) with a character tokenizer in `model/`, and
 /// `data/train.txt` to train on.
+/// `show r.toml STEP --json` against `cache`, which must succeed.
+pub fn show_json(env: &Env, cache: &Path, step: &str) -> serde_json::Value {
+    let out = env
+        .command(&["show", "r.toml", step, "--json"])
+        .env("DISTILLERY_CACHE", cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Recipe lines (a seed, `sources.base` and `sources.text`) for what [`tiny_model_and_text`]
 /// writes.
 pub const TINY_SOURCES: &str = r#"
