@@ -344,28 +344,18 @@ fn a_hung_rank_fails_the_step_after_the_collective_timeout_naming_it() {
 fn tasks_are_checked_and_enter_the_key() {
     let env = Env::new();
     common::tiny_model_and_text(&env);
-    env.write(
-        "r.toml",
-        r#"
-[sources.base]
-kind = "model"
-path = "model"
-
-[sources.text]
-kind = "dataset"
-files = "data/train.txt"
-
+    let stats = r#"
 [steps.stats]
 op = "calibrate"
 inputs = { model = "sources.base", data = "sources.text" }
 resources = { tasks = 2 }
-"#,
-    );
+"#;
+    env.write("r.toml", &format!("{}{stats}", common::TINY_SOURCES));
     let out = env.run(&["plan", "r.toml"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let said = text(&out);
     assert!(
-        said.contains("r.toml:13:23") && said.contains("op `calibrate` runs as one process"),
+        said.contains("r.toml:16:23") && said.contains("op `calibrate` runs as one process"),
         "{said}"
     );
     assert!(said.contains("train") && said.contains("distill"), "{said}");
