@@ -30,11 +30,18 @@ build)
   cp "$(cargo bench -p distillery-kernels --features "$feature" --bench cube --no-run \
         --message-format=json 2>/dev/null | executable)" "$bin/kernel-bench"
   strip "$bin"/* 2>/dev/null || true
+  # Packed: the three executables together pass the device run's 64 MiB carry only compressed.
+  tar -C "$bin" -czf "$bin/executables.tar.gz" distillery kernel-tests kernel-bench
+  rm "$bin/distillery" "$bin/kernel-tests" "$bin/kernel-bench"
   echo "$feature" > "$bin/FEATURE"
   du -sh "$bin"/*
   ;;
 run)
-  [ -x "$bin/distillery" ] || { echo "no $bin/: run 'scripts/gpu-check.sh build' first and carry $bin" >&2; exit 2; }
+  [ -f "$bin/executables.tar.gz" ] || { echo "no $bin/: run 'scripts/gpu-check.sh build' first and carry $bin" >&2; exit 2; }
+  unpacked="$(mktemp -d)"
+  tar -C "$unpacked" -xzf "$bin/executables.tar.gz"
+  cp "$bin/FEATURE" "$unpacked/FEATURE"
+  bin="$unpacked"
   echo "== device"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   echo "== kernel tests against their references ($(cat "$bin/FEATURE"))"
