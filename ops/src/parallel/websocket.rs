@@ -17,6 +17,19 @@ use super::{
 };
 use crate::runtime::{Backend as B, Device};
 
+/// Keeps burn-communication's per-transfer INFO lines out of the rank's log (they would bury the
+/// lines a failure shows): its own subscriber is installed only when none is, so this one, with
+/// warnings and errors on stderr, comes first.
+fn quiet_transfer_logs() {
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .finish();
+    // Already set (a second connection in this process): nothing to do.
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
 pub(super) struct Websocket {
     ranks: Ranks,
     device: Device,
@@ -34,6 +47,7 @@ impl Websocket {
             path: meeting.to_path_buf(),
             source,
         };
+        quiet_transfer_logs();
         let host = reachable_host();
         if ranks.is_first() {
             let port = free_port().map_err(io)?;
