@@ -5,6 +5,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
+use crate::attention::{self, AttentionSpec};
+use crate::fused::AttentionShape;
 use crate::importance::{accumulate_host, accumulate_reference};
 use crate::kl::{KlDirection, kl_rows_host};
 
@@ -26,14 +28,71 @@ pub trait KernelBackend: Backend {
         direction: KlDirection,
         grad_scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Causal attention ([`attention`]): `q [batch, seq, heads, head_dim]`, `k`/`v` `[batch,
+    /// seq, kv_heads, head_dim]` → the context (q's shape) and, with `with_lse`, the rows'
+    /// log-sum-exp `[batch, heads, seq]` for the backward (anything otherwise).
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: AttentionSpec,
+        with_lse: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, lse) = attention::forward_reference::<Self>(float(q), float(k), float(v), spec);
+        let _ = with_lse;
+        (out.into_primitive().tensor(), lse.into_primitive().tensor())
+    }
+
+    /// The gradients of q, k and v from the forward's inputs, context, log-sum-exp and the
+    /// context's gradient `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        spec: AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = attention::backward_reference::<Self>(
+            float(q),
+            float(k),
+            float(v),
+            float(out),
+            float(lse),
+            float(dout),
+            spec,
+        );
+        (
+            dq.into_primitive().tensor(),
+            dk.into_primitive().tensor(),
+            dv.into_primitive().tensor(),
+        )
+    }
+}
+
+/// `t`'s f32 values, read in place when contiguous f32, else copied.
+fn with_host<const D: usize, R>(t: &FloatTensor<Flex>, f: impl FnOnce(&[f32]) -> R) -> R {
+    match t.as_slice::<f32>() {
+        Some(values) => f(values),
+        None => f(&host_f32::<D>(t.clone())),
+    }
+}
+
+fn flex_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> FloatTensor<Flex> {
+    Tensor::<Flex, D>::from_data(TensorData::new(values, shape), &Default::default())
+        .into_primitive()
+        .tensor()
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn host_f32(t: FloatTensor<Flex>) -> Vec<f32> {
-    float::<Flex, 2>(t)
+fn host_f32<const D: usize>(t: FloatTensor<Flex>) -> Vec<f32> {
+    float::<Flex, D>(t)
         .into_data()
         .convert::<f32>()
         .into_vec::<f32>()
@@ -75,14 +134,14 @@ impl KernelBackend for Flex {
         let t = match teacher.as_slice::<f32>() {
             Some(t) => t,
             None => {
-                t_copy = host_f32(teacher);
+                t_copy = host_f32::<2>(teacher);
                 &t_copy
             }
         };
         let s = match student.as_slice::<f32>() {
             Some(s) => s,
             None => {
-                s_copy = host_f32(student);
+                s_copy = host_f32::<2>(student);
                 &s_copy
             }
         };
@@ -95,6 +154,63 @@ impl KernelBackend for Flex {
             Tensor::<Self, 2>::from_data(TensorData::new(grad, [rows, vocab]), &device)
                 .into_primitive()
                 .tensor(),
+        )
+    }
+
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: AttentionSpec,
+        with_lse: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let shape = q.layout().shape().dims::<4>();
+        let AttentionShape {
+            batch, seq, heads, ..
+        } = spec.shape;
+        let (out, lse) = with_host::<4, _>(&q, |q| {
+            with_host::<4, _>(&k, |k| {
+                with_host::<4, _>(&v, |v| attention::forward_host(q, k, v, spec, with_lse))
+            })
+        });
+        let lse_shape = if with_lse {
+            [batch, heads, seq]
+        } else {
+            [0, heads, seq]
+        };
+        (flex_tensor(out, shape), flex_tensor(lse, lse_shape))
+    }
+
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        spec: AttentionSpec,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (q_shape, kv_shape) = (
+            q.layout().shape().dims::<4>(),
+            k.layout().shape().dims::<4>(),
+        );
+        let (dq, dk, dv) = with_host::<4, _>(&q, |q| {
+            with_host::<4, _>(&k, |k| {
+                with_host::<4, _>(&v, |v| {
+                    with_host::<4, _>(&out, |out| {
+                        with_host::<3, _>(&lse, |lse| {
+                            with_host::<4, _>(&dout, |dout| {
+                                attention::backward_host(q, k, v, out, lse, dout, spec)
+                            })
+                        })
+                    })
+                })
+            })
+        });
+        (
+            flex_tensor(dq, q_shape),
+            flex_tensor(dk, kv_shape),
+            flex_tensor(dv, kv_shape),
         )
     }
 }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 /// there is no fast-math, so vector lanes round exactly as scalar code does, and `mul_add` is
 /// the same fused operation everywhere.
 #[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2,lzcnt")]
@@ -114,14 +114,22 @@ fn max_f32(x: &[f32]) -> f32 {
 /// Softmax of one row in place: `e^(x - max)` normalized by its sum, accumulated in f64.
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) {
+    softmax_row_lse(row);
+}
+
+/// [`softmax_row`], returning the row's log-sum-exp `max + ln Σ e^(x - max)`.
+#[inline(always)]
+pub(crate) fn softmax_row_lse(row: &mut [f32]) -> f32 {
     let max = max_f32(row);
     for o in row.iter_mut() {
         *o = exp_f32(*o - max);
     }
-    let inv = (1.0 / sum_f64(row, |v| v)) as f32;
+    let sum = sum_f64(row, |v| v);
+    let inv = (1.0 / sum) as f32;
     for o in row.iter_mut() {
         *o *= inv;
     }
+    max + sum.ln() as f32
 }
 
 /// RMSNorm over rows of `w.len()`: `(x * rsqrt(mean(x²) + eps)) * w`. The mean of squares is
@@ -383,30 +391,23 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
-/// Query positions per task: each task's scores block is `ROW_BLOCK × (visible keys)`.
-const ROW_BLOCK: usize = 32;
-
 /// Raw pointers handed to parallel tasks, for tasks that write disjoint parts of one output
 /// (each use says which) and only read the rest.
 #[derive(Clone, Copy)]
-struct Shared<P>(P);
+pub(crate) struct Shared<P>(pub(crate) P);
 // SAFETY: at each use, the tasks write disjoint elements and nothing reads them until all finish.
 unsafe impl<P> Send for Shared<P> {}
 unsafe impl<P> Sync for Shared<P> {}
 
 impl<P: Copy> Shared<P> {
     /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
-    fn get(&self) -> P {
+    pub(crate) fn get(&self) -> P {
         self.0
     }
 }
 
-/// Causal grouped-query attention, `softmax(q kᵀ · scale + mask) v`, computed only where the
-/// mask lets a query see a key: per (batch, KV group, block of positions) one matmul of the
-/// group's query heads against the visible keys, the row softmax of [`softmax_scaled_biased`] on
-/// those columns, one matmul by the visible values, written into the context's layout. The tensor-op path makes the whole
-/// `seq × seq` scores (half of it masked), a mask, and transposed copies of q and the context.
-/// Masked keys contribute exact zeros there, so the two agree to rounding of the matmuls.
+/// Causal grouped-query attention, `softmax(q kᵀ · scale + mask) v`, for the forward alone:
+/// [`crate::attention::forward_host`] without the log-sum-exp a backward needs.
 ///
 /// `q [batch, seq, heads, head_dim]`, `k`/`v` `[batch, seq, kv_heads, head_dim]` row-major (query
 /// head `h` reads KV head `h / (heads / kv_heads)`) → context `[batch, seq, heads, head_dim]`.
@@ -417,144 +418,12 @@ pub fn causal_attention(
     shape: AttentionShape,
     scale: f32,
 ) -> Vec<f32> {
-    let AttentionShape {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim: d,
-        window,
-    } = shape;
-    assert_eq!(q.len(), batch * seq * heads * d, "q's length");
-    assert_eq!(k.len(), batch * seq * kv_heads * d, "k's length");
-    assert_eq!(v.len(), k.len(), "v's length");
-    assert!(kv_heads > 0 && heads % kv_heads == 0, "heads per KV head");
-    let rep = heads / kv_heads;
-    let first_visible = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
-    if k.is_empty() {
-        return vec![0f32; q.len()];
-    }
-    // Keys transposed once per (batch, KV head), `[batch, kv_heads, head_dim, seq]`: as the
-    // product's operand with unit stride along keys, gemm reads them in place. Given `k` as is, it
-    // regathered (transposed) the visible keys for every query head and row block, element by
-    // element: about 5% of a SmolLM2 forward in a profile.
-    // SAFETY: one chunk per (batch, group), each written in full by transpose_into.
-    let k_t = unsafe {
-        filled(k.len(), |k_t| {
-            k_t.par_chunks_mut(d * seq)
-                .enumerate()
-                .for_each(|(bg, dst)| {
-                    let (b, g) = (bg / kv_heads, bg % kv_heads);
-                    let keys = &k[(b * seq * kv_heads + g) * d..];
-                    transpose_into(keys, [seq, d], kv_heads * d, dst);
-                })
-        })
+    let spec = crate::attention::AttentionSpec {
+        shape,
+        scale,
+        softcap: None,
     };
-    // Filled by the tasks below, not zeroed first.
-    let mut out: Vec<f32> = Vec::with_capacity(q.len());
-    let shared = Shared(out.as_mut_ptr());
-    let blocks = seq.div_ceil(ROW_BLOCK);
-    // One task per (batch, KV head, block of positions), its `rep` query heads stacked as the
-    // rows of one product against the group's keys: three times the rows per gemm call for
-    // SmolLM2 (heads 9, KV heads 3), and a third of the calls (its attention alone on one thread:
-    // 1.33 → 1.23 ms per layer).
-    (0..batch * kv_heads * blocks)
-        .into_par_iter()
-        .for_each_init(AttentionScratch::default, |scratch, task| {
-            let (b, g, blk) = (
-                task / (kv_heads * blocks),
-                task / blocks % kv_heads,
-                task % blocks,
-            );
-            let (p0, p1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(seq));
-            let (c0, c1) = (first_visible(p0), p1);
-            let (rows, cols) = (p1 - p0, c1 - c0);
-            let AttentionScratch {
-                q_rows,
-                scores,
-                context,
-            } = scratch;
-            // Rows (head r of the group, position p0 + i) at r · rows + i.
-            let q_row = |r: usize, i: usize| ((b * seq + p0 + i) * heads + g * rep + r) * d;
-            q_rows.clear();
-            for r in 0..rep {
-                for i in 0..rows {
-                    q_rows.extend_from_slice(&q[q_row(r, i)..][..d]);
-                }
-            }
-            scores.resize(rep * rows * cols, 0f32);
-            context.resize(rep * rows * d, 0f32);
-            let kv_at = ((b * seq + c0) * kv_heads + g) * d;
-            let kv_row = (kv_heads * d) as isize;
-            let k_t_at = (b * kv_heads + g) * d * seq + c0;
-            // SAFETY: `q_rows` is (rep · rows) × d, `scores` (rep · rows) × cols; the keys'
-            // view stays inside k_t (positions c0..c1 of batch b, group g).
-            unsafe {
-                gemm_f32(
-                    [rep * rows, cols, d],
-                    (scores.as_mut_ptr(), cols as isize),
-                    (q_rows.as_ptr(), d as isize, 1),
-                    (k_t.as_ptr().add(k_t_at), seq as isize, 1),
-                    false,
-                );
-            }
-            wide(
-                #[inline(always)]
-                || {
-                    for (row_index, row) in scores.chunks_exact_mut(cols).enumerate() {
-                        // Columns c0 + lo .. c0 + hi are visible from position p.
-                        let p = p0 + row_index % rows;
-                        let (lo, hi) = (first_visible(p) - c0, p + 1 - c0);
-                        let visible = &mut row[lo..hi];
-                        for o in visible.iter_mut() {
-                            *o *= scale;
-                        }
-                        softmax_row(visible);
-                        row[..lo].fill(0.0);
-                        row[hi..].fill(0.0);
-                    }
-                },
-            );
-            // SAFETY: `context` is (rep · rows) × d; the values' view stays inside v as above.
-            unsafe {
-                gemm_f32(
-                    [rep * rows, d, cols],
-                    (context.as_mut_ptr(), d as isize),
-                    (scores.as_ptr(), cols as isize, 1),
-                    (v.as_ptr().add(kv_at), kv_row, 1),
-                    false,
-                );
-            }
-            for r in 0..rep {
-                for i in 0..rows {
-                    let src = &context[(r * rows + i) * d..][..d];
-                    // SAFETY: this task alone writes positions p0..p1 of the group's heads in
-                    // batch b: d values at q_row(r, i), inside `out` (q's shape).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.as_ptr(),
-                            shared.get().add(q_row(r, i)),
-                            d,
-                        )
-                    };
-                }
-            }
-        });
-    // SAFETY: the tasks covered every (batch, group, block of positions), and each wrote its
-    // positions of every head in the group: all of `out`.
-    unsafe { out.set_len(q.len()) };
-    out
-}
-
-/// A task's buffers in [`causal_attention`], kept across the tasks a thread runs.
-#[derive(Default)]
-struct AttentionScratch {
-    /// The group's queries `[rep · rows, head_dim]`.
-    q_rows: Vec<f32>,
-    /// `[rep · rows, visible keys]`, then the probabilities in place.
-    scores: Vec<f32>,
-    /// `[rep · rows, head_dim]` before it is scattered to the heads' rows of the output.
-    context: Vec<f32>,
+    crate::attention::forward_host(q, k, v, spec, false).0
 }
 
 /// Below this many multiply-adds a product runs on one thread (Flex's own threshold).
@@ -603,6 +472,7 @@ pub unsafe fn gemm_f32(
                 (a, a_rs, a_cs),
                 (b, b_rs, b_cs),
                 parallelism,
+                false,
             )
         };
     }
@@ -621,6 +491,7 @@ pub unsafe fn gemm_f32(
                 (a, a_rs, a_cs),
                 (b.offset(j0 as isize * b_cs), b_rs, b_cs),
                 gemm::Parallelism::None,
+                false,
             )
         }
     });
@@ -629,16 +500,31 @@ pub unsafe fn gemm_f32(
 /// Column blocks of a threaded [`gemm_f32`] start at multiples of this (a vector of f32 lanes).
 const COLUMN_ALIGN: usize = 16;
 
-/// One `gemm` crate call for [`gemm_f32`].
+/// `dst [m, n] += a [m, k] · b [k, n]` on this thread, views as for [`gemm_f32`].
 ///
 /// # Safety
-/// As for [`gemm_f32`].
+/// As for [`gemm_f32`], and every element of `dst` must be initialized.
+pub unsafe fn gemm_f32_add(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, isize),
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_on([m, n, k], dst, a, b, gemm::Parallelism::None, true) }
+}
+
+/// One `gemm` crate call for [`gemm_f32`] (`dst = a · b`) or, with `accumulate`, `dst += a · b`.
+///
+/// # Safety
+/// As for [`gemm_f32`]; with `accumulate`, `dst` is read and must be initialized.
 unsafe fn gemm_on(
     [m, n, k]: [usize; 3],
     (dst, dst_rs): (*mut f32, isize),
     (a, a_rs, a_cs): (*const f32, isize, isize),
     (b, b_rs, b_cs): (*const f32, isize, isize),
     parallelism: gemm::Parallelism,
+    accumulate: bool,
 ) {
     // SAFETY: forwarded from the caller; `read_dst` false with alpha 0 never reads `dst`.
     unsafe {
@@ -649,14 +535,14 @@ unsafe fn gemm_on(
             dst,
             1,
             dst_rs,
-            false,
+            accumulate,
             a,
             a_cs,
             a_rs,
             b,
             b_cs,
             b_rs,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -869,12 +755,12 @@ mod tests {
                 })
                 .collect()
         };
-        // Several row blocks (seq > ROW_BLOCK, not a multiple of it), GQA, batch 2, with and
+        // Several row blocks of 32 (the attention's; seq not a multiple of it), GQA, batch 2, with and
         // without a window shorter than the sequence.
         for window in [None, Some(7), Some(40)] {
             let a = AttentionShape {
                 batch: 2,
-                seq: 2 * ROW_BLOCK + 5,
+                seq: 2 * 32 + 5,
                 heads: 6,
                 kv_heads: 2,
                 head_dim: 8,

@@ -5,6 +5,7 @@
 //! [`KernelBackend`] is the seam: Flex (CPU) runs host loops, the Cube backends (CUDA, wgpu) run
 //! the CubeCL kernels of [`cube`] (feature `cube`, on with `cuda` or `wgpu`).
 
+pub mod attention;
 mod backend;
 #[cfg(feature = "cube")]
 pub mod cube;

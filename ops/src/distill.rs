@@ -19,7 +19,10 @@ use crate::op::{
     Params, Port, Problem,
 };
 use crate::runtime::{self, Backend as B, TrainBackend as TB};
-use crate::train::{self, Objective, Student, cross_entropy, trained_rows};
+use crate::train::{
+    self, Objective, Student, chunked_head_loss, chunks_head, cross_entropy, cross_entropy_rows,
+    trained_rows, trained_targets,
+};
 
 pub struct Distill;
 
@@ -34,6 +37,8 @@ pub struct Kd {
     /// Intermediate-state loss: (student layer, teacher layer) block outputs to align, each
     /// through its learned projection; empty for none.
     hidden: HiddenLoss,
+    /// Tokens per chunk of the output heads and the loss (0: the whole micro-batch at once).
+    chunk: usize,
 }
 
 /// `1 − cos(proj(student_h), teacher_h)` on chosen layer pairs, averaged over tokens and pairs,
@@ -125,7 +130,30 @@ impl Kd {
             top_k,
             ce_weight,
             hidden: HiddenLoss::default(),
+            chunk: 0,
         }
+    }
+
+    /// The KD term: mean over rows of the chosen divergence between `teacher [rows, vocab]` (no
+    /// graph) and `student [rows, vocab]` logits.
+    fn kd(&self, teacher: Tensor<B, 2>, student: Tensor<TB, 2>) -> Tensor<TB, 1> {
+        if self.top_k > 0 {
+            topk_kl_reference(
+                Tensor::from_inner(teacher),
+                student,
+                self.temperature,
+                self.top_k,
+            )
+        } else {
+            // The fused kernel: loss and gradient in one pass, no [tokens, vocab] temporaries.
+            kl_loss(teacher, student, self.temperature, self.direction)
+        }
+    }
+
+    /// Sets the tokens per chunk of the output head and loss (0: unchunked).
+    pub fn with_loss_chunk(mut self, chunk: usize) -> Kd {
+        self.chunk = chunk;
+        self
     }
 
     /// Adds an intermediate-state loss.
@@ -148,35 +176,72 @@ impl Objective for Kd {
         let pairs = &self.hidden.pairs;
         let mut t_hooks = BlockOutputs::of(pairs.iter().map(|p| p.1).collect());
         let mut s_hooks = BlockOutputs::of(pairs.iter().map(|p| p.0).collect());
-        // The teacher runs without an autodiff graph.
-        let t_logits = self
-            .teacher
-            .forward_with_hooks(tokens_tensor::<B>(input, batch, device), &mut t_hooks);
-        let s_logits = student
-            .model
-            .forward_with_hooks(tokens_tensor::<TB>(input, batch, device), &mut s_hooks);
-        let [b, s, v] = s_logits.dims();
-        // Chat data: every term on the assistant's tokens only.
-        let (Some(t), Some(st)) = (
-            trained_rows(t_logits.reshape([b * s, v]), trained),
-            trained_rows(s_logits.clone().reshape([b * s, v]), trained),
-        ) else {
-            // Nothing to learn from in this micro-batch: a zero loss, no gradient.
-            return (s_logits.sum() * 0.0).reshape([1]);
-        };
-        let kd = if self.top_k > 0 {
-            topk_kl_reference(Tensor::from_inner(t), st, self.temperature, self.top_k)
+        let t_tokens = tokens_tensor::<B>(input, batch, device);
+        let s_tokens = tokens_tensor::<TB>(input, batch, device);
+        let ce = self.ce_weight > 0.0;
+        let (kd, ce) = if chunks_head(&student.model, self.chunk) {
+            // The teacher runs without an autodiff graph; neither model's logits exist beyond
+            // one chunk of tokens.
+            let t_hidden = self.teacher.hidden(t_tokens, &mut t_hooks);
+            let s_hidden = student.model.hidden(s_tokens, &mut s_hooks);
+            let [b, s, hs] = s_hidden.dims();
+            let ht = t_hidden.dims()[2];
+            // Chat data: every term on the assistant's tokens only.
+            let (Some(t), Some(st)) = (
+                trained_rows(t_hidden.reshape([b * s, ht]), trained),
+                trained_rows(s_hidden.clone().reshape([b * s, hs]), trained),
+            ) else {
+                // Nothing to learn from in this micro-batch: a zero loss, no gradient.
+                return (s_hidden.sum() * 0.0).reshape([1]);
+            };
+            let kept = trained_targets(targets, trained);
+            let n = kept.len();
+            let (weight, softcap) = student.model.head();
+            let terms = chunked_head_loss(
+                st,
+                weight,
+                softcap,
+                self.chunk,
+                1 + ce as usize,
+                &|range, logits| {
+                    let share = range.len() as f64 / n as f64;
+                    let [c, vocab] = logits[0].dims();
+                    let rows = t.clone().slice(range.clone());
+                    let t_logits = self
+                        .teacher
+                        .logits_of(rows.unsqueeze::<3>())
+                        .reshape([c, vocab]);
+                    let mut out = vec![self.kd(t_logits, logits[0].clone()) * share];
+                    if ce {
+                        out.push(cross_entropy_rows(logits[1].clone(), &kept[range]) * share);
+                    }
+                    out
+                },
+            );
+            (terms.clone().slice(0..1), ce.then(|| terms.slice(1..2)))
         } else {
-            // The fused kernel: loss and gradient in one pass, no [tokens, vocab] temporaries.
-            kl_loss(t, st, self.temperature, self.direction)
+            let t_logits = self.teacher.forward_with_hooks(t_tokens, &mut t_hooks);
+            let s_logits = student.model.forward_with_hooks(s_tokens, &mut s_hooks);
+            let [b, s, v] = s_logits.dims();
+            // Chat data: every term on the assistant's tokens only.
+            let (Some(t), Some(st)) = (
+                trained_rows(t_logits.reshape([b * s, v]), trained),
+                trained_rows(s_logits.clone().reshape([b * s, v]), trained),
+            ) else {
+                // Nothing to learn from in this micro-batch: a zero loss, no gradient.
+                return (s_logits.sum() * 0.0).reshape([1]);
+            };
+            let kd = self.kd(t, st);
+            (kd, ce.then(|| cross_entropy(s_logits, targets, trained)))
         };
-        let logit_loss = if self.ce_weight > 0.0 {
-            let ce = cross_entropy(s_logits, targets, trained);
-            // KD rescaled to the CE's magnitude (a constant factor: no gradient through the ratio).
-            let ratio = ce.clone().detach() / (kd.clone().detach() + 1e-12);
-            ce * self.ce_weight + kd * ratio * (1.0 - self.ce_weight)
-        } else {
-            kd
+        let logit_loss = match ce {
+            Some(ce) => {
+                // KD rescaled to the CE's magnitude (a constant factor: no gradient through the
+                // ratio).
+                let ratio = ce.clone().detach() / (kd.clone().detach() + 1e-12);
+                ce * self.ce_weight + kd * ratio * (1.0 - self.ce_weight)
+            }
+            None => kd,
         };
         if pairs.is_empty() {
             return logit_loss;
@@ -283,7 +348,9 @@ impl Op for Distill {
             // 7: config.json from the family table (attention_bias, mlp_bias explicit).
             // 8: Gemma's embedding scale rounded to bf16 under bf16 compute, as transformers does.
             // 9: chat data (the loss on the assistant's tokens); chat_template.jinja kept.
-            version: 9,
+            // 10: the student's attention with its own backward (no [seq, seq] tensors kept);
+            // the head and loss in chunks (`loss_chunk`).
+            version: 10,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(
@@ -447,6 +514,7 @@ impl Op for Distill {
                         teacher_hidden,
                     ),
                 },
+                chunk: ctx.params.usize("loss_chunk")?,
             };
             train::run(ctx, &kd, "student", &device)
         })
@@ -638,6 +706,112 @@ mod tests {
         assert_eq!(g.abs().sum().into_scalar(), 0.0);
     }
 
+    /// The loss and a few gradients (tied embedding/head, first query projection, final norm)
+    /// of `objective` on two sequences of 8 targets.
+    fn loss_and_grads(
+        objective: &dyn Objective,
+        m: &crate::model::checkpoint::LoadedModel,
+        mask: Option<&[bool]>,
+    ) -> (f32, Vec<Vec<f32>>) {
+        let device = runtime::device();
+        let student = Student {
+            model: Decoder::<TB>::load(&m.config, &m.weights, &device).unwrap(),
+            projections: vec![],
+        };
+        let input: Vec<u32> = (0..16).map(|i| (i * 13 % 90) as u32).collect();
+        let targets: Vec<u32> = (0..16).map(|i| (i * 29 % 90 + 1) as u32).collect();
+        let loss = objective.loss(&student, &input, &targets, mask, 2, &device);
+        let value = loss.clone().into_scalar();
+        let grads = loss.backward();
+        let v = |t: Tensor<B, 2>| t.into_data().to_vec::<f32>().unwrap();
+        let model = &student.model;
+        let mut out = vec![
+            model.layers[0]
+                .self_attn
+                .q_proj
+                .grad(&grads)
+                .map(v)
+                .unwrap(),
+        ];
+        out.push(model.embed_tokens.grad(&grads).map(v).unwrap());
+        if let Some(head) = &model.lm_head {
+            out.push(head.grad(&grads).map(v).unwrap());
+        }
+        out.push(
+            model
+                .norm
+                .weight
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        );
+        (value, out)
+    }
+
+    /// The head and loss a few tokens at a time equal the whole micro-batch at once, in loss and
+    /// gradients, for every loss the op offers, with and without a mask, tied and untied heads
+    /// and Gemma 2's capped logits.
+    #[test]
+    fn chunked_heads_equal_the_unchunked_loss_and_gradients() {
+        let mask: Vec<bool> = (0..16).map(|i| i % 5 != 2).collect();
+        for name in [
+            "llama-gqa-tied-f32",
+            "family-gemma2",
+            "llama3-untied-bf16-sharded",
+        ] {
+            let m = crate::model::checkpoint::load_model(
+                &Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/golden")
+                    .join(name),
+            )
+            .unwrap();
+            let device = runtime::device();
+            let mut teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+            // A teacher that differs from the student, so the KL has a gradient.
+            teacher.norm.weight = teacher.norm.weight.map(|w| w * 1.5);
+            let kds = [
+                (KlDirection::Forward, 0, 0.0),
+                (KlDirection::Reverse, 0, 0.5),
+                (KlDirection::Forward, 5, 0.3),
+            ];
+            let mut cases: Vec<(String, Box<dyn Fn(usize) -> Box<dyn Objective>>)> = kds
+                .iter()
+                .map(|&(dir, k, ce)| {
+                    let teacher = teacher.clone();
+                    let make: Box<dyn Fn(usize) -> Box<dyn Objective>> = Box::new(move |chunk| {
+                        Box::new(Kd::new(teacher.clone(), 2.0, dir, k, ce).with_loss_chunk(chunk))
+                    });
+                    (format!("{dir:?} top_k {k} ce {ce}"), make)
+                })
+                .collect();
+            cases.push((
+                "cross-entropy".into(),
+                Box::new(|chunk| Box::new(train::CrossEntropy { chunk })),
+            ));
+            for (case, make) in &cases {
+                for mask in [None, Some(mask.as_slice())] {
+                    let (want, want_grads) = loss_and_grads(make(0).as_ref(), &m, mask);
+                    let (got, grads) = loss_and_grads(make(3).as_ref(), &m, mask);
+                    let what = format!("{name}, {case}, mask {}", mask.is_some());
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs(),
+                        "{what}: loss {got} vs {want}"
+                    );
+                    for (g, w) in grads.iter().zip(&want_grads) {
+                        let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+                        let diff = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                        assert!(
+                            scale > 0.0 && diff <= 1e-5 * scale,
+                            "{what}: gradient |Δ| {diff} of {scale}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// One optimizer step over two sequences of 8 targets, `micro_batch` at a time.
     fn one_step_config(micro_batch: usize) -> train::TrainConfig {
         train::TrainConfig {
@@ -737,7 +911,7 @@ mod tests {
             match train::optimizer_step(
                 student(),
                 &mut state,
-                &train::CrossEntropy,
+                &train::CrossEntropy { chunk: 0 },
                 &batches,
                 &cfg,
                 1e-3,

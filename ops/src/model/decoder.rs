@@ -510,11 +510,14 @@ impl<B: Backend> Attention<B> {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, s, _] = x.dims();
         let (q, k, v) = self.project(x, rope, c);
+        let (window, scale) = (self.sliding_window, self.scale as f32);
         let fused = match (c, self.softcap) {
-            // The fused CPU attention multiplies in f32 and does not cap; bf16 compute and
-            // soft-capping keep the tensor ops.
-            (Compute::F32, None) => {
-                fast::causal_attention(q, k, v, self.sliding_window, self.scale as f32)
+            // The fused CPU forward multiplies in f32 and does not cap; training's attention
+            // (any backend) caps; bf16 compute keeps the tensor ops.
+            (Compute::F32, None) => fast::causal_attention(q, k, v, window, scale)
+                .or_else(|(q, k, v)| fast::trained_attention(q, k, v, window, scale, None)),
+            (Compute::F32, Some(cap)) => {
+                fast::trained_attention(q, k, v, window, scale, Some(cap as f32))
             }
             _ => Err((q, k, v)),
         };
@@ -1404,6 +1407,16 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
+    /// The output head as one matrix `[hidden, vocab]` (the tied embedding, transposed, where
+    /// the family ties it) and the logits' soft-cap (Gemma 2), what [`Self::logits_of`] applies.
+    pub fn head(&self) -> (Tensor<B, 2>, Option<f64>) {
+        let w = match &self.lm_head {
+            Some(w) => w.val(),
+            None => self.embed_tokens.val().transpose(),
+        };
+        (w, self.extras.final_softcap)
+    }
+
     /// `tokens [batch, seq] -> logits [batch, seq, vocab]`
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.logits_of(self.hidden(tokens, &mut NoHooks))
@@ -1499,11 +1512,66 @@ mod tests {
         );
     }
 
+    /// Autodiff over Flex with a checkpointing strategy: neither Flex nor the training backend,
+    /// so every op takes the tensor-op path, the reference of the fused ones.
+    type Reference = burn::backend::Autodiff<
+        Flex,
+        burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
+    >;
+
+    #[test]
+    fn training_attention_equals_the_tensor_op_path_in_logits_and_gradients() {
+        type T = crate::runtime::TrainBackend;
+        // GQA with tied embeddings; a sliding window; Gemma 2's capped scores and local layers.
+        for name in ["llama-gqa-tied-f32", "mistral-window-f16", "family-gemma2"] {
+            let m = golden(name);
+            let device = Default::default();
+            let ids: Vec<u32> = (0..74).map(|i| (i * 11 % 60) as u32).collect();
+            fn run<A: burn::tensor::backend::AutodiffBackend>(
+                m: &crate::model::checkpoint::LoadedModel,
+                ids: &[u32],
+                device: &A::Device,
+            ) -> (Vec<f32>, Vec<Vec<f32>>) {
+                let d = Decoder::<A>::load(&m.config, &m.weights, device).unwrap();
+                let logits = d.forward(tokens_tensor::<A>(ids, 2, device));
+                let grads = (logits.clone() * logits.clone().detach().sin())
+                    .sum()
+                    .backward();
+                let attn = &d.layers[0].self_attn;
+                let grad = |p: &Param<Tensor<A, 2>>| {
+                    p.val()
+                        .grad(&grads)
+                        .unwrap()
+                        .into_data()
+                        .to_vec::<f32>()
+                        .unwrap()
+                };
+                let values = logits.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                (
+                    values,
+                    vec![grad(&attn.q_proj), grad(&attn.k_proj), grad(&attn.v_proj)],
+                )
+            }
+            let (logits, grads) = run::<T>(&m, &ids, &device);
+            let (want, want_grads) = run::<Reference>(&m, &ids, &device);
+            let (diff, scale) = max_diff(&logits, &want);
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{name}: logits max |Δ| {diff}"
+            );
+            for (got, want) in grads.iter().zip(&want_grads) {
+                let (diff, scale) = max_diff(got, want);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{name}: gradient max |Δ| {diff} of {scale}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_fused_cpu_path_equals_the_tensor_op_path() {
-        use burn::backend::Autodiff;
-        // Autodiff<Flex> is not Flex: it takes the tensor-op path, the reference here.
-        type A = Autodiff<Flex>;
+        type A = Reference;
         for name in [
             "llama-gqa-tied-f32",
             "mistral-window-f16",

@@ -3,7 +3,10 @@
 //! the residual add before it), SwiGLU, RoPE and the whole causal attention run as the fused host
 //! loops of `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step,
 //! and matmuls call the `gemm` crate into outputs of their own. Every other backend, and autodiff,
-//! takes the tensor-op path, which is also the reference the tests hold these to.
+//! takes the tensor-op path, which is also the reference the tests hold these to, except for one
+//! op: under the training backend the attention is `distillery_kernels::attention`'s op with its
+//! own backward ([`trained_attention`]), on every backend, so that no `[seq, seq]` tensor per head
+//! is kept for the backward pass.
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -209,6 +212,44 @@ pub fn causal_attention<B: Backend>(
         })
     });
     Ok(tensor(out, shape))
+}
+
+/// Causal attention under the training backend (autodiff over the runtime's backend) in f32:
+/// `distillery_kernels::attention::causal_attention`, whose backward recomputes the
+/// probabilities from q, k, v and the saved log-sum-exp. `q [batch, seq, heads, head_dim]`
+/// (after RoPE), `k`/`v` `[batch, seq, kv_heads, head_dim]` → the context `[batch, seq, heads,
+/// head_dim]`; `Err` hands all three back for another backend or dtype, or with the fast path
+/// off (`DISTILLERY_UNFUSED=1`).
+#[allow(clippy::type_complexity)]
+pub fn trained_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    type Train = crate::runtime::TrainBackend;
+    let f32s = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
+    if TypeId::of::<B>() != TypeId::of::<Train>() || !f32s || !enabled() {
+        return Err((q, k, v));
+    }
+    let [batch, seq, heads, head_dim] = q.dims();
+    let spec = distillery_kernels::attention::AttentionSpec {
+        shape: distillery_kernels::fused::AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads: k.dims()[2],
+            head_dim,
+            window,
+        },
+        scale,
+        softcap,
+    };
+    let cast = |t: Tensor<B, 4>| -> Tensor<Train, 4> { same_type(t) };
+    let out = distillery_kernels::attention::causal_attention(cast(q), cast(k), cast(v), spec);
+    Ok(same_type(out))
 }
 
 /// Where `t` may be read as f32 matrices: `(storage, start, strides)`.

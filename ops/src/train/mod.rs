@@ -24,6 +24,7 @@ use crate::stats::{read_vectors, write_vectors};
 
 mod checkpoint;
 mod gradients;
+pub mod head;
 mod metrics;
 mod objective;
 mod optimizer;
@@ -32,9 +33,13 @@ mod schedule;
 use checkpoint::*;
 pub use gradients::NonFinite;
 use gradients::*;
+pub use head::chunked_head_loss;
 pub use metrics::summarize;
 use metrics::*;
-pub use objective::{CrossEntropy, Objective, cross_entropy, trained_rows};
+pub use objective::{
+    CrossEntropy, Objective, chunks_head, cross_entropy, cross_entropy_rows, trained_rows,
+    trained_targets,
+};
 pub use optimizer::{AdamState, Piece, StepError, StepOutcome, optimizer_step, pieces};
 
 /// What a training op optimizes: the model, plus the learned projections `[student_hidden,
@@ -120,6 +125,12 @@ pub fn params() -> Vec<ParamSpec> {
             ParamType::Int,
             I(16),
             "sequences per optimizer step (accumulated)",
+        ),
+        ParamSpec::with_default(
+            "loss_chunk",
+            ParamType::Int,
+            I(256),
+            "tokens per chunk of the output head and loss: the logits [tokens, vocab] exist one chunk at a time (0: the whole micro-batch at once)",
         ),
         ParamSpec::with_default("lr", ParamType::Float, Float(1e-4), "peak learning rate"),
         ParamSpec::with_default(
@@ -215,6 +226,12 @@ pub fn check(p: &Params) -> Vec<Problem> {
         out.push(Problem {
             param: Some("global_batch".into()),
             message: format!("global_batch {g} must be a multiple of micro_batch {m}"),
+        });
+    }
+    if p.int("loss_chunk").is_ok_and(|v| v < 0) {
+        out.push(Problem {
+            param: Some("loss_chunk".into()),
+            message: "loss_chunk must be 0 (unchunked) or a number of tokens".into(),
         });
     }
     for n in ["beta1", "beta2"] {
@@ -518,7 +535,9 @@ impl crate::op::Op for Train {
             // 7: config.json from the family table (attention_bias, mlp_bias explicit).
             // 8: Gemma's embedding scale rounded to bf16 under bf16 compute, as transformers does.
             // 9: chat data (the loss on the assistant's tokens); chat_template.jinja kept.
-            version: 9,
+            // 10: the student's attention with its own backward (no [seq, seq] tensors kept);
+            // the head and loss in chunks (`loss_chunk`).
+            version: 10,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(
@@ -566,7 +585,9 @@ impl crate::op::Op for Train {
         runtime::with_threads(ctx.threads, || {
             run(
                 ctx,
-                &CrossEntropy,
+                &CrossEntropy {
+                    chunk: ctx.params.usize("loss_chunk")?,
+                },
                 "model",
                 &runtime::device_for(&ctx.ranks),
             )

@@ -1,6 +1,7 @@
 //! What a training op minimizes: the [`Objective`] trait and plain next-token cross-entropy.
 
 use super::*;
+use crate::model::decoder::NoHooks;
 
 /// What a training op optimizes.
 pub trait Objective {
@@ -29,8 +30,11 @@ pub trait Objective {
     }
 }
 
-/// Plain next-token cross-entropy.
-pub struct CrossEntropy;
+/// Plain next-token cross-entropy, through the output head `chunk` tokens at a time
+/// ([`chunked_head_loss`]; 0: the whole micro-batch's logits at once).
+pub struct CrossEntropy {
+    pub chunk: usize,
+}
 
 /// Mean next-token cross-entropy of `logits [batch, seq, vocab]` against `targets [batch * seq]`
 /// over the targets `trained` marks (all when `None`); 0, with no gradient, when it marks none.
@@ -40,9 +44,31 @@ pub fn cross_entropy<Bk: burn::tensor::backend::Backend>(
     trained: Option<&[bool]>,
 ) -> Tensor<Bk, 1> {
     let [b, s, v] = logits.dims();
-    let device = logits.device();
     let logits = logits.reshape([b * s, v]);
-    let kept: Vec<i64> = match trained {
+    let kept = trained_targets(targets, trained);
+    let Some(kept_logits) = trained_rows(logits.clone(), trained) else {
+        // Zero, on the graph: backward gives zero gradients rather than none.
+        return (logits.sum() * 0.0).reshape([1]);
+    };
+    cross_entropy_rows(kept_logits, &kept)
+}
+
+/// Mean cross-entropy of `logits [rows, vocab]` against `targets [rows]`, `[1]`.
+pub fn cross_entropy_rows<Bk: burn::tensor::backend::Backend>(
+    logits: Tensor<Bk, 2>,
+    targets: &[i64],
+) -> Tensor<Bk, 1> {
+    let n = targets.len();
+    let t = Tensor::<Bk, 2, Int>::from_data(
+        TensorData::new(targets.to_vec(), [n, 1]),
+        &logits.device(),
+    );
+    log_softmax(logits, 1).gather(1, t).mean().neg()
+}
+
+/// The targets `trained` marks (all when `None`), as the gather indices of the loss.
+pub fn trained_targets(targets: &[u32], trained: Option<&[bool]>) -> Vec<i64> {
+    match trained {
         Some(mask) => targets
             .iter()
             .zip(mask)
@@ -50,15 +76,13 @@ pub fn cross_entropy<Bk: burn::tensor::backend::Backend>(
             .map(|(&t, _)| t as i64)
             .collect(),
         None => targets.iter().map(|&x| x as i64).collect(),
-    };
-    let Some(kept_logits) = trained_rows(logits.clone(), trained) else {
-        // Zero, on the graph: backward gives zero gradients rather than none.
-        return (logits.sum() * 0.0).reshape([1]);
-    };
-    let logits = kept_logits;
-    let n = kept.len();
-    let t = Tensor::<Bk, 2, Int>::from_data(TensorData::new(kept, [n, 1]), &device);
-    log_softmax(logits, 1).gather(1, t).mean().neg()
+    }
+}
+
+/// Whether `model`'s head may run chunked: a `chunk` is set and the head multiplies in f32 (a
+/// bf16 head keeps the unchunked path).
+pub fn chunks_head<Bk: burn::tensor::backend::Backend>(model: &Decoder<Bk>, chunk: usize) -> bool {
+    chunk > 0 && model.compute == Compute::F32
 }
 
 /// The rows `[tokens, width]` the loss counts: all (`trained` is `None`), or those it marks;
@@ -100,10 +124,22 @@ impl Objective for CrossEntropy {
         batch: usize,
         device: &Device,
     ) -> Tensor<TB, 1> {
-        let logits = student
-            .model
-            .forward(tokens_tensor::<TB>(input, batch, device));
-        cross_entropy(logits, targets, trained)
+        let tokens = tokens_tensor::<TB>(input, batch, device);
+        if !chunks_head(&student.model, self.chunk) {
+            return cross_entropy(student.model.forward(tokens), targets, trained);
+        }
+        let hidden = student.model.hidden(tokens, &mut NoHooks);
+        let [b, s, h] = hidden.dims();
+        let Some(rows) = trained_rows(hidden.clone().reshape([b * s, h]), trained) else {
+            return (hidden.sum() * 0.0).reshape([1]);
+        };
+        let kept = trained_targets(targets, trained);
+        let n = kept.len();
+        let (weight, softcap) = student.model.head();
+        chunked_head_loss(rows, weight, softcap, self.chunk, 1, &|range, logits| {
+            let share = range.len() as f64 / n as f64;
+            vec![cross_entropy_rows(logits[0].clone(), &kept[range]) * share]
+        })
     }
     fn name(&self) -> &'static str {
         "cross_entropy"
