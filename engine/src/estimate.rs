@@ -197,20 +197,27 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
                 format!("one {}", gpu.name.to_uppercase())
             };
             let wall = hours / w;
+            let activations = if e.activation_bytes > 0.0 {
+                format!(", {}B of it activations", si(e.activation_bytes))
+            } else {
+                String::new()
+            };
             if fits {
                 notes.push(format!(
-                    "  step `{}` fits on {on} ({}B per device before activations): about {:.1} hours wall-clock ({:.1} days){idle}",
+                    "  step `{}` fits on {on} ({}B per device{}): about {:.1} hours wall-clock ({:.1} days){idle}",
                     r.step,
                     si(per_device),
+                    activations,
                     wall,
                     wall / 24.0
                 ));
             } else {
                 notes.push(format!(
-                    "  ! step `{}` does not fit: {}B per device on {on} (> {:.0} GB) before activations; more data-parallel ranks (resources.tasks) shard only the optimizer state ({}B){idle}",
+                    "  ! step `{}` does not fit: {}B per device on {on} (> {:.0} GB{}); more data-parallel ranks (resources.tasks) shard only the optimizer state ({}B); recompute = \"on\" and a smaller micro_batch or loss_chunk shrink the activations{idle}",
                     r.step,
                     si(per_device),
                     gpu.memory_bytes / 1e9,
+                    activations,
                     si(e.optimizer_state_bytes),
                 ));
             }
@@ -221,6 +228,6 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
         out.push_str(&n);
         out.push('\n');
     }
-    out.push_str("  (training memory: 16 bytes/param for f32 weights, grads and Adam moments; frozen models 2 bytes/param with compute = \"bfloat16\", else 4; activations extra)\n");
+    out.push_str("  (training memory: 16 bytes/param for f32 weights, grads and Adam moments; frozen models 2 bytes/param with compute = \"bfloat16\", else 4; activations at the recipe's micro_batch and seq_len, with recompute and loss_chunk as set)\n");
     out
 }

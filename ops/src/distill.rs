@@ -445,12 +445,30 @@ impl Op for Distill {
         let (ps, pt) = (s.parameter_count().0 as f64, t.parameter_count().0 as f64);
         let tokens = p.int("tokens").ok()? as f64;
         let mut e = crate::estimate::model_estimate(&s);
-        e.flops = 2.0 * pt * tokens + 6.0 * ps * tokens;
+        let terms = 1 + (p.float("ce_weight").ok()? > 0.0) as usize;
+        let (activations, recompute) = train::activation_estimate(p, &s, terms)?;
+        let student_passes = if recompute { 8.0 } else { 6.0 };
+        e.flops = 2.0 * pt * tokens + student_passes * ps * tokens;
         let teacher_bytes = crate::estimate::infer_bytes_per_param(p);
-        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps + teacher_bytes * pt;
+        // The teacher's forward keeps nothing: one block's intermediates and one chunk of its
+        // logits at a time (counted with the student's head).
+        let teacher_transient = crate::estimate::one_block_bytes(
+            &t,
+            p.int("micro_batch").ok()? as usize * p.int("seq_len").ok()? as usize,
+        );
+        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps
+            + teacher_bytes * pt
+            + activations
+            + teacher_transient;
         e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * ps;
+        e.activation_bytes = activations + teacher_transient;
         e.basis = format!(
-            "2·P_teacher·T + 6·P_student·T; student 16 bytes/param, teacher {teacher_bytes} bytes/param"
+            "2·P_teacher·T + {student_passes}·P_student·T; student 16 bytes/param, teacher {teacher_bytes} bytes/param, plus activations{}",
+            if recompute {
+                " (student blocks recomputed)"
+            } else {
+                ""
+            }
         );
         Some(e)
     }

@@ -590,6 +590,10 @@ pub struct Estimate {
     /// W ranks holds 1/W of it.
     #[serde(skip_serializing_if = "is_zero")]
     pub optimizer_state_bytes: f64,
+    /// The part of `memory_bytes` that is activations (at the recipe's micro-batch and
+    /// sequence length, recomputation and loss chunks as set).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub activation_bytes: f64,
     /// How the figures were derived, for the reader.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub basis: String,

@@ -9,6 +9,7 @@ pub mod decoder;
 pub mod fast;
 pub mod generate;
 pub mod gguf;
+pub mod recompute;
 pub mod tokenizer;
 pub mod weights;
 

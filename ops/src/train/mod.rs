@@ -101,6 +101,17 @@ pub struct TrainConfig {
     pub val_sequences: usize,
     /// The dtype matmuls run in; weights and optimizer state stay f32.
     pub compute: Compute,
+    /// `recompute`: "on", "off" or "auto" ([`TrainConfig::recomputes`]).
+    pub recompute: Recompute,
+}
+
+/// Whether blocks recompute their activations in the backward pass (`recompute`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recompute {
+    On,
+    Off,
+    /// On when the blocks' kept activations would pass [`crate::estimate::RECOMPUTE_ABOVE_BYTES`].
+    Auto,
 }
 
 /// The parameters every training op takes.
@@ -131,6 +142,12 @@ pub fn params() -> Vec<ParamSpec> {
             ParamType::Int,
             I(256),
             "tokens per chunk of the output head and loss: the logits [tokens, vocab] exist one chunk at a time (0: the whole micro-batch at once)",
+        ),
+        ParamSpec::with_default(
+            "recompute",
+            ParamType::Choice(&["auto", "on", "off"]),
+            ParamValue::Str("auto".into()),
+            "recompute each block's activations in the backward pass instead of keeping them (one more forward per step): auto turns it on when the kept activations would pass 2 GiB",
         ),
         ParamSpec::with_default("lr", ParamType::Float, Float(1e-4), "peak learning rate"),
         ParamSpec::with_default(
@@ -212,8 +229,40 @@ impl TrainConfig {
             val_every: p.usize("val_every")?,
             val_sequences: p.usize("val_sequences")?,
             compute: Compute::from_name(p.str("compute")?).unwrap_or_default(),
+            recompute: match p.str("recompute")? {
+                "on" => Recompute::On,
+                "off" => Recompute::Off,
+                _ => Recompute::Auto,
+            },
         })
     }
+
+    /// Whether a student of `config` recomputes its blocks at this micro-batch and sequence.
+    pub fn recomputes(&self, config: &ModelConfig) -> bool {
+        match self.recompute {
+            Recompute::On => true,
+            Recompute::Off => false,
+            Recompute::Auto => {
+                let tokens = self.micro_batch * self.seq_len;
+                crate::estimate::block_activation_bytes(config, tokens, false)
+                    > crate::estimate::RECOMPUTE_ABOVE_BYTES
+            }
+        }
+    }
+}
+
+/// The activation bytes of training a student of `config` with these parameters (`terms` loss
+/// terms on the head), and whether its blocks recompute; `None` when a parameter is unreadable.
+pub fn activation_estimate(p: &Params, config: &ModelConfig, terms: usize) -> Option<(f64, bool)> {
+    let cfg = TrainConfig::from_params(p).ok()?;
+    let recompute = cfg.recomputes(config);
+    let tokens = cfg.micro_batch * cfg.seq_len;
+    let chunk = p.usize("loss_chunk").ok()?;
+    Some((
+        crate::estimate::block_activation_bytes(config, tokens, recompute)
+            + crate::estimate::head_activation_bytes(config, tokens, chunk, terms),
+        recompute,
+    ))
 }
 
 /// Parameter checks shared by the training ops.
@@ -368,7 +417,8 @@ pub fn run(
         (
             Student {
                 model: Decoder::<TB>::load(&config, &saved.weights, device)?
-                    .with_compute(cfg.compute),
+                    .with_compute(cfg.compute)
+                    .with_recompute(cfg.recomputes(&config)),
                 projections: projections(&objective.projections(), Some(&ckpt), device)?,
             },
             load_state(&ckpt, start, saved_world, &ranks, device)?,
@@ -377,7 +427,8 @@ pub fn run(
         (
             Student {
                 model: Decoder::<TB>::load(&config, &src.weights, device)?
-                    .with_compute(cfg.compute),
+                    .with_compute(cfg.compute)
+                    .with_recompute(cfg.recomputes(&config)),
                 projections: projections(&objective.projections(), None, device)?,
             },
             AdamState::new(),
@@ -569,10 +620,20 @@ impl crate::op::Op for Train {
         let params = c.parameter_count().0 as f64;
         let tokens = p.int("tokens").ok()? as f64;
         let mut e = crate::estimate::model_estimate(&c);
-        e.flops = 6.0 * params * tokens;
-        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params;
+        let (activations, recompute) = activation_estimate(p, &c, 1)?;
+        e.flops = if recompute { 8.0 } else { 6.0 } * params * tokens;
+        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params + activations;
         e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * params;
-        e.basis = "6·P·T; 16 bytes/param (f32 weights, grads and Adam), activations extra".into();
+        e.activation_bytes = activations;
+        e.basis = format!(
+            "{}·P·T; 16 bytes/param (f32 weights, grads and Adam) plus activations{}",
+            if recompute { 8 } else { 6 },
+            if recompute {
+                " (blocks recomputed)"
+            } else {
+                ""
+            }
+        );
         Some(e)
     }
 
