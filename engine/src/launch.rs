@@ -36,28 +36,6 @@ pub struct RankContext {
     pub provenance: Value,
 }
 
-fn kind_name(k: ArtifactKind) -> &'static str {
-    match k {
-        ArtifactKind::Model => "model",
-        ArtifactKind::Dataset => "dataset",
-        ArtifactKind::Stats => "stats",
-        ArtifactKind::Scores => "scores",
-        ArtifactKind::Report => "report",
-    }
-}
-
-fn kind_of(name: &str) -> Option<ArtifactKind> {
-    [
-        ArtifactKind::Model,
-        ArtifactKind::Dataset,
-        ArtifactKind::Stats,
-        ArtifactKind::Scores,
-        ArtifactKind::Report,
-    ]
-    .into_iter()
-    .find(|k| kind_name(*k) == name)
-}
-
 fn param_of(v: &Value) -> Option<ParamValue> {
     Some(match v {
         Value::Bool(b) => ParamValue::Bool(*b),
@@ -77,7 +55,7 @@ impl RankContext {
             .map(|(port, a)| {
                 (
                     port.clone(),
-                    json!({"kind": kind_name(a.kind), "path": a.path, "files": a.files,
+                    json!({"kind": ArtifactKind::name(a.kind), "path": a.path, "files": a.files,
                            "options": a.options}),
                 )
             })
@@ -104,7 +82,7 @@ impl RankContext {
                 Some((
                     port.clone(),
                     Artifact {
-                        kind: kind_of(a["kind"].as_str()?)?,
+                        kind: ArtifactKind::parse(a["kind"].as_str()?)?,
                         path: path(&a["path"])?,
                         files: a["files"]
                             .as_array()?

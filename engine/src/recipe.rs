@@ -612,6 +612,22 @@ impl Checker<'_> {
                     format!("step `{name}`: {}", problem.message),
                 ));
             }
+            if let Some(inputs) = &inputs {
+                let wired: Vec<&str> = inputs.iter().map(|i| i.port.as_str()).collect();
+                for problem in op.check_inputs(&params, &wired) {
+                    let span = problem
+                        .param
+                        .as_ref()
+                        .and_then(|p| param_spans.get(p))
+                        .or_else(|| t.get("inputs").map(|n| &n.span))
+                        .cloned()
+                        .unwrap_or(key.span.clone());
+                    self.err(Diagnostic::at(
+                        &span,
+                        format!("step `{name}`: {}", problem.message),
+                    ));
+                }
+            }
         }
         if self.diags.len() != before {
             return None;

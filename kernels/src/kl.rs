@@ -62,10 +62,25 @@ pub fn topk_kl_reference<B: Backend>(
     temperature: f64,
     k: usize,
 ) -> Tensor<B, 1> {
-    let [n, v] = teacher.dims();
-    let k = k.clamp(1, v);
-    let (top, index) = (teacher / temperature).topk_with_indices(k, 1); // [n, k]
-    let log_pt = log_softmax(top, 1);
+    let v = teacher.dims()[1];
+    let (top, index) = teacher.topk_with_indices(k.clamp(1, v), 1); // [n, k]
+    topk_kl_given(top, index, student, temperature)
+}
+
+/// The top-k forward KL of [`topk_kl_reference`] from the teacher's top entries alone:
+/// `teacher_top [n, k]` (its logits at those ids, or log-probabilities, which differ from them
+/// by a constant per row), `index [n, k]` (their ids) and `student [n, vocab]` logits → the mean
+/// over rows of `Σ_j p_j (log p_j − log q_{index_j})`, `p = softmax(teacher_top / T)` over the
+/// k and `q = softmax(student / T)` over the vocabulary, `[1]`. A cached teacher
+/// (`teacher_logits`) gives the same loss as the live one.
+pub fn topk_kl_given<B: Backend>(
+    teacher_top: Tensor<B, 2>,
+    index: Tensor<B, 2, burn::tensor::Int>,
+    student: Tensor<B, 2>,
+    temperature: f64,
+) -> Tensor<B, 1> {
+    let n = teacher_top.dims()[0];
+    let log_pt = log_softmax(teacher_top / temperature, 1);
     let pt = log_pt.clone().exp();
     let log_ps = log_softmax(student / temperature, 1).gather(1, index);
     (pt * (log_pt - log_ps)).sum() / n as f64

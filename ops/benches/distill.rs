@@ -14,7 +14,7 @@ use distillery_ops::distill::Kd;
 use distillery_ops::model::checkpoint::load_model;
 use distillery_ops::model::decoder::Decoder;
 use distillery_ops::runtime::{self, Backend as B, TrainBackend as TB};
-use distillery_ops::train::{AdamState, Student, TrainConfig, optimizer_step};
+use distillery_ops::train::{AdamState, Recompute, Student, TrainConfig, optimizer_step};
 
 fn main() {
     runtime::tune_allocator();
@@ -44,6 +44,7 @@ fn main() {
         val_every: 0,
         val_sequences: 0,
         compute: Default::default(),
+        recompute: Recompute::Off,
     };
     let m = load_model(&gguf).unwrap();
     let device = runtime::device();

@@ -10,15 +10,16 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use distillery_kernels::KlDirection;
-use distillery_kernels::kl::{kl_loss, topk_kl_reference};
+use distillery_kernels::kl::{kl_loss, topk_kl_given, topk_kl_reference};
 
 use crate::model::checkpoint::load_config;
-use crate::model::decoder::{Decoder, HookPoint, HookSet, Hooks, tokens_tensor};
+use crate::model::decoder::{Decoder, HookPoint, HookSet, Hooks, NoHooks, tokens_tensor};
 use crate::op::{
     Artifact, ArtifactKind, Op, OpContext, OpError, OpSignature, ParamSpec, ParamType, ParamValue,
     Params, Port, Problem,
 };
 use crate::runtime::{self, Backend as B, TrainBackend as TB};
+use crate::teacher_logits::CachedLogits;
 use crate::train::{
     self, Objective, Student, chunked_head_loss, chunks_head, cross_entropy, cross_entropy_rows,
     trained_rows, trained_targets,
@@ -26,9 +27,23 @@ use crate::train::{
 
 pub struct Distill;
 
+/// Where the teacher's distribution comes from.
+pub enum Teacher {
+    /// The frozen model, run on every micro-batch.
+    Live(Decoder<B>),
+    /// Its top-k log-probabilities, computed once by `teacher_logits`.
+    Cached(CachedLogits),
+}
+
+impl From<Decoder<B>> for Teacher {
+    fn from(model: Decoder<B>) -> Teacher {
+        Teacher::Live(model)
+    }
+}
+
 /// The distillation objective: the frozen teacher and how its logits are matched.
 pub struct Kd {
-    teacher: Decoder<B>,
+    teacher: Teacher,
     temperature: f64,
     direction: KlDirection,
     /// Restrict the forward KL to the teacher's `top_k` tokens (0: the whole vocabulary).
@@ -117,14 +132,14 @@ impl Kd {
     /// Forward or reverse KL at `temperature`, optionally restricted to the teacher's `top_k`
     /// tokens (0: whole vocabulary), mixed with data cross-entropy at `ce_weight` (0: pure KD).
     pub fn new(
-        teacher: Decoder<B>,
+        teacher: impl Into<Teacher>,
         temperature: f64,
         direction: KlDirection,
         top_k: usize,
         ce_weight: f64,
     ) -> Kd {
         Kd {
-            teacher,
+            teacher: teacher.into(),
             temperature,
             direction,
             top_k,
@@ -147,6 +162,88 @@ impl Kd {
         } else {
             // The fused kernel: loss and gradient in one pass, no [tokens, vocab] temporaries.
             kl_loss(teacher, student, self.temperature, self.direction)
+        }
+    }
+
+    /// The logit loss: the KD term, or with cross-entropy, their mix at `ce_weight` with KD
+    /// rescaled to the CE's magnitude (a constant factor: no gradient through the ratio).
+    fn logit_loss(&self, kd: Tensor<TB, 1>, ce: Option<Tensor<TB, 1>>) -> Tensor<TB, 1> {
+        match ce {
+            Some(ce) => {
+                let ratio = ce.clone().detach() / (kd.clone().detach() + 1e-12);
+                ce * self.ce_weight + kd * ratio * (1.0 - self.ce_weight)
+            }
+            None => kd,
+        }
+    }
+
+    /// The KD term (and the CE term when `ce_weight` is set) against cached top-k teacher
+    /// log-probabilities; `None` when `trained` marks no token. The sequences were checked to be
+    /// in the cache before training ([`Objective::check_sequences`]).
+    #[allow(clippy::too_many_arguments)]
+    fn cached_terms(
+        &self,
+        cache: &CachedLogits,
+        student: &Student<TB>,
+        input: &[u32],
+        targets: &[u32],
+        trained: Option<&[bool]>,
+        batch: usize,
+        device: &runtime::Device,
+    ) -> Option<(Tensor<TB, 1>, Option<Tensor<TB, 1>>)> {
+        use burn::tensor::{Int, TensorData};
+        let k = self.top_k;
+        let top = cache
+            .rows(input, k)
+            .expect("sequences checked against the cache before training");
+        // The rows the loss counts, on the host: [n, k] each.
+        let keep = |i: usize| trained.is_none_or(|m| m[i]);
+        let (mut lp, mut idx) = (Vec::new(), Vec::new());
+        for i in (0..input.len()).filter(|&i| keep(i)) {
+            lp.extend_from_slice(&top.log_probs[i * k..(i + 1) * k]);
+            idx.extend_from_slice(&top.indices[i * k..(i + 1) * k]);
+        }
+        let n = lp.len() / k;
+        if n == 0 {
+            return None;
+        }
+        let lp = Tensor::<TB, 2>::from_data(TensorData::new(lp, [n, k]), device);
+        let idx = Tensor::<TB, 2, Int>::from_data(TensorData::new(idx, [n, k]), device);
+        let s_tokens = tokens_tensor::<TB>(input, batch, device);
+        let ce = self.ce_weight > 0.0;
+        let t = self.temperature;
+        if chunks_head(&student.model, self.chunk) {
+            let s_hidden = student.model.hidden(s_tokens, &mut NoHooks);
+            let [b, s, hs] = s_hidden.dims();
+            let st = trained_rows(s_hidden.reshape([b * s, hs]), trained)?;
+            let kept = trained_targets(targets, trained);
+            let (weight, softcap) = student.model.head();
+            let terms = chunked_head_loss(
+                st,
+                weight,
+                softcap,
+                self.chunk,
+                1 + ce as usize,
+                &|range, logits| {
+                    let share = range.len() as f64 / n as f64;
+                    let (lp, idx) = (
+                        lp.clone().slice(range.clone()),
+                        idx.clone().slice(range.clone()),
+                    );
+                    let mut out = vec![topk_kl_given(lp, idx, logits[0].clone(), t) * share];
+                    if ce {
+                        out.push(cross_entropy_rows(logits[1].clone(), &kept[range]) * share);
+                    }
+                    out
+                },
+            );
+            Some((terms.clone().slice(0..1), ce.then(|| terms.slice(1..2))))
+        } else {
+            let s_logits = student.model.forward(s_tokens);
+            let [b, s, v] = s_logits.dims();
+            let st = trained_rows(s_logits.clone().reshape([b * s, v]), trained)?;
+            let kd = topk_kl_given(lp, idx, st, t);
+            Some((kd, ce.then(|| cross_entropy(s_logits, targets, trained))))
         }
     }
 
@@ -179,10 +276,23 @@ impl Objective for Kd {
         let t_tokens = tokens_tensor::<B>(input, batch, device);
         let s_tokens = tokens_tensor::<TB>(input, batch, device);
         let ce = self.ce_weight > 0.0;
+        let teacher = match &self.teacher {
+            Teacher::Live(model) => model,
+            Teacher::Cached(cache) => {
+                let Some((kd, ce)) =
+                    self.cached_terms(cache, student, input, targets, trained, batch, device)
+                else {
+                    // Nothing to learn from in this micro-batch: a zero loss, no gradient.
+                    let logits = student.model.forward(s_tokens);
+                    return (logits.sum() * 0.0).reshape([1]);
+                };
+                return self.logit_loss(kd, ce);
+            }
+        };
         let (kd, ce) = if chunks_head(&student.model, self.chunk) {
             // The teacher runs without an autodiff graph; neither model's logits exist beyond
             // one chunk of tokens.
-            let t_hidden = self.teacher.hidden(t_tokens, &mut t_hooks);
+            let t_hidden = teacher.hidden(t_tokens, &mut t_hooks);
             let s_hidden = student.model.hidden(s_tokens, &mut s_hooks);
             let [b, s, hs] = s_hidden.dims();
             let ht = t_hidden.dims()[2];
@@ -207,10 +317,7 @@ impl Objective for Kd {
                     let share = range.len() as f64 / n as f64;
                     let [c, vocab] = logits[0].dims();
                     let rows = t.clone().slice(range.clone());
-                    let t_logits = self
-                        .teacher
-                        .logits_of(rows.unsqueeze::<3>())
-                        .reshape([c, vocab]);
+                    let t_logits = teacher.logits_of(rows.unsqueeze::<3>()).reshape([c, vocab]);
                     let mut out = vec![self.kd(t_logits, logits[0].clone()) * share];
                     if ce {
                         out.push(cross_entropy_rows(logits[1].clone(), &kept[range]) * share);
@@ -220,7 +327,7 @@ impl Objective for Kd {
             );
             (terms.clone().slice(0..1), ce.then(|| terms.slice(1..2)))
         } else {
-            let t_logits = self.teacher.forward_with_hooks(t_tokens, &mut t_hooks);
+            let t_logits = teacher.forward_with_hooks(t_tokens, &mut t_hooks);
             let s_logits = student.model.forward_with_hooks(s_tokens, &mut s_hooks);
             let [b, s, v] = s_logits.dims();
             // Chat data: every term on the assistant's tokens only.
@@ -234,15 +341,7 @@ impl Objective for Kd {
             let kd = self.kd(t, st);
             (kd, ce.then(|| cross_entropy(s_logits, targets, trained)))
         };
-        let logit_loss = match ce {
-            Some(ce) => {
-                // KD rescaled to the CE's magnitude (a constant factor: no gradient through the
-                // ratio).
-                let ratio = ce.clone().detach() / (kd.clone().detach() + 1e-12);
-                ce * self.ce_weight + kd * ratio * (1.0 - self.ce_weight)
-            }
-            None => kd,
-        };
+        let logit_loss = self.logit_loss(kd, ce);
         if pairs.is_empty() {
             return logit_loss;
         }
@@ -276,9 +375,11 @@ impl Objective for Kd {
         batch: usize,
         device: &runtime::Device,
     ) -> Option<String> {
-        let logits = self
-            .teacher
-            .forward(tokens_tensor::<B>(input, batch, device));
+        // A cached teacher's log-probabilities were checked finite when they were computed.
+        let Teacher::Live(teacher) = &self.teacher else {
+            return None;
+        };
+        let logits = teacher.forward(tokens_tensor::<B>(input, batch, device));
         let values = logits.into_data().convert::<f32>().to_vec::<f32>().ok()?;
         let bad = values.iter().filter(|x| !x.is_finite()).count();
         (bad > 0).then(|| {
@@ -287,6 +388,24 @@ impl Objective for Kd {
                 values.len()
             )
         })
+    }
+
+    fn check_sequences(&self, inputs: &mut dyn Iterator<Item = &[u32]>) -> Result<(), OpError> {
+        let Teacher::Cached(cache) = &self.teacher else {
+            return Ok(());
+        };
+        let (mut missing, mut total) = (0, 0);
+        for input in inputs {
+            total += 1;
+            missing += !cache.covers(input) as usize;
+        }
+        if missing > 0 {
+            return Err(OpError::Invalid(format!(
+                "{missing} of the {total} sequences this distillation reads are not among the cached teacher logits: the teacher_logits step must read the same dataset with the same seq_len ({}) and seed, cover enough sequences (sequences = 0 covers all), and its teacher must tokenize as the student does",
+                cache.seq_len
+            )));
+        }
+        Ok(())
     }
 
     fn projections(&self) -> Vec<train::ProjectionInit> {
@@ -299,6 +418,50 @@ impl Objective for Kd {
             })
             .collect()
     }
+}
+
+/// What keeps a `teacher_logits` artifact in `cached` from serving a student in `student`
+/// with these parameters: its `top_k`, `seq_len` and vocabulary.
+fn cached_problems(p: &Params, cached: &Path, student: &Path) -> Vec<Problem> {
+    let (Ok((top_k, seq_len, vocab)), Ok(s)) = (
+        crate::teacher_logits::describe(cached),
+        load_config(student),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if p.int("top_k").is_ok_and(|k| k as usize > top_k) {
+        out.push(Problem {
+            param: Some("top_k".into()),
+            message: format!(
+                "top_k {} is more than the cached teacher logits hold ({top_k}): lower it or raise the teacher_logits step's top_k",
+                p.int("top_k").unwrap_or(0)
+            ),
+        });
+    }
+    let want = p
+        .int("seq_len")
+        .map(|x| (x as usize).min(s.max_position_embeddings))
+        .ok();
+    if want.is_some_and(|x| x != seq_len) {
+        out.push(Problem {
+            param: Some("seq_len".into()),
+            message: format!(
+                "seq_len {} differs from the cached teacher logits' ({seq_len}): set the same seq_len in both steps",
+                want.unwrap_or(0)
+            ),
+        });
+    }
+    if vocab != s.vocab_size {
+        out.push(Problem {
+            param: None,
+            message: format!(
+                "the cached teacher logits cover a vocabulary of {vocab}, the student has {}: distillation needs one vocabulary",
+                s.vocab_size
+            ),
+        });
+    }
+    out
 }
 
 impl Op for Distill {
@@ -349,7 +512,8 @@ impl Op for Distill {
             // 8: Gemma's embedding scale rounded to bf16 under bf16 compute, as transformers does.
             // 9: chat data (the loss on the assistant's tokens); chat_template.jinja kept.
             // 10: the student's attention with its own backward (no [seq, seq] tensors kept);
-            // the head and loss in chunks (`loss_chunk`).
+            // the head and loss in chunks (`loss_chunk`); blocks recomputed (`recompute`);
+            // a cached teacher (`teacher_logits`).
             version: 10,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
@@ -358,7 +522,16 @@ impl Op for Distill {
                     ArtifactKind::Model,
                     "the model to train (e.g. a pruned teacher)",
                 ),
-                Port::new("teacher", ArtifactKind::Model, "the frozen teacher"),
+                Port::optional(
+                    "teacher",
+                    ArtifactKind::Model,
+                    "the frozen teacher (or teacher_logits in its place)",
+                ),
+                Port::optional(
+                    "teacher_logits",
+                    ArtifactKind::Logits,
+                    "the teacher's top-k log-probabilities over this data, from a teacher_logits step: no teacher in memory (needs top_k > 0)",
+                ),
                 Port::new(
                     "data",
                     ArtifactKind::Dataset,
@@ -402,7 +575,47 @@ impl Op for Distill {
         out
     }
 
+    fn check_inputs(&self, p: &Params, wired: &[&str]) -> Vec<Problem> {
+        let problem = |param: Option<&str>, message: &str| Problem {
+            param: param.map(str::to_string),
+            message: message.to_string(),
+        };
+        match (
+            wired.contains(&"teacher"),
+            wired.contains(&"teacher_logits"),
+        ) {
+            (true, true) => vec![problem(
+                None,
+                "wire either `teacher` (a live teacher) or `teacher_logits` (its cached log-probabilities), not both",
+            )],
+            (false, false) => vec![problem(
+                None,
+                "missing input `teacher` (a model), or `teacher_logits` (a teacher_logits step) in its place",
+            )],
+            (false, true) => {
+                let mut out = Vec::new();
+                if p.int("top_k").is_ok_and(|k| k == 0) {
+                    out.push(problem(
+                        Some("top_k"),
+                        "cached teacher logits hold the teacher's top tokens only: set top_k (at most the teacher_logits step's top_k), or wire `teacher` for the whole-vocabulary KL",
+                    ));
+                }
+                if !p.int_pairs("hidden_pairs").unwrap_or_default().is_empty() {
+                    out.push(problem(
+                        Some("hidden_pairs"),
+                        "the intermediate-state loss reads the teacher's hidden states, which cached logits do not hold: wire `teacher` instead",
+                    ));
+                }
+                out
+            }
+            (true, false) => Vec::new(),
+        }
+    }
+
     fn plan_check(&self, p: &Params, inputs: &BTreeMap<String, Artifact>) -> Vec<Problem> {
+        if let (Some(cached), Some(s)) = (inputs.get("teacher_logits"), inputs.get("student")) {
+            return cached_problems(p, &cached.path, &s.path);
+        }
         let (Some(s), Some(t)) = (inputs.get("student"), inputs.get("teacher")) else {
             return Vec::new();
         };
@@ -441,8 +654,10 @@ impl Op for Distill {
         inputs: &BTreeMap<String, crate::op::Estimate>,
     ) -> Option<crate::op::Estimate> {
         let s = crate::estimate::input_config(inputs, "student")?;
-        let t = crate::estimate::input_config(inputs, "teacher")?;
-        let (ps, pt) = (s.parameter_count().0 as f64, t.parameter_count().0 as f64);
+        // None with cached teacher logits: no teacher in memory, no teacher forward.
+        let t = crate::estimate::input_config(inputs, "teacher");
+        let ps = s.parameter_count().0 as f64;
+        let pt = t.as_ref().map_or(0.0, |t| t.parameter_count().0 as f64);
         let tokens = p.int("tokens").ok()? as f64;
         let mut e = crate::estimate::model_estimate(&s);
         let terms = 1 + (p.float("ce_weight").ok()? > 0.0) as usize;
@@ -452,24 +667,30 @@ impl Op for Distill {
         let teacher_bytes = crate::estimate::infer_bytes_per_param(p);
         // The teacher's forward keeps nothing: one block's intermediates and one chunk of its
         // logits at a time (counted with the student's head).
-        let teacher_transient = crate::estimate::one_block_bytes(
-            &t,
-            p.int("micro_batch").ok()? as usize * p.int("seq_len").ok()? as usize,
-        );
+        let micro_tokens = p.int("micro_batch").ok()? as usize * p.int("seq_len").ok()? as usize;
+        let teacher_transient = t
+            .as_ref()
+            .map_or(0.0, |t| crate::estimate::one_block_bytes(t, micro_tokens));
         e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps
             + teacher_bytes * pt
             + activations
             + teacher_transient;
         e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * ps;
         e.activation_bytes = activations + teacher_transient;
-        e.basis = format!(
-            "2·P_teacher·T + {student_passes}·P_student·T; student 16 bytes/param, teacher {teacher_bytes} bytes/param, plus activations{}",
-            if recompute {
-                " (student blocks recomputed)"
-            } else {
-                ""
-            }
-        );
+        let recomputed = if recompute {
+            " (student blocks recomputed)"
+        } else {
+            ""
+        };
+        e.basis = if t.is_some() {
+            format!(
+                "2·P_teacher·T + {student_passes}·P_student·T; student 16 bytes/param, teacher {teacher_bytes} bytes/param, plus activations{recomputed}"
+            )
+        } else {
+            format!(
+                "{student_passes}·P_student·T (cached teacher logits); student 16 bytes/param, plus activations{recomputed}"
+            )
+        };
         Some(e)
     }
 
@@ -488,24 +709,36 @@ impl Op for Distill {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         runtime::with_threads(ctx.threads, || {
-            let teacher_model = runtime::open_model(ctx.input("teacher")?)?;
             let student_cfg = load_config(&ctx.input("student")?.path)?;
-            if student_cfg.vocab_size != teacher_model.config.vocab_size {
-                return Err(OpError::Invalid(
-                    "student and teacher vocabularies differ".into(),
-                ));
-            }
-            // Frozen: in bf16 compute its matrices are stored in bf16 too (2 bytes a parameter).
-            let compute = runtime::compute(&ctx.params)?;
             // One device for the teacher and the student (train::run takes it too): this
             // rank's.
             let device = runtime::device_for(&ctx.ranks);
-            let teacher =
-                Decoder::<B>::load(&teacher_model.config, &teacher_model.weights, &device)?
-                    .with_compute(compute)
-                    .store_matrices_in_compute_dtype();
-            let teacher_hidden = teacher_model.config.hidden_size;
-            drop(teacher_model);
+            let (teacher, teacher_hidden) = match ctx.inputs.get("teacher_logits") {
+                Some(cached) => {
+                    let problems =
+                        cached_problems(&ctx.params, &cached.path, &ctx.input("student")?.path);
+                    if let Some(p) = problems.first() {
+                        return Err(OpError::Invalid(p.message.clone()));
+                    }
+                    (Teacher::Cached(CachedLogits::open(&cached.path)?), 0)
+                }
+                None => {
+                    let teacher_model = runtime::open_model(ctx.input("teacher")?)?;
+                    if student_cfg.vocab_size != teacher_model.config.vocab_size {
+                        return Err(OpError::Invalid(
+                            "student and teacher vocabularies differ".into(),
+                        ));
+                    }
+                    // Frozen: in bf16 compute its matrices are stored in bf16 too (2 bytes a
+                    // parameter).
+                    let compute = runtime::compute(&ctx.params)?;
+                    let teacher =
+                        Decoder::<B>::load(&teacher_model.config, &teacher_model.weights, &device)?
+                            .with_compute(compute)
+                            .store_matrices_in_compute_dtype();
+                    (Teacher::Live(teacher), teacher_model.config.hidden_size)
+                }
+            };
             let kd = Kd {
                 teacher,
                 temperature: ctx.params.float("temperature")?,
@@ -830,6 +1063,84 @@ mod tests {
         }
     }
 
+    /// Distilling from cached top-k teacher log-probabilities (`teacher_logits`) gives the
+    /// live teacher's top-k loss and gradients, chunked or not, with and without a mask, with
+    /// cross-entropy mixed in; a sequence the cache lacks is named before training.
+    #[test]
+    fn cached_teacher_logits_equal_the_live_top_k_loss_and_gradients() {
+        use crate::teacher_logits::{CachedLogits, TopKSettings, write_teacher_logits};
+        let mask: Vec<bool> = (0..16).map(|i| i % 5 != 2).collect();
+        for name in ["llama-gqa-tied-f32", "family-gemma2"] {
+            let m = crate::model::checkpoint::load_model(
+                &Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/golden")
+                    .join(name),
+            )
+            .unwrap();
+            let device = runtime::device();
+            let mut teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
+            teacher.norm.weight = teacher.norm.weight.map(|w| w * 1.5);
+            // The two sequences loss_and_grads feeds (8 inputs each), plus a last token.
+            let input: Vec<u32> = (0..16).map(|i| (i * 13 % 90) as u32).collect();
+            let seqs: Vec<Vec<u32>> = input.chunks(8).map(|c| [c, &[7]].concat()).collect();
+            let dir = tempfile::tempdir().unwrap();
+            let settings = TopKSettings {
+                top_k: 7,
+                batch: 2,
+                chunk: 5,
+            };
+            write_teacher_logits(&teacher, &seqs, settings, dir.path(), &mut |_| {}).unwrap();
+            for (k, ce) in [(5, 0.0), (7, 0.4)] {
+                for chunk in [0, 3] {
+                    for mask in [None, Some(mask.as_slice())] {
+                        let live = Kd::new(teacher.clone(), 2.0, KlDirection::Forward, k, ce)
+                            .with_loss_chunk(chunk);
+                        let cached = Kd::new(
+                            Teacher::Cached(CachedLogits::open(dir.path()).unwrap()),
+                            2.0,
+                            KlDirection::Forward,
+                            k,
+                            ce,
+                        )
+                        .with_loss_chunk(chunk);
+                        let (want, want_grads) = loss_and_grads(&live, &m, mask);
+                        let (got, grads) = loss_and_grads(&cached, &m, mask);
+                        let what = format!(
+                            "{name}, top_k {k}, ce {ce}, chunk {chunk}, mask {}",
+                            mask.is_some()
+                        );
+                        assert!(
+                            (got - want).abs() <= 1e-5 * want.abs() && want > 0.0,
+                            "{what}: loss {got} vs {want}"
+                        );
+                        for (g, w) in grads.iter().zip(&want_grads) {
+                            let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+                            let diff = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                            assert!(
+                                scale > 0.0 && diff <= 1e-5 * scale,
+                                "{what}: gradient |Δ| {diff} of {scale}"
+                            );
+                        }
+                    }
+                }
+            }
+            let cached = Kd::new(
+                Teacher::Cached(CachedLogits::open(dir.path()).unwrap()),
+                1.0,
+                KlDirection::Forward,
+                5,
+                0.0,
+            );
+            let other: Vec<u32> = (0..8).map(|i| i + 3).collect();
+            let err = cached
+                .check_sequences(&mut [&input[..8], &other[..]].into_iter())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("1 of the 2 sequences"), "{err}");
+            assert!(cached.check_sequences(&mut input.chunks(8)).is_ok());
+        }
+    }
+
     /// One optimizer step over two sequences of 8 targets, `micro_batch` at a time.
     fn one_step_config(micro_batch: usize) -> train::TrainConfig {
         train::TrainConfig {
@@ -849,6 +1160,7 @@ mod tests {
             val_every: 0,
             val_sequences: 0,
             compute: Default::default(),
+            recompute: train::Recompute::Off,
         }
     }
 

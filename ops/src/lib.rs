@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod score;
 pub mod search;
 pub mod stats;
+pub mod teacher_logits;
 pub mod tokenize;
 pub mod train;
 pub mod validation;
@@ -36,6 +37,7 @@ pub fn builtin() -> OpRegistry {
         .register(prune::Prune)
         .register(train::Train)
         .register(distill::Distill)
+        .register(teacher_logits::TeacherLogits)
         .register(compare::Compare)
         .register(export_gguf::ExportGguf)
         .register(search::Search)

@@ -20,15 +20,19 @@ pub enum ArtifactKind {
     Scores,
     /// JSON metrics and plots.
     Report,
+    /// A frozen teacher's top-k log-probabilities over a dataset's packed sequences
+    /// (`teacher_logits`).
+    Logits,
 }
 
 impl ArtifactKind {
-    pub const ALL: [ArtifactKind; 5] = [
+    pub const ALL: [ArtifactKind; 6] = [
         ArtifactKind::Model,
         ArtifactKind::Dataset,
         ArtifactKind::Stats,
         ArtifactKind::Scores,
         ArtifactKind::Report,
+        ArtifactKind::Logits,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +42,7 @@ impl ArtifactKind {
             ArtifactKind::Stats => "stats",
             ArtifactKind::Scores => "scores",
             ArtifactKind::Report => "report",
+            ArtifactKind::Logits => "logits",
         }
     }
 
@@ -513,6 +518,12 @@ pub trait Op: Send + Sync {
     /// Checks parameters beyond their types, before anything runs (a pruning target that is
     /// impossible, say).
     fn check(&self, _params: &Params) -> Vec<Problem> {
+        Vec::new()
+    }
+
+    /// Checks which optional inputs the recipe wires (`wired`: port names), with the
+    /// parameters, before anything runs (two ports of which exactly one is needed, say).
+    fn check_inputs(&self, _params: &Params, _wired: &[&str]) -> Vec<Problem> {
         Vec::new()
     }
 

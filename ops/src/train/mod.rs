@@ -374,6 +374,15 @@ pub fn run(
     }
     let steps = cfg.steps();
     let accum = cfg.global_batch / cfg.micro_batch;
+    // Training reads train sequences 0, 1, ... cyclically: the first steps·global_batch.
+    let read = (steps * cfg.global_batch).min(train.tokens.len());
+    objective.check_sequences(
+        &mut val
+            .tokens
+            .iter()
+            .chain(&train.tokens[..read])
+            .map(|s| &s[..s.len() - 1]),
+    )?;
     let ranks = ctx.ranks.clone();
     if accum % ranks.world != 0 {
         return Err(OpError::Invalid(format!(

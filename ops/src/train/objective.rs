@@ -23,6 +23,12 @@ pub trait Objective {
     fn non_finite_cause(&self, _input: &[u32], _batch: usize, _device: &Device) -> Option<String> {
         None
     }
+    /// Checks, before the first step, that the objective can serve every sequence the run will
+    /// read (`inputs`: each sequence's input tokens, validation ones included); a cached
+    /// teacher says which it lacks.
+    fn check_sequences(&self, _inputs: &mut dyn Iterator<Item = &[u32]>) -> Result<(), OpError> {
+        Ok(())
+    }
     /// The learned projections this objective uses (`[student_hidden, teacher_hidden]`), in the
     /// order `loss` reads `student.projections`.
     fn projections(&self) -> Vec<ProjectionInit> {
