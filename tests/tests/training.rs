@@ -313,3 +313,140 @@ params = { tokens = 2048, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(stderr(&out).contains("chat template"), "{}", stderr(&out));
 }
+
+/// A tuned teacher, its top-k log-probabilities cached by `teacher_logits`, and the base model
+/// distilled from the live teacher and from the cache side by side.
+const CACHED_TEACHER_RECIPE: &str = r#"
+[recipe]
+seed = 3
+
+[sources.base]
+kind = "model"
+path = "model"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+
+[steps.teacher]
+op = "train"
+inputs = { model = "sources.base", data = "sources.text" }
+params = { tokens = 2048, seq_len = 32, micro_batch = 4, global_batch = 4, lr = 3e-3, val_sequences = 4 }
+
+[steps.cached]
+op = "teacher_logits"
+inputs = { teacher = "steps.teacher", data = "sources.text" }
+params = { top_k = 8, seq_len = 32, batch = 3, loss_chunk = 50 }
+
+[steps.live]
+op = "distill"
+inputs = { student = "sources.base", teacher = "steps.teacher", data = "sources.text" }
+params = { tokens = 4096, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 1e-3, val_sequences = 4, val_every = 4, top_k = 8, temperature = 2.0, ce_weight = 0.3 }
+
+[steps.tuned]
+op = "distill"
+inputs = { student = "sources.base", teacher_logits = "steps.cached", data = "sources.text" }
+params = { tokens = 4096, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 1e-3, val_sequences = 4, val_every = 4, top_k = 8, temperature = 2.0, ce_weight = 0.3 }
+"#;
+
+/// Distilling from cached teacher logits follows the live teacher's top-k distillation (same
+/// losses to rounding, same weights to rounding); another learning rate reuses the cache; a
+/// cache that does not fit the distillation is refused before anything runs.
+#[test]
+fn cached_teacher_logits_distill_as_the_live_teacher_and_are_reused() {
+    let env = Env::new();
+    setup(&env);
+    env.write("r.toml", CACHED_TEACHER_RECIPE);
+    let cache = env.cache();
+    run_into(&env, &cache);
+    let step = |name: &str| {
+        let v = common::show_json(&env, &cache, name);
+        std::path::PathBuf::from(v["path"].as_str().unwrap())
+    };
+    let losses = |name: &str| -> Vec<f64> {
+        std::fs::read_to_string(step(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .flat_map(|m| [m["loss"].as_f64(), m["val_loss"].as_f64()])
+            .flatten()
+            .collect()
+    };
+    let (live, cached) = (losses("live"), losses("tuned"));
+    eprintln!("losses, live teacher: {live:?}\nlosses, cached logits: {cached:?}");
+    assert_eq!(live.len(), cached.len());
+    assert!(live.len() >= 8, "{live:?}");
+    for (a, b) in live.iter().zip(&cached) {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "losses {live:?} vs {cached:?}"
+        );
+    }
+    let read = |name: &str| {
+        distillery_ops::stats::read_vectors(&step(name).join("model.safetensors")).unwrap()
+    };
+    let (a, b) = (read("live"), read("tuned"));
+    let base =
+        distillery_ops::stats::read_vectors(&env.path("model").join("model.safetensors")).unwrap();
+    let mut moved = false;
+    for (name, x) in &a {
+        let y = &b[name];
+        let diff: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+        let norm: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum();
+        assert!(
+            (diff / norm.max(1e-30)).sqrt() <= 1e-4,
+            "{name}: the cached teacher's student differs"
+        );
+        moved |= x != &base[name];
+    }
+    assert!(moved);
+    // Another learning rate: only the distillation runs again, from the same cache.
+    let plan = env.ok(&[
+        "plan",
+        "--json",
+        "r.toml",
+        "--set",
+        "steps.tuned.params.lr=5e-4",
+    ]);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let status = |s: &str| {
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["step"] == s)
+            .unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(status("cached"), "cached", "{plan}");
+    assert_eq!(status("teacher"), "cached", "{plan}");
+    assert_ne!(status("tuned"), "cached", "{plan}");
+    // A top_k beyond the cache, or another seq_len, is refused at plan time with the fix.
+    let out = env.run(&["plan", "r.toml", "--set", "steps.tuned.params.top_k=9"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("more than the cached teacher logits hold (8)"),
+        "{}",
+        text(&out)
+    );
+    let out = env.run(&["plan", "r.toml", "--set", "steps.tuned.params.seq_len=16"]);
+    assert!(
+        text(&out).contains("set the same seq_len in both steps"),
+        "{}",
+        text(&out)
+    );
+    // Both inputs, or top_k = 0 with a cache, are recipe errors.
+    let both = CACHED_TEACHER_RECIPE.replace(
+        "teacher_logits = \"steps.cached\",",
+        "teacher_logits = \"steps.cached\", teacher = \"steps.teacher\",",
+    );
+    env.write("both.toml", &both);
+    let out = env.run(&["plan", "both.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("not both"), "{}", text(&out));
+    let out = env.run(&["plan", "r.toml", "--set", "steps.tuned.params.top_k=0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("set top_k"), "{}", text(&out));
+}
