@@ -367,6 +367,45 @@ fn probs_and_grads(
     );
 }
 
+/// What every block of the backward reads: q and the output's gradient (q's layout), the
+/// transposed keys and values, and the forward's per-row statistics.
+struct BackwardBlock<'a> {
+    spec: &'a AttentionSpec,
+    l: Layout,
+    q: &'a [f32],
+    dout: &'a [f32],
+    k_t: &'a [f32],
+    v_t: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+impl BackwardBlock<'_> {
+    /// Query positions `p0..p1` of group `(b, g)` against keys `c0..c0 + cols`: their rows into
+    /// `sc.q_rows` and `sc.do_rows`, the probabilities into `sc.scores` and `d loss / d (q · k)`
+    /// into `sc.grads` (`[rep · (p1 − p0), cols]` each).
+    fn probs_and_grads(
+        &self,
+        sc: &mut Scratch,
+        (b, g, p0, p1, c0, cols): (usize, usize, usize, usize, usize, usize),
+    ) {
+        let l = self.l;
+        l.gather(self.q, b, g, (p0, p1), &mut sc.q_rows);
+        l.gather(self.dout, b, g, (p0, p1), &mut sc.do_rows);
+        scores_against(l, &mut sc.scores, &sc.q_rows, self.k_t, (b, g, c0, cols));
+        scores_against(l, &mut sc.grads, &sc.do_rows, self.v_t, (b, g, c0, cols));
+        probs_and_grads(
+            self.spec,
+            l,
+            &mut sc.scores,
+            &mut sc.grads,
+            self.lse,
+            self.delta,
+            (b, g, p0, p1, c0),
+        );
+    }
+}
+
 /// The backward: from the forward's inputs, its context `out` and log-sum-exp `lse`, and the
 /// context's gradient `dout` (q's layout), the gradients of q, k and v (their layouts).
 /// Queries' gradients by blocks of positions, keys' and values' by blocks of keys, each task
@@ -400,6 +439,16 @@ pub fn backward_host(
     let delta = row_dots(l, out, dout, batch);
     let (k_t, v_t) = (transposed(l, k), transposed(l, v));
     let kv_stride = (kv_heads * l.d) as isize;
+    let block = BackwardBlock {
+        spec: &spec,
+        l,
+        q,
+        dout,
+        k_t: &k_t,
+        v_t: &v_t,
+        lse,
+        delta: &delta,
+    };
 
     // dq, by blocks of query positions against the keys they see.
     let blocks = seq.div_ceil(ROW_BLOCK);
@@ -415,19 +464,7 @@ pub fn backward_host(
             let (p0, p1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(seq));
             let (c0, cols) = (spec.first_visible(p0), p1 - spec.first_visible(p0));
             let m = l.rep * (p1 - p0);
-            l.gather(q, b, g, (p0, p1), &mut sc.q_rows);
-            l.gather(dout, b, g, (p0, p1), &mut sc.do_rows);
-            scores_against(l, &mut sc.scores, &sc.q_rows, &k_t, (b, g, c0, cols));
-            scores_against(l, &mut sc.grads, &sc.do_rows, &v_t, (b, g, c0, cols));
-            probs_and_grads(
-                &spec,
-                l,
-                &mut sc.scores,
-                &mut sc.grads,
-                lse,
-                &delta,
-                (b, g, p0, p1, c0),
-            );
+            block.probs_and_grads(sc, (b, g, p0, p1, c0, cols));
             sc.rows_out.resize(m * l.d, 0.0);
             // SAFETY: dz (m × cols) by keys c0..p1 of the group.
             unsafe {
@@ -465,19 +502,7 @@ pub fn backward_host(
             while p0 < q_end {
                 let p1 = (p0 + ROW_BLOCK).min(q_end);
                 let m = l.rep * (p1 - p0);
-                l.gather(q, b, g, (p0, p1), &mut sc.q_rows);
-                l.gather(dout, b, g, (p0, p1), &mut sc.do_rows);
-                scores_against(l, &mut sc.scores, &sc.q_rows, &k_t, (b, g, k0, cols));
-                scores_against(l, &mut sc.grads, &sc.do_rows, &v_t, (b, g, k0, cols));
-                probs_and_grads(
-                    &spec,
-                    l,
-                    &mut sc.scores,
-                    &mut sc.grads,
-                    lse,
-                    &delta,
-                    (b, g, p0, p1, k0),
-                );
+                block.probs_and_grads(sc, (b, g, p0, p1, k0, cols));
                 // SAFETY: pᵀ and dzᵀ are cols × m views of the m × cols buffers; the rows are
                 // m × d; the accumulators cols × d.
                 unsafe {

@@ -1001,6 +1001,39 @@ mod tests {
         (value, out)
     }
 
+    /// A golden checkpoint and, as the teacher, the same model with its final norm scaled by
+    /// 1.5: a teacher that differs from the student, so the KL has a gradient.
+    fn golden_and_teacher(name: &str) -> (crate::model::checkpoint::LoadedModel, Decoder<B>) {
+        let m = load_model(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/golden")
+                .join(name),
+        )
+        .unwrap();
+        let mut teacher = Decoder::<B>::load(&m.config, &m.weights, &runtime::device()).unwrap();
+        teacher.norm.weight = teacher.norm.weight.map(|w| w * 1.5);
+        (m, teacher)
+    }
+
+    /// Loss within 1e-5 relative, every gradient within 1e-5 of its largest element (and not
+    /// all zero).
+    fn assert_close(what: &str, got: (f32, &[Vec<f32>]), want: (f32, &[Vec<f32>])) {
+        assert!(
+            (got.0 - want.0).abs() <= 1e-5 * want.0.abs(),
+            "{what}: loss {} vs {}",
+            got.0,
+            want.0
+        );
+        for (g, w) in got.1.iter().zip(want.1) {
+            let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let diff = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                scale > 0.0 && diff <= 1e-5 * scale,
+                "{what}: gradient |Δ| {diff} of {scale}"
+            );
+        }
+    }
+
     /// The head and loss a few tokens at a time equal the whole micro-batch at once, in loss and
     /// gradients, for every loss the op offers, with and without a mask, tied and untied heads
     /// and Gemma 2's capped logits.
@@ -1012,16 +1045,7 @@ mod tests {
             "family-gemma2",
             "llama3-untied-bf16-sharded",
         ] {
-            let m = crate::model::checkpoint::load_model(
-                &Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../tests/golden")
-                    .join(name),
-            )
-            .unwrap();
-            let device = runtime::device();
-            let mut teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
-            // A teacher that differs from the student, so the KL has a gradient.
-            teacher.norm.weight = teacher.norm.weight.map(|w| w * 1.5);
+            let (m, teacher) = golden_and_teacher(name);
             let kds = [
                 (KlDirection::Forward, 0, 0.0),
                 (KlDirection::Reverse, 0, 0.5),
@@ -1046,18 +1070,7 @@ mod tests {
                     let (want, want_grads) = loss_and_grads(make(0).as_ref(), &m, mask);
                     let (got, grads) = loss_and_grads(make(3).as_ref(), &m, mask);
                     let what = format!("{name}, {case}, mask {}", mask.is_some());
-                    assert!(
-                        (got - want).abs() <= 1e-5 * want.abs(),
-                        "{what}: loss {got} vs {want}"
-                    );
-                    for (g, w) in grads.iter().zip(&want_grads) {
-                        let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
-                        let diff = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-                        assert!(
-                            scale > 0.0 && diff <= 1e-5 * scale,
-                            "{what}: gradient |Δ| {diff} of {scale}"
-                        );
-                    }
+                    assert_close(&what, (got, &grads), (want, &want_grads));
                 }
             }
         }
@@ -1071,15 +1084,7 @@ mod tests {
         use crate::teacher_logits::{CachedLogits, TopKSettings, write_teacher_logits};
         let mask: Vec<bool> = (0..16).map(|i| i % 5 != 2).collect();
         for name in ["llama-gqa-tied-f32", "family-gemma2"] {
-            let m = crate::model::checkpoint::load_model(
-                &Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../tests/golden")
-                    .join(name),
-            )
-            .unwrap();
-            let device = runtime::device();
-            let mut teacher = Decoder::<B>::load(&m.config, &m.weights, &device).unwrap();
-            teacher.norm.weight = teacher.norm.weight.map(|w| w * 1.5);
+            let (m, teacher) = golden_and_teacher(name);
             // The two sequences loss_and_grads feeds (8 inputs each), plus a last token.
             let input: Vec<u32> = (0..16).map(|i| (i * 13 % 90) as u32).collect();
             let seqs: Vec<Vec<u32>> = input.chunks(8).map(|c| [c, &[7]].concat()).collect();
@@ -1109,18 +1114,8 @@ mod tests {
                             "{name}, top_k {k}, ce {ce}, chunk {chunk}, mask {}",
                             mask.is_some()
                         );
-                        assert!(
-                            (got - want).abs() <= 1e-5 * want.abs() && want > 0.0,
-                            "{what}: loss {got} vs {want}"
-                        );
-                        for (g, w) in grads.iter().zip(&want_grads) {
-                            let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
-                            let diff = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-                            assert!(
-                                scale > 0.0 && diff <= 1e-5 * scale,
-                                "{what}: gradient |Δ| {diff} of {scale}"
-                            );
-                        }
+                        assert!(want > 0.0, "{what}: no loss to compare");
+                        assert_close(&what, (got, &grads), (want, &want_grads));
                     }
                 }
             }

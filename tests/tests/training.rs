@@ -316,18 +316,11 @@ params = { tokens = 2048, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 
 
 /// A tuned teacher, its top-k log-probabilities cached by `teacher_logits`, and the base model
 /// distilled from the live teacher and from the cache side by side.
-const CACHED_TEACHER_RECIPE: &str = r#"
-[recipe]
-seed = 3
+fn cached_teacher_recipe() -> String {
+    format!("{}{CACHED_TEACHER_STEPS}", common::TINY_SOURCES)
+}
 
-[sources.base]
-kind = "model"
-path = "model"
-
-[sources.text]
-kind = "dataset"
-files = "data/train.txt"
-
+const CACHED_TEACHER_STEPS: &str = r#"
 [steps.teacher]
 op = "train"
 inputs = { model = "sources.base", data = "sources.text" }
@@ -356,7 +349,7 @@ params = { tokens = 4096, seq_len = 32, micro_batch = 2, global_batch = 4, lr = 
 fn cached_teacher_logits_distill_as_the_live_teacher_and_are_reused() {
     let env = Env::new();
     setup(&env);
-    env.write("r.toml", CACHED_TEACHER_RECIPE);
+    env.write("r.toml", &cached_teacher_recipe());
     let cache = env.cache();
     run_into(&env, &cache);
     let step = |name: &str| {
@@ -438,7 +431,7 @@ fn cached_teacher_logits_distill_as_the_live_teacher_and_are_reused() {
         text(&out)
     );
     // Both inputs, or top_k = 0 with a cache, are recipe errors.
-    let both = CACHED_TEACHER_RECIPE.replace(
+    let both = cached_teacher_recipe().replace(
         "teacher_logits = \"steps.cached\",",
         "teacher_logits = \"steps.cached\", teacher = \"steps.teacher\",",
     );
