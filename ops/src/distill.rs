@@ -283,8 +283,8 @@ impl Objective for Kd {
                     self.cached_terms(cache, student, input, targets, trained, batch, device)
                 else {
                     // Nothing to learn from in this micro-batch: a zero loss, no gradient.
-                    let logits = student.model.forward(s_tokens);
-                    return (logits.sum() * 0.0).reshape([1]);
+                    let hidden = student.model.hidden(s_tokens, &mut NoHooks);
+                    return (hidden.sum() * 0.0).reshape([1]);
                 };
                 return self.logit_loss(kd, ce);
             }
@@ -401,7 +401,7 @@ impl Objective for Kd {
         }
         if missing > 0 {
             return Err(OpError::Invalid(format!(
-                "{missing} of the {total} sequences this distillation reads are not among the cached teacher logits: the teacher_logits step must read the same dataset with the same seq_len ({}) and seed, cover enough sequences (sequences = 0 covers all), and its teacher must tokenize as the student does",
+                "{missing} of the {total} sequences this distillation reads are not among the cached teacher logits: the teacher_logits step must read the same dataset with the same seq_len ({}), cover them (sequences = 0 covers all; a subset needs sequences ≥ {total} and the same seed), and its teacher must tokenize as the student does",
                 cache.seq_len
             )));
         }
@@ -594,6 +594,13 @@ impl Op for Distill {
             )],
             (false, true) => {
                 let mut out = Vec::new();
+                if p.str("loss").is_ok_and(|l| l == "reverse_kl") {
+                    out.push(problem(
+                        Some("loss"),
+                        "the reverse KL needs the teacher's whole distribution, which cached logits do not hold: set loss = \"forward_kl\" (with top_k), or wire `teacher`",
+                    ));
+                    return out;
+                }
                 if p.int("top_k").is_ok_and(|k| k == 0) {
                     out.push(problem(
                         Some("top_k"),
@@ -655,7 +662,11 @@ impl Op for Distill {
     ) -> Option<crate::op::Estimate> {
         let s = crate::estimate::input_config(inputs, "student")?;
         // None with cached teacher logits: no teacher in memory, no teacher forward.
-        let t = crate::estimate::input_config(inputs, "teacher");
+        let t = match crate::estimate::input_config(inputs, "teacher") {
+            Some(t) => Some(t),
+            None if inputs.contains_key("teacher_logits") => None,
+            None => return None,
+        };
         let ps = s.parameter_count().0 as f64;
         let pt = t.as_ref().map_or(0.0, |t| t.parameter_count().0 as f64);
         let tokens = p.int("tokens").ok()? as f64;
@@ -1089,10 +1100,12 @@ mod tests {
             let input: Vec<u32> = (0..16).map(|i| (i * 13 % 90) as u32).collect();
             let seqs: Vec<Vec<u32>> = input.chunks(8).map(|c| [c, &[7]].concat()).collect();
             let dir = tempfile::tempdir().unwrap();
+            // One sequence a shard: the lookup crosses files.
             let settings = TopKSettings {
                 top_k: 7,
                 batch: 2,
                 chunk: 5,
+                shard_bytes: 1,
             };
             write_teacher_logits(&teacher, &seqs, settings, dir.path(), &mut |_| {}).unwrap();
             for (k, ce) in [(5, 0.0), (7, 0.4)] {
@@ -1126,6 +1139,11 @@ mod tests {
                 5,
                 0.0,
             );
+            // More entries than the cache holds, or none, are refused rather than misread.
+            let cache = CachedLogits::open(dir.path()).unwrap();
+            assert!(cache.rows(&input[..8], 8).is_err());
+            assert!(cache.rows(&input[..8], 0).is_err());
+            assert_eq!(cache.rows(&input, 7).unwrap().log_probs.len(), 16 * 7);
             let other: Vec<u32> = (0..8).map(|i| i + 3).collect();
             let err = cached
                 .check_sequences(&mut [&input[..8], &other[..]].into_iter())

@@ -39,12 +39,12 @@ pub struct TeacherLogits;
 /// The artifact's index file.
 pub const META: &str = "teacher_logits.json";
 
-/// Sequences per shard file: about 256 MB of top-k entries each.
-fn sequences_per_shard(rows: usize, top_k: usize) -> usize {
-    (256usize << 20)
-        .checked_div(rows.max(1) * (8 * top_k + 8))
-        .unwrap_or(1)
-        .max(1)
+/// Bytes of top-k entries per shard file the op writes.
+pub const SHARD_BYTES: usize = 256 << 20;
+
+/// Sequences per shard file of about `shard_bytes` of entries (at least one).
+fn sequences_per_shard(rows: usize, top_k: usize, shard_bytes: usize) -> usize {
+    (shard_bytes / (rows.max(1) * (8 * top_k + 8))).max(1)
 }
 
 /// The `top_k` largest entries of one row of logits `[vocab]` as (ids, log-probabilities), most
@@ -132,15 +132,32 @@ pub struct CachedLogits {
     /// Entries per sequence: `seq_len - 1`.
     rows: usize,
     shards: Vec<Shard>,
-    /// A sequence's input tokens → (shard, sequence within it).
-    index: HashMap<Vec<u32>, (usize, usize)>,
+    /// A hash of a sequence's input tokens → the (shard, sequence within it) with that hash; the
+    /// tokens themselves are compared in the mapped `input_ids`, not held in memory.
+    index: HashMap<u64, Vec<(usize, usize)>>,
 }
 
 struct Shard {
     map: memmap2::Mmap,
-    /// Byte offsets of `top_indices` and `top_log_probs` in the file.
+    /// Byte offsets of `input_ids`, `top_indices` and `top_log_probs` in the file.
+    ids_at: usize,
     indices_at: usize,
     log_probs_at: usize,
+}
+
+fn tokens_hash(tokens: impl Iterator<Item = u32>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for t in tokens {
+        t.hash(&mut h);
+    }
+    h.finish()
+}
+
+fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// The top-k entries of a run of sequences, one row per token, for the loss.
@@ -179,6 +196,12 @@ impl CachedLogits {
     pub fn open(dir: &Path) -> Result<CachedLogits, OpError> {
         let meta = read_meta(dir)?;
         let (top_k, seq_len, vocab_size) = describe(dir)?;
+        if seq_len < 2 || top_k == 0 {
+            return Err(OpError::Invalid(format!(
+                "{}: seq_len {seq_len} and top_k {top_k} describe no entries; recompute the teacher_logits step",
+                dir.join(META).display()
+            )));
+        }
         let rows = seq_len - 1;
         let mut shards = Vec::new();
         let mut index = HashMap::new();
@@ -198,7 +221,7 @@ impl CachedLogits {
             let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
             let tensor = |name: &str, dtype: Dtype, shape: &[usize]| {
                 let t = st.tensor(name).map_err(|e| bad(e.to_string()))?;
-                if t.dtype() != dtype || t.shape()[1..] != shape[..] {
+                if t.dtype() != dtype || t.shape().get(1..) != Some(shape) {
                     return Err(bad(format!(
                         "`{name}` is {:?} {:?}, expected {dtype:?} [n, {shape:?}]",
                         t.dtype(),
@@ -211,22 +234,22 @@ impl CachedLogits {
                     t.data(),
                 ))
             };
-            let (n, _, ids) = tensor("input_ids", Dtype::U32, &[rows])?;
+            let (n, ids_at, ids) = tensor("input_ids", Dtype::U32, &[rows])?;
             let (n_idx, indices_at, _) = tensor("top_indices", Dtype::U32, &[rows, top_k])?;
             let (n_lp, log_probs_at, _) = tensor("top_log_probs", Dtype::F32, &[rows, top_k])?;
             if n_idx != n || n_lp != n {
                 return Err(bad("its tensors disagree on the sequence count".into()));
             }
             for (j, seq) in ids.chunks_exact(rows * 4).enumerate() {
-                let tokens = seq
-                    .chunks_exact(4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                index.entry(tokens).or_insert((s, j));
+                index
+                    .entry(tokens_hash(u32s(seq)))
+                    .or_insert_with(Vec::new)
+                    .push((s, j));
             }
             drop(st);
             shards.push(Shard {
                 map,
+                ids_at,
                 indices_at,
                 log_probs_at,
             });
@@ -241,17 +264,41 @@ impl CachedLogits {
         })
     }
 
-    /// Whether the artifact holds a sequence with these input tokens (`[seq_len - 1]`).
-    pub fn covers(&self, input: &[u32]) -> bool {
-        self.index.contains_key(input)
+    /// Where the artifact holds a sequence with these input tokens (`[seq_len - 1]`).
+    fn find(&self, input: &[u32]) -> Option<(usize, usize)> {
+        if input.len() != self.rows {
+            return None;
+        }
+        let bytes = self.rows * 4;
+        self.index
+            .get(&tokens_hash(input.iter().copied()))?
+            .iter()
+            .copied()
+            .find(|&(s, j)| {
+                let shard = &self.shards[s];
+                let at = shard.ids_at + j * bytes;
+                u32s(&shard.map[at..at + bytes]).eq(input.iter().copied())
+            })
     }
 
-    /// The first `k` (≤ `top_k`) entries of every token of `input` (`[batch, seq_len - 1]`,
-    /// flattened), in order. Errors: a sequence the artifact does not hold.
+    /// Whether the artifact holds a sequence with these input tokens (`[seq_len - 1]`).
+    pub fn covers(&self, input: &[u32]) -> bool {
+        self.find(input).is_some()
+    }
+
+    /// The first `k` (1 ≤ k ≤ `top_k`) entries of every token of `input` (`[batch,
+    /// seq_len - 1]`, flattened), in order. Errors: such a `k`, or a sequence the artifact does
+    /// not hold.
     pub fn rows(&self, input: &[u32], k: usize) -> Result<TopKRows, String> {
+        if !(1..=self.top_k).contains(&k) {
+            return Err(format!(
+                "top_k {k}: the cached teacher logits hold 1 to {} entries a token",
+                self.top_k
+            ));
+        }
         let mut out = TopKRows::default();
         for seq in input.chunks(self.rows) {
-            let &(s, j) = self.index.get(seq).ok_or_else(|| {
+            let (s, j) = self.find(seq).ok_or_else(|| {
                 "a training sequence is not among the cached teacher logits".to_string()
             })?;
             let shard = &self.shards[s];
@@ -260,11 +307,8 @@ impl CachedLogits {
             let (ids, lps) = (read(shard.indices_at), read(shard.log_probs_at));
             for r in 0..self.rows {
                 let cell = r * self.top_k * 4..(r * self.top_k + k) * 4;
-                out.indices.extend(
-                    ids[cell.clone()]
-                        .chunks_exact(4)
-                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
-                );
+                out.indices
+                    .extend(u32s(&ids[cell.clone()]).map(|i| i as i64));
                 out.log_probs.extend(
                     lps[cell]
                         .chunks_exact(4)
@@ -301,8 +345,8 @@ impl Op for TeacherLogits {
                 ParamSpec::with_default(
                     "seq_len",
                     ParamType::Int,
-                    ParamValue::Int(4096),
-                    "tokens per packed sequence: distill's seq_len",
+                    ParamValue::Int(512),
+                    "tokens per packed sequence: distill's seq_len (both default to 512)",
                 ),
                 ParamSpec::with_default(
                     "sequences",
@@ -377,7 +421,10 @@ impl Op for TeacherLogits {
         p: &Params,
         inputs: &BTreeMap<String, crate::op::Estimate>,
     ) -> Option<crate::op::Estimate> {
-        let c = crate::estimate::input_config(inputs, "teacher")?;
+        // An unknown teacher still gives an estimate, empty: distill then knows it holds none.
+        let Some(c) = crate::estimate::input_config(inputs, "teacher") else {
+            return Some(crate::op::Estimate::default());
+        };
         let params = c.parameter_count().0 as f64;
         let seq = p.int("seq_len").ok()? as f64;
         let tokens = p.int("sequences").ok()? as f64 * seq;
@@ -396,9 +443,10 @@ impl Op for TeacherLogits {
         })
     }
 
-    /// Always: the sequences are packed in the seeded order the training ops use.
-    fn uses_seed(&self, _params: &Params) -> bool {
-        true
+    /// With `sequences` set: the first ones in the seeded order the training ops use. All of
+    /// them (0) are the same set whatever the seed.
+    fn uses_seed(&self, params: &Params) -> bool {
+        params.int("sequences").is_ok_and(|n| n != 0)
     }
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
@@ -433,8 +481,12 @@ fn teacher_logits(ctx: &OpContext) -> Result<(), OpError> {
     let chunk = ctx.params.usize("loss_chunk")?;
     let data = tokenized(ctx.input("data")?, &tok)?;
     let eos = model.config.eos_id().unwrap_or(0);
-    let mut seqs = pack(&data, seq_len, eos, ctx.seed()?)?;
-    match ctx.params.usize("sequences")? {
+    // All sequences: the same set whatever the seed (distill finds them by their tokens), so a
+    // seed sweep reuses one cache. A subset is the first of the seeded order, as training reads.
+    let sequences = ctx.params.usize("sequences")?;
+    let seed = if sequences == 0 { 0 } else { ctx.seed()? };
+    let mut seqs = pack(&data, seq_len, eos, seed)?;
+    match sequences {
         0 => {}
         n if n > seqs.len() => ctx.progress.note(&format!(
             "the data packs into {} sequences of {seq_len} tokens; covering all of them (asked for {n})",
@@ -452,6 +504,7 @@ fn teacher_logits(ctx: &OpContext) -> Result<(), OpError> {
             top_k,
             batch,
             chunk,
+            shard_bytes: SHARD_BYTES,
         },
         &ctx.out_dir,
         &mut |done| ctx.progress.set(done as u64),
@@ -459,12 +512,13 @@ fn teacher_logits(ctx: &OpContext) -> Result<(), OpError> {
 }
 
 /// How `teacher_logits` runs: entries kept per token, sequences per forward, tokens per chunk
-/// of the output head.
+/// of the output head, bytes of entries per shard file ([`SHARD_BYTES`]).
 #[derive(Clone, Copy, Debug)]
 pub struct TopKSettings {
     pub top_k: usize,
     pub batch: usize,
     pub chunk: usize,
+    pub shard_bytes: usize,
 }
 
 /// Runs `decoder` over `seqs` (`[n][seq_len]`, equal lengths) and writes the artifact described
@@ -480,13 +534,14 @@ pub fn write_teacher_logits(
         top_k,
         batch,
         chunk,
+        shard_bytes,
     } = settings;
     let embed = decoder.embed_tokens.val(); // [vocab, hidden]
     let (vocab, device) = (embed.dims()[0], embed.device());
     let top_k = top_k.min(vocab);
     let seq_len = seqs.first().map_or(0, Vec::len);
     let rows = seq_len - 1;
-    let per_shard = sequences_per_shard(rows, top_k);
+    let per_shard = sequences_per_shard(rows, top_k, shard_bytes);
     let n_shards = seqs.len().div_ceil(per_shard);
     let mut shards = Vec::new();
     for (s, shard_seqs) in seqs.chunks(per_shard).enumerate() {

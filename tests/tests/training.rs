@@ -442,4 +442,16 @@ fn cached_teacher_logits_distill_as_the_live_teacher_and_are_reused() {
     let out = env.run(&["plan", "r.toml", "--set", "steps.tuned.params.top_k=0"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("set top_k"), "{}", text(&out));
+    let out = env.run(&[
+        "plan",
+        "r.toml",
+        "--set",
+        "steps.tuned.params.loss=\"reverse_kl\"",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("the reverse KL needs the teacher's whole distribution"),
+        "{}",
+        text(&out)
+    );
 }
