@@ -54,8 +54,10 @@ pub const RECOMPUTE_ABOVE_BYTES: f64 = 2.0 * 1024.0 * 1024.0 * 1024.0;
 /// head_dim` (q, k before and after RoPE, v, the context; the attention itself keeps only its
 /// log-sum-exp), and `5·intermediate` (gate, up, the activation and its input, the product).
 /// With `recompute`, one residual stream per layer and one block's activations at a time.
-/// Measured against this: SmolLM2's 67.6M student at 2048 tokens, 2.39 GB by the formula, peaks
-/// at 4.27 GB in all with its f32 teacher (0.54 GB) and training state (1.08 GB).
+/// Measured against this (scripts/distill-memory.sh): SmolLM2's 67.6M student at 2048 tokens,
+/// 2.39 GB by the formula without recomputation, peaks at 4.58 GB in all with its f32 teacher
+/// (0.54 GB) and training state (1.08 GB); 0.17 GB by the formula with recomputation, 2.51 GB
+/// in all.
 pub fn block_activation_bytes(config: &ModelConfig, tokens: usize, recompute: bool) -> f64 {
     let layers = config.num_hidden_layers as f64;
     if recompute {
