@@ -217,27 +217,10 @@ impl Kd {
             let [b, s, hs] = s_hidden.dims();
             let st = trained_rows(s_hidden.reshape([b * s, hs]), trained)?;
             let kept = trained_targets(targets, trained);
-            let (weight, softcap) = student.model.head();
-            let terms = chunked_head_loss(
-                st,
-                weight,
-                softcap,
-                self.chunk,
-                1 + ce as usize,
-                &|range, logits| {
-                    let share = range.len() as f64 / n as f64;
-                    let (lp, idx) = (
-                        lp.clone().slice(range.clone()),
-                        idx.clone().slice(range.clone()),
-                    );
-                    let mut out = vec![topk_kl_given(lp, idx, logits[0].clone(), t) * share];
-                    if ce {
-                        out.push(cross_entropy_rows(logits[1].clone(), &kept[range]) * share);
-                    }
-                    out
-                },
-            );
-            Some((terms.clone().slice(0..1), ce.then(|| terms.slice(1..2))))
+            Some(self.chunked_terms(student, st, &kept, &|range, logits| {
+                let (lp, idx) = (lp.clone().slice(range.clone()), idx.clone().slice(range));
+                topk_kl_given(lp, idx, logits, t)
+            }))
         } else {
             let s_logits = student.model.forward(s_tokens);
             let [b, s, v] = s_logits.dims();
@@ -245,6 +228,38 @@ impl Kd {
             let kd = topk_kl_given(lp, idx, st, t);
             Some((kd, ce.then(|| cross_entropy(s_logits, targets, trained))))
         }
+    }
+
+    /// The KD term and, with `ce_weight`, the CE term through the student's head `chunk` tokens
+    /// at a time: `st [rows, hidden]` (the rows the loss counts), `kept [rows]` their targets,
+    /// `kd_of(range, student_logits [range, vocab])` the chunk's mean KD. Each chunk weighs by
+    /// its share of the rows.
+    fn chunked_terms(
+        &self,
+        student: &Student<TB>,
+        st: Tensor<TB, 2>,
+        kept: &[i64],
+        kd_of: &dyn Fn(std::ops::Range<usize>, Tensor<TB, 2>) -> Tensor<TB, 1>,
+    ) -> (Tensor<TB, 1>, Option<Tensor<TB, 1>>) {
+        let ce = self.ce_weight > 0.0;
+        let n = kept.len();
+        let (weight, softcap) = student.model.head();
+        let terms = chunked_head_loss(
+            st,
+            weight,
+            softcap,
+            self.chunk,
+            1 + ce as usize,
+            &|range, logits| {
+                let share = range.len() as f64 / n as f64;
+                let mut out = vec![kd_of(range.clone(), logits[0].clone()) * share];
+                if ce {
+                    out.push(cross_entropy_rows(logits[1].clone(), &kept[range]) * share);
+                }
+                out
+            },
+        );
+        (terms.clone().slice(0..1), ce.then(|| terms.slice(1..2)))
     }
 
     /// Sets the tokens per chunk of the output head and loss (0: unchunked).
@@ -305,27 +320,12 @@ impl Objective for Kd {
                 return (s_hidden.sum() * 0.0).reshape([1]);
             };
             let kept = trained_targets(targets, trained);
-            let n = kept.len();
-            let (weight, softcap) = student.model.head();
-            let terms = chunked_head_loss(
-                st,
-                weight,
-                softcap,
-                self.chunk,
-                1 + ce as usize,
-                &|range, logits| {
-                    let share = range.len() as f64 / n as f64;
-                    let [c, vocab] = logits[0].dims();
-                    let rows = t.clone().slice(range.clone());
-                    let t_logits = teacher.logits_of(rows.unsqueeze::<3>()).reshape([c, vocab]);
-                    let mut out = vec![self.kd(t_logits, logits[0].clone()) * share];
-                    if ce {
-                        out.push(cross_entropy_rows(logits[1].clone(), &kept[range]) * share);
-                    }
-                    out
-                },
-            );
-            (terms.clone().slice(0..1), ce.then(|| terms.slice(1..2)))
+            self.chunked_terms(student, st, &kept, &|range, logits| {
+                let [c, vocab] = logits.dims();
+                let rows = t.clone().slice(range);
+                let t_logits = teacher.logits_of(rows.unsqueeze::<3>()).reshape([c, vocab]);
+                self.kd(t_logits, logits)
+            })
         } else {
             let t_logits = teacher.forward_with_hooks(t_tokens, &mut t_hooks);
             let s_logits = student.model.forward_with_hooks(s_tokens, &mut s_hooks);
