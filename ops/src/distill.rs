@@ -447,7 +447,7 @@ fn cached_problems(p: &Params, cached: &Path, student: &Path) -> Vec<Problem> {
         out.push(Problem {
             param: Some("seq_len".into()),
             message: format!(
-                "seq_len {} differs from the cached teacher logits' ({seq_len}): set the same seq_len in both steps",
+                "seq_len {} differs from the cached teacher logits' ({seq_len}; each step's seq_len is cut to its model's max_position_embeddings): set the same seq_len in both steps",
                 want.unwrap_or(0)
             ),
         });
@@ -557,13 +557,6 @@ impl Op for Distill {
                 message: "top_k must be 0 (whole vocabulary) or a positive token count".into(),
             });
         }
-        if p.int("top_k").is_ok_and(|k| k > 0) && p.str("loss").is_ok_and(|l| l == "reverse_kl") {
-            out.push(Problem {
-                param: Some("top_k".into()),
-                message: "top_k restricts the forward KL; with loss = \"reverse_kl\" set top_k = 0"
-                    .into(),
-            });
-        }
         if p.float("ce_weight")
             .is_ok_and(|w| !(0.0..=1.0).contains(&w))
         {
@@ -615,7 +608,18 @@ impl Op for Distill {
                 }
                 out
             }
-            (true, false) => Vec::new(),
+            (true, false) => {
+                if p.int("top_k").is_ok_and(|k| k > 0)
+                    && p.str("loss").is_ok_and(|l| l == "reverse_kl")
+                {
+                    vec![problem(
+                        Some("top_k"),
+                        "top_k restricts the forward KL; with loss = \"reverse_kl\" set top_k = 0",
+                    )]
+                } else {
+                    Vec::new()
+                }
+            }
         }
     }
 

@@ -78,6 +78,14 @@ pub fn one_block_bytes(config: &ModelConfig, tokens: usize) -> f64 {
     4.0 * tokens as f64 * (6.0 * h + 4.0 * heads * d + 4.0 * kv * d + 5.0 * f)
 }
 
+/// Bytes the tensor-op attention keeps for its backward pass (bfloat16 compute, where the
+/// attention with its own backward does not run): per layer the scores and the probabilities,
+/// `[micro_batch, heads, seq, seq]` each, counted at 2 bytes.
+pub fn attention_score_bytes(config: &ModelConfig, micro_batch: usize, seq: usize) -> f64 {
+    let per_layer = (micro_batch * config.num_attention_heads) as f64 * (seq * seq) as f64;
+    2.0 * 2.0 * per_layer * config.num_hidden_layers as f64
+}
+
 /// Bytes of the output head and loss at `tokens` per micro-batch, in chunks of `chunk` tokens
 /// (0: all at once): one chunk's logits and the loss's temporaries (about 6 `[chunk, vocab]`
 /// tensors) plus, per loss term, the head weight's gradient and the hidden states' gradient.

@@ -141,13 +141,13 @@ pub fn params() -> Vec<ParamSpec> {
             "loss_chunk",
             ParamType::Int,
             I(256),
-            "tokens per chunk of the output head and loss: the logits [tokens, vocab] exist one chunk at a time (0: the whole micro-batch at once)",
+            "tokens per chunk of the output head and loss: the logits [tokens, vocab] exist one chunk at a time (0: the whole micro-batch at once; float32 compute only, bfloat16 runs the head whole)",
         ),
         ParamSpec::with_default(
             "recompute",
             ParamType::Choice(&["auto", "on", "off"]),
             ParamValue::Str("auto".into()),
-            "recompute each block's activations in the backward pass instead of keeping them (one more forward per step): auto turns it on when the kept activations would pass 2 GiB",
+            "recompute each block's activations in the backward pass instead of keeping them (one more forward per step; float32 compute only): auto turns it on when the kept activations would pass 2 GiB",
         ),
         ParamSpec::with_default("lr", ParamType::Float, Float(1e-4), "peak learning rate"),
         ParamSpec::with_default(
@@ -242,10 +242,12 @@ impl TrainConfig {
         match self.recompute {
             Recompute::On => true,
             Recompute::Off => false,
+            // Blocks recompute in f32 compute only (check() refuses "on" with bfloat16).
             Recompute::Auto => {
                 let tokens = self.micro_batch * self.seq_len;
-                crate::estimate::block_activation_bytes(config, tokens, false)
-                    > crate::estimate::RECOMPUTE_ABOVE_BYTES
+                self.compute == Compute::F32
+                    && crate::estimate::block_activation_bytes(config, tokens, false)
+                        > crate::estimate::RECOMPUTE_ABOVE_BYTES
             }
         }
     }
@@ -253,14 +255,27 @@ impl TrainConfig {
 
 /// The activation bytes of training a student of `config` with these parameters (`terms` loss
 /// terms on the head), and whether its blocks recompute; `None` when a parameter is unreadable.
+/// Under bfloat16 compute the memory paths are off (they run in f32 compute only): the
+/// attention keeps its score matrices, the head runs unchunked, no block recomputes.
 pub fn activation_estimate(p: &Params, config: &ModelConfig, terms: usize) -> Option<(f64, bool)> {
     let cfg = TrainConfig::from_params(p).ok()?;
     let recompute = cfg.recomputes(config);
     let tokens = cfg.micro_batch * cfg.seq_len;
-    let chunk = p.usize("loss_chunk").ok()?;
+    let f32_paths = cfg.compute == Compute::F32;
+    let chunk = if f32_paths {
+        p.usize("loss_chunk").ok()?
+    } else {
+        0
+    };
+    let scores = if f32_paths {
+        0.0
+    } else {
+        crate::estimate::attention_score_bytes(config, cfg.micro_batch, cfg.seq_len)
+    };
     Some((
         crate::estimate::block_activation_bytes(config, tokens, recompute)
-            + crate::estimate::head_activation_bytes(config, tokens, chunk, terms),
+            + crate::estimate::head_activation_bytes(config, tokens, chunk, terms)
+            + scores,
         recompute,
     ))
 }
@@ -275,6 +290,14 @@ pub fn check(p: &Params) -> Vec<Problem> {
         out.push(Problem {
             param: Some("global_batch".into()),
             message: format!("global_batch {g} must be a multiple of micro_batch {m}"),
+        });
+    }
+    if p.str("recompute").is_ok_and(|r| r == "on")
+        && p.str("compute").is_ok_and(|c| c == "bfloat16")
+    {
+        out.push(Problem {
+            param: Some("recompute".into()),
+            message: "recomputation runs in float32 compute only for now: with compute = \"bfloat16\" set recompute = \"off\" (or \"auto\", which leaves it off), or compute = \"float32\"".into(),
         });
     }
     if p.int("loss_chunk").is_ok_and(|v| v < 0) {
