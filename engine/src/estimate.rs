@@ -213,12 +213,17 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
                 ));
             } else {
                 notes.push(format!(
-                    "  ! step `{}` does not fit: {}B per device on {on} (> {:.0} GB{}); more data-parallel ranks (resources.tasks) shard only the optimizer state ({}B); recompute = \"on\" and a smaller micro_batch or loss_chunk shrink the activations{idle}",
+                    "  ! step `{}` does not fit: {}B per device on {on} (> {:.0} GB{}); more data-parallel ranks (resources.tasks) shard only the optimizer state ({}B){}{idle}",
                     r.step,
                     si(per_device),
                     gpu.memory_bytes / 1e9,
                     activations,
                     si(e.optimizer_state_bytes),
+                    if e.shrink_activations.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", e.shrink_activations)
+                    },
                 ));
             }
         }

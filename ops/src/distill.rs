@@ -692,6 +692,7 @@ impl Op for Distill {
             + teacher_transient;
         e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * ps;
         e.activation_bytes = activations + teacher_transient;
+        e.shrink_activations = train::shrink_activations(p);
         let recomputed = if recompute {
             " (student blocks recomputed)"
         } else {

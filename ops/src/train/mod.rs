@@ -280,6 +280,15 @@ pub fn activation_estimate(p: &Params, config: &ModelConfig, terms: usize) -> Op
     ))
 }
 
+/// Which settings would shrink a training step's activations, for an estimate that does not fit.
+pub fn shrink_activations(p: &Params) -> String {
+    if p.str("compute").is_ok_and(|c| c == "bfloat16") {
+        "the attention's own backward, recompute and loss_chunk run in float32 compute only: compute = \"float32\" turns them on".into()
+    } else {
+        "recompute = \"on\" and a smaller micro_batch or loss_chunk shrink the activations".into()
+    }
+}
+
 /// Parameter checks shared by the training ops.
 pub fn check(p: &Params) -> Vec<Problem> {
     let mut out = p.require_positive(&["seq_len", "micro_batch", "global_batch", "tokens"]);
@@ -657,6 +666,7 @@ impl crate::op::Op for Train {
         e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params + activations;
         e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * params;
         e.activation_bytes = activations;
+        e.shrink_activations = shrink_activations(p);
         e.basis = format!(
             "{}·P·T; 16 bytes/param (f32 weights, grads and Adam) plus activations{}",
             if recompute { 8 } else { 6 },
