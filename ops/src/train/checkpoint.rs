@@ -179,7 +179,7 @@ pub(super) fn write_checkpoint(
     if !ranks.is_first() {
         // The first rank writes the model and installs the checkpoint: no time limit for that
         // (a 12B model on a shared filesystem can take longer than a collective may wait).
-        return collective.wait_for_all().map_err(collective_error);
+        return after_first_alone(collective, ranks);
     }
     save_decoder(
         &tmp,
@@ -200,7 +200,22 @@ pub(super) fn write_checkpoint(
     }
     std::fs::rename(&tmp, ckpt).map_err(|e| OpError::io(ckpt, "install", e))?;
     let _ = std::fs::remove_dir_all(&old);
-    collective.wait_for_all().map_err(collective_error)
+    after_first_alone(collective, ranks)
+}
+
+/// The meeting after the first rank worked alone (a checkpoint, a validation): the others wait
+/// for it with no time limit, the first, whose peers are already waiting, with the collective's
+/// own, so that a peer that hung meanwhile is named instead of waited for forever.
+pub(super) fn after_first_alone(
+    collective: &dyn crate::parallel::Collective,
+    ranks: &crate::parallel::Ranks,
+) -> Result<(), OpError> {
+    if ranks.is_first() {
+        collective.barrier()
+    } else {
+        collective.wait_for_all()
+    }
+    .map_err(collective_error)
 }
 
 /// A collective's failure as the op's.

@@ -559,7 +559,7 @@ pub fn run(
         if validate {
             // The first rank validated alone; the others wait for it here, with no time limit
             // (a validation can take longer than a collective may wait).
-            collective.wait_for_all().map_err(collective_error)?;
+            after_first_alone(collective, &ranks)?;
         }
     }
     let secs = t0.elapsed().as_secs_f64();
