@@ -236,12 +236,7 @@ pub fn forward_host(
     (0..batch * kv_heads * blocks)
         .into_par_iter()
         .for_each_init(Scratch::default, |scratch, task| {
-            let (b, g, blk) = (
-                task / (kv_heads * blocks),
-                task / blocks % kv_heads,
-                task % blocks,
-            );
-            let (p0, p1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(seq));
+            let (b, g, (p0, p1)) = block_task(task, kv_heads, seq, ROW_BLOCK);
             let (c0, cols, rows) = (spec.first_visible(p0), p1 - spec.first_visible(p0), p1 - p0);
             l.gather(q, b, g, (p0, p1), &mut scratch.q_rows);
             scores_against(
@@ -367,6 +362,23 @@ fn probs_and_grads(
     );
 }
 
+/// Task `task` of `batch · kv_heads · ⌈seq / size⌉`, in that order: its batch, KV group and
+/// positions `[start, end)`, a block of `size`.
+fn block_task(
+    task: usize,
+    kv_heads: usize,
+    seq: usize,
+    size: usize,
+) -> (usize, usize, (usize, usize)) {
+    let blocks = seq.div_ceil(size);
+    let (b, g, blk) = (
+        task / (kv_heads * blocks),
+        task / blocks % kv_heads,
+        task % blocks,
+    );
+    (b, g, (blk * size, ((blk + 1) * size).min(seq)))
+}
+
 /// What every block of the backward reads: q and the output's gradient (q's layout), the
 /// transposed keys and values, and the forward's per-row statistics.
 struct BackwardBlock<'a> {
@@ -456,12 +468,7 @@ pub fn backward_host(
     (0..batch * kv_heads * blocks)
         .into_par_iter()
         .for_each_init(Scratch::default, |sc, task| {
-            let (b, g, blk) = (
-                task / (kv_heads * blocks),
-                task / blocks % kv_heads,
-                task % blocks,
-            );
-            let (p0, p1) = (blk * ROW_BLOCK, ((blk + 1) * ROW_BLOCK).min(seq));
+            let (b, g, (p0, p1)) = block_task(task, kv_heads, seq, ROW_BLOCK);
             let (c0, cols) = (spec.first_visible(p0), p1 - spec.first_visible(p0));
             let m = l.rep * (p1 - p0);
             block.probs_and_grads(sc, (b, g, p0, p1, c0, cols));
@@ -485,12 +492,7 @@ pub fn backward_host(
     (0..batch * kv_heads * key_blocks)
         .into_par_iter()
         .for_each_init(Scratch::default, |sc, task| {
-            let (b, g, kb) = (
-                task / (kv_heads * key_blocks),
-                task / key_blocks % kv_heads,
-                task % key_blocks,
-            );
-            let (k0, k1) = (kb * KEY_BLOCK, ((kb + 1) * KEY_BLOCK).min(seq));
+            let (b, g, (k0, k1)) = block_task(task, kv_heads, seq, KEY_BLOCK);
             let cols = k1 - k0;
             // The last query that sees key k1 - 1.
             let q_end = spec.shape.window.map_or(seq, |w| (k1 - 1 + w).min(seq));
