@@ -686,11 +686,12 @@ impl Op for Distill {
         let teacher_transient = t
             .as_ref()
             .map_or(0.0, |t| crate::estimate::one_block_bytes(t, micro_tokens));
-        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * ps
+        let precision = train::precision::Precision::from_params(p).ok()?;
+        e.memory_bytes = precision.bytes_per_param() * ps
             + teacher_bytes * pt
             + activations
             + teacher_transient;
-        e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * ps;
+        e.optimizer_state_bytes = precision.moment_bytes_per_param() * ps;
         e.activation_bytes = activations + teacher_transient;
         e.shrink_activations = train::shrink_activations(p);
         let recomputed = if recompute {
@@ -700,11 +701,13 @@ impl Op for Distill {
         };
         e.basis = if t.is_some() {
             format!(
-                "2·P_teacher·T + {student_passes}·P_student·T; student 16 bytes/param, teacher {teacher_bytes} bytes/param, plus activations{recomputed}"
+                "2·P_teacher·T + {student_passes}·P_student·T; student {}, teacher {teacher_bytes} bytes/param, plus activations{recomputed}",
+                precision.describe()
             )
         } else {
             format!(
-                "{student_passes}·P_student·T (cached teacher logits); student 16 bytes/param, plus activations{recomputed}"
+                "{student_passes}·P_student·T (cached teacher logits); student {}, plus activations{recomputed}",
+                precision.describe()
             )
         };
         Some(e)
@@ -1178,6 +1181,7 @@ mod tests {
             val_every: 0,
             val_sequences: 0,
             compute: Default::default(),
+            precision: Default::default(),
             recompute: train::Recompute::Off,
         }
     }

@@ -30,13 +30,6 @@ pub fn input_config(inputs: &BTreeMap<String, Estimate>, port: &str) -> Option<M
     ModelConfig::from_json_str(&cfg.to_string()).ok()
 }
 
-/// Bytes per parameter to train: f32 weights (4) and gradients (4) and Adam moments (8); bf16
-/// compute casts each matrix transiently. Activations come on top and depend on micro batch and
-/// sequence.
-pub const TRAIN_BYTES_PER_PARAM: f64 = 16.0;
-/// Of those, the AdamW moments (two f32 per parameter): what data-parallel ranks shard.
-pub const OPTIMIZER_BYTES_PER_PARAM: f64 = 8.0;
-
 /// Bytes per parameter of a frozen model in the `compute` parameter's dtype (matrices stored in it).
 pub fn infer_bytes_per_param(p: &crate::op::Params) -> f64 {
     match p.str("compute") {

@@ -1,14 +1,16 @@
 //! The model and every op that touches tensors: Llama/Mistral decoders on Burn, checkpoint IO,
-//! tokenizers and datasets, and the pipeline's ops (calibrate, score, depth_scan, prune, search, train, distill, evaluate).
+//! tokenizers and datasets, and the pipeline's ops (calibrate, score, depth_scan, prune, search, train, distill, teacher_logits, evaluate, and init for random-weight models).
 
 pub mod calibrate;
 pub mod compare;
+pub mod counter_rng;
 pub mod data;
 pub mod depth_scan;
 pub mod distill;
 pub mod estimate;
 pub mod evaluate;
 pub mod export_gguf;
+pub mod init;
 pub mod model;
 pub mod op;
 pub mod parallel;
@@ -42,6 +44,7 @@ pub fn builtin() -> OpRegistry {
         .register(export_gguf::ExportGguf)
         .register(search::Search)
         .register(depth_scan::DepthScan)
+        .register(init::Init)
         .set_source_describer(estimate::describe_source);
     r
 }

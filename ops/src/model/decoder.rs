@@ -1478,14 +1478,15 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
-    /// The output head as one matrix `[hidden, vocab]` (the tied embedding, transposed, where
-    /// the family ties it) and the logits' soft-cap (Gemma 2), what [`Self::logits_of`] applies.
+    /// The output head as one f32 matrix `[hidden, vocab]` (the tied embedding, transposed, where
+    /// the family ties it; cast where it is held in bf16) and the logits' soft-cap (Gemma 2),
+    /// what [`Self::logits_of`] applies.
     pub fn head(&self) -> (Tensor<B, 2>, Option<f64>) {
         let w = match &self.lm_head {
             Some(w) => w.val(),
             None => self.embed_tokens.val().transpose(),
         };
-        (w, self.extras.final_softcap)
+        (w.cast(FloatDType::F32), self.extras.final_softcap)
     }
 
     /// `tokens [batch, seq] -> logits [batch, seq, vocab]`

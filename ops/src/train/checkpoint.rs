@@ -58,25 +58,22 @@ fn state_file(ranks: &Ranks) -> String {
 pub(super) fn save_state(dir: &Path, state: &AdamState, ranks: &Ranks) -> Result<(), OpError> {
     let mut v = std::collections::BTreeMap::new();
     for (i, (m, s)) in state.m.iter().zip(&state.v).enumerate() {
-        v.insert(
-            format!("m.{i:05}"),
-            m.clone().into_data().to_vec::<f32>().unwrap(),
-        );
-        v.insert(
-            format!("v.{i:05}"),
-            s.clone().into_data().to_vec::<f32>().unwrap(),
-        );
+        // As f32 whatever their dtype: bf16 moments come back exactly.
+        let f32s = |t: &Tensor<B, 1>| t.clone().into_data().convert::<f32>().into_vec().unwrap();
+        v.insert(format!("m.{i:05}"), f32s(m));
+        v.insert(format!("v.{i:05}"), f32s(s));
     }
     write_vectors(&dir.join(state_file(ranks)), &v)
 }
 
-/// This rank's optimizer shard from a checkpoint written by `saved_world` ranks: the same world
-/// is required (the shards' cut depends on it).
+/// This rank's optimizer shard from a checkpoint written by `saved_world` ranks, its moments in
+/// `precision`'s dtype: the same world is required (the shards' cut depends on it).
 pub(super) fn load_state(
     dir: &Path,
     step: usize,
     saved_world: usize,
     ranks: &Ranks,
+    precision: super::precision::Precision,
     device: &Device,
 ) -> Result<AdamState, OpError> {
     if saved_world != ranks.world {
@@ -93,7 +90,10 @@ pub(super) fn load_state(
         v: Vec::new(),
     };
     for (k, x) in v {
-        let t = Tensor::<B, 1>::from_data(TensorData::new(x.clone(), [x.len()]), device);
+        let t = Tensor::<B, 1>::from_data(
+            TensorData::new(x.clone(), [x.len()]),
+            (device, precision.moments.tensor_dtype()),
+        );
         if k.starts_with("m.") {
             state.m.push(t);
         } else {
@@ -256,7 +256,7 @@ mod tests {
                 .join("optimizer.rank-00001-of-00002.safetensors")
                 .is_file()
         );
-        let err = load_state(dir.path(), 3, 2, &rank(1, 3), &device)
+        let err = load_state(dir.path(), 3, 2, &rank(1, 3), Default::default(), &device)
             .err()
             .expect("refused")
             .to_string();
@@ -264,7 +264,7 @@ mod tests {
             err.contains("sharded over 2 ranks; this run has 3") && err.contains("tasks = 2"),
             "{err}"
         );
-        let back = load_state(dir.path(), 3, 2, &rank(1, 2), &device).unwrap();
+        let back = load_state(dir.path(), 3, 2, &rank(1, 2), Default::default(), &device).unwrap();
         assert_eq!(
             back.m[0].clone().into_data().to_vec::<f32>().unwrap(),
             [1.0, 2.0]

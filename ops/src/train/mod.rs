@@ -28,6 +28,7 @@ pub mod head;
 mod metrics;
 mod objective;
 mod optimizer;
+pub mod precision;
 mod schedule;
 
 use checkpoint::*;
@@ -99,8 +100,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     pub val_every: usize,
     pub val_sequences: usize,
-    /// The dtype matmuls run in; weights and optimizer state stay f32.
+    /// The dtype matmuls run in.
     pub compute: Compute,
+    /// The dtypes of the trained matrices, their gradients and the AdamW moments.
+    pub precision: precision::Precision,
     /// `recompute`: "on", "off" or "auto" ([`TrainConfig::recomputes`]).
     pub recompute: Recompute,
 }
@@ -199,7 +202,7 @@ pub fn params() -> Vec<ParamSpec> {
             "compute",
             ParamType::Choice(&Compute::NAMES),
             ParamValue::Str("float32".into()),
-            "dtype the matmuls run in; bfloat16 keeps f32 master weights and optimizer state (for CUDA)",
+            "dtype the matmuls run in (for CUDA); the weights and optimizer state follow main_params_dtype and moments_dtype",
         ),
         ParamSpec::with_default(
             "dtype",
@@ -208,6 +211,9 @@ pub fn params() -> Vec<ParamSpec> {
             "dtype of the written checkpoint",
         ),
     ]
+    .into_iter()
+    .chain(precision::Precision::params())
+    .collect()
 }
 
 impl TrainConfig {
@@ -229,6 +235,7 @@ impl TrainConfig {
             val_every: p.usize("val_every")?,
             val_sequences: p.usize("val_sequences")?,
             compute: Compute::from_name(p.str("compute")?).unwrap_or_default(),
+            precision: precision::Precision::from_params(p)?,
             recompute: match p.str("recompute")? {
                 "on" => Recompute::On,
                 "off" => Recompute::Off,
@@ -436,7 +443,7 @@ pub fn run(
     let ckpt = ctx.scratch_dir.join("checkpoint");
     let mut start = 0;
     let mut metrics: Vec<serde_json::Value> = Vec::new();
-    let (mut student, mut state) = if ckpt.join("state.json").is_file() {
+    let (student, mut state) = if ckpt.join("state.json").is_file() {
         let s: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(ckpt.join("state.json"))
                 .map_err(|e| OpError::io(&ckpt, "read", e))?,
@@ -462,7 +469,7 @@ pub fn run(
                     .with_recompute(cfg.recomputes(&config)),
                 projections: projections(&objective.projections(), Some(&ckpt), device)?,
             },
-            load_state(&ckpt, start, saved_world, &ranks, device)?,
+            load_state(&ckpt, start, saved_world, &ranks, cfg.precision, device)?,
         )
     } else {
         (
@@ -474,6 +481,10 @@ pub fn run(
             },
             AdamState::new(),
         )
+    };
+    let mut student = Student {
+        model: precision::hold_main_params(student.model, cfg.precision),
+        ..student
     };
     let names = {
         let mut n = Names {
@@ -663,13 +674,15 @@ impl crate::op::Op for Train {
         let mut e = crate::estimate::model_estimate(&c);
         let (activations, recompute) = activation_estimate(p, &c, 1)?;
         e.flops = if recompute { 8.0 } else { 6.0 } * params * tokens;
-        e.memory_bytes = crate::estimate::TRAIN_BYTES_PER_PARAM * params + activations;
-        e.optimizer_state_bytes = crate::estimate::OPTIMIZER_BYTES_PER_PARAM * params;
+        let precision = precision::Precision::from_params(p).ok()?;
+        e.memory_bytes = precision.bytes_per_param() * params + activations;
+        e.optimizer_state_bytes = precision.moment_bytes_per_param() * params;
         e.activation_bytes = activations;
         e.shrink_activations = shrink_activations(p);
         e.basis = format!(
-            "{}·P·T; 16 bytes/param (f32 weights, grads and Adam) plus activations{}",
+            "{}·P·T; {} plus activations{}",
             if recompute { 8 } else { 6 },
+            precision.describe(),
             if recompute {
                 " (blocks recomputed)"
             } else {

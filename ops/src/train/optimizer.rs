@@ -8,8 +8,11 @@
 
 use std::ops::Range;
 
+use burn::tensor::FloatDType;
+
 use crate::parallel::{Collective, CollectiveError, Shards};
 
+use super::precision::{AdamStep, PiecePosition, adamw_rounded};
 use super::*;
 
 /// AdamW state for this rank's shard: first and second moments, one flat tensor per piece.
@@ -28,12 +31,12 @@ impl AdamState {
         }
     }
 
-    /// Bytes the moments take: this rank's optimizer state.
+    /// Bytes the moments take in their dtype: this rank's optimizer state.
     pub fn bytes(&self) -> usize {
         self.m
             .iter()
             .chain(&self.v)
-            .map(|t| t.dims()[0] * std::mem::size_of::<f32>())
+            .map(|t| t.dims()[0] * t.dtype().size())
             .sum()
     }
 }
@@ -103,7 +106,8 @@ impl ModuleVisitor<TB> for Flat<'_> {
     }
 }
 
-/// Replaces every parameter's value by `values[i]` (flat), in visiting order.
+/// Replaces every parameter's value by `values[i]` (flat, any float dtype), in visiting order,
+/// in the parameter's own dtype.
 struct SetValues {
     values: std::vec::IntoIter<Tensor<B, 1>>,
 }
@@ -113,6 +117,11 @@ impl ModuleMapper<TB> for SetValues {
         let (id, tensor, mapper) = param.consume();
         let dims = tensor.dims();
         let v = self.values.next().expect("a value per parameter");
+        let v = if v.dtype() == tensor.dtype() {
+            v
+        } else {
+            v.cast(tensor.dtype())
+        };
         Param::from_mapped_value(
             id,
             Tensor::from_inner(v.reshape(dims)).require_grad(),
@@ -149,7 +158,11 @@ fn scalar(t: Tensor<B, 1>) -> f64 {
 }
 
 fn host(t: &Tensor<B, 1>) -> Vec<f32> {
-    t.clone().into_data().to_vec::<f32>().expect("f32 tensor")
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 after convert")
 }
 
 /// One optimizer step over the global batch `micro_batches` (`[micro_batch]` sequences each):
@@ -291,7 +304,8 @@ pub fn optimizer_step(
     let mut partial = vec![0f64; params.len()];
     for (piece, g) in pieces.iter().zip(&grad_pieces) {
         if let Some(g) = g {
-            partial[piece.param] = scalar(g.clone().powf_scalar(2.0).sum());
+            // Summed in f32 whatever the gradient's dtype.
+            partial[piece.param] = scalar(g.clone().cast(FloatDType::F32).powf_scalar(2.0).sum());
         }
     }
     let sq: Vec<f64> = if solo {
@@ -324,6 +338,7 @@ pub fn optimizer_step(
     // AdamW on this rank's pieces.
     let (b1, b2) = (cfg.beta1, cfg.beta2);
     let t = state.step as i32 + 1;
+    let moments = cfg.precision.moments.tensor_dtype();
     let mut updated: Vec<Tensor<B, 1>> = Vec::with_capacity(pieces.len());
     for (k, (piece, g)) in pieces.iter().zip(grad_pieces).enumerate() {
         let value = &params[piece.param].value;
@@ -333,13 +348,40 @@ pub fn optimizer_step(
             value.clone().slice([piece.range.clone()])
         };
         if state.m.len() <= k {
-            state.m.push(Tensor::zeros([piece.range.len()], device));
-            state.v.push(Tensor::zeros([piece.range.len()], device));
+            let zeros = || Tensor::zeros([piece.range.len()], (device, moments));
+            state.m.push(zeros());
+            state.v.push(zeros());
         }
         let Some(g) = g else {
             updated.push(p);
             continue;
         };
+        if cfg.precision.rounds() {
+            let h = AdamStep {
+                lr,
+                beta1: b1,
+                beta2: b2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+                scale,
+                t,
+            };
+            let at = PiecePosition {
+                step: state.step as u64,
+                param: piece.param as u64,
+                offset: piece.range.start as u64,
+            };
+            let [p, m, v] = adamw_rounded(
+                [p, g, state.m[k].clone(), state.v[k].clone()],
+                &h,
+                at,
+                device,
+            );
+            updated.push(p);
+            state.m[k] = m;
+            state.v[k] = v;
+            continue;
+        }
         let g = g * scale;
         let m = state.m[k].clone() * b1 + g.clone() * (1.0 - b1);
         let v = state.v[k].clone() * b2 + g.powf_scalar(2.0) * (1.0 - b2);
