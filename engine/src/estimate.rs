@@ -219,10 +219,10 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
                     gpu.memory_bytes / 1e9,
                     activations,
                     si(e.optimizer_state_bytes),
-                    if e.shrink_activations.is_empty() {
+                    if e.shrink_memory.is_empty() {
                         String::new()
                     } else {
-                        format!("; {}", e.shrink_activations)
+                        format!("; {}", e.shrink_memory)
                     },
                 ));
             }
@@ -233,6 +233,6 @@ pub fn render(recipe: &Recipe, rows: &[StepEstimate], gpu: Gpu, mfu: f64) -> Str
         out.push_str(&n);
         out.push('\n');
     }
-    out.push_str("  (training memory: 16 bytes/param for f32 weights, grads and Adam moments; frozen models 2 bytes/param with compute = \"bfloat16\", else 4; activations at the recipe's micro_batch and seq_len, with recompute and loss_chunk as set)\n");
+    out.push_str("  (training memory: per parameter 4 + 4 bytes of weights and grads, 2 + 2 with main_params_dtype = \"bfloat16\", and 8 bytes of Adam moments, 4 with moments_dtype = \"bfloat16\"; frozen models 2 bytes/param with compute = \"bfloat16\", else 4, none with cached teacher logits; activations at the recipe's micro_batch and seq_len, with recompute and loss_chunk as set)\n");
     out
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::model::checkpoint::load_config;
 use crate::model::config::ModelConfig;
+use crate::model::decoder::Compute;
 use crate::op::{Artifact, ArtifactKind, Estimate};
 
 /// A model source: its config and parameter count.
@@ -46,17 +47,24 @@ pub const RECOMPUTE_ABOVE_BYTES: f64 = 2.0 * 1024.0 * 1024.0 * 1024.0;
 /// about `6·hidden` (two norms' inputs, statistics and outputs), `4·heads·head_dim + 4·kv_heads·
 /// head_dim` (q, k before and after RoPE, v, the context; the attention itself keeps only its
 /// log-sum-exp), and `5·intermediate` (gate, up, the activation and its input, the product).
+/// Under bf16 compute each product also keeps its bf16 input ([`bf16_input_bytes`]).
 /// With `recompute`, one residual stream per layer and one block's activations at a time.
 /// Measured against this (scripts/distill-memory.sh): SmolLM2's 67.6M student at 2048 tokens,
 /// 2.39 GB by the formula without recomputation, peaks at 4.58 GB in all with its f32 teacher
 /// (0.54 GB) and training state (1.08 GB); 0.17 GB by the formula with recomputation, 2.51 GB
 /// in all.
-pub fn block_activation_bytes(config: &ModelConfig, tokens: usize, recompute: bool) -> f64 {
+pub fn block_activation_bytes(
+    config: &ModelConfig,
+    tokens: usize,
+    recompute: bool,
+    compute: Compute,
+) -> f64 {
     let layers = config.num_hidden_layers as f64;
+    let kept = one_block_bytes(config, tokens) + bf16_input_bytes(config, tokens, compute);
     if recompute {
-        4.0 * tokens as f64 * layers * config.hidden_size as f64 + one_block_bytes(config, tokens)
+        4.0 * tokens as f64 * layers * config.hidden_size as f64 + kept
     } else {
-        layers * one_block_bytes(config, tokens)
+        layers * kept
     }
 }
 
@@ -71,12 +79,17 @@ pub fn one_block_bytes(config: &ModelConfig, tokens: usize) -> f64 {
     4.0 * tokens as f64 * (6.0 * h + 4.0 * heads * d + 4.0 * kv * d + 5.0 * f)
 }
 
-/// Bytes the tensor-op attention keeps for its backward pass (bfloat16 compute, where the
-/// attention with its own backward does not run): per layer the scores and the probabilities,
-/// `[micro_batch, heads, seq, seq]` each, counted at 2 bytes.
-pub fn attention_score_bytes(config: &ModelConfig, micro_batch: usize, seq: usize) -> f64 {
-    let per_layer = (micro_batch * config.num_attention_heads) as f64 * (seq * seq) as f64;
-    2.0 * 2.0 * per_layer * config.num_hidden_layers as f64
+/// Under bf16 compute, the bf16 copies of one block's product inputs that autodiff keeps for the
+/// backward (each product casts its input: q, k, v and gate, up take the normed hidden state,
+/// o the context, down the activation), `2·tokens·(5·hidden + heads·head_dim + intermediate)`;
+/// 0 in f32.
+pub fn bf16_input_bytes(config: &ModelConfig, tokens: usize, compute: Compute) -> f64 {
+    if compute == Compute::F32 {
+        return 0.0;
+    }
+    let h = config.hidden_size as f64;
+    let qd = (config.num_attention_heads * config.head_dim) as f64;
+    2.0 * tokens as f64 * (5.0 * h + qd + config.intermediate_size as f64)
 }
 
 /// Bytes of the output head and loss at `tokens` per micro-batch, in chunks of `chunk` tokens

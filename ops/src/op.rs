@@ -608,9 +608,9 @@ pub struct Estimate {
     /// How the figures were derived, for the reader.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub basis: String,
-    /// Which of the step's settings would shrink `activation_bytes`, said when it does not fit.
+    /// Which of the step's settings would shrink its memory, said when it does not fit.
     #[serde(skip_serializing_if = "String::is_empty")]
-    pub shrink_activations: String,
+    pub shrink_memory: String,
 }
 
 fn is_zero(x: &f64) -> bool {

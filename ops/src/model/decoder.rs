@@ -515,13 +515,12 @@ impl<B: Backend> Attention<B> {
         let (window, scale) = (self.sliding_window, self.scale as f32);
         let fused = match (c, self.softcap) {
             // The fused CPU forward multiplies in f32 and does not cap; training's attention
-            // (any backend) caps; bf16 compute keeps the tensor ops.
+            // (any backend) caps. Under bf16 compute, training takes its attention too (its scores
+            // in f32 from the f32 projections: no [seq, seq] tensors kept for the backward),
+            // while inference keeps the tensor ops, which multiply in bf16 as transformers does.
             (Compute::F32, None) => fast::causal_attention(q, k, v, window, scale)
                 .or_else(|(q, k, v)| fast::trained_attention(q, k, v, window, scale, None)),
-            (Compute::F32, Some(cap)) => {
-                fast::trained_attention(q, k, v, window, scale, Some(cap as f32))
-            }
-            _ => Err((q, k, v)),
+            (_, cap) => fast::trained_attention(q, k, v, window, scale, cap.map(|c| c as f32)),
         };
         let context = match fused {
             Ok(context) => context.reshape([b, s, self.n_heads * self.head_dim]),
@@ -1648,56 +1647,65 @@ mod tests {
     #[test]
     fn recomputed_blocks_give_the_same_gradients() {
         type T = crate::runtime::TrainBackend;
+        use crate::train::precision::{Precision, StateDType, hold_main_params};
+        let bf16_held = Precision {
+            main_params: StateDType::Bf16,
+            moments: StateDType::F32,
+        };
+        // f32; bf16 compute; bf16 compute with the matrices held in bf16 (their gradients too).
+        let settings = [
+            (Compute::F32, Precision::default()),
+            (Compute::Bf16, Precision::default()),
+            (Compute::Bf16, bf16_held),
+        ];
         for name in [
             "llama-gqa-tied-f32",
             "family-gemma2",
             "family-qwen3",
             "family-phi3",
         ] {
-            let m = golden(name);
-            let device = Default::default();
-            let ids: Vec<u32> = (0..40).map(|i| (i * 7 % 50) as u32).collect();
-            let run = |recompute: bool| {
-                let d = Decoder::<T>::load(&m.config, &m.weights, &device)
-                    .unwrap()
-                    .with_recompute(recompute);
-                let mut hooks = BlockOutputsProbe(HashMap::new());
-                let logits = d.forward_with_hooks(tokens_tensor::<T>(&ids, 2, &device), &mut hooks);
-                // The hooked block outputs stay on the graph, as the hidden-state loss uses them.
-                let hooked = hooks
-                    .0
-                    .values()
-                    .map(|t| t.clone().powf_scalar(2.0).mean())
-                    .fold(Tensor::<T, 1>::zeros([1], &device), |a, b| a + b);
-                let loss = (logits.clone() * logits.clone().detach().cos()).sum() + hooked;
-                let grads = loss.backward();
-                let mut out = vec![logits.into_data().to_vec::<f32>().unwrap()];
-                let v =
-                    |t: Tensor<crate::runtime::Backend, 2>| t.into_data().to_vec::<f32>().unwrap();
-                for block in [&d.layers[0], d.layers.last().unwrap()] {
-                    out.push(v(block.self_attn.q_proj.grad(&grads).unwrap()));
-                    out.push(v(block.mlp.down_proj.grad(&grads).unwrap()));
-                    out.push(
-                        block
-                            .attn_norm
-                            .weight
-                            .grad(&grads)
-                            .unwrap()
-                            .into_data()
-                            .to_vec::<f32>()
-                            .unwrap(),
+            for (compute, precision) in settings {
+                let m = golden(name);
+                let device = Default::default();
+                let ids: Vec<u32> = (0..40).map(|i| (i * 7 % 50) as u32).collect();
+                let run = |recompute: bool| {
+                    let d = Decoder::<T>::load(&m.config, &m.weights, &device)
+                        .unwrap()
+                        .with_compute(compute)
+                        .with_recompute(recompute);
+                    let d = hold_main_params(d, precision);
+                    let mut hooks = BlockOutputsProbe(HashMap::new());
+                    let logits =
+                        d.forward_with_hooks(tokens_tensor::<T>(&ids, 2, &device), &mut hooks);
+                    // The hooked block outputs stay on the graph, as the hidden-state loss uses
+                    // them.
+                    let hooked = hooks
+                        .0
+                        .values()
+                        .map(|t| t.clone().powf_scalar(2.0).mean())
+                        .fold(Tensor::<T, 1>::zeros([1], &device), |a, b| a + b);
+                    let loss = (logits.clone() * logits.clone().detach().cos()).sum() + hooked;
+                    let grads = loss.backward();
+                    fn v<const D: usize>(t: Tensor<crate::runtime::Backend, D>) -> Vec<f32> {
+                        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+                    }
+                    let mut out = vec![v(logits.inner())];
+                    for block in [&d.layers[0], d.layers.last().unwrap()] {
+                        out.push(v(block.self_attn.q_proj.grad(&grads).unwrap()));
+                        out.push(v(block.mlp.down_proj.grad(&grads).unwrap()));
+                        out.push(v(block.attn_norm.weight.grad(&grads).unwrap()));
+                    }
+                    out.push(v(d.embed_tokens.grad(&grads).unwrap()));
+                    out
+                };
+                let (recomputed, kept) = (run(true), run(false));
+                for (i, (got, want)) in recomputed.iter().zip(&kept).enumerate() {
+                    let (diff, scale) = max_diff(got, want);
+                    assert!(
+                        diff <= 1e-6 * scale,
+                        "{name} {compute:?} {precision:?} tensor {i}: max |Δ| {diff} of {scale}"
                     );
                 }
-                out.push(v(d.embed_tokens.grad(&grads).unwrap()));
-                out
-            };
-            let (recomputed, kept) = (run(true), run(false));
-            for (i, (got, want)) in recomputed.iter().zip(&kept).enumerate() {
-                let (diff, scale) = max_diff(got, want);
-                assert!(
-                    diff <= 1e-6 * scale,
-                    "{name} tensor {i}: max |Δ| {diff} of {scale}"
-                );
             }
         }
     }

@@ -27,7 +27,7 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on as u8, Ordering::Relaxed);
 }
 
-fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     match ENABLED.load(Ordering::Relaxed) {
         UNSET => {
             let on = std::env::var("DISTILLERY_UNFUSED").map_or(true, |v| v.is_empty() || v == "0");

@@ -21,9 +21,10 @@ use super::decoder::{Block, Compute, Rope, block_forward};
 use crate::runtime::{Backend as B, TrainBackend as TB};
 
 /// `block` applied to the residual stream `x [batch, seq, hidden]` (attention and MLP with their
-/// residual adds), recomputed in the backward instead of kept: under the training backend in
-/// f32. `Err(x)` hands the input back where it does not apply (another backend), for the
-/// caller's ordinary path.
+/// residual adds), recomputed in the backward instead of kept: under the training backend, in
+/// `compute` both times. `Err(x)` hands the input back where it does not apply (another
+/// backend, or the fast paths off with `DISTILLERY_UNFUSED=1`: the tensor-op attention needs the
+/// mask this path does not build), for the caller's ordinary path.
 pub fn checkpointed_block<Bk: Backend>(
     block: &Block<Bk>,
     x: Tensor<Bk, 3>,
@@ -36,11 +37,13 @@ pub fn checkpointed_block<Bk: Backend>(
     ) else {
         return Err(x);
     };
-    if compute != Compute::F32 {
+    if !super::fast::enabled() {
         return Err(x);
     }
     let x: Tensor<TB, 3> = cast(x);
-    checkpoint(block, x, rope.clone()).map(cast).map_err(cast)
+    checkpoint(block, x, rope.clone(), compute)
+        .map(cast)
+        .map_err(cast)
 }
 
 /// `value` as the type it is known to be (checked by the caller's downcasts).
@@ -49,12 +52,14 @@ fn cast<From: 'static, To: 'static>(value: From) -> To {
     *any.downcast::<To>().expect("the training backend")
 }
 
-/// What the backward reruns: the block's weights and input (no graph) and its RoPE tables.
+/// What the backward reruns: the block's weights and input (no graph), its RoPE tables and the
+/// compute dtype.
 #[derive(Clone, Debug)]
 struct Saved {
     block: Block<B>,
     x: FloatTensor<B>,
     rope: Rope<TB>,
+    compute: Compute,
 }
 
 #[derive(Debug)]
@@ -65,11 +70,16 @@ impl<const N: usize> Backward<B, N> for BlockBackward {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let upstream = grads.consume::<B>(&ops.node);
-        let Saved { block, x, rope } = ops.state;
+        let Saved {
+            block,
+            x,
+            rope,
+            compute,
+        } = ops.state;
         // A graph of its own: fresh leaves for the input and the weights (those that train).
         let local = Block::<TB>::from_inner(block);
         let x = Tensor::<TB, 3>::from_inner(float(x)).require_grad();
-        let out = block_forward(&local, x.clone(), &rope, &no_mask, Compute::F32);
+        let out = block_forward(&local, x.clone(), &rope, &no_mask, compute);
         let local_grads = (out * Tensor::<TB, 3>::from_inner(float(upstream)))
             .sum()
             .backward();
@@ -92,7 +102,7 @@ fn float<const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
 }
 
 /// The training attention builds no mask (it computes causality and windows itself), and
-/// [`checkpointed_block`] runs only where it applies (the training backend in f32).
+/// [`checkpointed_block`] runs only where it applies (the training backend, fast paths on).
 fn no_mask(_: Option<usize>) -> Tensor<TB, 4> {
     unreachable!("the training attention takes no mask")
 }
@@ -128,6 +138,7 @@ fn checkpoint(
     block: &Block<TB>,
     x: Tensor<TB, 3>,
     rope: Rope<TB>,
+    compute: Compute,
 ) -> Result<Tensor<TB, 3>, Tensor<TB, 3>> {
     let mut params = ParamNodes(Vec::new());
     block.visit(&mut params);
@@ -145,7 +156,7 @@ fn checkpoint(
         Tensor::<TB, 3>::from_inner(float(x.primitive.clone())),
         &rope,
         &no_mask,
-        Compute::F32,
+        compute,
     )
     .inner()
     .into_primitive()
@@ -154,6 +165,7 @@ fn checkpoint(
         block: weights,
         x: x.primitive,
         rope,
+        compute,
     };
     macro_rules! with_parents {
         ($($n:literal)*) => {

@@ -16,8 +16,9 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
+use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorPrimitive};
 
+use crate::model::decoder::Compute;
 use crate::runtime::{Backend as B, TrainBackend as TB};
 
 /// The loss terms of one chunk: given the rows `range` of the loss's tokens and their logits
@@ -28,13 +29,15 @@ pub type ChunkTerms<'a> = dyn Fn(Range<usize>, &[Tensor<TB, 2>]) -> Vec<Tensor<T
 
 /// `hidden [tokens, hidden]` (the final norm's output, the rows the loss counts) through the
 /// head `weight [hidden, vocab]` (soft-capped by `softcap` where set) into `terms` loss terms,
-/// `chunk` tokens at a time. Returns the terms summed over chunks, `[terms]`, differentiable
+/// `chunk` tokens at a time, the head's products in `compute` (bf16 operands and an f32
+/// result under bf16, as the unchunked head and its autocast backward multiply). Returns the terms summed over chunks, `[terms]`, differentiable
 /// with respect to `hidden` and `weight`. Memory beyond the inputs: one chunk's logits and its
 /// terms' temporaries, plus one gradient of `hidden` and one of `weight` per term.
 pub fn chunked_head_loss(
     hidden: Tensor<TB, 2>,
     weight: Tensor<TB, 2>,
     softcap: Option<f64>,
+    compute: Compute,
     chunk: usize,
     terms: usize,
     chunk_terms: &ChunkTerms<'_>,
@@ -92,7 +95,7 @@ pub fn chunked_head_loss(
     for start in (0..rows).step_by(chunk) {
         let range = start..(start + chunk).min(rows);
         let h = h_inner.clone().slice(range.clone());
-        let raw = product(h.clone(), w_inner.clone());
+        let raw = product(h.clone(), w_inner.clone(), compute);
         // One leaf per term, so that each term's backward is its own.
         let leaves: Vec<Tensor<TB, 2>> = (0..terms)
             .map(|_| Tensor::<TB, 2>::from_inner(raw.clone()).require_grad())
@@ -112,8 +115,8 @@ pub fn chunked_head_loss(
             values[i] += value as f64;
             let grads = term.backward();
             let Some(g) = leaf.grad(&grads) else { continue };
-            d_hidden[i].push(product(g.clone(), w_inner.clone().transpose()));
-            let dw = product(h.clone().transpose(), g);
+            d_hidden[i].push(product(g.clone(), w_inner.clone().transpose(), compute));
+            let dw = product(h.clone().transpose(), g, compute);
             d_weight[i] = Some(match d_weight[i].take() {
                 Some(acc) => acc + dw,
                 None => dw,
@@ -155,7 +158,13 @@ pub fn chunked_head_loss(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// `a @ b`, on the CPU through the forward's gemm path.
-fn product(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
-    crate::model::fast::matmul(a, b).unwrap_or_else(|(a, b)| a.matmul(b))
+/// `a @ b` in `compute`, the product in f32; in f32 on the CPU through the forward's gemm path.
+fn product(a: Tensor<B, 2>, b: Tensor<B, 2>, compute: Compute) -> Tensor<B, 2> {
+    match compute {
+        Compute::F32 => crate::model::fast::matmul(a, b).unwrap_or_else(|(a, b)| a.matmul(b)),
+        Compute::Bf16 => a
+            .cast(FloatDType::BF16)
+            .matmul(b.cast(FloatDType::BF16))
+            .cast(FloatDType::F32),
+    }
 }

@@ -144,13 +144,13 @@ pub fn params() -> Vec<ParamSpec> {
             "loss_chunk",
             ParamType::Int,
             I(256),
-            "tokens per chunk of the output head and loss: the logits [tokens, vocab] exist one chunk at a time (0: the whole micro-batch at once; float32 compute only, bfloat16 runs the head whole)",
+            "tokens per chunk of the output head and loss: the logits [tokens, vocab] exist one chunk at a time (0: the whole micro-batch at once)",
         ),
         ParamSpec::with_default(
             "recompute",
             ParamType::Choice(&["auto", "on", "off"]),
             ParamValue::Str("auto".into()),
-            "recompute each block's activations in the backward pass instead of keeping them (one more forward per step; float32 compute only): auto turns it on when the kept activations would pass 2 GiB",
+            "recompute each block's activations in the backward pass instead of keeping them (one more forward per step): auto turns it on when the kept activations would pass 2 GiB",
         ),
         ParamSpec::with_default("lr", ParamType::Float, Float(1e-4), "peak learning rate"),
         ParamSpec::with_default(
@@ -249,12 +249,10 @@ impl TrainConfig {
         match self.recompute {
             Recompute::On => true,
             Recompute::Off => false,
-            // Blocks recompute in f32 compute only (check() refuses "on" with bfloat16).
             Recompute::Auto => {
                 let tokens = self.micro_batch * self.seq_len;
-                self.compute == Compute::F32
-                    && crate::estimate::block_activation_bytes(config, tokens, false)
-                        > crate::estimate::RECOMPUTE_ABOVE_BYTES
+                crate::estimate::block_activation_bytes(config, tokens, false, self.compute)
+                    > crate::estimate::RECOMPUTE_ABOVE_BYTES
             }
         }
     }
@@ -262,38 +260,48 @@ impl TrainConfig {
 
 /// The activation bytes of training a student of `config` with these parameters (`terms` loss
 /// terms on the head), and whether its blocks recompute; `None` when a parameter is unreadable.
-/// Under bfloat16 compute the memory paths are off (they run in f32 compute only): the
-/// attention keeps its score matrices, the head runs unchunked, no block recomputes.
+/// Under bf16 compute without recomputation, the bf16 copies of f32-held matrices that the
+/// products keep for the backward count too (2 bytes a parameter).
 pub fn activation_estimate(p: &Params, config: &ModelConfig, terms: usize) -> Option<(f64, bool)> {
     let cfg = TrainConfig::from_params(p).ok()?;
     let recompute = cfg.recomputes(config);
     let tokens = cfg.micro_batch * cfg.seq_len;
-    let f32_paths = cfg.compute == Compute::F32;
-    let chunk = if f32_paths {
-        p.usize("loss_chunk").ok()?
+    let chunk = p.usize("loss_chunk").ok()?;
+    let weight_copies = if cfg.compute == Compute::Bf16
+        && !recompute
+        && cfg.precision.main_params == precision::StateDType::F32
+    {
+        2.0 * config.parameter_count().0 as f64
     } else {
-        0
-    };
-    let scores = if f32_paths {
         0.0
-    } else {
-        crate::estimate::attention_score_bytes(config, cfg.micro_batch, cfg.seq_len)
     };
     Some((
-        crate::estimate::block_activation_bytes(config, tokens, recompute)
+        crate::estimate::block_activation_bytes(config, tokens, recompute, cfg.compute)
             + crate::estimate::head_activation_bytes(config, tokens, chunk, terms)
-            + scores,
+            + weight_copies,
         recompute,
     ))
 }
 
-/// Which settings would shrink a training step's activations, for an estimate that does not fit.
-pub fn shrink_activations(p: &Params) -> String {
-    if p.str("compute").is_ok_and(|c| c == "bfloat16") {
-        "the attention's own backward, recompute and loss_chunk run in float32 compute only: compute = \"float32\" turns them on".into()
-    } else {
-        "recompute = \"on\" and a smaller micro_batch or loss_chunk shrink the activations".into()
+/// Which of a training step's settings would shrink its memory, for an estimate that does not
+/// fit: the optimizer precision modes not yet in bf16, recomputation where it is off, smaller
+/// micro-batches and head chunks, and for a live teacher (`live_teacher`) cached logits.
+pub fn shrink_memory(p: &Params, live_teacher: bool) -> String {
+    let mut out = Vec::new();
+    if p.str("main_params_dtype").is_ok_and(|d| d != "bfloat16") {
+        out.push("main_params_dtype = \"bfloat16\" (4 bytes a parameter less)".to_string());
     }
+    if p.str("moments_dtype").is_ok_and(|d| d != "bfloat16") {
+        out.push("moments_dtype = \"bfloat16\" (4 bytes a parameter less)".into());
+    }
+    if live_teacher {
+        out.push("a teacher_logits step as the teacher_logits input instead of the live teacher".into());
+    }
+    if p.str("recompute").is_ok_and(|r| r != "on") {
+        out.push("recompute = \"on\"".into());
+    }
+    out.push("a smaller micro_batch or loss_chunk".into());
+    format!("what shrinks it: {}", out.join(", "))
 }
 
 /// Parameter checks shared by the training ops.
@@ -306,14 +314,6 @@ pub fn check(p: &Params) -> Vec<Problem> {
         out.push(Problem {
             param: Some("global_batch".into()),
             message: format!("global_batch {g} must be a multiple of micro_batch {m}"),
-        });
-    }
-    if p.str("recompute").is_ok_and(|r| r == "on")
-        && p.str("compute").is_ok_and(|c| c == "bfloat16")
-    {
-        out.push(Problem {
-            param: Some("recompute".into()),
-            message: "recomputation runs in float32 compute only for now: with compute = \"bfloat16\" set recompute = \"off\" (or \"auto\", which leaves it off), or compute = \"float32\"".into(),
         });
     }
     if p.int("loss_chunk").is_ok_and(|v| v < 0) {
@@ -678,7 +678,7 @@ impl crate::op::Op for Train {
         e.memory_bytes = precision.bytes_per_param() * params + activations;
         e.optimizer_state_bytes = precision.moment_bytes_per_param() * params;
         e.activation_bytes = activations;
-        e.shrink_activations = shrink_activations(p);
+        e.shrink_memory = shrink_memory(p, false);
         e.basis = format!(
             "{}·P·T; {} plus activations{}",
             if recompute { 8 } else { 6 },

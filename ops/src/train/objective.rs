@@ -85,10 +85,9 @@ pub fn trained_targets(targets: &[u32], trained: Option<&[bool]>) -> Vec<i64> {
     }
 }
 
-/// Whether `model`'s head may run chunked: a `chunk` is set and the head multiplies in f32 (a
-/// bf16 head keeps the unchunked path).
-pub fn chunks_head<Bk: burn::tensor::backend::Backend>(model: &Decoder<Bk>, chunk: usize) -> bool {
-    chunk > 0 && model.compute == Compute::F32
+/// Whether `model`'s head runs chunked: a `chunk` is set (in either compute dtype).
+pub fn chunks_head(chunk: usize) -> bool {
+    chunk > 0
 }
 
 /// The rows `[tokens, width]` the loss counts: all (`trained` is `None`), or those it marks;
@@ -131,7 +130,7 @@ impl Objective for CrossEntropy {
         device: &Device,
     ) -> Tensor<TB, 1> {
         let tokens = tokens_tensor::<TB>(input, batch, device);
-        if !chunks_head(&student.model, self.chunk) {
+        if !chunks_head(self.chunk) {
             return cross_entropy(student.model.forward(tokens), targets, trained);
         }
         let hidden = student.model.hidden(tokens, &mut NoHooks);
@@ -142,10 +141,19 @@ impl Objective for CrossEntropy {
         let kept = trained_targets(targets, trained);
         let n = kept.len();
         let (weight, softcap) = student.model.head();
-        chunked_head_loss(rows, weight, softcap, self.chunk, 1, &|range, logits| {
-            let share = range.len() as f64 / n as f64;
-            vec![cross_entropy_rows(logits[0].clone(), &kept[range]) * share]
-        })
+        let compute = student.model.compute;
+        chunked_head_loss(
+            rows,
+            weight,
+            softcap,
+            compute,
+            self.chunk,
+            1,
+            &|range, logits| {
+                let share = range.len() as f64 / n as f64;
+                vec![cross_entropy_rows(logits[0].clone(), &kept[range]) * share]
+            },
+        )
     }
     fn name(&self) -> &'static str {
         "cross_entropy"
