@@ -5,7 +5,8 @@
 #                                CUDA `distillery` into gpu-bin/ (name it in the device run's carry)
 #   scripts/gpu-check.sh run     on the GPU machine: runs them and prints their figures
 #
-# FEATURE=wgpu does the same on wgpu (lavapipe here), which checks this script without a GPU.
+# FEATURE=wgpu does the same on wgpu (lavapipe here), which checks this script without a GPU
+# (SCALE=0 there: the at-scale runs are for a real device).
 # Bench sizes: TOKENS, VOCAB, REPS (see kernels/benches/cube.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +92,20 @@ run)
       --set steps.distilled.resources.tasks=$tasks
   fi
   rm -rf "$work"
+  if [ "${SCALE:-1}" = 1 ]; then
+    # Real widths without real weights (scripts/scale-bench.sh): a 1B-class Llama whole, and the
+    # first two layers of Llama-3.1-8B and Mistral-NeMo-12B at sequence 8192, each distilled into
+    # its published width-pruned shape. SCALE=0 skips this.
+    compute=float32
+    [ "$(cat "$bin/FEATURE")" = cuda ] && compute=bfloat16
+    echo "== at scale, random weights (compute $compute)"
+    BIN="$bin/distillery" COMPUTE=$compute CONFIG=llama-3.2-1b LAYERS=16 SEQ=2048 HIDDEN=1536 FFN=6144 \
+      scripts/scale-bench.sh
+    BIN="$bin/distillery" COMPUTE=$compute CONFIG=llama-3.1-8b LAYERS=2 SEQ=8192 HIDDEN=3072 FFN=9216 \
+      scripts/scale-bench.sh
+    BIN="$bin/distillery" COMPUTE=$compute CONFIG=mistral-nemo-12b LAYERS=2 SEQ=8192 HIDDEN=4096 FFN=11520 \
+      scripts/scale-bench.sh
+  fi
   ;;
 *)
   sed -n '2,10p' "$0" >&2

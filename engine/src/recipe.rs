@@ -374,6 +374,10 @@ impl Checker<'_> {
         if !self.diags.is_empty() {
             return None;
         }
+        self.check_producers(&steps);
+        if !self.diags.is_empty() {
+            return None;
+        }
         Some(Recipe {
             path: path.to_path_buf(),
             name,
@@ -384,6 +388,36 @@ impl Checker<'_> {
             steps,
             map,
         })
+    }
+
+    /// Each step's parameters against those of the steps feeding it ([`Op::check_producer`]),
+    /// reported at the step's parameter (else at the input).
+    fn check_producers(&mut self, steps: &[StepDecl]) {
+        for s in steps {
+            let Some(op) = self.registry.get(&s.op) else {
+                continue;
+            };
+            for input in &s.inputs {
+                let Ref::Step(j) = input.target else { continue };
+                let producer = distillery_ops::Producer {
+                    step: &steps[j].name,
+                    op: &steps[j].op,
+                    params: &steps[j].params,
+                };
+                for problem in op.check_producer(&s.params, &input.port, &producer) {
+                    let span = problem
+                        .param
+                        .as_ref()
+                        .and_then(|p| s.param_spans.get(p))
+                        .unwrap_or(&input.span)
+                        .clone();
+                    self.err(Diagnostic::at(
+                        &span,
+                        format!("step `{}`: {}", s.name, problem.message),
+                    ));
+                }
+            }
+        }
     }
 
     fn source(&mut self, name: &str, key_span: &Span, node: &Node) -> Option<SourceDecl> {

@@ -569,6 +569,42 @@ impl Op for Distill {
         out
     }
 
+    /// A `teacher_logits` step and its reader must share `seq_len`, and the reader may restrict
+    /// to at most the cached `top_k`: refused when the recipe loads, before the cache is built.
+    fn check_producer(
+        &self,
+        p: &Params,
+        port: &str,
+        producer: &crate::op::Producer,
+    ) -> Vec<Problem> {
+        if port != "teacher_logits" || producer.op != "teacher_logits" {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let step = producer.step;
+        if let (Ok(k), Ok(cached)) = (p.int("top_k"), producer.params.int("top_k"))
+            && k > cached
+        {
+            out.push(Problem {
+                param: Some("top_k".into()),
+                message: format!(
+                    "top_k {k} is more than step `{step}` caches ({cached}): lower it or raise that step's top_k"
+                ),
+            });
+        }
+        if let (Ok(mine), Ok(theirs)) = (p.int("seq_len"), producer.params.int("seq_len"))
+            && mine != theirs
+        {
+            out.push(Problem {
+                param: Some("seq_len".into()),
+                message: format!(
+                    "seq_len {mine} differs from step `{step}`'s {theirs}: the cached sequences must be the ones distill reads, so set the same seq_len in both steps"
+                ),
+            });
+        }
+        out
+    }
+
     fn check_inputs(&self, p: &Params, wired: &[&str]) -> Vec<Problem> {
         let problem = |param: Option<&str>, message: &str| Problem {
             param: param.map(str::to_string),
@@ -694,7 +730,7 @@ impl Op for Distill {
             + teacher_transient;
         e.optimizer_state_bytes = precision.moment_bytes_per_param() * ps;
         e.activation_bytes = activations + teacher_transient;
-        e.shrink_memory = train::shrink_memory(p, t.is_some());
+        e.shrink_memory = train::shrink_memory(p, t.is_some(), recompute);
         let recomputed = if recompute {
             " (student blocks recomputed)"
         } else {

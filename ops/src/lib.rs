@@ -26,7 +26,7 @@ pub mod validation;
 
 pub use op::{
     Artifact, ArtifactKind, Estimate, NoProgress, Op, OpContext, OpError, OpRegistry, OpSignature,
-    ParamDefault, ParamSpec, ParamType, ParamValue, Params, Port, Problem, Progress,
+    ParamDefault, ParamSpec, ParamType, ParamValue, Params, Port, Problem, Producer, Progress,
 };
 
 /// Every op distillery ships.

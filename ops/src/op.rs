@@ -425,6 +425,16 @@ impl Progress for NoProgress {
 }
 
 /// Everything a running op may use.
+/// A step feeding another's input, as [`Op::check_producer`] sees it.
+pub struct Producer<'a> {
+    /// Its name in the recipe.
+    pub step: &'a str,
+    /// Its op's name.
+    pub op: &'a str,
+    /// Its normalized parameters.
+    pub params: &'a Params,
+}
+
 pub struct OpContext<'a> {
     /// The step's name in its recipe (for messages and provenance only).
     pub step: &'a str,
@@ -524,6 +534,13 @@ pub trait Op: Send + Sync {
     /// Checks which optional inputs the recipe wires (`wired`: port names), with the
     /// parameters, before anything runs (two ports of which exactly one is needed, say).
     fn check_inputs(&self, _params: &Params, _wired: &[&str]) -> Vec<Problem> {
+        Vec::new()
+    }
+
+    /// Checks this step's parameters against those of a step feeding its port `port`
+    /// (`producer`), when the recipe loads, before anything runs: settings that two steps must
+    /// share (a cache and its reader, say).
+    fn check_producer(&self, _params: &Params, _port: &str, _producer: &Producer) -> Vec<Problem> {
         Vec::new()
     }
 

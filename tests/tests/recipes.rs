@@ -81,15 +81,44 @@ fn published_recipes_estimate_from_configs_alone() {
         t.contains("warning") && t.contains("not a multiple of num_attention_heads 48"),
         "{t}"
     );
-    // Memory per device: 128 data-parallel ranks shard only the optimizer state (ZeRO-1), so
-    // the student's f32 weights and gradients and the bf16 teacher stay on every device.
+    // Memory per device: 128 data-parallel ranks shard only the optimizer state (ZeRO-1); the
+    // student's bf16 weights and gradients and the bf16 teacher stay on every device.
     let out = env.ok(&["plan", "--estimate", &recipe("mistral-nemo-12b-to-8b.toml")]);
     let t = text(&out);
     assert!(
-        t.contains("step `distilled` does not fit")
-            && t.contains("per device on each of 128 H100s (optimizer state sharded 128-way)"),
+        t.contains("step `distilled` fits on each of 128 H100s (optimizer state sharded 128-way)"),
         "{t}"
     );
+    // With the settings the recipes name, one device is enough: Llama-3.1-8B -> 4B at sequence
+    // 8192 on one H100, Mistral-NeMo-12B -> 8B on one H200 (and not on one H100, which the
+    // estimate says with what would shrink it).
+    let one = [
+        "--set",
+        "steps.distilled.resources.tasks=1",
+        "--set",
+        "steps.distilled.resources.nodes=1",
+        "--set",
+        "steps.distilled.resources.gpus=1",
+    ];
+    for (name, gpu, fits) in [
+        ("llama-3.1-8b-to-4b-width.toml", "h100", true),
+        ("mistral-nemo-12b-to-8b.toml", "h200", true),
+        ("mistral-nemo-12b-to-8b.toml", "h100", false),
+    ] {
+        let r = recipe(name);
+        let mut args = vec!["plan", "--estimate", &r, "--gpu", gpu];
+        args.extend(one);
+        let t = text(&env.ok(&args));
+        let want = if fits {
+            format!("step `distilled` fits on one {}", gpu.to_uppercase())
+        } else {
+            "step `distilled` does not fit".to_string()
+        };
+        assert!(t.contains(&want), "{name} on {gpu}: {t}");
+        if !fits {
+            assert!(t.contains("what shrinks it: a teacher_logits step"), "{t}");
+        }
+    }
     assert!(!t.contains("would idle"), "{t}");
     // With one task the declared GPUs would idle, and the estimate says so.
     let out = env.ok(&[

@@ -461,11 +461,12 @@ fn cached_teacher_logits_distill_as_the_live_teacher_and_are_reused() {
     assert_eq!(status("cached"), "cached", "{plan}");
     assert_eq!(status("teacher"), "cached", "{plan}");
     assert_ne!(status("tuned"), "cached", "{plan}");
-    // A top_k beyond the cache, or another seq_len, is refused at plan time with the fix.
+    // A top_k beyond the cache, or another seq_len, is refused when the recipe loads (cache
+    // built or not), with the fix.
     let out = env.run(&["plan", "r.toml", "--set", "steps.tuned.params.top_k=9"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
-        text(&out).contains("more than the cached teacher logits hold (8)"),
+        text(&out).contains("top_k 9 is more than step `cached` caches (8)"),
         "{}",
         text(&out)
     );

@@ -286,7 +286,8 @@ pub fn activation_estimate(p: &Params, config: &ModelConfig, terms: usize) -> Op
 /// Which of a training step's settings would shrink its memory, for an estimate that does not
 /// fit: the optimizer precision modes not yet in bf16, recomputation where it is off, smaller
 /// micro-batches and head chunks, and for a live teacher (`live_teacher`) cached logits.
-pub fn shrink_memory(p: &Params, live_teacher: bool) -> String {
+/// `recomputes`: whether the step already recomputes its blocks.
+pub fn shrink_memory(p: &Params, live_teacher: bool, recomputes: bool) -> String {
     let mut out = Vec::new();
     if p.str("main_params_dtype").is_ok_and(|d| d != "bfloat16") {
         out.push("main_params_dtype = \"bfloat16\" (4 bytes a parameter less)".to_string());
@@ -297,7 +298,7 @@ pub fn shrink_memory(p: &Params, live_teacher: bool) -> String {
     if live_teacher {
         out.push("a teacher_logits step as the teacher_logits input instead of the live teacher".into());
     }
-    if p.str("recompute").is_ok_and(|r| r != "on") {
+    if !recomputes {
         out.push("recompute = \"on\"".into());
     }
     out.push("a smaller micro_batch or loss_chunk".into());
@@ -678,7 +679,7 @@ impl crate::op::Op for Train {
         e.memory_bytes = precision.bytes_per_param() * params + activations;
         e.optimizer_state_bytes = precision.moment_bytes_per_param() * params;
         e.activation_bytes = activations;
-        e.shrink_memory = shrink_memory(p, false);
+        e.shrink_memory = shrink_memory(p, false, recompute);
         e.basis = format!(
             "{}·P·T; {} plus activations{}",
             if recompute { 8 } else { 6 },
