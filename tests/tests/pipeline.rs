@@ -303,3 +303,107 @@ fn a_shape_transformers_5_will_not_load_is_a_warning_or_with_strict_shapes_an_er
         stderr(&out)
     );
 }
+
+/// `init` from a directory holding only config.json (Gemma 2's family: norms as `1 + w`, so they
+/// start at 0): the first layers with matrices drawn at the config's initializer_range, norms at
+/// the identity, the byte-level tokenizer, the same bytes for the same seed and other bytes for
+/// another; every op reads it (here evaluate and a training step).
+#[test]
+fn init_writes_a_random_model_of_a_config_alone() {
+    let env = Env::new();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::golden("family-gemma2/config.json")).unwrap(),
+    )
+    .unwrap();
+    config["vocab_size"] = 300.into();
+    config["initializer_range"] = 0.05.into();
+    env.write("config/config.json", &config.to_string());
+    let lines: String = (0..200)
+        .map(|i| format!("Line {i}: a random model reads bytes, {} of them.\n", i * 7 % 13))
+        .collect();
+    env.write("data/train.txt", &lines);
+    env.write(
+        "r.toml",
+        r#"
+[recipe]
+seed = 11
+
+[sources.config]
+kind = "model"
+path = "config"
+
+[sources.text]
+kind = "dataset"
+files = "data/train.txt"
+
+[steps.model]
+op = "init"
+inputs = { model = "sources.config" }
+params = { num_layers = 2, dtype = "float32" }
+
+[steps.eval]
+op = "evaluate"
+inputs = { model = "steps.model", data = "sources.text" }
+params = { window = 64, max_tokens = 512 }
+
+[steps.tuned]
+op = "train"
+inputs = { model = "steps.model", data = "sources.text" }
+params = { tokens = 512, seq_len = 32, micro_batch = 2, global_batch = 4, val_sequences = 2, main_params_dtype = "bfloat16" }
+"#,
+    );
+    env.ok(&["run", "r.toml"]);
+    let dir = std::path::PathBuf::from(
+        common::show_json(&env, &env.cache(), "model")["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let m = distillery_ops::model::checkpoint::load_model(&dir).unwrap();
+    assert_eq!(m.config.num_hidden_layers, 2);
+    assert_eq!(m.config.vocab_size, 300);
+    let (_, q) = m.weights.f32("model.layers.1.self_attn.q_proj.weight").unwrap();
+    let std = (q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / q.len() as f64).sqrt();
+    assert!((std - 0.05).abs() < 0.005, "q_proj std {std}");
+    let (_, norm) = m.weights.f32("model.layers.0.input_layernorm.weight").unwrap();
+    assert!(norm.iter().all(|&w| w == 0.0), "Gemma's 1 + w norms start at w = 0");
+    let ids = distillery_ops::runtime::tokenizer(&m)
+        .unwrap()
+        .encode("Hé")
+        .unwrap();
+    assert_eq!(ids, [72, 0xC3, 0xA9]);
+    let report = common::show_json(&env, &env.cache(), "eval");
+    let dir = std::path::PathBuf::from(report["path"].as_str().unwrap());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    // Near-uniform predictions over 300 tokens from small random weights.
+    let ppl = r["perplexity"]["token_perplexity"].as_f64().unwrap();
+    assert!((100.0..1000.0).contains(&ppl), "token perplexity {ppl}");
+    // The seed draws the weights.
+    let seed = |s: &str| format!("recipe.seed={s}");
+    let (a, b, c) = (env.path("a"), env.path("b"), env.path("c"));
+    let hash = |cache: &std::path::Path, s: &str| {
+        let out = env
+            .command(&["run", "r.toml", "--until", "model", "--set", &seed(s)])
+            .env("DISTILLERY_CACHE", cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let out = env
+            .command(&["show", "r.toml", "model", "--json", "--set", &seed(s)])
+            .env("DISTILLERY_CACHE", cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        shown["manifest"]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"] == "model.safetensors")
+            .unwrap()["blake3"]
+            .clone()
+    };
+    let (a, b, c) = (hash(&a, "11"), hash(&b, "11"), hash(&c, "12"));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
