@@ -187,3 +187,101 @@ fn kl_kernel_covers_more_rows_than_one_grid_axis() {
     let want: Vec<f32> = want.into_iter().map(|x| x as f32).collect();
     assert_close(&got, &want, 1e-5, "row losses");
 }
+
+/// The attention kernels against whole-matrix autodiff on the CPU: forward and the gradients of
+/// q, k and v at odd sizes (head_dim 24, sequence 37, GQA 3:1), plain, with a sliding window,
+/// and soft-capped with a window.
+#[test]
+fn attention_kernels_equal_the_reference_forward_and_gradients() {
+    use distillery_kernels::attention::{AttentionSpec, causal_attention, naive_reference};
+    use distillery_kernels::fused::AttentionShape;
+    let Some(device) = device() else { return };
+    let (batch, seq, heads, kv_heads, head_dim) = (2, 37, 6, 2, 24);
+    for (window, softcap) in [(None, None), (Some(11), None), (Some(11), Some(5.0))] {
+        let spec = AttentionSpec {
+            shape: AttentionShape {
+                batch,
+                seq,
+                heads,
+                kv_heads,
+                head_dim,
+                window,
+            },
+            scale: (head_dim as f32).powf(-0.5),
+            softcap,
+        };
+        let what = format!("window {window:?}, softcap {softcap:?}");
+        let (q_h, q_w) = pair([batch, seq, heads, head_dim], 1.0, &device);
+        let (k_h, k_w) = pair([batch, seq, kv_heads, head_dim], 1.0, &device);
+        let (v_h, v_w) = pair([batch, seq, kv_heads, head_dim], 1.0, &device);
+        // The loss weighs every output element differently: a nontrivial upstream gradient.
+        let (c_h, c_w) = pair([batch, seq, heads, head_dim], 1.0, &device);
+
+        let leaf = |t: Tensor<Flex, 4>| Tensor::<Autodiff<Flex>, 4>::from_inner(t).require_grad();
+        let (q, k, v) = (leaf(q_h), leaf(k_h), leaf(v_h));
+        let out = naive_reference(q.clone(), k.clone(), v.clone(), spec);
+        let grads = (out.clone() * Tensor::from_inner(c_h)).sum().backward();
+        let want = [
+            values(out.inner()),
+            values(q.grad(&grads).unwrap()),
+            values(k.grad(&grads).unwrap()),
+            values(v.grad(&grads).unwrap()),
+        ];
+
+        let leaf = |t: Tensor<W, 4>| Tensor::<Autodiff<W>, 4>::from_inner(t).require_grad();
+        let (q, k, v) = (leaf(q_w), leaf(k_w), leaf(v_w));
+        let out = causal_attention(q.clone(), k.clone(), v.clone(), spec);
+        let grads = (out.clone() * Tensor::from_inner(c_w)).sum().backward();
+        let got = [
+            values(out.inner()),
+            values(q.grad(&grads).unwrap()),
+            values(k.grad(&grads).unwrap()),
+            values(v.grad(&grads).unwrap()),
+        ];
+        for (name, (g, w)) in ["context", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            assert_close(g, w, 1e-4, &format!("{what}: {name}"));
+        }
+    }
+}
+
+/// The output head and the KL kernel a chunk of rows at a time, as the chunked head runs them:
+/// the summed loss and the gradients of the hidden states and the head weight equal the whole
+/// batch's at once, on the device.
+#[test]
+fn chunked_head_and_kl_equal_the_whole_on_the_device() {
+    let Some(device) = device() else { return };
+    let (rows, hidden, vocab, chunk) = (37, 24, 300, 8);
+    let (_, h_w) = pair([rows, hidden], 1.0, &device);
+    let (_, w_w) = pair([hidden, vocab], 0.3, &device);
+    let (_, t_w) = pair([rows, vocab], 2.0, &device);
+    let run = |chunked: bool| {
+        let h = Tensor::<Autodiff<W>, 2>::from_inner(h_w.clone()).require_grad();
+        let w = Tensor::<Autodiff<W>, 2>::from_inner(w_w.clone()).require_grad();
+        let loss = if chunked {
+            (0..rows)
+                .step_by(chunk)
+                .map(|r0| {
+                    let r1 = (r0 + chunk).min(rows);
+                    let logits = h.clone().slice([r0..r1]).matmul(w.clone());
+                    let teacher = t_w.clone().slice([r0..r1]);
+                    // kl_loss is each chunk's mean: weighted by its share of the rows.
+                    kl_loss(teacher, logits, 2.0, KlDirection::Forward)
+                        * ((r1 - r0) as f64 / rows as f64)
+                })
+                .reduce(|a, b| a + b)
+                .unwrap()
+        } else {
+            kl_loss(t_w.clone(), h.clone().matmul(w.clone()), 2.0, KlDirection::Forward)
+        };
+        let grads = loss.backward();
+        (
+            values(loss.inner()),
+            values(h.grad(&grads).unwrap()),
+            values(w.grad(&grads).unwrap()),
+        )
+    };
+    let (whole, chunks) = (run(false), run(true));
+    assert_close(&chunks.0, &whole.0, 1e-5, "loss");
+    assert_close(&chunks.1, &whole.1, 1e-5, "d hidden");
+    assert_close(&chunks.2, &whole.2, 1e-5, "d weight");
+}

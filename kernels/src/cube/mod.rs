@@ -2,6 +2,7 @@
 //! backends. Each kernel has a plain tensor-op reference beside it in the parent module, and the
 //! tests in `kernels/tests/cube.rs` compare the two on wgpu (lavapipe in CI).
 
+mod attention;
 mod importance;
 mod kl;
 
@@ -10,6 +11,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use crate::KernelBackend;
+use crate::attention::AttentionSpec;
 use crate::kl::KlDirection;
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBackend
@@ -27,6 +29,28 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
         grad_scale: f32,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         kl::rows::<R, F>(teacher, student, temperature, direction, grad_scale)
+    }
+
+    fn attention_forward(
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        spec: AttentionSpec,
+        _with_lse: bool,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        attention::forward::<R, F>(q, k, v, spec)
+    }
+
+    fn attention_backward(
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        out: CubeTensor<R>,
+        lse: CubeTensor<R>,
+        dout: CubeTensor<R>,
+        spec: AttentionSpec,
+    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        attention::backward::<R, F>(q, k, v, out, lse, dout, spec)
     }
 }
 
