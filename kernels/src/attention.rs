@@ -4,10 +4,12 @@
 //! context and each row's log-sum-exp, never a `[seq, seq]` score matrix; the backward rebuilds
 //! the probabilities block by block from Q, K and that log-sum-exp.
 //!
-//! Three implementations of one contract ([`AttentionSpec`]):
+//! Four implementations of one contract ([`AttentionSpec`]):
 //! - [`forward_host`] / [`backward_host`]: host loops over blocks of positions for the CPU (Flex);
-//! - [`forward_reference`] / [`backward_reference`]: Burn tensor ops over blocks of queries, for
-//!   every other backend (so CUDA trains with bounded attention memory too);
+//! - `crate::cube::attention`: CubeCL kernels, what CUDA and wgpu train with;
+//! - [`forward_reference`] / [`backward_reference`]: Burn tensor ops over blocks of queries, the
+//!   default of a backend without kernels of its own, and on the Cube backends with
+//!   `DISTILLERY_CUBE_ATTENTION=blocks` (bounded attention memory either way);
 //! - [`causal_attention`]: the autodiff op over the backend's pair, what training calls.
 //!
 //! Tests hold all of them to autodiff through [`naive_reference`], the whole-matrix tensor-op

@@ -38,6 +38,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
         spec: AttentionSpec,
         _with_lse: bool,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
+        if attention_by_blocks() {
+            let (out, lse) =
+                crate::attention::forward_reference::<Self>(float(q), float(k), float(v), spec);
+            return (out.into_primitive().tensor(), lse.into_primitive().tensor());
+        }
         attention::forward::<R, F>(q, k, v, spec)
     }
 
@@ -50,8 +55,37 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
         dout: CubeTensor<R>,
         spec: AttentionSpec,
     ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        if attention_by_blocks() {
+            let (dq, dk, dv) = crate::attention::backward_reference::<Self>(
+                float(q),
+                float(k),
+                float(v),
+                float(out),
+                float(lse),
+                float(dout),
+                spec,
+            );
+            return (
+                dq.into_primitive().tensor(),
+                dk.into_primitive().tensor(),
+                dv.into_primitive().tensor(),
+            );
+        }
         attention::backward::<R, F>(q, k, v, out, lse, dout, spec)
     }
+}
+
+/// `DISTILLERY_CUBE_ATTENTION=blocks` trains with the tensor-op attention by query blocks (the
+/// backend's matmuls) instead of the attention kernels: the same bounded memory, for a device
+/// where the matmuls outrun the kernels' one unit per row (`--bench cube` measures both).
+fn attention_by_blocks() -> bool {
+    std::env::var("DISTILLERY_CUBE_ATTENTION").is_ok_and(|v| v == "blocks")
+}
+
+fn float<B: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::ops::FloatTensor<B>,
+) -> burn::tensor::Tensor<B, D> {
+    burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
 }
 
 /// An uninitialized output `[shape]` laid out densely, row after row, as the kernels index it.
