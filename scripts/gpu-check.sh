@@ -6,7 +6,7 @@
 #   scripts/gpu-check.sh run     on the GPU machine: runs them and prints their figures
 #
 # FEATURE=wgpu does the same on wgpu (lavapipe here), which checks this script without a GPU
-# (SCALE=0 there: the at-scale runs are for a real device).
+# (the at-scale runs are for CUDA only, unless SCALE=1).
 # Bench sizes: TOKENS, VOCAB, REPS (see kernels/benches/cube.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,10 +92,12 @@ run)
       --set steps.distilled.resources.tasks=$tasks
   fi
   rm -rf "$work"
-  if [ "${SCALE:-1}" = 1 ]; then
+  scale_default=0
+  [ "$(cat "$bin/FEATURE")" = cuda ] && scale_default=1
+  if [ "${SCALE:-$scale_default}" = 1 ]; then
     # Real widths without real weights (scripts/scale-bench.sh): a 1B-class Llama whole, and the
     # first two layers of Llama-3.1-8B and Mistral-NeMo-12B at sequence 8192, each distilled into
-    # its published width-pruned shape. SCALE=0 skips this.
+    # its published width-pruned shape. SCALE=0 skips this (and is the default off CUDA).
     compute=float32
     [ "$(cat "$bin/FEATURE")" = cuda ] && compute=bfloat16
     echo "== at scale, random weights (compute $compute)"

@@ -724,7 +724,8 @@ impl Op for Distill {
             .as_ref()
             .map_or(0.0, |t| crate::estimate::one_block_bytes(t, micro_tokens));
         let precision = train::precision::Precision::from_params(p).ok()?;
-        e.memory_bytes = precision.bytes_per_param() * ps
+        let accumulates = train::accumulates(p)?;
+        e.memory_bytes = precision.bytes_per_param(accumulates) * ps
             + teacher_bytes * pt
             + activations
             + teacher_transient;
@@ -739,12 +740,12 @@ impl Op for Distill {
         e.basis = if t.is_some() {
             format!(
                 "2·P_teacher·T + {student_passes}·P_student·T; student {}, teacher {teacher_bytes} bytes/param, plus activations{recomputed}",
-                precision.describe()
+                precision.describe(accumulates)
             )
         } else {
             format!(
                 "{student_passes}·P_student·T (cached teacher logits); student {}, plus activations{recomputed}",
-                precision.describe()
+                precision.describe(accumulates)
             )
         };
         Some(e)

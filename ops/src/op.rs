@@ -424,7 +424,6 @@ impl Progress for NoProgress {
     fn note(&self, _: &str) {}
 }
 
-/// Everything a running op may use.
 /// A step feeding another's input, as [`Op::check_producer`] sees it.
 pub struct Producer<'a> {
     /// Its name in the recipe.
@@ -435,6 +434,7 @@ pub struct Producer<'a> {
     pub params: &'a Params,
 }
 
+/// Everything a running op may use.
 pub struct OpContext<'a> {
     /// The step's name in its recipe (for messages and provenance only).
     pub step: &'a str,

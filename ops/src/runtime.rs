@@ -65,6 +65,19 @@ pub fn compute(params: &crate::op::Params) -> Result<Compute, OpError> {
     Ok(compute)
 }
 
+/// Refuses a bf16 setting (`param`, e.g. `main_params_dtype`) where this build's device has no
+/// bf16 (wgpu), before anything is loaded.
+pub fn require_bf16(param: &str) -> Result<(), OpError> {
+    use burn::tensor::backend::Backend as _;
+    if Backend::supports_dtype(&device(), burn::tensor::DType::BF16) {
+        return Ok(());
+    }
+    Err(OpError::Invalid(format!(
+        "{param} = \"bfloat16\" needs bf16 tensors, which this build's device ({BACKEND_NAME}) lacks; \
+         set it to \"float32\", or run a CUDA build (--features cuda) or the CPU build"
+    )))
+}
+
 /// Keeps freed tensor buffers in the process instead of handing them back to the kernel and
 /// faulting fresh zeroed pages in for the next one: glibc serves allocations above its mmap
 /// threshold with mmap and unmaps them on free, and a forward pass allocates and frees many

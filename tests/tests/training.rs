@@ -171,32 +171,49 @@ fn killed_bf16_state_training_resumes_bit_identical() {
 fn bf16_optimizer_state_distills_like_f32_in_less_memory() {
     let env = Env::new();
     setup(&env);
-    let run = |main: &str, moments: &str| {
+    let run = |main: &str, grads: &str, moments: &str| {
         let recipe = DISTILL_RECIPE.replace(
             "checkpoint_every = 1,",
             &format!(
-                "checkpoint_every = 100, main_params_dtype = \"{main}\", moments_dtype = \"{moments}\","
+                "checkpoint_every = 100, main_params_dtype = \"{main}\", main_grads_dtype = \"{grads}\", moments_dtype = \"{moments}\","
             ),
         );
         env.write("r.toml", &recipe);
-        let cache = env.path(&format!("{main}-{moments}"));
+        let cache = env.path(&format!("{main}-{grads}-{moments}"));
         run_into(&env, &cache);
         trained(&env, &cache)
     };
-    let (f32_run, _, f32_hash) = run("float32", "float32");
+    let (f32_run, _, f32_hash) = run("float32", "float32", "float32");
     let state = |r: &serde_json::Value| r["optimizer_state_bytes_per_rank"][0].as_u64().unwrap();
     let val = |r: &serde_json::Value| r["final_val_loss"].as_f64().unwrap();
-    for moments in ["float32", "bfloat16"] {
-        let (run, config, hash) = run("bfloat16", moments);
-        assert_ne!(hash, f32_hash, "bf16 main params changed nothing");
+    let mut hashes = vec![f32_hash];
+    for (grads, moments) in [
+        ("float32", "float32"),
+        ("float32", "bfloat16"),
+        ("bfloat16", "bfloat16"),
+    ] {
+        let (run, config, hash) = run("bfloat16", grads, moments);
+        assert!(!hashes.contains(&hash), "{grads} grads, {moments} moments changed nothing");
+        hashes.push(hash);
         let (a, b) = (val(&f32_run), val(&run));
-        eprintln!("validation loss: f32 state {a:.4}, bf16 main params + {moments} moments {b:.4}");
+        eprintln!(
+            "validation loss: f32 state {a:.4}, bf16 main params, {grads} grad sums, {moments} moments {b:.4}"
+        );
         assert!((a - b).abs() < 0.05 * a, "validation loss f32 {a} vs bf16 {b}");
         let ratio = if moments == "bfloat16" { 2 } else { 1 };
         assert_eq!(state(&run) * ratio, state(&f32_run), "moments' bytes");
         // Written in the source's dtype (float32), bf16 values exactly.
         assert_eq!(config["dtype"], "float32");
     }
+    // bf16 sums of f32 gradients are refused where the recipe says so.
+    let out = env.run(&[
+        "plan",
+        "r.toml",
+        "--set",
+        "steps.tuned.params.main_params_dtype=\"float32\"",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("main_grads_dtype = \"bfloat16\" sums bf16 gradients"), "{}", text(&out));
 }
 
 #[test]

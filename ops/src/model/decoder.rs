@@ -1650,7 +1650,7 @@ mod tests {
         use crate::train::precision::{Precision, StateDType, hold_main_params};
         let bf16_held = Precision {
             main_params: StateDType::Bf16,
-            moments: StateDType::F32,
+            ..Precision::default()
         };
         // f32; bf16 compute; bf16 compute with the matrices held in bf16 (their gradients too).
         let settings = [

@@ -21,19 +21,27 @@ impl<Bk: burn::tensor::backend::Backend> ModuleVisitor<Bk> for Names {
     }
 }
 
+/// `acc + more`, per parameter: in f32 with `in_f32` (bf16 gradients cast up, the sum kept in
+/// f32), else in the gradients' own dtype.
 pub(super) fn add_grads(
     mut acc: burn::optim::GradientsParams,
     mut more: burn::optim::GradientsParams,
     model: &Student<TB>,
+    in_f32: bool,
 ) -> burn::optim::GradientsParams {
     struct Add<'a> {
         acc: &'a mut burn::optim::GradientsParams,
         more: &'a mut burn::optim::GradientsParams,
+        in_f32: bool,
     }
     impl ModuleVisitor<TB> for Add<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<TB, D>>) {
             if let Some(g) = self.more.remove::<B, D>(param.id) {
                 let sum = match self.acc.remove::<B, D>(param.id) {
+                    Some(a) if self.in_f32 => {
+                        a.cast(burn::tensor::FloatDType::F32)
+                            + g.cast(burn::tensor::FloatDType::F32)
+                    }
                     Some(a) => a + g,
                     None => g,
                 };
@@ -44,6 +52,7 @@ pub(super) fn add_grads(
     model.visit(&mut Add {
         acc: &mut acc,
         more: &mut more,
+        in_f32,
     });
     acc
 }

@@ -260,20 +260,25 @@ impl TrainConfig {
 
 /// The activation bytes of training a student of `config` with these parameters (`terms` loss
 /// terms on the head), and whether its blocks recompute; `None` when a parameter is unreadable.
-/// Under bf16 compute without recomputation, the bf16 copies of f32-held matrices that the
-/// products keep for the backward count too (2 bytes a parameter).
+/// Without recomputation, the cast copies of the matrices that the products keep for the
+/// backward count too (bf16 copies of f32 matrices under bf16 compute, f32 copies of bf16
+/// matrices under f32 compute).
 pub fn activation_estimate(p: &Params, config: &ModelConfig, terms: usize) -> Option<(f64, bool)> {
     let cfg = TrainConfig::from_params(p).ok()?;
     let recompute = cfg.recomputes(config);
     let tokens = cfg.micro_batch * cfg.seq_len;
     let chunk = p.usize("loss_chunk").ok()?;
-    let weight_copies = if cfg.compute == Compute::Bf16
-        && !recompute
-        && cfg.precision.main_params == precision::StateDType::F32
-    {
-        2.0 * config.parameter_count().0 as f64
-    } else {
+    // Without recomputation each product keeps its cast weight for the backward: bf16 copies of
+    // f32 matrices under bf16 compute, f32 copies of bf16 matrices under f32 compute.
+    let copy_bytes = match (cfg.compute, cfg.precision.main_params) {
+        (Compute::Bf16, precision::StateDType::F32) => 2.0,
+        (Compute::F32, precision::StateDType::Bf16) => 4.0,
+        _ => 0.0,
+    };
+    let weight_copies = if recompute {
         0.0
+    } else {
+        copy_bytes * config.parameter_count().0 as f64
     };
     Some((
         crate::estimate::block_activation_bytes(config, tokens, recompute, cfg.compute)
@@ -305,9 +310,16 @@ pub fn shrink_memory(p: &Params, live_teacher: bool, recomputes: bool) -> String
     format!("what shrinks it: {}", out.join(", "))
 }
 
+/// Whether a step sums several micro-batches' gradients (`global_batch` > `micro_batch`, on one
+/// rank); `None` when unreadable.
+pub fn accumulates(p: &Params) -> Option<bool> {
+    Some(p.int("global_batch").ok()? > p.int("micro_batch").ok()?)
+}
+
 /// Parameter checks shared by the training ops.
 pub fn check(p: &Params) -> Vec<Problem> {
     let mut out = p.require_positive(&["seq_len", "micro_batch", "global_batch", "tokens"]);
+    out.extend(precision::Precision::check(p));
     if let (Ok(m), Ok(g)) = (p.int("micro_batch"), p.int("global_batch"))
         && m > 0
         && g % m != 0
@@ -382,6 +394,14 @@ pub fn run(
 ) -> Result<(), OpError> {
     let cfg = TrainConfig::from_params(&ctx.params)?;
     runtime::compute(&ctx.params)?;
+    for (param, dtype) in [
+        ("main_params_dtype", cfg.precision.main_params),
+        ("moments_dtype", cfg.precision.moments),
+    ] {
+        if dtype == precision::StateDType::Bf16 {
+            runtime::require_bf16(param)?;
+        }
+    }
     let src = runtime::open_model(ctx.input(model_port)?)?;
     let tok = runtime::tokenizer(&src)?;
     let config = src.config.clone();
@@ -424,6 +444,12 @@ pub fn run(
             .map(|s| &s[..s.len() - 1]),
     )?;
     let ranks = ctx.ranks.clone();
+    if cfg.precision.main_grads == precision::StateDType::Bf16 && accum / ranks.world.max(1) > 16 {
+        ctx.progress.note(&format!(
+            "main_grads_dtype = \"bfloat16\": each rank sums {} micro-batches' gradients in bf16, rounding each addition to nearest; steady components below 2^-8 of the running sum are lost (main_grads_dtype = \"float32\" sums in f32, or more tasks sum fewer each)",
+            accum / ranks.world.max(1)
+        ));
+    }
     if accum % ranks.world != 0 {
         return Err(OpError::Invalid(format!(
             "global_batch {} is {accum} micro-batches of {}, which do not split evenly over {} ranks: make global_batch / micro_batch a multiple of {}",
@@ -676,14 +702,15 @@ impl crate::op::Op for Train {
         let (activations, recompute) = activation_estimate(p, &c, 1)?;
         e.flops = if recompute { 8.0 } else { 6.0 } * params * tokens;
         let precision = precision::Precision::from_params(p).ok()?;
-        e.memory_bytes = precision.bytes_per_param() * params + activations;
+        let accumulates = accumulates(p)?;
+        e.memory_bytes = precision.bytes_per_param(accumulates) * params + activations;
         e.optimizer_state_bytes = precision.moment_bytes_per_param() * params;
         e.activation_bytes = activations;
         e.shrink_memory = shrink_memory(p, false, recompute);
         e.basis = format!(
             "{}·P·T; {} plus activations{}",
             if recompute { 8 } else { 6 },
-            precision.describe(),
+            precision.describe(accumulates),
             if recompute {
                 " (blocks recomputed)"
             } else {

@@ -225,7 +225,7 @@ pub fn optimizer_step(
         let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &student);
         grads_acc = Some(match grads_acc {
             None => grads,
-            Some(acc) => add_grads(acc, grads, &student),
+            Some(acc) => add_grads(acc, grads, &student, cfg.precision.sums_grads_in_f32()),
         });
     }
     // Summed in micro-batch order whatever the world: the same number one rank would report.
@@ -406,10 +406,13 @@ pub fn optimizer_step(
         let mut at = 0;
         sizes
             .iter()
-            .map(|&n| {
+            .zip(&params)
+            .map(|(&n, p)| {
+                // In the parameter's dtype: no f32 copy of a bf16 model on the device (the
+                // gathered values are that dtype's already, so the cast is exact).
                 let t = Tensor::<B, 1>::from_data(
                     TensorData::new(full[at..at + n].to_vec(), [n]),
-                    device,
+                    (device, p.value.dtype()),
                 );
                 at += n;
                 t

@@ -4,10 +4,13 @@
 //! `moments_dtype`).
 //!
 //! In float32 (the default) a parameter costs 16 bytes: weights, gradients and two moments in f32.
-//! With `main_params_dtype = "bfloat16"` every matrix (embedding, projections, head) and its
-//! gradient is held in bf16, 2 + 2 bytes; vectors (norm weights, biases) stay f32, a negligible
-//! share that norms are sensitive to. With `moments_dtype = "bfloat16"` the moments take 2 + 2
-//! bytes instead of 4 + 4. The update itself is computed in f32 from the stored values.
+//! With `main_params_dtype = "bfloat16"` every matrix (embedding, projections, head) and the
+//! gradient backward gives it are bf16, 2 + 2 bytes; vectors (norm weights, biases) stay f32, a
+//! negligible share that norms are sensitive to. A step of several micro-batches sums their
+//! gradients in `main_grads_dtype`: f32 by default (4 more bytes while summing), or bf16, where
+//! each addition rounds to nearest and a steady component smaller than 2⁻⁸ of the running sum is
+//! lost (after a few hundred micro-batches). With `moments_dtype = "bfloat16"` the moments take
+//! 2 + 2 bytes instead of 4 + 4. The update itself is computed in f32 from the stored values.
 //!
 //! **Rounding.** A bf16 weight keeps 8 significant bits: an update below half its spacing
 //! (`|w|·2⁻⁸`, e.g. `lr · 1 = 1e-4` on a weight of 0.05) rounds back to the old value under
@@ -31,7 +34,7 @@ use half::bf16;
 
 use crate::counter_rng;
 use crate::model::decoder::Decoder;
-use crate::op::{OpError, ParamSpec, ParamType, ParamValue, Params};
+use crate::op::{OpError, ParamSpec, ParamType, ParamValue, Params, Problem};
 use crate::runtime::{Backend as B, Device, TrainBackend as TB};
 
 /// The dtype of a piece of training state.
@@ -70,10 +73,14 @@ impl StateDType {
     }
 }
 
-/// The dtypes of the main params (matrices and their gradients) and of the AdamW moments.
+/// The dtypes of the main params (matrices and the gradients backward gives them), of the
+/// gradients summed over a step's micro-batches, and of the AdamW moments.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Precision {
     pub main_params: StateDType,
+    /// Where a step sums several micro-batches' gradients: f32 (bf16 gradients are added into an
+    /// f32 sum) or bf16 (summed in bf16, rounded to nearest at each addition).
+    pub main_grads: StateDType,
     pub moments: StateDType,
 }
 
@@ -86,6 +93,12 @@ impl Precision {
                 ParamType::Choice(&StateDType::NAMES),
                 ParamValue::Str("float32".into()),
                 "dtype of the trained matrices and their gradients (bfloat16: 2 + 2 bytes a parameter instead of 4 + 4, updates rounded stochastically; norms and biases stay float32)",
+            ),
+            ParamSpec::with_default(
+                "main_grads_dtype",
+                ParamType::Choice(&StateDType::NAMES),
+                ParamValue::Str("float32".into()),
+                "dtype a step's micro-batch gradients are summed in (float32: an f32 sum, 4 bytes a parameter; bfloat16: 2 bytes, each addition rounded to nearest, so with many micro-batches small steady components are lost; needs main_params_dtype = \"bfloat16\")",
             ),
             ParamSpec::with_default(
                 "moments_dtype",
@@ -105,8 +118,27 @@ impl Precision {
         };
         Ok(Precision {
             main_params: read("main_params_dtype")?,
+            main_grads: read("main_grads_dtype")?,
             moments: read("moments_dtype")?,
         })
+    }
+
+    /// Settings that do not go together: bf16 gradient sums of f32 gradients.
+    pub fn check(p: &Params) -> Vec<Problem> {
+        if p.str("main_grads_dtype").is_ok_and(|d| d == "bfloat16")
+            && p.str("main_params_dtype").is_ok_and(|d| d != "bfloat16")
+        {
+            return vec![Problem {
+                param: Some("main_grads_dtype".into()),
+                message: "main_grads_dtype = \"bfloat16\" sums bf16 gradients, which only main_params_dtype = \"bfloat16\" gives: set both, or leave main_grads_dtype at \"float32\"".into(),
+            }];
+        }
+        Vec::new()
+    }
+
+    /// Whether micro-batch gradients are summed in f32 (cast up from the backward's dtype).
+    pub fn sums_grads_in_f32(self) -> bool {
+        self.main_grads == StateDType::F32
     }
 
     /// Whether the update writes any bf16 value (and so runs the rounding host loop).
@@ -115,9 +147,18 @@ impl Precision {
     }
 
     /// Bytes per parameter of training state: weights, gradients and both moments (what
-    /// `plan --estimate` counts; vectors kept in f32 are neglected).
-    pub fn bytes_per_param(self) -> f64 {
-        2.0 * self.main_params.bytes() + self.moment_bytes_per_param()
+    /// `plan --estimate` counts; vectors kept in f32 are neglected). When a step `accumulates`
+    /// several micro-batches and bf16 gradients are summed in f32, the f32 sum and the latest
+    /// micro-batch's bf16 gradients are both held.
+    pub fn bytes_per_param(self, accumulates: bool) -> f64 {
+        self.main_params.bytes() + self.grad_bytes(accumulates) + self.moment_bytes_per_param()
+    }
+
+    fn grad_bytes(self, accumulates: bool) -> f64 {
+        match (self.main_params, self.main_grads) {
+            (StateDType::Bf16, StateDType::F32) if accumulates => 4.0 + 2.0,
+            (params, _) => params.bytes(),
+        }
     }
 
     /// Of those, the two AdamW moments: what data-parallel ranks shard.
@@ -125,19 +166,24 @@ impl Precision {
         2.0 * self.moments.bytes()
     }
 
-    /// "12 bytes/param (bf16 weights and grads, f32 moments)", for an estimate's basis.
-    pub fn describe(self) -> String {
+    /// "10 bytes/param (bf16 weights, bf16 grads summed in f32, bf16 Adam moments)", for an
+    /// estimate's basis.
+    pub fn describe(self, accumulates: bool) -> String {
         let name = |d: StateDType| match d {
             StateDType::F32 => "f32",
             StateDType::Bf16 => "bf16",
         };
-        let (w, m) = (name(self.main_params), name(self.moments));
-        let what = if w == m {
-            format!("{w} weights, grads and Adam moments")
-        } else {
-            format!("{w} weights and grads, {m} Adam moments")
+        let grads = match (self.main_params, self.main_grads) {
+            (StateDType::Bf16, StateDType::F32) if accumulates => "bf16 grads summed in f32",
+            (StateDType::Bf16, _) => "bf16 grads",
+            _ => "f32 grads",
         };
-        format!("{} bytes/param ({what})", self.bytes_per_param())
+        format!(
+            "{} bytes/param ({} weights, {grads}, {} Adam moments)",
+            self.bytes_per_param(accumulates),
+            name(self.main_params),
+            name(self.moments)
+        )
     }
 }
 
@@ -337,9 +383,9 @@ mod tests {
         assert!(others.iter().all(|&o| o != base), "{base} {others:?}");
     }
 
-    /// AdamW steps of 1e-4 on weights of 1.0 (a quarter of bf16's half-spacing there): round to
-    /// nearest would keep 1.0 forever; the stochastically rounded bf16 weights follow the f32
-    /// ones on average.
+    /// AdamW steps of 1e-4 on weights of 1.0 (bf16's spacing there is 2⁻⁷, its half 39 times
+    /// the step): round to nearest would keep 1.0 forever; the stochastically rounded bf16
+    /// weights follow the f32 ones on average.
     #[test]
     fn small_updates_are_not_lost_in_bf16() {
         let device = crate::runtime::device();
@@ -380,7 +426,8 @@ mod tests {
         let exact = mean(pf);
         assert!((exact - 1.01).abs() < 1e-4, "f32: {exact}");
         let rounded = mean(p);
-        // Each weight is 1 or 1 + 2^-7 (the spacing): the mean's standard error is below 1e-4.
+        // Each weight ends within a spacing or two of 1.01: the mean's standard error over 4096
+        // weights is below 1e-4.
         assert!(
             (rounded - exact).abs() < 5e-4,
             "bf16 weights averaged {rounded}, f32 {exact}"
