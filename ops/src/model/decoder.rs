@@ -518,9 +518,15 @@ impl<B: Backend> Attention<B> {
             // (any backend) caps. Under bf16 compute, training takes its attention too (its scores
             // in f32 from the f32 projections: no [seq, seq] tensors kept for the backward),
             // while inference keeps the tensor ops, which multiply in bf16 as transformers does.
+            // A GPU build's frozen forward at a long sequence takes the attention kernel.
             (Compute::F32, None) => fast::causal_attention(q, k, v, window, scale)
-                .or_else(|(q, k, v)| fast::trained_attention(q, k, v, window, scale, None)),
-            (_, cap) => fast::trained_attention(q, k, v, window, scale, cap.map(|c| c as f32)),
+                .or_else(|(q, k, v)| fast::trained_attention(q, k, v, window, scale, None))
+                .or_else(|(q, k, v)| fast::long_attention(q, k, v, window, scale, None)),
+            (_, cap) => {
+                let cap = cap.map(|c| c as f32);
+                fast::trained_attention(q, k, v, window, scale, cap)
+                    .or_else(|(q, k, v)| fast::long_attention(q, k, v, window, scale, cap))
+            }
         };
         let context = match fused {
             Ok(context) => context.reshape([b, s, self.n_heads * self.head_dim]),

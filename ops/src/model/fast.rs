@@ -214,6 +214,56 @@ pub fn causal_attention<B: Backend>(
     Ok(tensor(out, shape))
 }
 
+/// Causal attention without a graph on a GPU build's backend (CUDA, wgpu), through its attention
+/// kernel, when the tensor-op attention's score matrices `[batch, heads, seq, seq]` would pass
+/// 1 GiB per layer (a frozen teacher's forward at a long sequence): the kernel keeps none.
+/// Shorter sequences keep the tensor ops, which multiply in the compute dtype as transformers
+/// does; the kernel computes its scores in f32. `Err` hands q, k, v back where it does not apply
+/// (the CPU, which has its own fused forward, the training backend, short sequences).
+#[allow(clippy::type_complexity)]
+pub fn long_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    type Runtime = crate::runtime::Backend;
+    let [batch, seq, heads, head_dim] = q.dims();
+    let scores = (batch * heads) as f64 * (seq * seq) as f64 * 4.0;
+    let f32s = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
+    if !cfg!(any(feature = "cuda", feature = "wgpu"))
+        || TypeId::of::<B>() != TypeId::of::<Runtime>()
+        || scores <= (1u64 << 30) as f64
+        || !f32s
+        || !enabled()
+    {
+        return Err((q, k, v));
+    }
+    let spec = distillery_kernels::attention::AttentionSpec {
+        shape: distillery_kernels::fused::AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads: k.dims()[2],
+            head_dim,
+            window,
+        },
+        scale,
+        softcap,
+    };
+    let prim = |t: Tensor<B, 4>| -> FloatTensor<Runtime> { same_type(t.into_primitive().tensor()) };
+    let (out, _) = <Runtime as distillery_kernels::KernelBackend>::attention_forward(
+        prim(q),
+        prim(k),
+        prim(v),
+        spec,
+        false,
+    );
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(same_type(out))))
+}
+
 /// Causal attention under the training backend (autodiff over the runtime's backend) in f32:
 /// `distillery_kernels::attention::causal_attention`, whose backward recomputes the
 /// probabilities from q, k, v and the saved log-sum-exp. `q [batch, seq, heads, head_dim]`
