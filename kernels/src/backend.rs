@@ -39,9 +39,8 @@ pub trait KernelBackend: Backend {
         spec: AttentionSpec,
         with_lse: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (out, lse) = attention::forward_reference::<Self>(float(q), float(k), float(v), spec);
         let _ = with_lse;
-        (out.into_primitive().tensor(), lse.into_primitive().tensor())
+        attention_forward_by_blocks::<Self>(q, k, v, spec)
     }
 
     /// The gradients of q, k and v from the forward's inputs, context, log-sum-exp and the
@@ -56,21 +55,46 @@ pub trait KernelBackend: Backend {
         dout: FloatTensor<Self>,
         spec: AttentionSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dq, dk, dv) = attention::backward_reference::<Self>(
-            float(q),
-            float(k),
-            float(v),
-            float(out),
-            float(lse),
-            float(dout),
-            spec,
-        );
-        (
-            dq.into_primitive().tensor(),
-            dk.into_primitive().tensor(),
-            dv.into_primitive().tensor(),
-        )
+        attention_backward_by_blocks::<Self>(q, k, v, out, lse, dout, spec)
     }
+}
+
+/// [`attention::forward_reference`] on primitives: the tensor-op attention by query blocks.
+pub(crate) fn attention_forward_by_blocks<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    spec: AttentionSpec,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (out, lse) = attention::forward_reference::<B>(float(q), float(k), float(v), spec);
+    (out.into_primitive().tensor(), lse.into_primitive().tensor())
+}
+
+/// [`attention::backward_reference`] on primitives.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward_by_blocks<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dout: FloatTensor<B>,
+    spec: AttentionSpec,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (dq, dk, dv) = attention::backward_reference::<B>(
+        float(q),
+        float(k),
+        float(v),
+        float(out),
+        float(lse),
+        float(dout),
+        spec,
+    );
+    (
+        dq.into_primitive().tensor(),
+        dk.into_primitive().tensor(),
+        dv.into_primitive().tensor(),
+    )
 }
 
 /// `t`'s f32 values, read in place when contiguous f32, else copied.

@@ -39,9 +39,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
         _with_lse: bool,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         if attention_by_blocks() {
-            let (out, lse) =
-                crate::attention::forward_reference::<Self>(float(q), float(k), float(v), spec);
-            return (out.into_primitive().tensor(), lse.into_primitive().tensor());
+            return crate::backend::attention_forward_by_blocks::<Self>(q, k, v, spec);
         }
         attention::forward::<R, F>(q, k, v, spec)
     }
@@ -56,19 +54,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
         spec: AttentionSpec,
     ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
         if attention_by_blocks() {
-            let (dq, dk, dv) = crate::attention::backward_reference::<Self>(
-                float(q),
-                float(k),
-                float(v),
-                float(out),
-                float(lse),
-                float(dout),
-                spec,
-            );
-            return (
-                dq.into_primitive().tensor(),
-                dk.into_primitive().tensor(),
-                dv.into_primitive().tensor(),
+            return crate::backend::attention_backward_by_blocks::<Self>(
+                q, k, v, out, lse, dout, spec,
             );
         }
         attention::backward::<R, F>(q, k, v, out, lse, dout, spec)
@@ -80,23 +67,4 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
 /// where the matmuls outrun the kernels' one unit per row (`--bench cube` measures both).
 fn attention_by_blocks() -> bool {
     std::env::var("DISTILLERY_CUBE_ATTENTION").is_ok_and(|v| v == "blocks")
-}
-
-fn float<B: burn::tensor::backend::Backend, const D: usize>(
-    t: burn::tensor::ops::FloatTensor<B>,
-) -> burn::tensor::Tensor<B, D> {
-    burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
-}
-
-/// An uninitialized output `[shape]` laid out densely, row after row, as the kernels index it.
-/// burn's `empty_device` takes the runtime's "optimized" layout, which on CUDA pads each row
-/// to an alignment (a pitched layout: [7, 1000] f32 rows 1024 apart); a kernel writing
-/// `row * width + i` into it put every row but the first where readers do not look (the CUDA
-/// run of `kl_kernel_equals_the_reference_loss_and_gradient` caught it; wgpu never pads).
-pub(crate) fn empty_dense<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement>(
-    client: cubecl::client::ComputeClient<R>,
-    device: R::Device,
-    shape: burn::tensor::Shape,
-) -> burn_cubecl::tensor::CubeTensor<R> {
-    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client, device, shape, F::dtype())
 }

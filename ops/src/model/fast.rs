@@ -214,6 +214,29 @@ pub fn causal_attention<B: Backend>(
     Ok(tensor(out, shape))
 }
 
+/// The kernels' description of an attention of queries `[batch, seq, heads, head_dim]` over
+/// `kv_heads` key/value heads.
+fn attention_spec(
+    [batch, seq, heads, head_dim]: [usize; 4],
+    kv_heads: usize,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+) -> distillery_kernels::attention::AttentionSpec {
+    distillery_kernels::attention::AttentionSpec {
+        shape: distillery_kernels::fused::AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+        },
+        scale,
+        softcap,
+    }
+}
+
 /// Causal attention without a graph on a GPU build's backend (CUDA, wgpu), through its attention
 /// kernel, when the tensor-op attention's score matrices `[batch, heads, seq, seq]` would pass
 /// 1 GiB per layer (a frozen teacher's forward at a long sequence): the kernel keeps none.
@@ -230,7 +253,7 @@ pub fn long_attention<B: Backend>(
     softcap: Option<f32>,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
     type Runtime = crate::runtime::Backend;
-    let [batch, seq, heads, head_dim] = q.dims();
+    let [batch, seq, heads, _] = q.dims();
     let scores = (batch * heads) as f64 * (seq * seq) as f64 * 4.0;
     let f32s = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
     if !cfg!(any(feature = "cuda", feature = "wgpu"))
@@ -241,18 +264,7 @@ pub fn long_attention<B: Backend>(
     {
         return Err((q, k, v));
     }
-    let spec = distillery_kernels::attention::AttentionSpec {
-        shape: distillery_kernels::fused::AttentionShape {
-            batch,
-            seq,
-            heads,
-            kv_heads: k.dims()[2],
-            head_dim,
-            window,
-        },
-        scale,
-        softcap,
-    };
+    let spec = attention_spec(q.dims(), k.dims()[2], window, scale, softcap);
     let prim = |t: Tensor<B, 4>| -> FloatTensor<Runtime> { same_type(t.into_primitive().tensor()) };
     let (out, _) = <Runtime as distillery_kernels::KernelBackend>::attention_forward(
         prim(q),
@@ -284,19 +296,7 @@ pub fn trained_attention<B: Backend>(
     if TypeId::of::<B>() != TypeId::of::<Train>() || !f32s || !enabled() {
         return Err((q, k, v));
     }
-    let [batch, seq, heads, head_dim] = q.dims();
-    let spec = distillery_kernels::attention::AttentionSpec {
-        shape: distillery_kernels::fused::AttentionShape {
-            batch,
-            seq,
-            heads,
-            kv_heads: k.dims()[2],
-            head_dim,
-            window,
-        },
-        scale,
-        softcap,
-    };
+    let spec = attention_spec(q.dims(), k.dims()[2], window, scale, softcap);
     let cast = |t: Tensor<B, 4>| -> Tensor<Train, 4> { same_type(t) };
     let out = distillery_kernels::attention::causal_attention(cast(q), cast(k), cast(v), spec);
     Ok(same_type(out))
