@@ -44,6 +44,7 @@ fn main() {
         val_every: 0,
         val_sequences: 0,
         compute: Default::default(),
+        precision: Default::default(),
         recompute: Recompute::Off,
     };
     let m = load_model(&gguf).unwrap();
