@@ -68,3 +68,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
 fn attention_by_blocks() -> bool {
     std::env::var("DISTILLERY_CUBE_ATTENTION").is_ok_and(|v| v == "blocks")
 }
+
+/// An uninitialized output `[shape]` laid out densely, row after row, as the kernels index it.
+/// burn's `empty_device` takes the runtime's "optimized" layout, which on CUDA pads each row
+/// to an alignment (a pitched layout: [7, 1000] f32 rows 1024 apart); a kernel writing
+/// `row * width + i` into it put every row but the first where readers do not look (the CUDA
+/// run of `kl_kernel_equals_the_reference_loss_and_gradient` caught it; wgpu never pads).
+pub(crate) fn empty_dense<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement>(
+    client: cubecl::client::ComputeClient<R>,
+    device: R::Device,
+    shape: burn::tensor::Shape,
+) -> burn_cubecl::tensor::CubeTensor<R> {
+    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(client, device, shape, F::dtype())
+}
