@@ -25,12 +25,14 @@
 //! from a checkpoint are bit-identical and any number of data-parallel ranks rounds every
 //! element the same way.
 //!
-//! The bf16 update runs as a host loop over each piece of the parameters (chunked, so it adds
-//! no device memory beyond one piece's host copy); the float32 mode keeps its tensor-op update.
+//! The bf16 update runs as a host loop over each piece of the parameters, on every thread, in
+//! chunks (so the host holds one chunk's copies at a time); the float32 mode keeps its tensor-op
+//! update.
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType as TensorDType, FloatDType, Tensor, TensorData};
 use half::bf16;
+use rayon::prelude::*;
 
 use crate::counter_rng;
 use crate::model::decoder::Decoder;
@@ -284,6 +286,7 @@ pub fn adamw_rounded(
     };
     // One stream per buffer of this piece (as [`noise`] draws them).
     let keys: [u64; 3] = [0, 1, 2].map(|b| counter_rng::stream(&[at.step, at.param, b]));
+    let bf16s = dtypes.map(|d| d == TensorDType::BF16);
     for start in (0..n).step_by(HOST_CHUNK) {
         let r = start..(start + HOST_CHUNK).min(n);
         let (pc, gc, mc, vc) = (
@@ -292,15 +295,30 @@ pub fn adamw_rounded(
             host(&m, r.clone()),
             host(&v, r.clone()),
         );
-        for i in 0..r.len() {
-            let g = gc[i] * scale;
-            let mi = mc[i] * b1 + g * (1.0 - b1);
-            let vi = vc[i] * b2 + g * g * (1.0 - b2);
-            let update = (mi / c1) / ((vi / c2).sqrt() + eps) + pc[i] * wd;
-            let pi = pc[i] - update * lr;
-            let e = at.offset + (start + i) as u64;
-            for (buffer, (o, x)) in out.iter_mut().zip([pi, mi, vi]).enumerate() {
-                o.push(x, || (counter_rng::bits(keys[buffer], e) >> 48) as u16);
+        // On every thread: each element's values, bf16 ones already rounded (so the same bits
+        // whatever the thread count, the noise being a function of the position).
+        let rounded: Vec<[f32; 3]> = (0..r.len())
+            .into_par_iter()
+            .map(|i| {
+                let g = gc[i] * scale;
+                let mi = mc[i] * b1 + g * (1.0 - b1);
+                let vi = vc[i] * b2 + g * g * (1.0 - b2);
+                let update = (mi / c1) / ((vi / c2).sqrt() + eps) + pc[i] * wd;
+                let pi = pc[i] - update * lr;
+                let e = at.offset + (start + i) as u64;
+                let mut values = [pi, mi, vi];
+                for (buffer, x) in values.iter_mut().enumerate() {
+                    if bf16s[buffer] {
+                        let noise = (counter_rng::bits(keys[buffer], e) >> 48) as u16;
+                        *x = round_bf16_stochastic(*x, noise).to_f32();
+                    }
+                }
+                values
+            })
+            .collect();
+        for values in rounded {
+            for (o, x) in out.iter_mut().zip(values) {
+                o.push(x);
             }
         }
     }
@@ -321,10 +339,11 @@ impl Stored {
         }
     }
 
-    fn push(&mut self, x: f32, noise: impl FnOnce() -> u16) {
+    /// Appends `x`, which for a bf16 buffer is a bf16 value already (converted exactly).
+    fn push(&mut self, x: f32) {
         match self {
             Stored::F32(v) => v.push(x),
-            Stored::Bf16(v) => v.push(round_bf16_stochastic(x, noise())),
+            Stored::Bf16(v) => v.push(bf16::from_f32(x)),
         }
     }
 
@@ -381,6 +400,49 @@ mod tests {
         let base = noise(1, 2, 3, 0);
         let others = [noise(2, 2, 3, 0), noise(1, 3, 3, 0), noise(1, 2, 4, 0), noise(1, 2, 3, 1)];
         assert!(others.iter().all(|&o| o != base), "{base} {others:?}");
+    }
+
+    /// The rounded update is the same bits on one thread and on several.
+    #[test]
+    fn the_rounded_update_does_not_depend_on_the_thread_count() {
+        let device = crate::runtime::device();
+        let n = 10_000;
+        let t = |f: &dyn Fn(usize) -> f32, d: TensorDType| {
+            let x: Vec<f32> = (0..n).map(f).collect();
+            Tensor::<B, 1>::from_data(TensorData::new(x, [n]), (&device, d))
+        };
+        let h = AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            scale: 0.5,
+            t: 3,
+        };
+        let at = PiecePosition {
+            step: 2,
+            param: 5,
+            offset: 100,
+        };
+        let run = |threads: usize| {
+            crate::runtime::with_threads(threads, || {
+                let bf = TensorDType::BF16;
+                let out = adamw_rounded(
+                    [
+                        t(&|i| (i as f32 * 0.37).sin(), bf),
+                        t(&|i| (i as f32 * 0.11).cos() * 1e-3, bf),
+                        t(&|i| (i as f32 * 0.05).sin() * 1e-4, bf),
+                        t(&|i| 1e-7 * (1.0 + (i % 7) as f32), TensorDType::F32),
+                    ],
+                    &h,
+                    at,
+                    &device,
+                );
+                out.map(|x| x.into_data().convert::<f32>().into_vec::<f32>().unwrap())
+            })
+        };
+        assert_eq!(run(1), run(2));
     }
 
     /// AdamW steps of 1e-4 on weights of 1.0 (bf16's spacing there is 2⁻⁷, its half 39 times
