@@ -65,8 +65,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> KernelBack
 /// `DISTILLERY_CUBE_ATTENTION=blocks` trains with the tensor-op attention by query blocks (the
 /// backend's matmuls) instead of the attention kernels: the same bounded memory, for a device
 /// where the matmuls outrun the kernels' one unit per row (`--bench cube` measures both).
+/// `kernels` (or unset) is the default; any other value is refused rather than ignored.
 fn attention_by_blocks() -> bool {
-    std::env::var("DISTILLERY_CUBE_ATTENTION").is_ok_and(|v| v == "blocks")
+    match std::env::var("DISTILLERY_CUBE_ATTENTION").as_deref() {
+        Err(_) | Ok("kernels") => false,
+        Ok("blocks") => true,
+        Ok(other) => panic!(
+            "DISTILLERY_CUBE_ATTENTION={other:?} is not understood: set \"kernels\" (the default) or \"blocks\""
+        ),
+    }
 }
 
 /// An uninitialized output `[shape]` laid out densely, row after row, as the kernels index it.
