@@ -130,8 +130,15 @@ fn main() {
     });
     let reference = time(reps, || {
         let (out, lse) = forward_reference(q.clone(), k.clone(), v.clone(), spec);
-        let (dq, _, _) =
-            backward_reference(q.clone(), k.clone(), v.clone(), out, lse, dout.clone(), spec);
+        let (dq, _, _) = backward_reference(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            out,
+            lse,
+            dout.clone(),
+            spec,
+        );
         dq.sum().into_scalar()
     });
     // The forward multiplies 2·seq²·heads·head_dim (two products over the visible half), the

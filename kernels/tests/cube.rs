@@ -238,7 +238,10 @@ fn attention_kernels_equal_the_reference_forward_and_gradients() {
             values(k.grad(&grads).unwrap()),
             values(v.grad(&grads).unwrap()),
         ];
-        for (name, (g, w)) in ["context", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+        for (name, (g, w)) in ["context", "dq", "dk", "dv"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
             assert_close(g, w, 1e-4, &format!("{what}: {name}"));
         }
     }
@@ -271,7 +274,12 @@ fn chunked_head_and_kl_equal_the_whole_on_the_device() {
                 .reduce(|a, b| a + b)
                 .unwrap()
         } else {
-            kl_loss(t_w.clone(), h.clone().matmul(w.clone()), 2.0, KlDirection::Forward)
+            kl_loss(
+                t_w.clone(),
+                h.clone().matmul(w.clone()),
+                2.0,
+                KlDirection::Forward,
+            )
         };
         let grads = loss.backward();
         (

@@ -42,7 +42,10 @@ mod tests {
         let xs: Vec<f64> = (0..n).map(|i| normal(key, i) as f64).collect();
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.02, "mean {mean}, var {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "mean {mean}, var {var}"
+        );
         assert_eq!(normal(key, 17), normal(key, 17));
         assert_ne!(stream(&[1, 2]), stream(&[2, 1]));
     }

@@ -838,9 +838,9 @@ mod tests {
     use super::*;
     use crate::data::Packed;
     use crate::model::checkpoint::load_model;
+    use crate::model::decoder::Compute;
     use burn::module::{AutodiffModule, Param};
     use burn::tensor::TensorData;
-    use crate::model::decoder::Compute;
 
     fn golden_model() -> crate::model::checkpoint::LoadedModel {
         load_model(
@@ -1168,11 +1168,20 @@ mod tests {
             let (want, want_grads) = loss_and_grads_in(&kd(0), &m, None, Compute::Bf16);
             let (got, grads) = loss_and_grads_in(&kd(3), &m, None, Compute::Bf16);
             let (_, f32_grads) = loss_and_grads(&kd(0), &m, None);
-            assert!((got - want).abs() <= 1e-5 * want.abs(), "{name}: loss {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "{name}: loss {got} vs {want}"
+            );
             // Measured: chunked 0.85% at most; the f32 head 15% and more.
             let (chunked, f32_head) = (rel(&grads, &want_grads), rel(&f32_grads, &want_grads));
-            assert!(chunked <= 0.02, "{name}: chunked gradients off by {chunked}");
-            assert!(f32_head > 0.1, "{name}: f32 gradients only {f32_head} off bf16's");
+            assert!(
+                chunked <= 0.02,
+                "{name}: chunked gradients off by {chunked}"
+            );
+            assert!(
+                f32_head > 0.1,
+                "{name}: f32 gradients only {f32_head} off bf16's"
+            );
         }
     }
 

@@ -76,10 +76,14 @@ impl Op for Init {
                 message: "num_layers must be 0 (all layers) or a number of layers".into(),
             });
         }
-        if p.float("initializer_range").is_ok_and(|s| !(s >= 0.0 && s.is_finite())) {
+        if p.float("initializer_range")
+            .is_ok_and(|s| !(s >= 0.0 && s.is_finite()))
+        {
             out.push(Problem {
                 param: Some("initializer_range".into()),
-                message: "initializer_range must be 0 (the config's) or a positive standard deviation".into(),
+                message:
+                    "initializer_range must be 0 (the config's) or a positive standard deviation"
+                        .into(),
             });
         }
         out
@@ -104,10 +108,8 @@ impl Op for Init {
 
     fn run(&self, ctx: &OpContext) -> Result<(), OpError> {
         let source = ctx.input("model")?;
-        let config = initialized_config(
-            &load_config(&source.path)?,
-            ctx.params.usize("num_layers")?,
-        );
+        let config =
+            initialized_config(&load_config(&source.path)?, ctx.params.usize("num_layers")?);
         let std = match ctx.params.float("initializer_range")? {
             s if s > 0.0 => s,
             _ => initializer_range(&source.path).unwrap_or(0.02),
@@ -140,8 +142,12 @@ impl Op for Init {
         let specs = config.tensor_specs();
         let offset = config.family.norm.offset();
         let shapes = config.tensor_shapes();
-        let total: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-        ctx.progress.phase("drawing weights", total as u64, "values");
+        let total: usize = shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        ctx.progress
+            .phase("drawing weights", total as u64, "values");
         let mut done = 0u64;
         let opts = SaveOptions {
             dtype,
@@ -183,12 +189,14 @@ impl Op for Init {
 fn draw(key: u64, n: usize, std: f32) -> Vec<f32> {
     use rayon::prelude::*;
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let base = (c << 16) as u64;
-        for (j, x) in chunk.iter_mut().enumerate() {
-            *x = counter_rng::normal(key, base + j as u64) * std;
-        }
-    });
+    out.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let base = (c << 16) as u64;
+            for (j, x) in chunk.iter_mut().enumerate() {
+                *x = counter_rng::normal(key, base + j as u64) * std;
+            }
+        });
     out
 }
 
@@ -203,7 +211,8 @@ fn initializer_range(dir: &Path) -> Option<f64> {
 /// spelled as GPT-2's `bytes_to_unicode` spells it (the tokenizers library's ByteLevel).
 pub fn byte_level_tokenizer() -> String {
     // GPT-2's printable bytes keep their own character; the others map to 256, 257, ...
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256;
     let vocab: serde_json::Map<String, serde_json::Value> = (0u32..256)
         .map(|b| {

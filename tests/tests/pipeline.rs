@@ -319,7 +319,12 @@ fn init_writes_a_random_model_of_a_config_alone() {
     config["initializer_range"] = 0.05.into();
     env.write("config/config.json", &config.to_string());
     let lines: String = (0..200)
-        .map(|i| format!("Line {i}: a random model reads bytes, {} of them.\n", i * 7 % 13))
+        .map(|i| {
+            format!(
+                "Line {i}: a random model reads bytes, {} of them.\n",
+                i * 7 % 13
+            )
+        })
         .collect();
     env.write("data/train.txt", &lines);
     env.write(
@@ -361,11 +366,20 @@ params = { tokens = 512, seq_len = 32, micro_batch = 2, global_batch = 4, val_se
     let m = distillery_ops::model::checkpoint::load_model(&dir).unwrap();
     assert_eq!(m.config.num_hidden_layers, 2);
     assert_eq!(m.config.vocab_size, 300);
-    let (_, q) = m.weights.f32("model.layers.1.self_attn.q_proj.weight").unwrap();
+    let (_, q) = m
+        .weights
+        .f32("model.layers.1.self_attn.q_proj.weight")
+        .unwrap();
     let std = (q.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / q.len() as f64).sqrt();
     assert!((std - 0.05).abs() < 0.005, "q_proj std {std}");
-    let (_, norm) = m.weights.f32("model.layers.0.input_layernorm.weight").unwrap();
-    assert!(norm.iter().all(|&w| w == 0.0), "Gemma's 1 + w norms start at w = 0");
+    let (_, norm) = m
+        .weights
+        .f32("model.layers.0.input_layernorm.weight")
+        .unwrap();
+    assert!(
+        norm.iter().all(|&w| w == 0.0),
+        "Gemma's 1 + w norms start at w = 0"
+    );
     let ids = distillery_ops::runtime::tokenizer(&m)
         .unwrap()
         .encode("Hé")

@@ -193,13 +193,19 @@ fn bf16_optimizer_state_distills_like_f32_in_less_memory() {
         ("bfloat16", "bfloat16"),
     ] {
         let (run, config, hash) = run("bfloat16", grads, moments);
-        assert!(!hashes.contains(&hash), "{grads} grads, {moments} moments changed nothing");
+        assert!(
+            !hashes.contains(&hash),
+            "{grads} grads, {moments} moments changed nothing"
+        );
         hashes.push(hash);
         let (a, b) = (val(&f32_run), val(&run));
         eprintln!(
             "validation loss: f32 state {a:.4}, bf16 main params, {grads} grad sums, {moments} moments {b:.4}"
         );
-        assert!((a - b).abs() < 0.05 * a, "validation loss f32 {a} vs bf16 {b}");
+        assert!(
+            (a - b).abs() < 0.05 * a,
+            "validation loss f32 {a} vs bf16 {b}"
+        );
         let ratio = if moments == "bfloat16" { 2 } else { 1 };
         assert_eq!(state(&run) * ratio, state(&f32_run), "moments' bytes");
         // Written in the source's dtype (float32), bf16 values exactly.
@@ -213,7 +219,11 @@ fn bf16_optimizer_state_distills_like_f32_in_less_memory() {
         "steps.tuned.params.main_params_dtype=\"float32\"",
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("main_grads_dtype = \"bfloat16\" sums bf16 gradients"), "{}", text(&out));
+    assert!(
+        text(&out).contains("main_grads_dtype = \"bfloat16\" sums bf16 gradients"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

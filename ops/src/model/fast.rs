@@ -273,7 +273,9 @@ pub fn long_attention<B: Backend>(
         spec,
         false,
     );
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(same_type(out))))
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(same_type(
+        out,
+    ))))
 }
 
 /// Causal attention under the training backend (autodiff over the runtime's backend) in f32:

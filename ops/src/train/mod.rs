@@ -301,7 +301,9 @@ pub fn shrink_memory(p: &Params, live_teacher: bool, recomputes: bool) -> String
         out.push("moments_dtype = \"bfloat16\" (4 bytes a parameter less)".into());
     }
     if live_teacher {
-        out.push("a teacher_logits step as the teacher_logits input instead of the live teacher".into());
+        out.push(
+            "a teacher_logits step as the teacher_logits input instead of the live teacher".into(),
+        );
     }
     if !recomputes {
         out.push("recompute = \"on\"".into());

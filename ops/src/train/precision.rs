@@ -115,7 +115,9 @@ impl Precision {
         let read = |name: &str| -> Result<StateDType, OpError> {
             let v = p.str(name)?;
             StateDType::from_name(v).ok_or_else(|| {
-                OpError::Invalid(format!("{name} = {v:?}: expected \"float32\" or \"bfloat16\""))
+                OpError::Invalid(format!(
+                    "{name} = {v:?}: expected \"float32\" or \"bfloat16\""
+                ))
             })
         };
         Ok(Precision {
@@ -168,7 +170,7 @@ impl Precision {
         2.0 * self.moments.bytes()
     }
 
-    /// "10 bytes/param (bf16 weights, bf16 grads summed in f32, bf16 Adam moments)", for an
+    /// "12 bytes/param (bf16 weights, bf16 grads summed in f32, bf16 Adam moments)", for an
     /// estimate's basis.
     pub fn describe(self, accumulates: bool) -> String {
         let name = |d: StateDType| match d {
@@ -195,7 +197,10 @@ impl Precision {
 pub fn hold_main_params(model: Decoder<TB>, precision: Precision) -> Decoder<TB> {
     struct Hold(FloatDType);
     impl ModuleMapper<TB> for Hold {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<TB, D>>) -> Param<Tensor<TB, D>> {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: Param<Tensor<TB, D>>,
+        ) -> Param<Tensor<TB, D>> {
             if D < 2 {
                 return param;
             }
@@ -275,7 +280,12 @@ pub fn adamw_rounded(
         (1.0 - h.beta1.powi(h.t)) as f32,
         (1.0 - h.beta2.powi(h.t)) as f32,
     );
-    let (lr, eps, wd, scale) = (h.lr as f32, h.eps as f32, h.weight_decay as f32, h.scale as f32);
+    let (lr, eps, wd, scale) = (
+        h.lr as f32,
+        h.eps as f32,
+        h.weight_decay as f32,
+        h.scale as f32,
+    );
     let host = |t: &Tensor<B, 1>, r: std::ops::Range<usize>| -> Vec<f32> {
         t.clone()
             .slice([r])
@@ -368,7 +378,15 @@ mod tests {
     #[test]
     fn stochastic_rounding_is_exact_on_bf16_values_and_unbiased_between_them() {
         // Values bf16 holds come back whatever the noise.
-        for x in [0.0f32, -0.0, 1.0, -2.5, 0.0078125, f32::INFINITY, -f32::INFINITY] {
+        for x in [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            0.0078125,
+            f32::INFINITY,
+            -f32::INFINITY,
+        ] {
             for n in [0u16, 1, 0x7FFF, 0xFFFF] {
                 assert_eq!(round_bf16_stochastic(x, n).to_f32().to_bits(), x.to_bits());
             }
@@ -376,7 +394,11 @@ mod tests {
         assert!(round_bf16_stochastic(f32::NAN, 0xFFFF).is_nan());
         // 1 + 0.3 ulp (bf16's spacing at 1 is 2^-7): up 30% of the time, to 1 or 1 + ulp only.
         let ulp = 2f32.powi(-7);
-        for x in [1.0 + 0.3 * ulp, -(1.0 + 0.3 * ulp), 3.0e-3 + 0.77 * 2f32.powi(-16)] {
+        for x in [
+            1.0 + 0.3 * ulp,
+            -(1.0 + 0.3 * ulp),
+            3.0e-3 + 0.77 * 2f32.powi(-16),
+        ] {
             let n = 1 << 16;
             let mean: f64 = (0..n)
                 .map(|i| round_bf16_stochastic(x, noise(7, 3, i, 0)).to_f32() as f64)
@@ -398,7 +420,12 @@ mod tests {
     fn noise_depends_on_every_coordinate_only() {
         assert_eq!(noise(1, 2, 3, 0), noise(1, 2, 3, 0));
         let base = noise(1, 2, 3, 0);
-        let others = [noise(2, 2, 3, 0), noise(1, 3, 3, 0), noise(1, 2, 4, 0), noise(1, 2, 3, 1)];
+        let others = [
+            noise(2, 2, 3, 0),
+            noise(1, 3, 3, 0),
+            noise(1, 2, 4, 0),
+            noise(1, 2, 3, 1),
+        ];
         assert!(others.iter().all(|&o| o != base), "{base} {others:?}");
     }
 
