@@ -54,6 +54,17 @@ fn dot_grad<F: Float>(ds: F, s: F, scale: F, cap: F, #[comptime] capped: bool) -
     }
 }
 
+/// The first key position `p` sees: itself and `window - 1` before it (0: no window).
+#[cube]
+fn first_visible(p: usize, window: u32) -> usize {
+    let w = window as usize;
+    let mut first = 0;
+    if w > 0 && p + 1 > w {
+        first = p + 1 - w;
+    }
+    first
+}
+
 /// This unit's row among `rows`, over a grid of [`grid`].
 #[cube]
 fn row_index() -> usize {
@@ -94,11 +105,7 @@ fn forward_kernel<F: Float>(
         qv[d] = q[qo + d];
         acc[d] = F::new(0.0);
     }
-    let w = window as usize;
-    let mut first = 0;
-    if w > 0 && p + 1 > w {
-        first = p + 1 - w;
-    }
+    let first = first_visible(p, window);
     // A finite sentinel: WGSL has no -inf literal.
     let mut m = F::new(-1.0e30);
     let mut z = F::new(0.0);
@@ -173,11 +180,7 @@ fn query_grad_kernel<F: Float>(
     }
     delta[stat] = big_d;
     let row_lse = lse[stat];
-    let w = window as usize;
-    let mut first = 0;
-    if w > 0 && p + 1 > w {
-        first = p + 1 - w;
-    }
+    let first = first_visible(p, window);
     for j in first..p + 1 {
         let ko = ((b * seq + j) * kv_heads + g) * head_dim;
         let mut dot = F::new(0.0);
