@@ -219,8 +219,17 @@ pub fn hold_main_params(model: Decoder<TB>, precision: Precision) -> Decoder<TB>
 /// `buffer` (0 weights, 1 first moment, 2 second moment): a counter-based draw, so each value
 /// depends only on its position.
 pub fn noise(step: u64, param: u64, element: u64, buffer: u64) -> u16 {
-    let key = counter_rng::stream(&[step, param, buffer]);
-    (counter_rng::bits(key, element) >> 48) as u16
+    noise_in(noise_stream(step, param, buffer), element)
+}
+
+/// The stream [`noise`] draws from for one (step, parameter, buffer).
+fn noise_stream(step: u64, param: u64, buffer: u64) -> u64 {
+    counter_rng::stream(&[step, param, buffer])
+}
+
+/// [`noise`] for element `element` of a stream from [`noise_stream`].
+fn noise_in(stream: u64, element: u64) -> u16 {
+    (counter_rng::bits(stream, element) >> 48) as u16
 }
 
 /// `x` rounded to bf16 stochastically with `noise` (uniform over `u16`): adding it below the 16
@@ -295,7 +304,7 @@ pub fn adamw_rounded(
             .expect("f32 after convert")
     };
     // One stream per buffer of this piece (as [`noise`] draws them).
-    let keys: [u64; 3] = [0, 1, 2].map(|b| counter_rng::stream(&[at.step, at.param, b]));
+    let keys: [u64; 3] = [0, 1, 2].map(|b| noise_stream(at.step, at.param, b));
     let bf16s = dtypes.map(|d| d == TensorDType::BF16);
     for start in (0..n).step_by(HOST_CHUNK) {
         let r = start..(start + HOST_CHUNK).min(n);
@@ -319,8 +328,7 @@ pub fn adamw_rounded(
                 let mut values = [pi, mi, vi];
                 for (buffer, x) in values.iter_mut().enumerate() {
                     if bf16s[buffer] {
-                        let noise = (counter_rng::bits(keys[buffer], e) >> 48) as u16;
-                        *x = round_bf16_stochastic(*x, noise).to_f32();
+                        *x = round_bf16_stochastic(*x, noise_in(keys[buffer], e)).to_f32();
                     }
                 }
                 values
