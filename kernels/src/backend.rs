@@ -2,13 +2,15 @@
 
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
+use crate::adamw::{AdamW, adamw_host, adamw_reference, sum_squares_host, sum_squares_reference};
 use crate::attention::{self, AttentionSpec};
 use crate::fused::AttentionShape;
 use crate::importance::{accumulate_host, accumulate_reference};
 use crate::kl::{KlDirection, kl_rows_host};
+use crate::training;
 
 /// A backend that runs distillery's fused kernels.
 pub trait KernelBackend: Backend {
@@ -57,6 +59,144 @@ pub trait KernelBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         attention_backward_by_blocks::<Self>(q, k, v, out, lse, dout, spec)
     }
+
+    /// One AdamW update of a parameter `p`, its gradient `g` and moments `m`, `v` (each `[n]`,
+    /// f32): the new `(p, m, v)` ([`adamw`](crate::adamw)).
+    fn adamw(
+        p: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        h: &AdamW,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (p, m, v) = adamw_reference::<Self>(float(p), float(g), float(m), float(v), h);
+        (
+            p.into_primitive().tensor(),
+            m.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+        )
+    }
+
+    /// `Σ x²` over `x [n]`, as f64: a gradient's squared norm for clipping.
+    fn sum_squares(x: FloatTensor<Self>) -> f64 {
+        sum_squares_reference::<Self>(float(x))
+    }
+
+    /// `a [m, k] · b [k, n]` (either may be a transposed view) → `[m, n]`.
+    fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(a, b)
+    }
+
+    /// RMSNorm of `x [rows, d]` by `w [d]` ([`training::rms_norm`]).
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        training::rms_norm_reference::<Self>(float(x), float(w), eps)
+            .into_primitive()
+            .tensor()
+    }
+
+    /// RMSNorm's `(dx [rows, d], dw [d])` from its input, weight and output gradient `dy`.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) =
+            training::rms_norm_backward_reference::<Self>(float(x), float(w), float(dy), eps);
+        (dx.into_primitive().tensor(), dw.into_primitive().tensor())
+    }
+
+    /// `silu(gate) ⊙ up`, both `[rows, ffn]`.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        training::swiglu_reference::<Self>(float(gate), float(up))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// SwiGLU's `(d gate, d up)` from its inputs and output gradient `dy`.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dg, du) =
+            training::swiglu_backward_reference::<Self>(float(gate), float(up), float(dy));
+        (dg.into_primitive().tensor(), du.into_primitive().tensor())
+    }
+
+    /// RoPE of `x [rows, heads, d]` by tables `[positions, d]` ([`training::rope`]).
+    fn rope(x: FloatTensor<Self>, cos: &[f32], sin: &[f32]) -> FloatTensor<Self> {
+        training::rope_reference::<Self>(float(x), cos, sin)
+            .into_primitive()
+            .tensor()
+    }
+}
+
+/// `a [.., m, k] · b [.., k, n]` on Flex in f32 by [`crate::fused::gemm_f32`] (the `gemm`
+/// crate, the kernel Flex itself calls, threaded by column blocks) into an output of its own,
+/// reading both operands in place whatever their strides: Flex's matmul output goes through a
+/// zeroed byte buffer that Burn then copies to realign, a second allocation and a pass over
+/// memory per product (400 MiB for batch-8 SmolLM2 logits), and its threading splits the rows.
+/// `None` where it does not apply (another dtype, broadcast batch dimensions).
+pub fn flex_matmul(a: &FloatTensor<Flex>, b: &FloatTensor<Flex>) -> Option<FloatTensor<Flex>> {
+    use burn::tensor::DType;
+    let (da, db) = (a.layout().shape().to_vec(), b.layout().shape().to_vec());
+    let rank = da.len();
+    if a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+        || rank < 2
+        || db.len() != rank
+        || da[..rank - 2] != db[..rank - 2]
+        || da[rank - 1] != db[rank - 2]
+    {
+        return None;
+    }
+    let (sa, oa, ta) = (
+        a.storage::<f32>(),
+        a.layout().start_offset(),
+        a.layout().strides(),
+    );
+    let (sb, ob, tb) = (
+        b.storage::<f32>(),
+        b.layout().start_offset(),
+        b.layout().strides(),
+    );
+    let (m, k, n) = (da[rank - 2], da[rank - 1], db[rank - 1]);
+    let batch: usize = da[..rank - 2].iter().product();
+    let len = batch * m * n;
+    // Not zeroed first, since gemm writes every element: zeroing was a memset of every product's
+    // output.
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let base = out.as_mut_ptr();
+    for i in (0..batch).filter(|_| m * n > 0) {
+        // This batch index's element offset in each operand, from its strides.
+        let (mut rest, mut at_a, mut at_b) = (i, oa as isize, ob as isize);
+        for d in (0..rank - 2).rev() {
+            let idx = (rest % da[d]) as isize;
+            rest /= da[d];
+            at_a += idx * ta[d];
+            at_b += idx * tb[d];
+        }
+        // SAFETY: Flex's layouts describe views inside their storage, so every element
+        // `at + i * rows + j * cols` of these m × k and k × n views lies in `sa` / `sb`; the
+        // destination is this batch's m × n row-major block of `out`'s capacity, which gemm
+        // writes without reading.
+        unsafe {
+            crate::fused::gemm_f32(
+                [m, n, k],
+                (base.add(i * m * n), n as isize),
+                (sa.as_ptr().offset(at_a), ta[rank - 2], ta[rank - 1]),
+                (sb.as_ptr().offset(at_b), tb[rank - 2], tb[rank - 1]),
+                true,
+            );
+        }
+    }
+    // SAFETY: the loop above wrote all `len` elements (none when m · n = 0).
+    unsafe { out.set_len(len) };
+    let mut shape = da;
+    shape[rank - 1] = n;
+    let flat = flex_tensor(out, [len]);
+    Some(Flex::float_reshape(flat, burn::tensor::Shape::from(shape)))
 }
 
 /// [`attention::forward_reference`] on primitives: the tensor-op attention by query blocks.
@@ -105,6 +245,21 @@ fn with_host<const D: usize, R>(t: &FloatTensor<Flex>, f: impl FnOnce(&[f32]) ->
     }
 }
 
+/// `t [n]` (f32) as a tensor that alone owns exactly its `n` contiguous values, so that
+/// `try_storage_mut` gives them: `t` itself when it is, else a copy.
+fn owned_f32(t: FloatTensor<Flex>, n: usize) -> FloatTensor<Flex> {
+    let whole = t.layout().contiguous_offsets() == Some((0, n)) && t.storage::<f32>().len() == n;
+    if whole && t.is_unique() {
+        t
+    } else {
+        flex_tensor(host_f32::<1>(t), [n])
+    }
+}
+
+fn all_f32(ts: &[&FloatTensor<Flex>]) -> bool {
+    ts.iter().all(|t| t.dtype() == burn::tensor::DType::F32)
+}
+
 fn flex_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> FloatTensor<Flex> {
     Tensor::<Flex, D>::from_data(TensorData::new(values, shape), &Default::default())
         .into_primitive()
@@ -123,8 +278,127 @@ fn host_f32<const D: usize>(t: FloatTensor<Flex>) -> Vec<f32> {
         .expect("f32 data")
 }
 
-/// The CPU: both kernels as host loops over the tensors' memory, read in place.
+/// The CPU: every kernel as a host loop over the tensors' memory, read in place.
 impl KernelBackend for Flex {
+    fn adamw(
+        p: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        h: &AdamW,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let f32s = [&p, &g, &m, &v]
+            .iter()
+            .all(|t| t.dtype() == burn::tensor::DType::F32);
+        if !f32s {
+            let (p, m, v) = adamw_reference::<Self>(float(p), float(g), float(m), float(v), h);
+            return (
+                p.into_primitive().tensor(),
+                m.into_primitive().tensor(),
+                v.into_primitive().tensor(),
+            );
+        }
+        let n = p.layout().shape().dims::<1>()[0];
+        // The moments are updated in place where this is their only reference (the optimizer
+        // hands them over), else copied once.
+        let (mut m, mut v) = (owned_f32(m, n), owned_f32(v, n));
+        let p = with_host::<1, _>(&p, |p| {
+            with_host::<1, _>(&g, |g| {
+                let m = m.try_storage_mut::<f32>().expect("owned above");
+                let v = v.try_storage_mut::<f32>().expect("owned above");
+                adamw_host(p, g, m, v, h)
+            })
+        });
+        (flex_tensor(p, [n]), m, v)
+    }
+
+    fn sum_squares(x: FloatTensor<Self>) -> f64 {
+        if x.dtype() != burn::tensor::DType::F32 {
+            return sum_squares_reference::<Self>(float(x));
+        }
+        with_host::<1, _>(&x, sum_squares_host)
+    }
+
+    fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        flex_matmul(&a, &b).unwrap_or_else(|| Self::float_matmul(a, b))
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &w]) {
+            return training::rms_norm_reference::<Self>(float(x), float(w), eps)
+                .into_primitive()
+                .tensor();
+        }
+        let shape = x.layout().shape().dims::<2>();
+        let y = with_host::<2, _>(&x, |x| {
+            with_host::<1, _>(&w, |w| crate::fused::rms_norm(x, w, eps))
+        });
+        flex_tensor(y, shape)
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&x, &w, &dy]) {
+            let (dx, dw) =
+                training::rms_norm_backward_reference::<Self>(float(x), float(w), float(dy), eps);
+            return (dx.into_primitive().tensor(), dw.into_primitive().tensor());
+        }
+        let shape = x.layout().shape().dims::<2>();
+        let (dx, dw) = with_host::<2, _>(&x, |x| {
+            with_host::<1, _>(&w, |w| {
+                with_host::<2, _>(&dy, |dy| training::rms_norm_backward_host(x, w, dy, eps))
+            })
+        });
+        (flex_tensor(dx, shape), flex_tensor(dw, [shape[1]]))
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&gate, &up]) {
+            return training::swiglu_reference::<Self>(float(gate), float(up))
+                .into_primitive()
+                .tensor();
+        }
+        let shape = gate.layout().shape().dims::<2>();
+        let y = with_host::<2, _>(&gate, |g| {
+            with_host::<2, _>(&up, |u| crate::fused::swiglu(g, u))
+        });
+        flex_tensor(y, shape)
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&gate, &up, &dy]) {
+            let (dg, du) =
+                training::swiglu_backward_reference::<Self>(float(gate), float(up), float(dy));
+            return (dg.into_primitive().tensor(), du.into_primitive().tensor());
+        }
+        let shape = gate.layout().shape().dims::<2>();
+        let (dg, du) = with_host::<2, _>(&gate, |g| {
+            with_host::<2, _>(&up, |u| {
+                with_host::<2, _>(&dy, |dy| training::swiglu_backward_host(g, u, dy))
+            })
+        });
+        (flex_tensor(dg, shape), flex_tensor(du, shape))
+    }
+
+    fn rope(x: FloatTensor<Self>, cos: &[f32], sin: &[f32]) -> FloatTensor<Self> {
+        if !all_f32(&[&x]) {
+            return training::rope_reference::<Self>(float(x), cos, sin)
+                .into_primitive()
+                .tensor();
+        }
+        let shape = x.layout().shape().dims::<3>();
+        let y = with_host::<3, _>(&x, |x| crate::fused::rope(x, cos, sin, shape[1], shape[2]));
+        flex_tensor(y, shape)
+    }
+
     fn importance_accumulate(
         acc: FloatTensor<Self>,
         activation: FloatTensor<Self>,

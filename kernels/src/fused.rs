@@ -82,7 +82,7 @@ const LANES: usize = 8;
 
 /// `Σ f(x)` in f64 over `LANES` interleaved partial sums.
 #[inline(always)]
-fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+pub(crate) fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0f64; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
@@ -96,7 +96,7 @@ fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 
 /// The largest of `x` (`-inf` when empty), over 16 lanes.
 #[inline(always)]
-fn max_f32(x: &[f32]) -> f32 {
+pub(crate) fn max_f32(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let chunks = x.chunks_exact(16);
     let tail = chunks

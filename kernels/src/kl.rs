@@ -13,6 +13,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
 
 use crate::KernelBackend;
+use crate::fused::{exp_f32, max_f32, wide};
 
 /// Reference in plain tensor ops (differentiable under autodiff):
 /// `teacher, student: [tokens, vocab]` → scalar mean KL.
@@ -86,10 +87,12 @@ pub fn topk_kl_given<B: Backend>(
     (pt * (log_pt - log_ps)).sum() / n as f64
 }
 
-/// The per-row KL and its gradient on host memory, rows in parallel (rayon): for each token it
-/// reads both logit rows once to get both log-normalizers with an online max and sum (in f64),
-/// then once more for the loss and `grad_scale * d loss_row / d student_logits`, without
-/// materializing any `[tokens, vocab]` probabilities. Returns (row losses, gradient
+/// The per-row KL and its gradient on host memory, rows in parallel (rayon), without
+/// materializing any `[tokens, vocab]` probabilities: per token, one pass for both rows' maxima,
+/// one for `e^((x − max)/T)` of both (the project's vectorized f32 exponential, within 2 ulp of
+/// libm) and their sums in f64, and one or two more for the loss, with every log-probability
+/// difference in f64 (at low temperatures the loss is a difference of large terms), and
+/// `grad_scale * d loss_row / d student_logits`. Returns (row losses, gradient
 /// `[tokens * vocab]`).
 pub fn kl_rows_host(
     teacher: &[f32],
@@ -105,59 +108,105 @@ pub fn kl_rows_host(
     let rows = teacher.len() / vocab;
     let mut grad = vec![0f32; student.len()];
     let mut losses = vec![0f64; rows];
-    let inv_t = 1.0 / temperature as f64;
     grad.par_chunks_mut(vocab)
         .zip(losses.par_iter_mut())
         .zip(teacher.par_chunks(vocab).zip(student.par_chunks(vocab)))
-        .for_each(|((g, loss), (t, s))| {
-            let lse_t = log_sum_exp(t, inv_t);
-            let lse_s = log_sum_exp(s, inv_t);
-            let log_p = |x: f32, lse: f64| x as f64 * inv_t - lse;
-            let scale = grad_scale as f64 * inv_t;
-            match direction {
-                KlDirection::Forward => {
-                    let mut row = 0f64;
-                    for ((&a, &b), gi) in t.iter().zip(s).zip(g.iter_mut()) {
-                        let (lpt, lps) = (log_p(a, lse_t), log_p(b, lse_s));
-                        let pt = lpt.exp();
-                        row += pt * (lpt - lps);
-                        // d/dz_s of sum pt (log pt - log ps) = (ps - pt), times 1/T for z = s/T.
-                        *gi = ((lps.exp() - pt) * scale) as f32;
-                    }
-                    *loss = row;
-                }
-                KlDirection::Reverse => {
-                    let mut row = 0f64;
-                    for (&a, &b) in t.iter().zip(s) {
-                        let (lpt, lps) = (log_p(a, lse_t), log_p(b, lse_s));
-                        row += lps.exp() * (lps - lpt);
-                    }
-                    // d/dz_j of sum ps (log ps - log pt) = ps_j (log ps_j - log pt_j - row).
-                    for ((&a, &b), gi) in t.iter().zip(s).zip(g.iter_mut()) {
-                        let (lpt, lps) = (log_p(a, lse_t), log_p(b, lse_s));
-                        *gi = (lps.exp() * (lps - lpt - row) * scale) as f32;
-                    }
-                    *loss = row;
-                }
-            }
-        });
+        .for_each_init(
+            || vec![0f32; vocab],
+            |pt, ((g, loss), (t, s))| {
+                *loss = wide(
+                    #[inline(always)]
+                    || kl_row(t, s, temperature, direction, grad_scale, pt, g),
+                )
+            },
+        );
     (losses, grad)
 }
 
-/// `log sum exp(x * inv_t)` in one pass with an online max.
-fn log_sum_exp(row: &[f32], inv_t: f64) -> f64 {
-    let (mut m, mut z) = (f64::NEG_INFINITY, 0f64);
-    for &x in row {
-        let x = x as f64 * inv_t;
-        if x > m {
-            z = z * (m - x).exp() + 1.0;
-            m = x;
-        } else {
-            z += (x - m).exp();
+/// One row of [`kl_rows_host`]: its loss, and its gradient into `g`; `pt` is scratch of the
+/// row's length.
+#[inline(always)]
+fn kl_row(
+    t: &[f32],
+    s: &[f32],
+    temperature: f32,
+    direction: KlDirection,
+    grad_scale: f32,
+    pt: &mut [f32],
+    g: &mut [f32],
+) -> f64 {
+    let inv_t = 1.0 / temperature as f64;
+    let inv_t32 = inv_t as f32;
+    let (mt, ms) = (max_f32(t), max_f32(s));
+    // Unnormalized probabilities: the teacher's into `pt`, the student's into `g`.
+    let (mut zt, mut zs) = ([0f64; LANES], [0f64; LANES]);
+    for (((et, es), t), s) in pt
+        .chunks_mut(LANES)
+        .zip(g.chunks_mut(LANES))
+        .zip(t.chunks(LANES))
+        .zip(s.chunks(LANES))
+    {
+        for l in 0..et.len() {
+            et[l] = exp_f32((t[l] - mt) * inv_t32);
+            es[l] = exp_f32((s[l] - ms) * inv_t32);
+            zt[l] += et[l] as f64;
+            zs[l] += es[l] as f64;
         }
     }
-    m + z.ln()
+    let (zt, zs) = (zt.iter().sum::<f64>(), zs.iter().sum::<f64>());
+    // log pt_j − log ps_j = (t_j − s_j)/T − shift.
+    let lse_t = mt as f64 * inv_t + zt.ln();
+    let lse_s = ms as f64 * inv_t + zs.ln();
+    let shift = lse_t - lse_s;
+    let (inv_zt, inv_zs) = (1.0 / zt, 1.0 / zs);
+    let scale = grad_scale as f64 * inv_t;
+    let mut acc = [0f64; LANES];
+    match direction {
+        KlDirection::Forward => {
+            for (((pt, g), t), s) in pt
+                .chunks(LANES)
+                .zip(g.chunks_mut(LANES))
+                .zip(t.chunks(LANES))
+                .zip(s.chunks(LANES))
+            {
+                for l in 0..pt.len() {
+                    let p = pt[l] as f64 * inv_zt;
+                    let q = g[l] as f64 * inv_zs;
+                    acc[l] += p * ((t[l] as f64 - s[l] as f64) * inv_t - shift);
+                    // d/dz_s of Σ pt (log pt − log ps) = (ps − pt), times 1/T for z = s/T.
+                    g[l] = ((q - p) * scale) as f32;
+                }
+            }
+            acc.iter().sum()
+        }
+        KlDirection::Reverse => {
+            for (((pt, g), t), s) in pt
+                .chunks_mut(LANES)
+                .zip(g.chunks_mut(LANES))
+                .zip(t.chunks(LANES))
+                .zip(s.chunks(LANES))
+            {
+                for l in 0..pt.len() {
+                    let q = g[l] as f64 * inv_zs;
+                    // log ps − log pt, kept for the gradient pass.
+                    let d = (s[l] as f64 - t[l] as f64) * inv_t + shift;
+                    acc[l] += q * d;
+                    pt[l] = d as f32;
+                }
+            }
+            let row: f64 = acc.iter().sum();
+            // d/dz_j of Σ ps (log ps − log pt) = ps_j (log ps_j − log pt_j − row).
+            for (d, g) in pt.iter().zip(g.iter_mut()) {
+                let q = *g as f64 * inv_zs;
+                *g = (q * (*d as f64 - row) * scale) as f32;
+            }
+            row
+        }
+    }
 }
+
+/// Partial sums per row of [`kl_row`]: a fixed order the compiler vectorizes.
+const LANES: usize = 16;
 
 /// The distillation loss through the backend's fused kernel, differentiable with respect to the
 /// student: `teacher [tokens, vocab]` (no graph), `student [tokens, vocab]` → scalar mean KL over

@@ -5,6 +5,7 @@
 //! [`KernelBackend`] is the seam: Flex (CPU) runs host loops, the Cube backends (CUDA, wgpu) run
 //! the CubeCL kernels of [`cube`] (feature `cube`, on with `cuda` or `wgpu`).
 
+pub mod adamw;
 pub mod attention;
 mod backend;
 #[cfg(feature = "cube")]
@@ -12,6 +13,7 @@ pub mod cube;
 pub mod fused;
 pub mod importance;
 pub mod kl;
+pub mod training;
 
-pub use backend::KernelBackend;
+pub use backend::{KernelBackend, flex_matmul};
 pub use kl::KlDirection;

@@ -515,7 +515,10 @@ impl Op for Distill {
             // 10: the student's attention with its own backward (no [seq, seq] tensors kept);
             // the head and loss in chunks (`loss_chunk`); blocks recomputed (`recompute`);
             // a cached teacher (`teacher_logits`).
-            version: 10,
+            // 11: the training step's fused CPU ops with their own backward (the products by
+            // column blocks, RMSNorm, SwiGLU, RoPE), AdamW in one pass, gradient norms in f64,
+            // the KL's exponentials in vectorized f32.
+            version: 11,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![
                 Port::new(

@@ -120,7 +120,9 @@ impl<B: Backend> Norm<B> {
                 None => y,
             };
         }
-        let x = match fast::rms_norm(x, &scale, self.eps) {
+        let x = match fast::rms_norm(x, &scale, self.eps)
+            .or_else(|x| fast::trained_rms_norm(x, &scale, self.eps))
+        {
             Ok(y) => return y,
             Err(x) => x,
         };
@@ -218,7 +220,7 @@ fn matmul<B: Backend, const D: usize>(
     c: Compute,
 ) -> Tensor<B, D> {
     let (a, b) = match c {
-        Compute::F32 => match fast::matmul(a, b) {
+        Compute::F32 => match fast::matmul(a, b).or_else(|(a, b)| fast::trained_matmul(a, b)) {
             Ok(product) => return product,
             Err(operands) => operands,
         },
@@ -426,7 +428,9 @@ impl<B: Backend> Rope<B> {
     }
 
     fn apply_whole(&self, x: Tensor<B, 4>, keys: bool) -> Tensor<B, 4> {
-        let x = match fast::rope(x, &self.cos, &self.sin) {
+        let x = match fast::rope(x, &self.cos, &self.sin)
+            .or_else(|x| fast::trained_rope(x, &self.cos, &self.sin))
+        {
             Ok(y) => return y,
             Err(x) => x,
         };
@@ -676,7 +680,9 @@ impl<B: Backend> Mlp<B> {
                 let gate = linear_bias(x.clone(), gate_proj, &self.gate_bias, c);
                 let up = linear_bias(x, &self.up_proj, &self.up_bias, c);
                 match self.act {
-                    Activation::Silu => match fast::swiglu(gate, up) {
+                    Activation::Silu => match fast::swiglu(gate, up)
+                        .or_else(|(gate, up)| fast::trained_swiglu(gate, up))
+                    {
                         Ok(inter) => inter,
                         Err((gate, up)) => silu(gate) * up,
                     },
@@ -1474,7 +1480,13 @@ impl<B: Backend> Decoder<B> {
                 let [b, s, h] = hidden.dims();
                 let e = self.embed_tokens.val();
                 let v = e.dims()[0];
-                matmul(hidden.reshape([b * s, h]), e.transpose(), self.compute).reshape([b, s, v])
+                let rows = hidden.reshape([b * s, h]);
+                let logits = match self.compute {
+                    Compute::F32 => fast::trained_matmul_transposed(rows, e)
+                        .unwrap_or_else(|(rows, e)| matmul(rows, e.transpose(), self.compute)),
+                    Compute::Bf16 => matmul(rows, e.transpose(), self.compute),
+                };
+                logits.reshape([b, s, v])
             }
         };
         match self.extras.final_softcap {
@@ -1596,15 +1608,45 @@ mod tests {
         burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
     >;
 
+    /// The training step's fused ops with their own backward (the product, RMSNorm, SwiGLU,
+    /// RoPE, the attention: `distillery_kernels::training` and `::attention`) against autodiff
+    /// through the tensor-op path, in the logits and in every parameter's gradient.
     #[test]
-    fn training_attention_equals_the_tensor_op_path_in_logits_and_gradients() {
+    fn training_ops_equal_the_tensor_op_path_in_logits_and_every_gradient() {
         type T = crate::runtime::TrainBackend;
-        // GQA with tied embeddings; a sliding window; Gemma 2's capped scores and local layers.
-        for name in ["llama-gqa-tied-f32", "mistral-window-f16", "family-gemma2"] {
+        use burn::module::ModuleVisitor;
+        use burn::tensor::backend::AutodiffBackend;
+
+        /// Every parameter's gradient, in visiting order.
+        struct Collect<'a, A: AutodiffBackend> {
+            grads: &'a A::Gradients,
+            out: Vec<Vec<f32>>,
+        }
+        impl<A: AutodiffBackend> ModuleVisitor<A> for Collect<'_, A> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<A, D>>) {
+                let g = p
+                    .val()
+                    .grad(self.grads)
+                    .expect("every parameter has a gradient");
+                self.out
+                    .push(g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
+            }
+        }
+
+        // GQA with tied embeddings; a sliding window; Gemma 2's capped scores, offset norms and
+        // local layers; Qwen 3's q/k norms; Phi-3's partial rotary factor and fused projections.
+        for name in [
+            "llama-gqa-tied-f32",
+            "mistral-window-f16",
+            "family-gemma2",
+            "family-qwen3",
+            "family-phi3",
+        ] {
             let m = golden(name);
             let device = Default::default();
+            // 2 sequences of 37: odd row counts for every op.
             let ids: Vec<u32> = (0..74).map(|i| (i * 11 % 60) as u32).collect();
-            fn run<A: burn::tensor::backend::AutodiffBackend>(
+            fn run<A: AutodiffBackend>(
                 m: &crate::model::checkpoint::LoadedModel,
                 ids: &[u32],
                 device: &A::Device,
@@ -1614,20 +1656,13 @@ mod tests {
                 let grads = (logits.clone() * logits.clone().detach().sin())
                     .sum()
                     .backward();
-                let attn = &d.layers[0].self_attn;
-                let grad = |p: &Param<Tensor<A, 2>>| {
-                    p.val()
-                        .grad(&grads)
-                        .unwrap()
-                        .into_data()
-                        .to_vec::<f32>()
-                        .unwrap()
+                let mut collect = Collect::<A> {
+                    grads: &grads,
+                    out: Vec::new(),
                 };
+                d.visit(&mut collect);
                 let values = logits.into_data().convert::<f32>().to_vec::<f32>().unwrap();
-                (
-                    values,
-                    vec![grad(&attn.q_proj), grad(&attn.k_proj), grad(&attn.v_proj)],
-                )
+                (values, collect.out)
             }
             let (logits, grads) = run::<T>(&m, &ids, &device);
             let (want, want_grads) = run::<Reference>(&m, &ids, &device);
@@ -1636,11 +1671,12 @@ mod tests {
                 diff <= 1e-5 * scale.max(1.0),
                 "{name}: logits max |Δ| {diff}"
             );
-            for (got, want) in grads.iter().zip(&want_grads) {
+            assert_eq!(grads.len(), want_grads.len());
+            for (i, (got, want)) in grads.iter().zip(&want_grads).enumerate() {
                 let (diff, scale) = max_diff(got, want);
                 assert!(
                     diff <= 1e-5 * scale,
-                    "{name}: gradient max |Δ| {diff} of {scale}"
+                    "{name}: parameter {i}'s gradient max |Δ| {diff} of {scale}"
                 );
             }
         }

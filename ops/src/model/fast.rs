@@ -293,9 +293,7 @@ pub fn trained_attention<B: Backend>(
     scale: f32,
     softcap: Option<f32>,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-    type Train = crate::runtime::TrainBackend;
-    let f32s = [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32);
-    if TypeId::of::<B>() != TypeId::of::<Train>() || !f32s || !enabled() {
+    if !f32_train::<B>(&[q.dtype(), k.dtype(), v.dtype()]) {
         return Err((q, k, v));
     }
     let spec = attention_spec(q.dims(), k.dims()[2], window, scale, softcap);
@@ -304,68 +302,120 @@ pub fn trained_attention<B: Backend>(
     Ok(same_type(out))
 }
 
-/// Where `t` may be read as f32 matrices: `(storage, start, strides)`.
-fn f32_view(t: &FlexPrimitive) -> (&[f32], usize, &[isize]) {
-    let layout = t.layout();
-    (t.storage::<f32>(), layout.start_offset(), layout.strides())
-}
-
-/// `a [.., m, k] @ b [.., k, n]` in f32 by [`distillery_kernels::fused::gemm_f32`] (the `gemm`
-/// crate, the kernel Flex itself calls) into an output this path allocates: Flex's matmul output
-/// goes through a zeroed byte buffer that Burn then copies to realign, a second allocation and a
-/// pass over memory per product (400 MiB for batch-8 SmolLM2 logits). `Err` hands both back where
-/// it does not apply (another backend or dtype, broadcast batch dimensions).
+/// `a [.., m, k] @ b [.., k, n]` in f32 by [`distillery_kernels::flex_matmul`] (the `gemm`
+/// crate by column blocks, into an output of its own). `Err` hands both back where it does not
+/// apply (another backend or dtype, broadcast batch dimensions).
 #[allow(clippy::type_complexity)]
 pub fn matmul<B: Backend, const D: usize>(
     a: Tensor<B, D>,
     b: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
-    let (da, db) = (a.dims(), b.dims());
-    if !f32_flex(&a)
-        || !f32_flex(&b)
-        || D < 2
-        || da[..D - 2] != db[..D - 2]
-        || da[D - 1] != db[D - 2]
-    {
+    if !f32_flex(&a) || !f32_flex(&b) {
         return Err((a, b));
     }
-    let (pa, pb) = (primitive(a), primitive(b));
-    let ((sa, oa, ta), (sb, ob, tb)) = (f32_view(&pa), f32_view(&pb));
-    let (m, k, n) = (da[D - 2], da[D - 1], db[D - 1]);
-    let batch: usize = da[..D - 2].iter().product();
-    let len = batch * m * n;
-    // Not zeroed first, since gemm writes every element: zeroing was a memset of every product's
-    // output.
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    let base = out.as_mut_ptr();
-    for i in (0..batch).filter(|_| m * n > 0) {
-        // This batch index's element offset in each operand, from its strides.
-        let (mut rest, mut at_a, mut at_b) = (i, oa as isize, ob as isize);
-        for d in (0..D - 2).rev() {
-            let idx = (rest % da[d]) as isize;
-            rest /= da[d];
-            at_a += idx * ta[d];
-            at_b += idx * tb[d];
-        }
-        // SAFETY: Flex's layouts describe views inside their storage, so every element
-        // `at + i * rows + j * cols` of these m × k and k × n views lies in `sa` / `sb`; the
-        // destination is this batch's m × n row-major block of `out`'s capacity, which gemm
-        // writes without reading.
-        unsafe {
-            distillery_kernels::fused::gemm_f32(
-                [m, n, k],
-                (base.add(i * m * n), n as isize),
-                (sa.as_ptr().offset(at_a), ta[D - 2], ta[D - 1]),
-                (sb.as_ptr().offset(at_b), tb[D - 2], tb[D - 1]),
-                true,
-            );
-        }
+    let (pa, pb) = (primitive(a.clone()), primitive(b.clone()));
+    match distillery_kernels::flex_matmul(&pa, &pb) {
+        Some(out) => Ok(Tensor::from_primitive(TensorPrimitive::Float(same_type(
+            out,
+        )))),
+        None => Err((a, b)),
     }
-    // SAFETY: the loop above wrote all `len` elements (none when m · n = 0).
-    unsafe { out.set_len(len) };
-    let mut shape = da;
-    shape[D - 1] = n;
-    Ok(tensor(out, shape))
+}
+
+/// Whether `B` is the training backend with the fast path on and every tensor `ts` is f32: the
+/// training step's fused ops with their own backward ([`distillery_kernels::training`]) apply.
+fn f32_train<B: Backend>(dtypes: &[DType]) -> bool {
+    TypeId::of::<B>() == TypeId::of::<crate::runtime::TrainBackend>()
+        && enabled()
+        && dtypes.iter().all(|&d| d == DType::F32)
+}
+
+type Train = crate::runtime::TrainBackend;
+
+/// `a [m, k] @ b [k, n]` under the training backend in f32, through
+/// [`distillery_kernels::training::matmul`] (the backend's product for the forward and both
+/// backward products); `Err` hands both back elsewhere.
+#[allow(clippy::type_complexity)]
+pub fn trained_matmul<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if D != 2 || !f32_train::<B>(&[a.dtype(), b.dtype()]) {
+        return Err((a, b));
+    }
+    let (da, db) = (a.dims(), b.dims());
+    let a: Tensor<Train, 2> = same_type(a.reshape([da[0], da[1]]));
+    let b: Tensor<Train, 2> = same_type(b.reshape([db[0], db[1]]));
+    let out: Tensor<B, 2> = same_type(distillery_kernels::training::matmul(a, b));
+    Ok(out.reshape(std::array::from_fn::<usize, D, _>(|i| {
+        if i == 0 { da[0] } else { db[1] }
+    })))
+}
+
+/// `a [m, k] @ bᵀ` with `b [n, k]` under the training backend in f32
+/// ([`distillery_kernels::training::matmul_transposed`]: `b`'s gradient comes out in `b`'s
+/// layout); `Err` hands both back elsewhere.
+#[allow(clippy::type_complexity)]
+pub fn trained_matmul_transposed<B: Backend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    if !f32_train::<B>(&[a.dtype(), b.dtype()]) {
+        return Err((a, b));
+    }
+    let out = distillery_kernels::training::matmul_transposed::<crate::runtime::Backend>(
+        same_type(a),
+        same_type(b),
+    );
+    Ok(same_type(out))
+}
+
+/// RMSNorm of `x [batch, seq, d]` by `w [d]` under the training backend in f32
+/// ([`distillery_kernels::training::rms_norm`]); `Err(x)` back elsewhere.
+pub fn trained_rms_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    if !f32_train::<B>(&[x.dtype(), w.dtype()]) {
+        return Err(x);
+    }
+    let [b, s, d] = x.dims();
+    let x: Tensor<Train, 2> = same_type(x.reshape([b * s, d]));
+    let y = distillery_kernels::training::rms_norm(x, same_type(w.clone()), eps as f32);
+    Ok(same_type::<_, Tensor<B, 2>>(y).reshape([b, s, d]))
+}
+
+/// `silu(gate) * up`, both `[batch, seq, ffn]`, under the training backend in f32
+/// ([`distillery_kernels::training::swiglu`]); `Err` hands both back elsewhere.
+#[allow(clippy::type_complexity)]
+pub fn trained_swiglu<B: Backend>(
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>)> {
+    if !f32_train::<B>(&[gate.dtype(), up.dtype()]) {
+        return Err((gate, up));
+    }
+    let [b, s, f] = gate.dims();
+    let flat = |t: Tensor<B, 3>| -> Tensor<Train, 2> { same_type(t.reshape([b * s, f])) };
+    let y = distillery_kernels::training::swiglu(flat(gate), flat(up));
+    Ok(same_type::<_, Tensor<B, 2>>(y).reshape([b, s, f]))
+}
+
+/// RoPE on `x [batch, seq, heads, head_dim]` with tables `[seq, head_dim]` under the training
+/// backend in f32 ([`distillery_kernels::training::rope`]); `Err(x)` back elsewhere.
+pub fn trained_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &[f32],
+    sin: &[f32],
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    if !f32_train::<B>(&[x.dtype()]) {
+        return Err(x);
+    }
+    let [b, s, h, d] = x.dims();
+    let flat: Tensor<Train, 3> = same_type(x.reshape([b * s, h, d]));
+    let y = distillery_kernels::training::rope(flat, cos, sin);
+    Ok(same_type::<_, Tensor<B, 3>>(y).reshape([b, s, h, d]))
 }
 
 #[cfg(test)]

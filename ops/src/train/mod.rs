@@ -669,7 +669,9 @@ impl crate::op::Op for Train {
             // 9: chat data (the loss on the assistant's tokens); chat_template.jinja kept.
             // 10: the student's attention with its own backward (no [seq, seq] tensors kept);
             // the head and loss in chunks (`loss_chunk`).
-            version: 10,
+            // 11: the training step's fused CPU ops with their own backward (the products by
+            // column blocks, RMSNorm, SwiGLU, RoPE), AdamW in one pass, gradient norms in f64.
+            version: 11,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![
                 crate::op::Port::new(

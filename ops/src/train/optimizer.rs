@@ -10,6 +10,9 @@ use std::ops::Range;
 
 use burn::tensor::FloatDType;
 
+use burn::tensor::TensorPrimitive;
+use distillery_kernels::KernelBackend;
+
 use crate::parallel::{Collective, CollectiveError, Shards};
 
 use super::precision::{AdamStep, PiecePosition, adamw_rounded};
@@ -151,10 +154,6 @@ impl From<CollectiveError> for StepError {
     fn from(e: CollectiveError) -> Self {
         StepError::Collective(e)
     }
-}
-
-fn scalar(t: Tensor<B, 1>) -> f64 {
-    t.into_data().convert::<f64>().to_vec::<f64>().unwrap()[0]
 }
 
 fn host(t: &Tensor<B, 1>) -> Vec<f32> {
@@ -304,8 +303,9 @@ pub fn optimizer_step(
     let mut partial = vec![0f64; params.len()];
     for (piece, g) in pieces.iter().zip(&grad_pieces) {
         if let Some(g) = g {
-            // Summed in f32 whatever the gradient's dtype.
-            partial[piece.param] = scalar(g.clone().cast(FloatDType::F32).powf_scalar(2.0).sum());
+            // Summed in f64 from f32 values whatever the gradient's dtype, in one pass.
+            partial[piece.param] =
+                B::sum_squares(g.clone().cast(FloatDType::F32).into_primitive().tensor());
         }
     }
     let sq: Vec<f64> = if solo {
@@ -382,15 +382,25 @@ pub fn optimizer_step(
             state.v[k] = v;
             continue;
         }
-        let g = g * scale;
-        let m = state.m[k].clone() * b1 + g.clone() * (1.0 - b1);
-        let v = state.v[k].clone() * b2 + g.powf_scalar(2.0) * (1.0 - b2);
-        let mhat = m.clone() / (1.0 - b1.powi(t));
-        let vhat = v.clone() / (1.0 - b2.powi(t));
-        let update = mhat / (vhat.sqrt() + cfg.eps) + p.clone() * cfg.weight_decay;
-        updated.push(p - update * lr);
-        state.m[k] = m;
-        state.v[k] = v;
+        // One fused pass over the four buffers where the backend has one (the CPU).
+        let h = distillery_kernels::adamw::AdamW {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            grad_scale: scale,
+            step: t,
+        };
+        let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+        // The moments are handed over, not shared, so a backend may update them in place.
+        let take = |t: &mut Tensor<B, 1>| std::mem::replace(t, Tensor::empty([0], device));
+        let (m, v) = (take(&mut state.m[k]), take(&mut state.v[k]));
+        let (p, m, v) = B::adamw(prim(p), prim(g), prim(m), prim(v), &h);
+        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+        updated.push(float(p));
+        state.m[k] = float(m);
+        state.v[k] = float(v);
     }
     state.step += 1;
 

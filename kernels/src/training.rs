@@ -1,0 +1,548 @@
+//! The training step's operations with backward passes of their own, registered with Burn's
+//! autodiff: the product `a · b`, RMSNorm, SwiGLU and RoPE. Each op's forward and backward are
+//! [`KernelBackend`] methods, so a backend brings its own fused versions (the CPU's are the host
+//! loops below: one pass over each input, the products through the `gemm` crate by column
+//! blocks) and every other backend runs the tensor-op versions here (`*_reference`). Tests hold
+//! each against autodiff through plain tensor ops.
+//!
+//! Backward formulas, for `y = (x · r) ⊙ w` with `r = 1 / √(mean(x²) + ε)` (RMSNorm, Zhang &
+//! Sennrich 2019): `dx = r (g − x̂ · mean(g ⊙ x̂))` with `g = dy ⊙ w`, `x̂ = x · r`, and
+//! `dw = Σ_rows dy ⊙ x̂`. For `y = silu(a) ⊙ u`, `σ = 1 / (1 + e⁻ᵃ)`: `du = dy ⊙ silu(a)`,
+//! `da = dy ⊙ u ⊙ σ (1 + a (1 − σ))`. RoPE is a rotation per pair, so its backward is the
+//! rotation by the opposite angle: the same op with `−sin`.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use rayon::prelude::*;
+
+use crate::KernelBackend;
+use crate::fused::{exp_f32, sum_f64, wide};
+
+/// Registers each of `$grads` for its parent in `$ops` where that parent is tracked.
+macro_rules! register {
+    ($ops:expr, $grads:expr, [$($grad:expr),+]) => {
+        for (parent, grad) in $ops.parents.into_iter().zip([$($grad),+]) {
+            if let Some(node) = parent {
+                $grads.register::<B>(node.id, grad);
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The product
+
+/// `a [m, k] · b [k, n]` → `[m, n]`, differentiable in both through [`KernelBackend::matmul`]:
+/// `da = dc · bᵀ`, `db = aᵀ · dc` (the transposes are views).
+pub fn matmul<B: KernelBackend>(
+    a: Tensor<Autodiff<B>, 2>,
+    b: Tensor<Autodiff<B>, 2>,
+) -> Tensor<Autodiff<B>, 2> {
+    product(a, b, false)
+}
+
+/// `a [m, k] · bᵀ` with `b [n, k]` → `[m, n]` (a tied output head reads the embedding this
+/// way), differentiable in both; `db = dcᵀ · a` comes out `[n, k]` like `b`, where
+/// differentiating [`matmul`] of a transposed view gives a transposed gradient every later
+/// elementwise op reads by strides.
+pub fn matmul_transposed<B: KernelBackend>(
+    a: Tensor<Autodiff<B>, 2>,
+    b: Tensor<Autodiff<B>, 2>,
+) -> Tensor<Autodiff<B>, 2> {
+    product(a, b, true)
+}
+
+fn product<B: KernelBackend>(
+    a: Tensor<Autodiff<B>, 2>,
+    b: Tensor<Autodiff<B>, 2>,
+    transposed: bool,
+) -> Tensor<Autodiff<B>, 2> {
+    #[derive(Debug)]
+    struct ProductBackward;
+
+    /// Each operand kept where the other's gradient needs it, and whether `b` is read transposed.
+    type State<B> = (Option<FloatTensor<B>>, Option<FloatTensor<B>>, bool);
+
+    impl<B: KernelBackend> Backward<B, 2> for ProductBackward {
+        type State = State<B>;
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let dc = grads.consume::<B>(&ops.node);
+            let (a, b, transposed) = ops.state;
+            let [pa, pb] = ops.parents;
+            if let (Some(node), Some(b)) = (pa, b) {
+                let b = if transposed { b } else { B::float_transpose(b) };
+                grads.register::<B>(node.id, B::matmul(dc.clone(), b));
+            }
+            if let (Some(node), Some(a)) = (pb, a) {
+                let db = if transposed {
+                    B::matmul(B::float_transpose(dc), a)
+                } else {
+                    B::matmul(B::float_transpose(a), dc)
+                };
+                grads.register::<B>(node.id, db);
+            }
+        }
+    }
+
+    let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
+    let (a_tracked, b_tracked) = (a.is_tracked(), b.is_tracked());
+    let forward = |a: FloatTensor<B>, b: FloatTensor<B>| {
+        B::matmul(a, if transposed { B::float_transpose(b) } else { b })
+    };
+    let nodes = [a.node.clone(), b.node.clone()];
+    let out = match ProductBackward
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let out = forward(a.primitive.clone(), b.primitive.clone());
+            // Each side's gradient needs the other operand only.
+            let keep_b = a_tracked.then_some(b.primitive);
+            let keep_a = b_tracked.then_some(a.primitive);
+            prep.finish((keep_a, keep_b, transposed), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(a.primitive, b.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// RMSNorm of `x [rows, d]` by `w [d]`: `(x · r) ⊙ w`, differentiable in both.
+pub fn rms_norm<B: KernelBackend>(
+    x: Tensor<Autodiff<B>, 2>,
+    w: Tensor<Autodiff<B>, 1>,
+    eps: f32,
+) -> Tensor<Autodiff<B>, 2> {
+    #[derive(Debug)]
+    struct RmsNormBackward;
+
+    impl<B: KernelBackend> Backward<B, 2> for RmsNormBackward {
+        type State = (FloatTensor<B>, FloatTensor<B>, f32);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            let (x, w, eps) = ops.state;
+            let (dx, dw) = B::rms_norm_backward(x, w, dy, eps);
+            register!(ops, grads, [dx, dw]);
+        }
+    }
+
+    let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+    let nodes = [x.node.clone(), w.node.clone()];
+    let out = match RmsNormBackward
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = B::rms_norm(x.primitive.clone(), w.primitive.clone(), eps);
+            prep.finish((x.primitive, w.primitive, eps), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.primitive, w.primitive, eps)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// RMSNorm's forward in tensor ops, `x [rows, d]`, `w [d]`.
+pub fn rms_norm_reference<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f32) -> Tensor<B, 2> {
+    let var = x.clone().powf_scalar(2.0).mean_dim(1);
+    (x * (var + eps).sqrt().recip()) * w.unsqueeze_dim::<2>(0)
+}
+
+/// RMSNorm's backward in tensor ops: `(dx [rows, d], dw [d])`.
+pub fn rms_norm_backward_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 1>,
+    dy: Tensor<B, 2>,
+    eps: f32,
+) -> (Tensor<B, 2>, Tensor<B, 1>) {
+    let d = x.dims()[1];
+    let r = (x.clone().powf_scalar(2.0).mean_dim(1) + eps)
+        .sqrt()
+        .recip();
+    let xhat = x * r.clone();
+    let dw = (dy.clone() * xhat.clone()).sum_dim(0).reshape([d]);
+    let g = dy * w.unsqueeze_dim::<2>(0);
+    let mean = (g.clone() * xhat.clone()).mean_dim(1);
+    ((g - xhat * mean) * r, dw)
+}
+
+/// `1 / √(mean(x²) + ε)` of one row, as [`crate::fused::rms_norm`] computes it (the squares
+/// summed in f64, the mean rounded to f32).
+#[inline(always)]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let var = (sum_f64(x, |v| v * v) / x.len() as f64) as f32;
+    1.0 / (var + eps).sqrt()
+}
+
+/// Rows per task of the backward's weight-gradient partial sums: fixed, so `dw` is summed in
+/// the same order on any thread count.
+const ROWS_PER_PARTIAL: usize = 32;
+
+/// RMSNorm's backward on the host: `x`, `dy` `[rows, d]`, `w [d]` → `(dx, dw)`.
+pub fn rms_norm_backward_host(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len(),
+        "whole rows of {d}"
+    );
+    let mut dx = vec![0f32; x.len()];
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(d * ROWS_PER_PARTIAL)
+        .zip(x.par_chunks(d * ROWS_PER_PARTIAL))
+        .zip(dy.par_chunks(d * ROWS_PER_PARTIAL))
+        .map(|((dx, x), dy)| {
+            wide(
+                #[inline(always)]
+                || {
+                    let mut dw = vec![0f32; d];
+                    for ((dx, x), dy) in dx
+                        .chunks_exact_mut(d)
+                        .zip(x.chunks_exact(d))
+                        .zip(dy.chunks_exact(d))
+                    {
+                        let r = inv_rms(x, eps);
+                        let mut dot = [0f64; 8];
+                        for (j, ((&x, &dy), &w)) in x.iter().zip(dy).zip(w).enumerate() {
+                            dot[j % 8] += ((dy * w) * (x * r)) as f64;
+                        }
+                        let mean = (dot.iter().sum::<f64>() / d as f64) as f32;
+                        for ((((dx, &x), &dy), &w), dw) in
+                            dx.iter_mut().zip(x).zip(dy).zip(w).zip(dw.iter_mut())
+                        {
+                            let xhat = x * r;
+                            *dx = r * (dy * w - xhat * mean);
+                            *dw += dy * xhat;
+                        }
+                    }
+                    dw
+                },
+            )
+        })
+        .collect();
+    let mut dw = vec![0f32; d];
+    for p in partials {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    (dx, dw)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(gate) ⊙ up`, both `[rows, ffn]`, differentiable in both.
+pub fn swiglu<B: KernelBackend>(
+    gate: Tensor<Autodiff<B>, 2>,
+    up: Tensor<Autodiff<B>, 2>,
+) -> Tensor<Autodiff<B>, 2> {
+    #[derive(Debug)]
+    struct SwigluBackward;
+
+    impl<B: KernelBackend> Backward<B, 2> for SwigluBackward {
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            let (g, u) = ops.state;
+            let (dg, du) = B::swiglu_backward(g, u, dy);
+            register!(ops, grads, [dg, du]);
+        }
+    }
+
+    let (g, u) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
+    let nodes = [g.node.clone(), u.node.clone()];
+    let out = match SwigluBackward
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = B::swiglu(g.primitive.clone(), u.primitive.clone());
+            prep.finish((g.primitive, u.primitive), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::swiglu(g.primitive, u.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// SwiGLU's forward in tensor ops.
+pub fn swiglu_reference<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    burn::tensor::activation::silu(gate) * up
+}
+
+/// SwiGLU's backward in tensor ops: `(d gate, d up)`.
+pub fn swiglu_backward_reference<B: Backend>(
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    dy: Tensor<B, 2>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let s = burn::tensor::activation::sigmoid(gate.clone());
+    let du = dy.clone() * burn::tensor::activation::silu(gate.clone());
+    let ds = (s.clone().neg() + 1.0) * gate + 1.0;
+    (dy * up * s * ds, du)
+}
+
+/// Elements per task of the elementwise host loops.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// SwiGLU's backward on the host: `gate`, `up`, `dy` `[n]` → `(d gate, d up)`.
+pub fn swiglu_backward_host(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        gate.len() == up.len() && up.len() == dy.len(),
+        "gate, up and dy lengths"
+    );
+    let (mut dg, mut du) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+    dg.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(du.par_chunks_mut(ELEMENTS_PER_TASK))
+        .zip(
+            gate.par_chunks(ELEMENTS_PER_TASK)
+                .zip(up.par_chunks(ELEMENTS_PER_TASK))
+                .zip(dy.par_chunks(ELEMENTS_PER_TASK)),
+        )
+        .for_each(|((dg, du), ((g, u), dy))| {
+            wide(
+                #[inline(always)]
+                || {
+                    for ((dg, du), ((&g, &u), &dy)) in
+                        dg.iter_mut().zip(du).zip(g.iter().zip(u).zip(dy))
+                    {
+                        let s = 1.0 / (1.0 + exp_f32(-g));
+                        *du = dy * (g * s);
+                        *dg = dy * u * s * (1.0 + g * (1.0 - s));
+                    }
+                },
+            )
+        });
+    (dg, du)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+
+/// Rotary embedding (Hugging Face's `rotate_half` pairs `(i, i + d/2)`) of `x [rows, heads, d]`
+/// by `cos`/`sin` tables `[positions, d]` (each half repeated; row `i` takes table row
+/// `i % positions`), differentiable in `x`.
+pub fn rope<B: KernelBackend>(
+    x: Tensor<Autodiff<B>, 3>,
+    cos: &[f32],
+    sin: &[f32],
+) -> Tensor<Autodiff<B>, 3> {
+    #[derive(Debug)]
+    struct RopeBackward;
+
+    impl<B: KernelBackend> Backward<B, 1> for RopeBackward {
+        type State = (std::sync::Arc<[f32]>, std::sync::Arc<[f32]>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            let (cos, neg_sin) = ops.state;
+            register!(ops, grads, [B::rope(dy, &cos, &neg_sin)]);
+        }
+    }
+
+    let x = x.into_primitive().tensor();
+    let nodes = [x.node.clone()];
+    let out = match RopeBackward
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = B::rope(x.primitive, cos, sin);
+            let neg_sin: std::sync::Arc<[f32]> = sin.iter().map(|s| -s).collect();
+            prep.finish((cos.into(), neg_sin), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::rope(x.primitive, cos, sin)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// RoPE in tensor ops, `x [rows, heads, d]`, tables `[positions, d]` with `rows` a multiple of
+/// `positions`.
+pub fn rope_reference<B: Backend>(x: Tensor<B, 3>, cos: &[f32], sin: &[f32]) -> Tensor<B, 3> {
+    let [rows, heads, d] = x.dims();
+    let positions = cos.len() / d;
+    let device = x.device();
+    let table = |t: &[f32]| {
+        Tensor::<B, 2>::from_data(TensorData::new(t.to_vec(), [positions, d]), &device)
+            .reshape([1, positions, 1, d])
+            .repeat_dim(0, rows / positions)
+            .repeat_dim(2, heads)
+            .reshape([rows, heads, d])
+    };
+    let half = d / 2;
+    let rotated = Tensor::cat(
+        vec![
+            x.clone().slice([0..rows, 0..heads, half..d]).neg(),
+            x.clone().slice([0..rows, 0..heads, 0..half]),
+        ],
+        2,
+    );
+    x * table(cos) + rotated * table(sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    type A = Autodiff<Flex>;
+
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+
+    /// The largest difference relative to the largest magnitude of `want`.
+    fn rel(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        got.iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    }
+
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Flex, D> {
+        Flex::seed(&Default::default(), seed);
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    /// `f`'s output and the gradients of `Σ output ⊙ weights` with respect to `inputs`, through
+    /// autodiff on Flex.
+    fn grads<const D: usize, const O: usize>(
+        inputs: &[Tensor<Flex, D>],
+        f: impl Fn(Vec<Tensor<A, D>>) -> Tensor<A, O>,
+        weights: &Tensor<Flex, O>,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let tracked: Vec<Tensor<A, D>> = inputs
+            .iter()
+            .map(|t| Tensor::from_inner(t.clone()).require_grad())
+            .collect();
+        let out = f(tracked.clone());
+        let y = values(out.clone().inner());
+        let g = (out * Tensor::from_inner(weights.clone())).sum().backward();
+        let gs = tracked
+            .iter()
+            .map(|t| values(t.grad(&g).expect("a gradient")))
+            .collect();
+        (y, gs)
+    }
+
+    #[test]
+    fn the_product_and_its_gradients_equal_autodiffs() {
+        // Odd sizes on both sides of the threading threshold, and a transposed operand (the
+        // tied head reads the embedding that way).
+        for (m, k, n) in [(7, 5, 3), (213, 97, 301), (300, 200, 193)] {
+            let (a, b) = (random([m, k], 1), random([k, n], 2));
+            let bt = random([n, k], 3);
+            let w = random([m, n], 4);
+            let (y, g) = grads(
+                &[a.clone(), b.clone()],
+                |t| matmul(t[0].clone(), t[1].clone()),
+                &w,
+            );
+            let (yr, gr) = grads(&[a.clone(), b], |t| t[0].clone().matmul(t[1].clone()), &w);
+            assert!(rel(&y, &yr) <= 1e-5, "{m}x{k}x{n} product");
+            for (g, gr) in g.iter().zip(&gr) {
+                assert!(rel(g, gr) <= 1e-5, "{m}x{k}x{n} gradient {}", rel(g, gr));
+            }
+            let (_, gr) = grads(
+                &[a.clone(), bt.clone()],
+                |t| t[0].clone().matmul(t[1].clone().transpose()),
+                &w,
+            );
+            let (_, g) = grads(
+                &[a.clone(), bt.clone()],
+                |t| matmul(t[0].clone(), t[1].clone().transpose()),
+                &w,
+            );
+            for (g, gr) in g.iter().zip(&gr) {
+                assert!(rel(g, gr) <= 1e-5, "{m}x{k}x{n} of a view: {}", rel(g, gr));
+            }
+            let (_, g) = grads(
+                &[a, bt],
+                |t| matmul_transposed(t[0].clone(), t[1].clone()),
+                &w,
+            );
+            for (g, gr) in g.iter().zip(&gr) {
+                assert!(rel(g, gr) <= 1e-5, "{m}x{k}x{n} transposed: {}", rel(g, gr));
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_and_its_gradients_equal_autodiffs() {
+        for (rows, d) in [(1, 5), (37, 24), (70, 576)] {
+            let x = random([rows, d], 5) * 3.0;
+            let w = random([d], 6).unsqueeze_dim::<2>(0);
+            let wt = random([rows, d], 7);
+            let f =
+                |t: Vec<Tensor<A, 2>>| rms_norm(t[0].clone(), t[1].clone().squeeze_dim(0), 1e-5);
+            let r = |t: Vec<Tensor<A, 2>>| {
+                rms_norm_reference(t[0].clone(), t[1].clone().squeeze_dim(0), 1e-5)
+            };
+            let (y, g) = grads(&[x.clone(), w.clone()], f, &wt);
+            let (yr, gr) = grads(&[x, w], r, &wt);
+            assert!(rel(&y, &yr) <= 1e-6, "{rows}x{d}: {}", rel(&y, &yr));
+            for (g, gr) in g.iter().zip(&gr) {
+                assert!(rel(g, gr) <= 1e-5, "{rows}x{d}: {}", rel(g, gr));
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_and_its_gradients_equal_autodiffs() {
+        let (gate, up) = (random([37, 45], 8) * 4.0, random([37, 45], 9));
+        let w = random([37, 45], 10);
+        let (y, g) = grads(
+            &[gate.clone(), up.clone()],
+            |t| swiglu(t[0].clone(), t[1].clone()),
+            &w,
+        );
+        let (yr, gr) = grads(
+            &[gate, up],
+            |t| swiglu_reference(t[0].clone(), t[1].clone()),
+            &w,
+        );
+        assert!(rel(&y, &yr) <= 1e-6);
+        for (g, gr) in g.iter().zip(&gr) {
+            assert!(rel(g, gr) <= 1e-5, "{}", rel(g, gr));
+        }
+    }
+
+    #[test]
+    fn rope_and_its_gradient_equal_autodiffs() {
+        // 2 sequences of 5 positions, 3 heads of 6.
+        let (positions, heads, d) = (5, 3, 6);
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in 0..positions {
+            let angles: Vec<f32> = (0..d / 2)
+                .map(|i| p as f32 * 0.3f32.powi(i as i32))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let x = random([2 * positions, heads, d], 11);
+        let w = random([2 * positions, heads, d], 12);
+        let (y, g) = grads(&[x.clone()], |t| rope(t[0].clone(), &cos, &sin), &w);
+        let (yr, gr) = grads(&[x], |t| rope_reference(t[0].clone(), &cos, &sin), &w);
+        assert!(rel(&y, &yr) <= 1e-6);
+        assert!(rel(&g[0], &gr[0]) <= 1e-5, "{}", rel(&g[0], &gr[0]));
+    }
+}
