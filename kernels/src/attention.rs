@@ -502,28 +502,25 @@ pub fn backward_host(
             sc.dk.resize(cols * l.d, 0.0);
             sc.dv.clear();
             sc.dv.resize(cols * l.d, 0.0);
-            let mut p0 = k0;
-            while p0 < q_end {
-                let p1 = (p0 + ROW_BLOCK).min(q_end);
-                let m = l.rep * (p1 - p0);
-                block.probs_and_grads(sc, (b, g, p0, p1, k0, cols));
-                // SAFETY: pᵀ and dzᵀ are cols × m views of the m × cols buffers; the rows are
-                // m × d; the accumulators cols × d.
-                unsafe {
-                    gemm_f32_add(
-                        [cols, l.d, m],
-                        (sc.dv.as_mut_ptr(), l.d as isize),
-                        (sc.scores.as_ptr(), 1, cols as isize),
-                        (sc.do_rows.as_ptr(), l.d as isize, 1),
-                    );
-                    gemm_f32_add(
-                        [cols, l.d, m],
-                        (sc.dk.as_mut_ptr(), l.d as isize),
-                        (sc.grads.as_ptr(), 1, cols as isize),
-                        (sc.q_rows.as_ptr(), l.d as isize, 1),
-                    );
-                }
-                p0 = p1;
+            // Every query that sees these keys in one block: two products of many rows each,
+            // where blocks of ROW_BLOCK queries made many small ones (each packing its operands).
+            let m = l.rep * (q_end - k0);
+            block.probs_and_grads(sc, (b, g, k0, q_end, k0, cols));
+            // SAFETY: pᵀ and dzᵀ are cols × m views of the m × cols buffers; the rows are m × d;
+            // the accumulators cols × d.
+            unsafe {
+                gemm_f32_add(
+                    [cols, l.d, m],
+                    (sc.dv.as_mut_ptr(), l.d as isize),
+                    (sc.scores.as_ptr(), 1, cols as isize),
+                    (sc.do_rows.as_ptr(), l.d as isize, 1),
+                );
+                gemm_f32_add(
+                    [cols, l.d, m],
+                    (sc.dk.as_mut_ptr(), l.d as isize),
+                    (sc.grads.as_ptr(), 1, cols as isize),
+                    (sc.q_rows.as_ptr(), l.d as isize, 1),
+                );
             }
             let (dk_at, dv_at) = kv_at.get();
             for c in 0..cols {

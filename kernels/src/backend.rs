@@ -7,6 +7,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use crate::adamw::{AdamW, adamw_host, adamw_reference, sum_squares_host, sum_squares_reference};
 use crate::attention::{self, AttentionSpec};
+use crate::cross_entropy::{cross_entropy_rows_host, cross_entropy_rows_reference};
 use crate::fused::AttentionShape;
 use crate::importance::{accumulate_host, accumulate_reference};
 use crate::kl::{KlDirection, kl_rows_host};
@@ -80,6 +81,21 @@ pub trait KernelBackend: Backend {
     /// `Σ x²` over `x [n]`, as f64: a gradient's squared norm for clipping.
     fn sum_squares(x: FloatTensor<Self>) -> f64 {
         sum_squares_reference::<Self>(float(x))
+    }
+
+    /// Per-row next-token cross-entropy of `logits [rows, vocab]` against `targets [rows]`:
+    /// the row losses `[rows]` and `grad_scale` times each row loss's gradient `[rows, vocab]`.
+    fn cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        targets: &[i64],
+        grad_scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (losses, grad) =
+            cross_entropy_rows_reference::<Self>(float(logits), targets, grad_scale);
+        (
+            losses.into_primitive().tensor(),
+            grad.into_primitive().tensor(),
+        )
     }
 
     /// `a [m, k] · b [k, n]` (either may be a transposed view) → `[m, n]`.
@@ -317,6 +333,27 @@ impl KernelBackend for Flex {
             return sum_squares_reference::<Self>(float(x));
         }
         with_host::<1, _>(&x, sum_squares_host)
+    }
+
+    fn cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        targets: &[i64],
+        grad_scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&logits]) {
+            let (losses, grad) =
+                cross_entropy_rows_reference::<Self>(float(logits), targets, grad_scale);
+            return (
+                losses.into_primitive().tensor(),
+                grad.into_primitive().tensor(),
+            );
+        }
+        let shape = logits.layout().shape().dims::<2>();
+        let (losses, grad) = with_host::<2, _>(&logits, |x| {
+            cross_entropy_rows_host(x, targets, shape[1], grad_scale)
+        });
+        let losses: Vec<f32> = losses.into_iter().map(|l| l as f32).collect();
+        (flex_tensor(losses, [shape[0]]), flex_tensor(grad, shape))
     }
 
     fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -218,11 +218,31 @@ pub fn kl_loss<B: KernelBackend>(
     temperature: f64,
     direction: KlDirection,
 ) -> Tensor<Autodiff<B>, 1> {
-    #[derive(Debug)]
-    struct KlBackward;
+    let [rows, _] = student.dims();
+    loss_with_stored_gradient(student, |student| {
+        B::kl_rows(
+            teacher.into_primitive().tensor(),
+            student,
+            temperature as f32,
+            direction,
+            1.0 / rows as f32,
+        )
+    })
+}
 
-    impl<B: Backend> Backward<B, 1> for KlBackward {
-        /// `d loss / d student`, `[tokens, vocab]`.
+/// A scalar loss of `input [rows, cols]` whose fused kernel `rows_and_grad` gives each row's
+/// loss `[rows]` and the gradient of their mean `[rows, cols]` in one pass: the mean `[1]`,
+/// differentiable with respect to `input`, the backward scaling the stored gradient by the
+/// upstream one (the only `[rows, cols]` tensor kept).
+pub(crate) fn loss_with_stored_gradient<B: KernelBackend>(
+    input: Tensor<Autodiff<B>, 2>,
+    rows_and_grad: impl FnOnce(FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>),
+) -> Tensor<Autodiff<B>, 1> {
+    #[derive(Debug)]
+    struct StoredGradientBackward;
+
+    impl<B: Backend> Backward<B, 1> for StoredGradientBackward {
+        /// `d loss / d input`, `[rows, cols]`.
         type State = FloatTensor<B>;
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -245,33 +265,26 @@ pub fn kl_loss<B: KernelBackend>(
         }
     }
 
-    let [rows, _] = student.dims();
-    let student = student.into_primitive().tensor();
-    let teacher = teacher.into_primitive().tensor();
-    let run = |student| {
-        let (losses, grad) = B::kl_rows(
-            teacher,
-            student,
-            temperature as f32,
-            direction,
-            1.0 / rows as f32,
-        );
+    let [rows, _] = input.dims();
+    let input = input.into_primitive().tensor();
+    let run = |input| {
+        let (losses, grad) = rows_and_grad(input);
         let mean = (Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(losses)).sum()
             / rows as f64)
             .into_primitive()
             .tensor();
         (mean, grad)
     };
-    let out = match KlBackward
-        .prepare::<NoCheckpointing>([student.node.clone()])
+    let out = match StoredGradientBackward
+        .prepare::<NoCheckpointing>([input.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (mean, grad) = run(student.primitive);
+            let (mean, grad) = run(input.primitive);
             prep.finish(grad, mean)
         }
-        OpsKind::UnTracked(prep) => prep.finish(run(student.primitive).0),
+        OpsKind::UnTracked(prep) => prep.finish(run(input.primitive).0),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

@@ -8,6 +8,7 @@
 pub mod adamw;
 pub mod attention;
 mod backend;
+pub mod cross_entropy;
 #[cfg(feature = "cube")]
 pub mod cube;
 pub mod fused;

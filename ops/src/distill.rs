@@ -517,7 +517,7 @@ impl Op for Distill {
             // a cached teacher (`teacher_logits`).
             // 11: the training step's fused CPU ops with their own backward (the products by
             // column blocks, RMSNorm, SwiGLU, RoPE), AdamW in one pass, gradient norms in f64,
-            // the KL's exponentials in vectorized f32.
+            // the KL's exponentials in vectorized f32, the cross-entropy term in one pass.
             version: 11,
             doc: "knowledge distillation from a frozen teacher into a (pruned) student",
             inputs: vec![

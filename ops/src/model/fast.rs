@@ -370,6 +370,23 @@ pub fn trained_matmul_transposed<B: Backend>(
     Ok(same_type(out))
 }
 
+/// The mean next-token cross-entropy of `logits [rows, vocab]` against `targets [rows]` under
+/// the training backend in f32, `[1]`, through the backend's fused rows
+/// ([`distillery_kernels::cross_entropy::cross_entropy_loss`]); `Err(logits)` back elsewhere.
+pub fn trained_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: &[i64],
+) -> Result<Tensor<B, 1>, Tensor<B, 2>> {
+    if !f32_train::<B>(&[logits.dtype()]) || targets.is_empty() {
+        return Err(logits);
+    }
+    let loss = distillery_kernels::cross_entropy::cross_entropy_loss::<crate::runtime::Backend>(
+        same_type(logits),
+        targets,
+    );
+    Ok(same_type(loss))
+}
+
 /// RMSNorm of `x [batch, seq, d]` by `w [d]` under the training backend in f32
 /// ([`distillery_kernels::training::rms_norm`]); `Err(x)` back elsewhere.
 pub fn trained_rms_norm<B: Backend>(

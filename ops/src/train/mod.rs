@@ -670,7 +670,8 @@ impl crate::op::Op for Train {
             // 10: the student's attention with its own backward (no [seq, seq] tensors kept);
             // the head and loss in chunks (`loss_chunk`).
             // 11: the training step's fused CPU ops with their own backward (the products by
-            // column blocks, RMSNorm, SwiGLU, RoPE), AdamW in one pass, gradient norms in f64.
+            // column blocks, RMSNorm, SwiGLU, RoPE), the cross-entropy with its gradient in one
+            // pass, AdamW in one pass, gradient norms in f64.
             version: 11,
             doc: "fine-tune with next-token cross-entropy (teacher correction)",
             inputs: vec![

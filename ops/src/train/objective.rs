@@ -64,6 +64,10 @@ pub fn cross_entropy_rows<Bk: burn::tensor::backend::Backend>(
     logits: Tensor<Bk, 2>,
     targets: &[i64],
 ) -> Tensor<Bk, 1> {
+    let logits = match crate::model::fast::trained_cross_entropy(logits, targets) {
+        Ok(loss) => return loss,
+        Err(logits) => logits,
+    };
     let n = targets.len();
     let t = Tensor::<Bk, 2, Int>::from_data(
         TensorData::new(targets.to_vec(), [n, 1]),
