@@ -93,6 +93,8 @@ impl AttentionSpec {
 /// and value gradients.
 const ROW_BLOCK: usize = 32;
 const KEY_BLOCK: usize = 64;
+/// Query positions per product of the key and value gradients: 512 × the group's heads rows.
+const QUERIES_PER_KEY_BLOCK: usize = 512;
 
 /// A task's buffers, kept across the tasks a thread runs.
 #[derive(Default)]
@@ -502,25 +504,31 @@ pub fn backward_host(
             sc.dk.resize(cols * l.d, 0.0);
             sc.dv.clear();
             sc.dv.resize(cols * l.d, 0.0);
-            // Every query that sees these keys in one block: two products of many rows each,
-            // where blocks of ROW_BLOCK queries made many small ones (each packing its operands).
-            let m = l.rep * (q_end - k0);
-            block.probs_and_grads(sc, (b, g, k0, q_end, k0, cols));
-            // SAFETY: pᵀ and dzᵀ are cols × m views of the m × cols buffers; the rows are m × d;
-            // the accumulators cols × d.
-            unsafe {
-                gemm_f32_add(
-                    [cols, l.d, m],
-                    (sc.dv.as_mut_ptr(), l.d as isize),
-                    (sc.scores.as_ptr(), 1, cols as isize),
-                    (sc.do_rows.as_ptr(), l.d as isize, 1),
-                );
-                gemm_f32_add(
-                    [cols, l.d, m],
-                    (sc.dk.as_mut_ptr(), l.d as isize),
-                    (sc.grads.as_ptr(), 1, cols as isize),
-                    (sc.q_rows.as_ptr(), l.d as isize, 1),
-                );
+            // The queries that see these keys by blocks of QUERIES_PER_KEY_BLOCK: a few products
+            // of many rows, where blocks of ROW_BLOCK queries made many small ones (each packing
+            // its operands), with scratch bounded at any sequence length.
+            let mut p0 = k0;
+            while p0 < q_end {
+                let p1 = (p0 + QUERIES_PER_KEY_BLOCK).min(q_end);
+                let m = l.rep * (p1 - p0);
+                block.probs_and_grads(sc, (b, g, p0, p1, k0, cols));
+                // SAFETY: pᵀ and dzᵀ are cols × m views of the m × cols buffers; the rows are
+                // m × d; the accumulators cols × d.
+                unsafe {
+                    gemm_f32_add(
+                        [cols, l.d, m],
+                        (sc.dv.as_mut_ptr(), l.d as isize),
+                        (sc.scores.as_ptr(), 1, cols as isize),
+                        (sc.do_rows.as_ptr(), l.d as isize, 1),
+                    );
+                    gemm_f32_add(
+                        [cols, l.d, m],
+                        (sc.dk.as_mut_ptr(), l.d as isize),
+                        (sc.grads.as_ptr(), 1, cols as isize),
+                        (sc.q_rows.as_ptr(), l.d as isize, 1),
+                    );
+                }
+                p0 = p1;
             }
             let (dk_at, dv_at) = kv_at.get();
             for c in 0..cols {

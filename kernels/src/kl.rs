@@ -91,7 +91,8 @@ pub fn topk_kl_given<B: Backend>(
 /// materializing any `[tokens, vocab]` probabilities: per token, one pass for both rows' maxima,
 /// one for `e^((x − max)/T)` of both (the project's vectorized f32 exponential, within 2 ulp of
 /// libm) and their sums in f64, and one or two more for the loss, with every log-probability
-/// difference in f64 (at low temperatures the loss is a difference of large terms), and
+/// difference summed into it in f64 (at low temperatures the loss is a difference of large
+/// terms; the reverse direction keeps them in f32 for its gradient pass), and
 /// `grad_scale * d loss_row / d student_logits`. Returns (row losses, gradient
 /// `[tokens * vocab]`).
 pub fn kl_rows_host(

@@ -8,6 +8,10 @@ mod demo_files;
 
 use std::path::PathBuf;
 
+// As the `distillery` binary allocates.
+#[global_allocator]
+static ALLOCATOR: distillery_ops::runtime::HugePageAlloc = distillery_ops::runtime::HugePageAlloc;
+
 /// The SmolLM2 GGUF from the cache's downloads, or None after saying why the bench is skipped.
 pub fn smollm2() -> Option<PathBuf> {
     demo_files::smollm2_gguf()

@@ -2,11 +2,14 @@
 //! evaluate, calibrate, the teacher in distill, validation) and matmuls run in f32, RMSNorm (with
 //! the residual add before it), SwiGLU, RoPE and the whole causal attention run as the fused host
 //! loops of `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step,
-//! and matmuls call the `gemm` crate into outputs of their own. Every other backend, and autodiff,
-//! takes the tensor-op path, which is also the reference the tests hold these to, except for one
-//! op: under the training backend the attention is `distillery_kernels::attention`'s op with its
-//! own backward ([`trained_attention`]), on every backend, so that no `[seq, seq]` tensor per head
-//! is kept for the backward pass.
+//! and matmuls call the `gemm` crate into outputs of their own. Under the training backend
+//! (autodiff over the runtime's backend) in f32, the products, RMSNorm, SwiGLU, RoPE, the
+//! attention and the cross-entropy are `distillery_kernels`' autodiff ops with backward passes of
+//! their own (`trained_*`; RoPE on the CPU only), which the CPU runs as host loops and every other
+//! backend as tensor ops (the attention: CubeCL kernels); the attention's keeps no `[seq, seq]`
+//! tensor per head for the backward. Everything else,
+//! and everything with the fast path off (`DISTILLERY_UNFUSED=1`), takes the tensor-op path, the
+//! reference the tests hold these to.
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -419,14 +422,18 @@ pub fn trained_swiglu<B: Backend>(
     Ok(same_type::<_, Tensor<B, 2>>(y).reshape([b, s, f]))
 }
 
-/// RoPE on `x [batch, seq, heads, head_dim]` with tables `[seq, head_dim]` under the training
-/// backend in f32 ([`distillery_kernels::training::rope`]); `Err(x)` back elsewhere.
+/// RoPE on `x [batch, seq, heads, head_dim]` with tables `[seq, head_dim]` under the CPU's
+/// training backend in f32 ([`distillery_kernels::training::rope`]); `Err(x)` back elsewhere.
 pub fn trained_rope<B: Backend>(
     x: Tensor<B, 4>,
     cos: &[f32],
     sin: &[f32],
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    if !f32_train::<B>(&[x.dtype()]) {
+    // The CPU only: elsewhere the tensor-op RoPE reads tables the forward built once for every
+    // layer, where the op's default would upload and broadcast them per call.
+    if !f32_train::<B>(&[x.dtype()])
+        || TypeId::of::<crate::runtime::Backend>() != TypeId::of::<Flex>()
+    {
         return Err(x);
     }
     let [b, s, h, d] = x.dims();

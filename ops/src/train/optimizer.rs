@@ -299,13 +299,19 @@ pub fn optimizer_step(
             .collect()
     };
     // Squared norms per parameter: this rank's part (a parameter is one piece at most on a
-    // rank, an f32 sum), then summed over ranks in rank order.
+    // rank), then summed over ranks in rank order.
+    let fused = crate::model::fast::enabled();
     let mut partial = vec![0f64; params.len()];
     for (piece, g) in pieces.iter().zip(&grad_pieces) {
         if let Some(g) = g {
-            // Summed in f64 from f32 values whatever the gradient's dtype, in one pass.
-            partial[piece.param] =
-                B::sum_squares(g.clone().cast(FloatDType::F32).into_primitive().tensor());
+            // Of f32 values whatever the gradient's dtype: in one pass summed in f64 where the
+            // backend has one (the CPU), unless the fast path is off (summed in f32 then).
+            let g = g.clone().cast(FloatDType::F32);
+            partial[piece.param] = if fused {
+                B::sum_squares(g.into_primitive().tensor())
+            } else {
+                distillery_kernels::adamw::sum_squares_reference(g)
+            };
         }
     }
     let sq: Vec<f64> = if solo {
@@ -382,7 +388,8 @@ pub fn optimizer_step(
             state.v[k] = v;
             continue;
         }
-        // One fused pass over the four buffers where the backend has one (the CPU).
+        // One fused pass over the four buffers where the backend has one (the CPU), unless the
+        // fast path is off.
         let h = distillery_kernels::adamw::AdamW {
             lr,
             beta1: b1,
@@ -396,11 +403,16 @@ pub fn optimizer_step(
         // The moments are handed over, not shared, so a backend may update them in place.
         let take = |t: &mut Tensor<B, 1>| std::mem::replace(t, Tensor::empty([0], device));
         let (m, v) = (take(&mut state.m[k]), take(&mut state.v[k]));
-        let (p, m, v) = B::adamw(prim(p), prim(g), prim(m), prim(v), &h);
-        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
-        updated.push(float(p));
-        state.m[k] = float(m);
-        state.v[k] = float(v);
+        let (p, m, v) = if fused {
+            let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+            let (p, m, v) = B::adamw(prim(p), prim(g), prim(m), prim(v), &h);
+            (float(p), float(m), float(v))
+        } else {
+            distillery_kernels::adamw::adamw_reference(p, g, m, v, &h)
+        };
+        updated.push(p);
+        state.m[k] = m;
+        state.v[k] = v;
     }
     state.step += 1;
 
