@@ -70,12 +70,7 @@ pub trait KernelBackend: Backend {
         v: FloatTensor<Self>,
         h: &AdamW,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (p, m, v) = adamw_reference::<Self>(float(p), float(g), float(m), float(v), h);
-        (
-            p.into_primitive().tensor(),
-            m.into_primitive().tensor(),
-            v.into_primitive().tensor(),
-        )
+        adamw_by_tensor_ops::<Self>(p, g, m, v, h)
     }
 
     /// `Σ x²` over `x [n]`, as f64: a gradient's squared norm for clipping.
@@ -215,6 +210,22 @@ pub fn flex_matmul(a: &FloatTensor<Flex>, b: &FloatTensor<Flex>) -> Option<Float
     Some(Flex::float_reshape(flat, burn::tensor::Shape::from(shape)))
 }
 
+/// [`adamw_reference`] on primitives.
+fn adamw_by_tensor_ops<B: Backend>(
+    p: FloatTensor<B>,
+    g: FloatTensor<B>,
+    m: FloatTensor<B>,
+    v: FloatTensor<B>,
+    h: &AdamW,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (p, m, v) = adamw_reference::<B>(float(p), float(g), float(m), float(v), h);
+    (
+        p.into_primitive().tensor(),
+        m.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+    )
+}
+
 /// [`attention::forward_reference`] on primitives: the tensor-op attention by query blocks.
 pub(crate) fn attention_forward_by_blocks<B: Backend>(
     q: FloatTensor<B>,
@@ -307,12 +318,7 @@ impl KernelBackend for Flex {
             .iter()
             .all(|t| t.dtype() == burn::tensor::DType::F32);
         if !f32s {
-            let (p, m, v) = adamw_reference::<Self>(float(p), float(g), float(m), float(v), h);
-            return (
-                p.into_primitive().tensor(),
-                m.into_primitive().tensor(),
-                v.into_primitive().tensor(),
-            );
+            return adamw_by_tensor_ops::<Self>(p, g, m, v, h);
         }
         let n = p.layout().shape().dims::<1>()[0];
         // The moments are updated in place where this is their only reference (the optimizer

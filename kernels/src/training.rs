@@ -540,7 +540,11 @@ mod tests {
         }
         let x = random([2 * positions, heads, d], 11);
         let w = random([2 * positions, heads, d], 12);
-        let (y, g) = grads(&[x.clone()], |t| rope(t[0].clone(), &cos, &sin), &w);
+        let (y, g) = grads(
+            std::slice::from_ref(&x),
+            |t| rope(t[0].clone(), &cos, &sin),
+            &w,
+        );
         let (yr, gr) = grads(&[x], |t| rope_reference(t[0].clone(), &cos, &sin), &w);
         assert!(rel(&y, &yr) <= 1e-6);
         assert!(rel(&g[0], &gr[0]) <= 1e-5, "{}", rel(&g[0], &gr[0]));

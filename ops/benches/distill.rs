@@ -117,8 +117,6 @@ fn main() {
     );
     for (i, (kind, (batch, seq))) in rows.iter().enumerate() {
         let [ours, torch] = best[i];
-        let mut per_round = ratios[i].clone();
-        per_round.sort_by(f64::total_cmp);
         let has_torch = torch > 0.0;
         println!(
             "{:<9} {:<8} {:>15.0} {:>12} {:>12} {:>24}",
@@ -135,12 +133,7 @@ fn main() {
             } else {
                 "-".into()
             },
-            match (per_round.first(), per_round.last()) {
-                (Some(lo), Some(hi)) => {
-                    format!("{lo:.2}/{:.2}/{hi:.2}", per_round[per_round.len() / 2])
-                }
-                _ => "-".into(),
-            }
+            support::min_median_max(&ratios[i])
         );
     }
 }

@@ -108,8 +108,6 @@ fn main() {
     for (bi, &b) in batches.iter().enumerate() {
         let [fused, unfused, torch] = best[bi];
         let has_torch = torch > 0.0;
-        let mut per_round = round_ratios[bi].clone();
-        per_round.sort_by(f64::total_cmp);
         println!(
             "{:<8} {:>12.0} {:>12} {:>12} {:>14} {:>14} {:>22}",
             b,
@@ -134,12 +132,7 @@ fn main() {
             } else {
                 "-".into()
             },
-            match (per_round.first(), per_round.last()) {
-                (Some(lo), Some(hi)) => {
-                    format!("{lo:.2}/{:.2}/{hi:.2}", per_round[per_round.len() / 2])
-                }
-                _ => "-".into(),
-            }
+            support::min_median_max(&round_ratios[bi])
         );
     }
 }

@@ -51,3 +51,13 @@ pub fn torch(script: &str, args: &[String]) -> Option<serde_json::Value> {
         .to_string();
     serde_json::from_str(&line).ok()
 }
+
+/// Per-round ratios as `min/median/max`, `-` when there are none.
+pub fn min_median_max(ratios: &[f64]) -> String {
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match (sorted.first(), sorted.last()) {
+        (Some(lo), Some(hi)) => format!("{lo:.2}/{:.2}/{hi:.2}", sorted[sorted.len() / 2]),
+        _ => "-".into(),
+    }
+}
