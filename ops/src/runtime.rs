@@ -101,9 +101,10 @@ pub fn tune_allocator() {
 /// tensors of 100 MB and more (logits, their gradient, the embedding's gradient), which glibc
 /// serves with fresh mmaps above its 32 MiB threshold, and faulting those in 4 KiB at a time took
 /// about a tenth of a SmolLM2 distillation step (`perf`: page faults, page clearing, cgroup
-/// charging). With 2 MiB pages, steps ran 10–20% faster (`cargo bench -p distillery-ops --bench
-/// distill`, side by side with glibc's own `glibc.malloc.hugetlb=1` tunable, which does the
-/// same but can only be set in the environment before the process starts). Machines whose
+/// charging). With 2 MiB pages, distillation steps ran 10–20% faster and teacher-correction
+/// steps about the same (`cargo bench -p distillery-ops --bench distill`, alternating runs with
+/// `DISTILLERY_HUGE_PAGES=0`; glibc's own `glibc.malloc.hugetlb=1` tunable, which does the same
+/// but can only be set in the environment before the process starts, measured alike). Machines whose
 /// huge-page setting is `never` ignore the advice; `DISTILLERY_HUGE_PAGES=0` turns it off (read
 /// by [`tune_allocator`]). Binaries install it with `#[global_allocator]`.
 pub struct HugePageAlloc;
