@@ -19,7 +19,9 @@ fn count_line(line: &str) {
             .append(true)
             .open(path)
             .unwrap();
-        writeln!(f, "{line}").unwrap();
+        // One `write` of the whole line: `writeln!` on a `File` writes the text and the newline
+        // separately, and two jobs appending at once (Slurm runs them side by side) interleave.
+        f.write_all(format!("{line}\n").as_bytes()).unwrap();
     }
 }
 
