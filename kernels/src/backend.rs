@@ -8,7 +8,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use crate::adamw::{AdamW, adamw_host, adamw_reference, sum_squares_host, sum_squares_reference};
 use crate::attention::{self, AttentionSpec};
 use crate::cross_entropy::{cross_entropy_rows_host, cross_entropy_rows_reference};
-use crate::fused::AttentionShape;
+use crate::fused::{AttentionShape, GluActivation};
 use crate::importance::{accumulate_host, accumulate_reference};
 use crate::kl::{KlDirection, kl_rows_host};
 use crate::training;
@@ -117,21 +117,22 @@ pub trait KernelBackend: Backend {
         (dx.into_primitive().tensor(), dw.into_primitive().tensor())
     }
 
-    /// `silu(gate) ⊙ up`, both `[rows, ffn]`.
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        training::swiglu_reference::<Self>(float(gate), float(up))
+    /// `act(gate) ⊙ up`, both `[rows, ffn]` ([`training::glu`]).
+    fn glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GluActivation) -> FloatTensor<Self> {
+        training::glu_reference::<Self>(float(gate), float(up), act)
             .into_primitive()
             .tensor()
     }
 
-    /// SwiGLU's `(d gate, d up)` from its inputs and output gradient `dy`.
-    fn swiglu_backward(
+    /// The gated activation's `(d gate, d up)` from its inputs and output gradient `dy`.
+    fn glu_backward(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         dy: FloatTensor<Self>,
+        act: GluActivation,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (dg, du) =
-            training::swiglu_backward_reference::<Self>(float(gate), float(up), float(dy));
+            training::glu_backward_reference::<Self>(float(gate), float(up), float(dy), act);
         (dg.into_primitive().tensor(), du.into_primitive().tensor())
     }
 
@@ -399,33 +400,34 @@ impl KernelBackend for Flex {
         (flex_tensor(dx, shape), flex_tensor(dw, [shape[1]]))
     }
 
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GluActivation) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) {
-            return training::swiglu_reference::<Self>(float(gate), float(up))
+            return training::glu_reference::<Self>(float(gate), float(up), act)
                 .into_primitive()
                 .tensor();
         }
         let shape = gate.layout().shape().dims::<2>();
         let y = with_host::<2, _>(&gate, |g| {
-            with_host::<2, _>(&up, |u| crate::fused::swiglu(g, u))
+            with_host::<2, _>(&up, |u| crate::fused::glu(g, u, act))
         });
         flex_tensor(y, shape)
     }
 
-    fn swiglu_backward(
+    fn glu_backward(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         dy: FloatTensor<Self>,
+        act: GluActivation,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&gate, &up, &dy]) {
             let (dg, du) =
-                training::swiglu_backward_reference::<Self>(float(gate), float(up), float(dy));
+                training::glu_backward_reference::<Self>(float(gate), float(up), float(dy), act);
             return (dg.into_primitive().tensor(), du.into_primitive().tensor());
         }
         let shape = gate.layout().shape().dims::<2>();
         let (dg, du) = with_host::<2, _>(&gate, |g| {
             with_host::<2, _>(&up, |u| {
-                with_host::<2, _>(&dy, |dy| training::swiglu_backward_host(g, u, dy))
+                with_host::<2, _>(&dy, |dy| training::glu_backward_host(g, u, dy, act))
             })
         });
         (flex_tensor(dg, shape), flex_tensor(du, shape))

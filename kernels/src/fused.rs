@@ -282,8 +282,43 @@ pub fn softmax_scaled_biased(x: &[f32], scale: f32, bias: &[f32], cols: usize) -
     out
 }
 
-/// SwiGLU: `silu(gate) * up` with `silu(g) = g / (1 + e^-g)`, element by element.
-pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+/// The activation of a gated MLP, `act(gate) ⊙ up` (the GLU variants of Shazeer 2020, "GLU
+/// Variants Improve Transformer"): SwiGLU (Llama, Qwen, Phi-3) or GeGLU with the tanh GELU
+/// (Gemma). Both are `a · σ(z(a))`: `z(a) = a` for SiLU, and for the tanh GELU
+/// `0.5 a (1 + tanh(u)) = a σ(2u)` with `u = √(2/π) (a + 0.044715 a³)` (PyTorch's
+/// `gelu(approximate="tanh")`), written through `σ` so no `1 + tanh` cancels for negative `a`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GluActivation {
+    /// `silu(a) = a σ(a)`.
+    Silu,
+    /// `gelu_pytorch_tanh(a) = a σ(2 √(2/π) (a + 0.044715 a³))`.
+    GeluTanh,
+}
+
+/// `z(a)` of the tanh GELU's `a σ(z(a))`: `2 √(2/π) (a + 0.044715 a³)`.
+#[inline(always)]
+pub(crate) fn gelu_tanh_z(a: f32) -> f32 {
+    const TWO_C: f32 = 2.0 * 0.797_884_6;
+    a * (TWO_C + TWO_C * 0.044_715 * a * a)
+}
+
+/// `dz/da` of [`gelu_tanh_z`]: `2 √(2/π) (1 + 3 · 0.044715 a²)`.
+#[inline(always)]
+pub(crate) fn gelu_tanh_dz(a: f32) -> f32 {
+    const TWO_C: f32 = 2.0 * 0.797_884_6;
+    TWO_C + TWO_C * 3.0 * 0.044_715 * a * a
+}
+
+/// The gated activation `act(gate) ⊙ up`, element by element: `g / (1 + e^-z(g)) · u`.
+pub fn glu(gate: &[f32], up: &[f32], act: GluActivation) -> Vec<f32> {
+    // One loop per activation, so each vectorizes with its `z` inlined.
+    match act {
+        GluActivation::Silu => glu_with(gate, up, |a| a),
+        GluActivation::GeluTanh => glu_with(gate, up, gelu_tanh_z),
+    }
+}
+
+fn glu_with(gate: &[f32], up: &[f32], z: impl Fn(f32) -> f32 + Copy + Sync) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
     assert_eq!(gate.len(), up.len(), "gate and up lengths");
     // SAFETY: the chunks cover `out`, each element written from its gate and up.
@@ -296,7 +331,7 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
                         #[inline(always)]
                         || {
                             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                                o.write(g / (1.0 + exp_f32(-g)) * u);
+                                o.write(g / (1.0 + exp_f32(-z(g))) * u);
                             }
                         },
                     )
@@ -677,12 +712,25 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_and_rope_match_their_definitions() {
+    fn glu_and_rope_match_their_definitions() {
         let g: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.37).collect();
         let u: Vec<f32> = (0..100).map(|i| (i as f32) * 0.01 - 0.3).collect();
-        for ((o, g), u) in swiglu(&g, &u).iter().zip(&g).zip(&u) {
-            let want = (*g as f64) / (1.0 + (-*g as f64).exp()) * *u as f64;
-            assert!((*o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-6));
+        let silu = |a: f64| a / (1.0 + (-a).exp());
+        // PyTorch's `gelu(approximate="tanh")` as written there, in f64.
+        let gelu_tanh = |a: f64| {
+            0.5 * a * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a.powi(3))).tanh())
+        };
+        for (act, f) in [
+            (GluActivation::Silu, &silu as &dyn Fn(f64) -> f64),
+            (GluActivation::GeluTanh, &gelu_tanh),
+        ] {
+            for ((o, g), u) in glu(&g, &u, act).iter().zip(&g).zip(&u) {
+                let want = f(*g as f64) * *u as f64;
+                assert!(
+                    (*o as f64 - want).abs() <= 1e-6 * want.abs().max(1e-6),
+                    "{act:?}({g}) * {u}: {o} against {want}"
+                );
+            }
         }
         // Two positions, two heads of d = 4.
         let x: Vec<f32> = (0..16).map(|i| i as f32 + 1.0).collect();

@@ -1,14 +1,15 @@
 //! The training step's operations with backward passes of their own, registered with Burn's
-//! autodiff: the product `a · b`, RMSNorm, SwiGLU and RoPE. Each op's forward and backward are
-//! [`KernelBackend`] methods, so a backend brings its own fused versions (the CPU's are the host
-//! loops below: one pass over each input, the products through the `gemm` crate by column
-//! blocks) and every other backend runs the tensor-op versions here (`*_reference`). Tests hold
-//! each against autodiff through plain tensor ops.
+//! autodiff: the product `a · b`, RMSNorm, the gated activations (SwiGLU, GeGLU) and RoPE. Each
+//! op's forward and backward are [`KernelBackend`] methods, so a backend brings its own fused
+//! versions (the CPU's are the host loops below: one pass over each input, the products through
+//! the `gemm` crate by column blocks) and every other backend runs the tensor-op versions here
+//! (`*_reference`). Tests hold each against autodiff through plain tensor ops.
 //!
 //! Backward formulas, for `y = (x · r) ⊙ w` with `r = 1 / √(mean(x²) + ε)` (RMSNorm, Zhang &
 //! Sennrich 2019): `dx = r (g − x̂ · mean(g ⊙ x̂))` with `g = dy ⊙ w`, `x̂ = x · r`, and
-//! `dw = Σ_rows dy ⊙ x̂`. For `y = silu(a) ⊙ u`, `σ = 1 / (1 + e⁻ᵃ)`: `du = dy ⊙ silu(a)`,
-//! `da = dy ⊙ u ⊙ σ (1 + a (1 − σ))`. RoPE is a rotation per pair, so its backward is the
+//! `dw = Σ_rows dy ⊙ x̂`. For `y = a σ(z(a)) ⊙ u` (SiLU: `z(a) = a`; the tanh GELU:
+//! `z(a) = 2√(2/π)(a + 0.044715 a³)`) with `s = σ(z(a))`: `du = dy ⊙ a s`,
+//! `da = dy ⊙ u ⊙ s (1 + a (1 − s) z'(a))`. RoPE is a rotation per pair, so its backward is the
 //! rotation by the opposite angle: the same op with `−sin`.
 
 use burn::backend::Autodiff;
@@ -22,7 +23,7 @@ use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::KernelBackend;
-use crate::fused::{exp_f32, sum_f64, wide};
+use crate::fused::{GluActivation, exp_f32, sum_f64, wide};
 
 /// Registers each of `$grads` for its parent in `$ops` where that parent is tracked.
 macro_rules! register {
@@ -240,65 +241,118 @@ pub fn rms_norm_backward_host(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Ve
 }
 
 // ---------------------------------------------------------------------------------------------
-// SwiGLU
+// Gated activations (SwiGLU, GeGLU)
 
-/// `silu(gate) ⊙ up`, both `[rows, ffn]`, differentiable in both.
-pub fn swiglu<B: KernelBackend>(
+/// `act(gate) ⊙ up`, both `[rows, ffn]`, differentiable in both ([`GluActivation`]).
+pub fn glu<B: KernelBackend>(
     gate: Tensor<Autodiff<B>, 2>,
     up: Tensor<Autodiff<B>, 2>,
+    act: GluActivation,
 ) -> Tensor<Autodiff<B>, 2> {
     #[derive(Debug)]
-    struct SwigluBackward;
+    struct GluBackward(GluActivation);
 
-    impl<B: KernelBackend> Backward<B, 2> for SwigluBackward {
+    impl<B: KernelBackend> Backward<B, 2> for GluBackward {
         type State = (FloatTensor<B>, FloatTensor<B>);
 
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
             let dy = grads.consume::<B>(&ops.node);
             let (g, u) = ops.state;
-            let (dg, du) = B::swiglu_backward(g, u, dy);
+            let (dg, du) = B::glu_backward(g, u, dy, self.0);
             register!(ops, grads, [dg, du]);
         }
     }
 
     let (g, u) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
     let nodes = [g.node.clone(), u.node.clone()];
-    let out = match SwigluBackward
+    let out = match GluBackward(act)
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let y = B::swiglu(g.primitive.clone(), u.primitive.clone());
+            let y = B::glu(g.primitive.clone(), u.primitive.clone(), act);
             prep.finish((g.primitive, u.primitive), y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::swiglu(g.primitive, u.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(B::glu(g.primitive, u.primitive, act)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// SwiGLU's forward in tensor ops.
-pub fn swiglu_reference<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
-    burn::tensor::activation::silu(gate) * up
+/// The gated activation's forward in tensor ops, each activation as transformers writes it.
+pub fn glu_reference<B: Backend>(
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    act: GluActivation,
+) -> Tensor<B, 2> {
+    match act {
+        GluActivation::Silu => burn::tensor::activation::silu(gate) * up,
+        GluActivation::GeluTanh => {
+            let inner = (gate.clone() + gate.clone().powf_scalar(3.0).mul_scalar(0.044715))
+                .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+            gate.mul_scalar(0.5) * inner.tanh().add_scalar(1.0) * up
+        }
+    }
 }
 
-/// SwiGLU's backward in tensor ops: `(d gate, d up)`.
-pub fn swiglu_backward_reference<B: Backend>(
+/// The gated activation's backward in tensor ops: `(d gate, d up)`. For the tanh GELU, with
+/// `t = tanh(u)`: `act'(a) = ½(1 + t) + ½ a (1 − t²) u'(a)`.
+pub fn glu_backward_reference<B: Backend>(
     gate: Tensor<B, 2>,
     up: Tensor<B, 2>,
     dy: Tensor<B, 2>,
+    act: GluActivation,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let s = burn::tensor::activation::sigmoid(gate.clone());
-    let du = dy.clone() * burn::tensor::activation::silu(gate.clone());
-    let ds = (s.clone().neg() + 1.0) * gate + 1.0;
-    (dy * up * s * ds, du)
+    let (value, slope) = match act {
+        GluActivation::Silu => {
+            let s = burn::tensor::activation::sigmoid(gate.clone());
+            let ds = (s.clone().neg() + 1.0) * gate.clone() + 1.0;
+            (burn::tensor::activation::silu(gate), s * ds)
+        }
+        GluActivation::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let a2 = gate.clone().powf_scalar(2.0);
+            let t = (gate.clone() * (a2.clone().mul_scalar(0.044715) + 1.0))
+                .mul_scalar(c)
+                .tanh();
+            let du = (a2.mul_scalar(3.0 * 0.044715) + 1.0).mul_scalar(c);
+            let value = gate.clone().mul_scalar(0.5) * t.clone().add_scalar(1.0);
+            let slope = t.clone().add_scalar(1.0).mul_scalar(0.5)
+                + gate.mul_scalar(0.5) * (t.clone() * t).neg().add_scalar(1.0) * du;
+            (value, slope)
+        }
+    };
+    (dy.clone() * up * slope, dy * value)
 }
 
 /// Elements per task of the elementwise host loops.
 const ELEMENTS_PER_TASK: usize = 1 << 14;
 
-/// SwiGLU's backward on the host: `gate`, `up`, `dy` `[n]` → `(d gate, d up)`.
-pub fn swiglu_backward_host(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// The gated activation's backward on the host: `gate`, `up`, `dy` `[n]` → `(d gate, d up)`.
+/// With `s = σ(z(a))` (see [`GluActivation`]): `d up = dy · a s` and
+/// `d gate = dy · u · s (1 + a (1 − s) z'(a))`.
+pub fn glu_backward_host(
+    gate: &[f32],
+    up: &[f32],
+    dy: &[f32],
+    act: GluActivation,
+) -> (Vec<f32>, Vec<f32>) {
+    // One loop per activation, so each vectorizes with its `z` inlined.
+    match act {
+        GluActivation::Silu => glu_backward_with(gate, up, dy, |a| a, |_| 1.0),
+        GluActivation::GeluTanh => {
+            glu_backward_with(gate, up, dy, crate::fused::gelu_tanh_z, crate::fused::gelu_tanh_dz)
+        }
+    }
+}
+
+fn glu_backward_with(
+    gate: &[f32],
+    up: &[f32],
+    dy: &[f32],
+    z: impl Fn(f32) -> f32 + Copy + Sync,
+    dz: impl Fn(f32) -> f32 + Copy + Sync,
+) -> (Vec<f32>, Vec<f32>) {
     assert!(
         gate.len() == up.len() && up.len() == dy.len(),
         "gate, up and dy lengths"
@@ -318,9 +372,9 @@ pub fn swiglu_backward_host(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, 
                     for ((dg, du), ((&g, &u), &dy)) in
                         dg.iter_mut().zip(du).zip(g.iter().zip(u).zip(dy))
                     {
-                        let s = 1.0 / (1.0 + exp_f32(-g));
+                        let s = 1.0 / (1.0 + exp_f32(-z(g)));
                         *du = dy * (g * s);
-                        *dg = dy * u * s * (1.0 + g * (1.0 - s));
+                        *dg = dy * u * s * (1.0 + g * (1.0 - s) * dz(g));
                     }
                 },
             )
@@ -504,22 +558,27 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_and_its_gradients_equal_autodiffs() {
+    fn gated_activations_and_their_gradients_equal_autodiffs() {
+        // Gates over ±8 or so: the tanh GELU's tails (σ of large |z|) included.
         let (gate, up) = (random([37, 45], 8) * 4.0, random([37, 45], 9));
         let w = random([37, 45], 10);
-        let (y, g) = grads(
-            &[gate.clone(), up.clone()],
-            |t| swiglu(t[0].clone(), t[1].clone()),
-            &w,
-        );
-        let (yr, gr) = grads(
-            &[gate, up],
-            |t| swiglu_reference(t[0].clone(), t[1].clone()),
-            &w,
-        );
-        assert!(rel(&y, &yr) <= 1e-6);
-        for (g, gr) in g.iter().zip(&gr) {
-            assert!(rel(g, gr) <= 1e-5, "{}", rel(g, gr));
+        for act in [GluActivation::Silu, GluActivation::GeluTanh] {
+            let (y, g) = grads(
+                &[gate.clone(), up.clone()],
+                |t| glu(t[0].clone(), t[1].clone(), act),
+                &w,
+            );
+            let (yr, gr) = grads(
+                &[gate.clone(), up.clone()],
+                |t| glu_reference(t[0].clone(), t[1].clone(), act),
+                &w,
+            );
+            assert!(rel(&y, &yr) <= 1e-6, "{act:?}: {}", rel(&y, &yr));
+            // The fused backward (Flex's host loop) and the tensor-op one other backends run.
+            let (dg, du) = glu_backward_reference(gate.clone(), up.clone(), w.clone(), act);
+            for (g, gr) in g.iter().zip(&gr).chain([(&values(dg), &gr[0]), (&values(du), &gr[1])]) {
+                assert!(rel(g, gr) <= 1e-5, "{act:?}: {}", rel(g, gr));
+            }
         }
     }
 

@@ -320,6 +320,16 @@ impl Activation {
         })
     }
 
+    /// This activation as the gate of a fused gated MLP, where the training op has one.
+    pub fn glu(self) -> Option<distillery_kernels::fused::GluActivation> {
+        use distillery_kernels::fused::GluActivation;
+        match self {
+            Activation::Silu => Some(GluActivation::Silu),
+            Activation::GeluTanh => Some(GluActivation::GeluTanh),
+            Activation::Gelu | Activation::Relu2 => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Activation::Silu => "silu",

@@ -679,14 +679,17 @@ impl<B: Backend> Mlp<B> {
             Some(gate_proj) => {
                 let gate = linear_bias(x.clone(), gate_proj, &self.gate_bias, c);
                 let up = linear_bias(x, &self.up_proj, &self.up_bias, c);
-                match self.act {
-                    Activation::Silu => match fast::swiglu(gate, up)
-                        .or_else(|(gate, up)| fast::trained_swiglu(gate, up))
-                    {
-                        Ok(inter) => inter,
-                        Err((gate, up)) => silu(gate) * up,
-                    },
-                    act => activate(gate, act) * up,
+                // The inference path fuses SwiGLU; training fuses every gated activation.
+                let fused = match self.act {
+                    Activation::Silu => fast::swiglu(gate, up),
+                    _ => Err((gate, up)),
+                };
+                match fused.or_else(|(gate, up)| match self.act.glu() {
+                    Some(glu) => fast::trained_glu(gate, up, glu),
+                    None => Err((gate, up)),
+                }) {
+                    Ok(inter) => inter,
+                    Err((gate, up)) => activate(gate, self.act) * up,
                 }
             }
             None => activate(linear_bias(x, &self.up_proj, &self.up_bias, c), self.act),
@@ -1608,8 +1611,8 @@ mod tests {
         burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
     >;
 
-    /// The training step's fused ops with their own backward (the product, RMSNorm, SwiGLU,
-    /// RoPE, the attention: `distillery_kernels::training` and `::attention`) against autodiff
+    /// The training step's fused ops with their own backward (the product, RMSNorm, SwiGLU and
+    /// GeGLU, RoPE, the attention: `distillery_kernels::training` and `::attention`) against autodiff
     /// through the tensor-op path, in the logits and in every parameter's gradient.
     #[test]
     fn training_ops_equal_the_tensor_op_path_in_logits_and_every_gradient() {

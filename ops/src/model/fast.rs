@@ -3,7 +3,7 @@
 //! the residual add before it), SwiGLU, RoPE and the whole causal attention run as the fused host
 //! loops of `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step,
 //! and matmuls call the `gemm` crate into outputs of their own. Under the training backend
-//! (autodiff over the runtime's backend) in f32, the products, RMSNorm, SwiGLU, RoPE, the
+//! (autodiff over the runtime's backend) in f32, the products, RMSNorm, SwiGLU and GeGLU, RoPE, the
 //! attention and the cross-entropy are `distillery_kernels`' autodiff ops with backward passes of
 //! their own (`trained_*`; RoPE on the CPU only), which the CPU runs as host loops and every other
 //! backend as tensor ops (the attention: CubeCL kernels); the attention's keeps no `[seq, seq]`
@@ -18,6 +18,7 @@ use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use distillery_kernels::fused::GluActivation;
 
 type FlexPrimitive = FloatTensor<Flex>;
 
@@ -138,7 +139,9 @@ pub fn swiglu<B: Backend>(
     let shape = gate.dims();
     let (g, u) = (primitive(gate), primitive(up));
     let out = with_values(&g, |g| {
-        with_values(&u, |u| distillery_kernels::fused::swiglu(g, u))
+        with_values(&u, |u| {
+            distillery_kernels::fused::glu(g, u, GluActivation::Silu)
+        })
     });
     Ok(tensor(out, shape))
 }
@@ -406,19 +409,20 @@ pub fn trained_rms_norm<B: Backend>(
     Ok(same_type::<_, Tensor<B, 2>>(y).reshape([b, s, d]))
 }
 
-/// `silu(gate) * up`, both `[batch, seq, ffn]`, under the training backend in f32
-/// ([`distillery_kernels::training::swiglu`]); `Err` hands both back elsewhere.
+/// `act(gate) * up`, both `[batch, seq, ffn]`, under the training backend in f32
+/// ([`distillery_kernels::training::glu`]); `Err` hands both back elsewhere.
 #[allow(clippy::type_complexity)]
-pub fn trained_swiglu<B: Backend>(
+pub fn trained_glu<B: Backend>(
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
+    act: GluActivation,
 ) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>)> {
     if !f32_train::<B>(&[gate.dtype(), up.dtype()]) {
         return Err((gate, up));
     }
     let [b, s, f] = gate.dims();
     let flat = |t: Tensor<B, 3>| -> Tensor<Train, 2> { same_type(t.reshape([b * s, f])) };
-    let y = distillery_kernels::training::swiglu(flat(gate), flat(up));
+    let y = distillery_kernels::training::glu(flat(gate), flat(up), act);
     Ok(same_type::<_, Tensor<B, 2>>(y).reshape([b, s, f]))
 }
 
