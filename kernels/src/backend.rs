@@ -11,7 +11,7 @@ use crate::cross_entropy::{cross_entropy_rows_host, cross_entropy_rows_reference
 use crate::fused::{AttentionShape, GluActivation};
 use crate::importance::{accumulate_host, accumulate_reference};
 use crate::kl::{KlDirection, kl_rows_host};
-use crate::training;
+use crate::training::{self, NormSpec};
 
 /// A backend that runs distillery's fused kernels.
 pub trait KernelBackend: Backend {
@@ -98,27 +98,31 @@ pub trait KernelBackend: Backend {
         Self::float_matmul(a, b)
     }
 
-    /// RMSNorm of `x [rows, d]` by `w [d]` ([`training::rms_norm`]).
-    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
-        training::rms_norm_reference::<Self>(float(x), float(w), eps)
+    /// The norm of `x [rows, d]` by `w [d]` ([`training::norm`]).
+    fn norm(x: FloatTensor<Self>, w: FloatTensor<Self>, spec: NormSpec) -> FloatTensor<Self> {
+        training::norm_reference::<Self>(float(x), float(w), spec)
             .into_primitive()
             .tensor()
     }
 
-    /// RMSNorm's `(dx [rows, d], dw [d])` from its input, weight and output gradient `dy`.
-    fn rms_norm_backward(
+    /// The norm's `(dx [rows, d], dw [d])` from its input, weight and output gradient `dy`.
+    fn norm_backward(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         dy: FloatTensor<Self>,
-        eps: f32,
+        spec: NormSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (dx, dw) =
-            training::rms_norm_backward_reference::<Self>(float(x), float(w), float(dy), eps);
+            training::norm_backward_reference::<Self>(float(x), float(w), float(dy), spec);
         (dx.into_primitive().tensor(), dw.into_primitive().tensor())
     }
 
     /// `act(gate) ⊙ up`, both `[rows, ffn]` ([`training::glu`]).
-    fn glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GluActivation) -> FloatTensor<Self> {
+    fn glu(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: GluActivation,
+    ) -> FloatTensor<Self> {
         training::glu_reference::<Self>(float(gate), float(up), act)
             .into_primitive()
             .tensor()
@@ -367,40 +371,44 @@ impl KernelBackend for Flex {
         flex_matmul(&a, &b).unwrap_or_else(|| Self::float_matmul(a, b))
     }
 
-    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+    fn norm(x: FloatTensor<Self>, w: FloatTensor<Self>, spec: NormSpec) -> FloatTensor<Self> {
         if !all_f32(&[&x, &w]) {
-            return training::rms_norm_reference::<Self>(float(x), float(w), eps)
+            return training::norm_reference::<Self>(float(x), float(w), spec)
                 .into_primitive()
                 .tensor();
         }
         let shape = x.layout().shape().dims::<2>();
         let y = with_host::<2, _>(&x, |x| {
-            with_host::<1, _>(&w, |w| crate::fused::rms_norm(x, w, eps))
+            with_host::<1, _>(&w, |w| training::norm_host(x, w, spec))
         });
         flex_tensor(y, shape)
     }
 
-    fn rms_norm_backward(
+    fn norm_backward(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         dy: FloatTensor<Self>,
-        eps: f32,
+        spec: NormSpec,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&x, &w, &dy]) {
             let (dx, dw) =
-                training::rms_norm_backward_reference::<Self>(float(x), float(w), float(dy), eps);
+                training::norm_backward_reference::<Self>(float(x), float(w), float(dy), spec);
             return (dx.into_primitive().tensor(), dw.into_primitive().tensor());
         }
         let shape = x.layout().shape().dims::<2>();
         let (dx, dw) = with_host::<2, _>(&x, |x| {
             with_host::<1, _>(&w, |w| {
-                with_host::<2, _>(&dy, |dy| training::rms_norm_backward_host(x, w, dy, eps))
+                with_host::<2, _>(&dy, |dy| training::norm_backward_host(x, w, dy, spec))
             })
         });
         (flex_tensor(dx, shape), flex_tensor(dw, [shape[1]]))
     }
 
-    fn glu(gate: FloatTensor<Self>, up: FloatTensor<Self>, act: GluActivation) -> FloatTensor<Self> {
+    fn glu(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        act: GluActivation,
+    ) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) {
             return training::glu_reference::<Self>(float(gate), float(up), act)
                 .into_primitive()

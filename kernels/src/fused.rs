@@ -718,7 +718,8 @@ mod tests {
         let silu = |a: f64| a / (1.0 + (-a).exp());
         // PyTorch's `gelu(approximate="tanh")` as written there, in f64.
         let gelu_tanh = |a: f64| {
-            0.5 * a * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a.powi(3))).tanh())
+            0.5 * a
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a.powi(3))).tanh())
         };
         for (act, f) in [
             (GluActivation::Silu, &silu as &dyn Fn(f64) -> f64),

@@ -116,64 +116,91 @@ fn product<B: KernelBackend>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// RMSNorm
+// Norms: RMSNorm and LayerNorm
 
-/// RMSNorm of `x [rows, d]` by `w [d]`: `(x · r) ⊙ w`, differentiable in both.
-pub fn rms_norm<B: KernelBackend>(
+/// Which norm over the last dimension, and its `ε`: RMSNorm (`x · r ⊙ w`,
+/// `r = 1 / √(mean(x²) + ε)`) or, `centred`, LayerNorm without bias (`(x − μ) · r ⊙ w`,
+/// `r = 1 / √(mean((x − μ)²) + ε)`; Nemotron's LayerNorm1p adds its `1` to `w` and its bias
+/// outside).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormSpec {
+    pub eps: f32,
+    pub centred: bool,
+}
+
+/// The norm of `x [rows, d]` by `w [d]` ([`NormSpec`]), differentiable in both.
+pub fn norm<B: KernelBackend>(
     x: Tensor<Autodiff<B>, 2>,
     w: Tensor<Autodiff<B>, 1>,
-    eps: f32,
+    spec: NormSpec,
 ) -> Tensor<Autodiff<B>, 2> {
     #[derive(Debug)]
-    struct RmsNormBackward;
+    struct NormBackward(NormSpec);
 
-    impl<B: KernelBackend> Backward<B, 2> for RmsNormBackward {
-        type State = (FloatTensor<B>, FloatTensor<B>, f32);
+    impl<B: KernelBackend> Backward<B, 2> for NormBackward {
+        type State = (FloatTensor<B>, FloatTensor<B>);
 
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
             let dy = grads.consume::<B>(&ops.node);
-            let (x, w, eps) = ops.state;
-            let (dx, dw) = B::rms_norm_backward(x, w, dy, eps);
+            let (x, w) = ops.state;
+            let (dx, dw) = B::norm_backward(x, w, dy, self.0);
             register!(ops, grads, [dx, dw]);
         }
     }
 
     let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
     let nodes = [x.node.clone(), w.node.clone()];
-    let out = match RmsNormBackward
+    let out = match NormBackward(spec)
         .prepare::<NoCheckpointing>(nodes)
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let y = B::rms_norm(x.primitive.clone(), w.primitive.clone(), eps);
-            prep.finish((x.primitive, w.primitive, eps), y)
+            let y = B::norm(x.primitive.clone(), w.primitive.clone(), spec);
+            prep.finish((x.primitive, w.primitive), y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.primitive, w.primitive, eps)),
+        OpsKind::UnTracked(prep) => prep.finish(B::norm(x.primitive, w.primitive, spec)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// RMSNorm's forward in tensor ops, `x [rows, d]`, `w [d]`.
-pub fn rms_norm_reference<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f32) -> Tensor<B, 2> {
-    let var = x.clone().powf_scalar(2.0).mean_dim(1);
-    (x * (var + eps).sqrt().recip()) * w.unsqueeze_dim::<2>(0)
+/// `x − mean(x)` per row where the norm is centred, else `x`.
+fn centred<B: Backend>(x: Tensor<B, 2>, spec: NormSpec) -> Tensor<B, 2> {
+    if spec.centred {
+        let mean = x.clone().mean_dim(1);
+        x - mean
+    } else {
+        x
+    }
 }
 
-/// RMSNorm's backward in tensor ops: `(dx [rows, d], dw [d])`.
-pub fn rms_norm_backward_reference<B: Backend>(
+/// The norm's forward in tensor ops, `x [rows, d]`, `w [d]`.
+pub fn norm_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 1>,
+    spec: NormSpec,
+) -> Tensor<B, 2> {
+    let x = centred(x, spec);
+    let var = x.clone().powf_scalar(2.0).mean_dim(1);
+    (x * (var + spec.eps).sqrt().recip()) * w.unsqueeze_dim::<2>(0)
+}
+
+/// The norm's backward in tensor ops: `(dx [rows, d], dw [d])`.
+pub fn norm_backward_reference<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 1>,
     dy: Tensor<B, 2>,
-    eps: f32,
+    spec: NormSpec,
 ) -> (Tensor<B, 2>, Tensor<B, 1>) {
     let d = x.dims()[1];
-    let r = (x.clone().powf_scalar(2.0).mean_dim(1) + eps)
+    let x = centred(x, spec);
+    let r = (x.clone().powf_scalar(2.0).mean_dim(1) + spec.eps)
         .sqrt()
         .recip();
     let xhat = x * r.clone();
     let dw = (dy.clone() * xhat.clone()).sum_dim(0).reshape([d]);
-    let g = dy * w.unsqueeze_dim::<2>(0);
+    // `g − mean(g)` for LayerNorm: the mean's own gradient.
+    let g = centred(dy * w.unsqueeze_dim::<2>(0), spec);
     let mean = (g.clone() * xhat.clone()).mean_dim(1);
     ((g - xhat * mean) * r, dw)
 }
@@ -186,12 +213,67 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0 / (var + eps).sqrt()
 }
 
+/// A row's mean (summed in f64) and `1 / √(mean((x − μ)²) + ε)`, the squares summed in f64.
+#[inline(always)]
+fn mean_and_inv_std(x: &[f32], eps: f32) -> (f32, f32) {
+    let mean = sum_f64(x, |v| v) / x.len() as f64;
+    let var = (sum_f64(x, |v| (v - mean) * (v - mean)) / x.len() as f64) as f32;
+    (mean as f32, 1.0 / (var + eps).sqrt())
+}
+
+/// The norm's forward on the host: `x [rows, d]`, `w [d]` → `[rows, d]`. RMSNorm is the
+/// inference path's loop ([`crate::fused::rms_norm`]).
+pub fn norm_host(x: &[f32], w: &[f32], spec: NormSpec) -> Vec<f32> {
+    if !spec.centred {
+        return crate::fused::rms_norm(x, w, spec.eps);
+    }
+    let d = w.len();
+    assert!(d > 0 && x.len().is_multiple_of(d), "whole rows of {d}");
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(d * ROWS_PER_PARTIAL)
+        .zip(x.par_chunks(d * ROWS_PER_PARTIAL))
+        .for_each(|(y, x)| {
+            wide(
+                #[inline(always)]
+                || {
+                    for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                        let (mean, r) = mean_and_inv_std(x, spec.eps);
+                        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                            *y = ((x - mean) * r) * w;
+                        }
+                    }
+                },
+            )
+        });
+    y
+}
+
 /// Rows per task of the backward's weight-gradient partial sums: fixed, so `dw` is summed in
 /// the same order on any thread count.
 const ROWS_PER_PARTIAL: usize = 32;
 
-/// RMSNorm's backward on the host: `x`, `dy` `[rows, d]`, `w [d]` → `(dx, dw)`.
-pub fn rms_norm_backward_host(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+/// The norm's backward on the host: `x`, `dy` `[rows, d]`, `w [d]` → `(dx, dw)`. With
+/// `x̂ = (x − μ) r` and `g = dy ⊙ w`: `dx = r (g − mean(g) − x̂ · mean(g ⊙ x̂))` (no `mean(g)`
+/// for RMSNorm, where `μ = 0`) and `dw = Σ_rows dy ⊙ x̂`.
+pub fn norm_backward_host(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    spec: NormSpec,
+) -> (Vec<f32>, Vec<f32>) {
+    if spec.centred {
+        norm_backward_rows::<true>(x, w, dy, spec.eps)
+    } else {
+        norm_backward_rows::<false>(x, w, dy, spec.eps)
+    }
+}
+
+fn norm_backward_rows<const CENTRED: bool>(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
     assert!(
         d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len(),
@@ -212,18 +294,34 @@ pub fn rms_norm_backward_host(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Ve
                         .zip(x.chunks_exact(d))
                         .zip(dy.chunks_exact(d))
                     {
-                        let r = inv_rms(x, eps);
+                        let (mu, r) = if CENTRED {
+                            mean_and_inv_std(x, eps)
+                        } else {
+                            (0.0, inv_rms(x, eps))
+                        };
                         let mut dot = [0f64; 8];
+                        let mut sum_g = [0f64; 8];
                         for (j, ((&x, &dy), &w)) in x.iter().zip(dy).zip(w).enumerate() {
-                            dot[j % 8] += ((dy * w) * (x * r)) as f64;
+                            let xhat = if CENTRED { (x - mu) * r } else { x * r };
+                            dot[j % 8] += ((dy * w) * xhat) as f64;
+                            if CENTRED {
+                                sum_g[j % 8] += (dy * w) as f64;
+                            }
                         }
                         let mean = (dot.iter().sum::<f64>() / d as f64) as f32;
+                        let mean_g = (sum_g.iter().sum::<f64>() / d as f64) as f32;
                         for ((((dx, &x), &dy), &w), dw) in
                             dx.iter_mut().zip(x).zip(dy).zip(w).zip(dw.iter_mut())
                         {
-                            let xhat = x * r;
-                            *dx = r * (dy * w - xhat * mean);
-                            *dw += dy * xhat;
+                            if CENTRED {
+                                let xhat = (x - mu) * r;
+                                *dx = r * (dy * w - mean_g - xhat * mean);
+                                *dw += dy * xhat;
+                            } else {
+                                let xhat = x * r;
+                                *dx = r * (dy * w - xhat * mean);
+                                *dw += dy * xhat;
+                            }
                         }
                     }
                     dw
@@ -340,9 +438,13 @@ pub fn glu_backward_host(
     // One loop per activation, so each vectorizes with its `z` inlined.
     match act {
         GluActivation::Silu => glu_backward_with(gate, up, dy, |a| a, |_| 1.0),
-        GluActivation::GeluTanh => {
-            glu_backward_with(gate, up, dy, crate::fused::gelu_tanh_z, crate::fused::gelu_tanh_dz)
-        }
+        GluActivation::GeluTanh => glu_backward_with(
+            gate,
+            up,
+            dy,
+            crate::fused::gelu_tanh_z,
+            crate::fused::gelu_tanh_dz,
+        ),
     }
 }
 
@@ -538,21 +640,33 @@ mod tests {
     }
 
     #[test]
-    fn rms_norm_and_its_gradients_equal_autodiffs() {
-        for (rows, d) in [(1, 5), (37, 24), (70, 576)] {
-            let x = random([rows, d], 5) * 3.0;
-            let w = random([d], 6).unsqueeze_dim::<2>(0);
-            let wt = random([rows, d], 7);
-            let f =
-                |t: Vec<Tensor<A, 2>>| rms_norm(t[0].clone(), t[1].clone().squeeze_dim(0), 1e-5);
-            let r = |t: Vec<Tensor<A, 2>>| {
-                rms_norm_reference(t[0].clone(), t[1].clone().squeeze_dim(0), 1e-5)
-            };
-            let (y, g) = grads(&[x.clone(), w.clone()], f, &wt);
-            let (yr, gr) = grads(&[x, w], r, &wt);
-            assert!(rel(&y, &yr) <= 1e-6, "{rows}x{d}: {}", rel(&y, &yr));
-            for (g, gr) in g.iter().zip(&gr) {
-                assert!(rel(g, gr) <= 1e-5, "{rows}x{d}: {}", rel(g, gr));
+    fn norms_and_their_gradients_equal_autodiffs() {
+        for centred in [false, true] {
+            let spec = NormSpec { eps: 1e-5, centred };
+            for (rows, d) in [(1, 5), (37, 24), (70, 576)] {
+                // An offset, so LayerNorm's mean matters.
+                let x = random([rows, d], 5) * 3.0 + 0.7;
+                let w = random([d], 6).unsqueeze_dim::<2>(0);
+                let wt = random([rows, d], 7);
+                let f =
+                    |t: Vec<Tensor<A, 2>>| norm(t[0].clone(), t[1].clone().squeeze_dim(0), spec);
+                let r = |t: Vec<Tensor<A, 2>>| {
+                    norm_reference(t[0].clone(), t[1].clone().squeeze_dim(0), spec)
+                };
+                let (y, g) = grads(&[x.clone(), w.clone()], f, &wt);
+                let (yr, gr) = grads(&[x.clone(), w.clone()], r, &wt);
+                let at = format!("{spec:?} {rows}x{d}");
+                assert!(rel(&y, &yr) <= 1e-6, "{at}: {}", rel(&y, &yr));
+                // The fused backward (Flex's host loop) and the tensor-op one other backends run.
+                let (dx, dw) = norm_backward_reference(x, w.squeeze_dim(0), wt, spec);
+                let reference = [(values(dx), &gr[0]), (values(dw), &gr[1])];
+                for (g, gr) in g
+                    .iter()
+                    .zip(&gr)
+                    .chain(reference.iter().map(|(g, gr)| (g, *gr)))
+                {
+                    assert!(rel(g, gr) <= 1e-5, "{at}: {}", rel(g, gr));
+                }
             }
         }
     }
@@ -576,7 +690,11 @@ mod tests {
             assert!(rel(&y, &yr) <= 1e-6, "{act:?}: {}", rel(&y, &yr));
             // The fused backward (Flex's host loop) and the tensor-op one other backends run.
             let (dg, du) = glu_backward_reference(gate.clone(), up.clone(), w.clone(), act);
-            for (g, gr) in g.iter().zip(&gr).chain([(&values(dg), &gr[0]), (&values(du), &gr[1])]) {
+            for (g, gr) in g
+                .iter()
+                .zip(&gr)
+                .chain([(&values(dg), &gr[0]), (&values(du), &gr[1])])
+            {
                 assert!(rel(g, gr) <= 1e-5, "{act:?}: {}", rel(g, gr));
             }
         }

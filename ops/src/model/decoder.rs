@@ -19,6 +19,7 @@ use crate::model::arch::{Activation, NormKind, Role, TensorSpec};
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::fast;
 use crate::model::weights::Weights;
+use distillery_kernels::training::NormSpec;
 
 /// Where a forward pass can hand an activation to a hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,18 +111,27 @@ impl<B: Backend> Norm<B> {
     /// `[batch, seq, d] -> [batch, seq, d]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let scale = self.scale();
+        let spec = NormSpec {
+            eps: self.eps as f32,
+            centred: self.centred,
+        };
         if self.centred {
-            let mean = x.clone().mean_dim(2);
-            let x = x - mean;
-            let var = x.clone().powf_scalar(2.0).mean_dim(2);
-            let y = x * (var + self.eps).sqrt().recip() * scale.unsqueeze_dims::<3>(&[0, 1]);
+            let y = match fast::trained_norm(x, &scale, spec) {
+                Ok(y) => y,
+                Err(x) => {
+                    let mean = x.clone().mean_dim(2);
+                    let x = x - mean;
+                    let var = x.clone().powf_scalar(2.0).mean_dim(2);
+                    x * (var + self.eps).sqrt().recip() * scale.unsqueeze_dims::<3>(&[0, 1])
+                }
+            };
             return match &self.bias {
                 Some(b) => y + b.val().unsqueeze_dims::<3>(&[0, 1]),
                 None => y,
             };
         }
         let x = match fast::rms_norm(x, &scale, self.eps)
-            .or_else(|x| fast::trained_rms_norm(x, &scale, self.eps))
+            .or_else(|x| fast::trained_norm(x, &scale, spec))
         {
             Ok(y) => return y,
             Err(x) => x,
@@ -1611,8 +1621,8 @@ mod tests {
         burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
     >;
 
-    /// The training step's fused ops with their own backward (the product, RMSNorm, SwiGLU and
-    /// GeGLU, RoPE, the attention: `distillery_kernels::training` and `::attention`) against autodiff
+    /// The training step's fused ops with their own backward (the product, RMSNorm and
+    /// LayerNorm, SwiGLU and GeGLU, RoPE, the attention: `distillery_kernels::training` and `::attention`) against autodiff
     /// through the tensor-op path, in the logits and in every parameter's gradient.
     #[test]
     fn training_ops_equal_the_tensor_op_path_in_logits_and_every_gradient() {
@@ -1637,13 +1647,15 @@ mod tests {
         }
 
         // GQA with tied embeddings; a sliding window; Gemma 2's capped scores, offset norms and
-        // local layers; Qwen 3's q/k norms; Phi-3's partial rotary factor and fused projections.
+        // local layers, GeGLU; Qwen 3's q/k norms; Phi-3's partial rotary factor and fused
+        // projections; Nemotron's LayerNorm1p (with bias) and squared-ReLU MLP.
         for name in [
             "llama-gqa-tied-f32",
             "mistral-window-f16",
             "family-gemma2",
             "family-qwen3",
             "family-phi3",
+            "family-nemotron",
         ] {
             let m = golden(name);
             let device = Default::default();

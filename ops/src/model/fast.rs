@@ -3,7 +3,7 @@
 //! the residual add before it), SwiGLU, RoPE and the whole causal attention run as the fused host
 //! loops of `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step,
 //! and matmuls call the `gemm` crate into outputs of their own. Under the training backend
-//! (autodiff over the runtime's backend) in f32, the products, RMSNorm, SwiGLU and GeGLU, RoPE, the
+//! (autodiff over the runtime's backend) in f32, the products, the norms, SwiGLU and GeGLU, RoPE, the
 //! attention and the cross-entropy are `distillery_kernels`' autodiff ops with backward passes of
 //! their own (`trained_*`; RoPE on the CPU only), which the CPU runs as host loops and every other
 //! backend as tensor ops (the attention: CubeCL kernels); the attention's keeps no `[seq, seq]`
@@ -19,6 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use distillery_kernels::fused::GluActivation;
+use distillery_kernels::training::NormSpec;
 
 type FlexPrimitive = FloatTensor<Flex>;
 
@@ -393,19 +394,20 @@ pub fn trained_cross_entropy<B: Backend>(
     Ok(same_type(loss))
 }
 
-/// RMSNorm of `x [batch, seq, d]` by `w [d]` under the training backend in f32
-/// ([`distillery_kernels::training::rms_norm`]); `Err(x)` back elsewhere.
-pub fn trained_rms_norm<B: Backend>(
+/// The norm ([`NormSpec`]: RMSNorm or LayerNorm without bias) of `x [batch, seq, d]` by
+/// `w [d]` under the training backend in f32 ([`distillery_kernels::training::norm`]); `Err(x)`
+/// back elsewhere.
+pub fn trained_norm<B: Backend>(
     x: Tensor<B, 3>,
     w: &Tensor<B, 1>,
-    eps: f64,
+    spec: NormSpec,
 ) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
     if !f32_train::<B>(&[x.dtype(), w.dtype()]) {
         return Err(x);
     }
     let [b, s, d] = x.dims();
     let x: Tensor<Train, 2> = same_type(x.reshape([b * s, d]));
-    let y = distillery_kernels::training::rms_norm(x, same_type(w.clone()), eps as f32);
+    let y = distillery_kernels::training::norm(x, same_type(w.clone()), spec);
     Ok(same_type::<_, Tensor<B, 2>>(y).reshape([b, s, d]))
 }
 
