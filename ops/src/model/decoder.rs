@@ -689,7 +689,7 @@ impl<B: Backend> Mlp<B> {
             Some(gate_proj) => {
                 let gate = linear_bias(x.clone(), gate_proj, &self.gate_bias, c);
                 let up = linear_bias(x, &self.up_proj, &self.up_bias, c);
-                // The inference path fuses SwiGLU; training fuses every gated activation.
+                // The inference path fuses SwiGLU; training fuses SwiGLU and the tanh GeGLU.
                 let fused = match self.act {
                     Activation::Silu => fast::swiglu(gate, up),
                     _ => Err((gate, up)),
@@ -1622,8 +1622,9 @@ mod tests {
     >;
 
     /// The training step's fused ops with their own backward (the product, RMSNorm and
-    /// LayerNorm, SwiGLU and GeGLU, RoPE, the attention: `distillery_kernels::training` and `::attention`) against autodiff
-    /// through the tensor-op path, in the logits and in every parameter's gradient.
+    /// LayerNorm, SwiGLU and GeGLU, RoPE, the attention: `distillery_kernels::training` and
+    /// `::attention`) against autodiff through the tensor-op path, in the logits and in every
+    /// parameter's gradient.
     #[test]
     fn training_ops_equal_the_tensor_op_path_in_logits_and_every_gradient() {
         type T = crate::runtime::TrainBackend;
@@ -1720,6 +1721,7 @@ mod tests {
             "family-gemma2",
             "family-qwen3",
             "family-phi3",
+            "family-nemotron",
         ] {
             for (compute, precision) in settings {
                 let m = golden(name);

@@ -3,12 +3,12 @@
 //! the residual add before it), SwiGLU, RoPE and the whole causal attention run as the fused host
 //! loops of `distillery_kernels::fused` instead of chains of tensor ops with a temporary per step,
 //! and matmuls call the `gemm` crate into outputs of their own. Under the training backend
-//! (autodiff over the runtime's backend) in f32, the products, the norms, SwiGLU and GeGLU, RoPE, the
-//! attention and the cross-entropy are `distillery_kernels`' autodiff ops with backward passes of
-//! their own (`trained_*`; RoPE on the CPU only), which the CPU runs as host loops and every other
-//! backend as tensor ops (the attention: CubeCL kernels); the attention's keeps no `[seq, seq]`
-//! tensor per head for the backward. Everything else,
-//! and everything with the fast path off (`DISTILLERY_UNFUSED=1`), takes the tensor-op path, the
+//! (autodiff over the runtime's backend) in f32, the products, the norms (RMSNorm, LayerNorm),
+//! SwiGLU and GeGLU, RoPE, the attention and the cross-entropy are `distillery_kernels`' autodiff
+//! ops with backward passes of their own (`trained_*`; RoPE on the CPU only), which the CPU runs
+//! as host loops and every other backend as tensor ops (the attention: CubeCL kernels); the
+//! attention's keeps no `[seq, seq]` tensor per head for the backward. Everything else, and
+//! everything with the fast path off (`DISTILLERY_UNFUSED=1`), takes the tensor-op path, the
 //! reference the tests hold these to.
 
 use std::any::{Any, TypeId};
