@@ -675,6 +675,32 @@ mod tests {
         }
     }
 
+    /// A row whose mean is a hundred times its spread (a residual stream with a massive
+    /// activation): LayerNorm's host forward against the definition in f64, within what f32
+    /// inputs of that size allow.
+    #[test]
+    fn layer_norm_of_rows_with_a_large_mean_matches_the_definition() {
+        let d = 96;
+        let x: Vec<f32> = (0..3 * d)
+            .map(|i| 100.0 + ((i * 7919 % 193) as f32 / 96.0 - 1.0))
+            .collect();
+        let w: Vec<f32> = (0..d).map(|j| 0.5 + j as f32 / d as f32).collect();
+        let spec = NormSpec {
+            eps: 1e-5,
+            centred: true,
+        };
+        let got = norm_host(&x, &w, spec);
+        for (row, got) in x.chunks(d).zip(got.chunks(d)) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let r = 1.0 / (var + 1e-5).sqrt();
+            for ((&v, &g), &w) in row.iter().zip(got).zip(&w) {
+                let want = (v as f64 - mean) * r * w as f64;
+                assert!((g as f64 - want).abs() <= 2e-5, "{g} against {want}");
+            }
+        }
+    }
+
     #[test]
     fn gated_activations_and_their_gradients_equal_autodiffs() {
         // Gates to about ±13: the tanh GELU's tails (σ of large |z|, `exp_f32`'s overflow)
