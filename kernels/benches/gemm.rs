@@ -31,8 +31,16 @@ impl Case {
     /// Best seconds of three runs of `product(dst, a, b)` after one untimed.
     fn time(&self, a: &[f32], b: &[f32], dst: &mut [f32], ours: bool) -> f64 {
         let (m, n, k) = (self.m, self.n, self.k);
-        let (a_rs, a_cs) = if self.a_t { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if self.b_t { (1, k as isize) } else { (n as isize, 1) };
+        let (a_rs, a_cs) = if self.a_t {
+            (1, m as isize)
+        } else {
+            (k as isize, 1)
+        };
+        let (b_rs, b_cs) = if self.b_t {
+            (1, k as isize)
+        } else {
+            (n as isize, 1)
+        };
         let mut run = || unsafe {
             // SAFETY: a holds m × k and b k × n through these strides, dst is m × n.
             if ours {

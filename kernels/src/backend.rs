@@ -2,7 +2,7 @@
 
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use crate::adamw::{AdamW, adamw_host, adamw_reference, sum_squares_host, sum_squares_reference};
@@ -138,6 +138,17 @@ pub trait KernelBackend: Backend {
         let (dg, du) =
             training::glu_backward_reference::<Self>(float(gate), float(up), float(dy), act);
         (dg.into_primitive().tensor(), du.into_primitive().tensor())
+    }
+
+    /// The embedding lookup's gradient ([`training::embedding`]): the rows `dy [n, d]` added at
+    /// `ids [n]` into `base [vocab, d]`, the gradient registered so far (zeros where `None`).
+    fn embedding_backward_into(
+        base: Option<FloatTensor<Self>>,
+        vocab: usize,
+        ids: IntTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        training::embedding_backward_reference::<Self>(base, vocab, ids, dy)
     }
 
     /// RoPE of `x [rows, heads, d]` by tables `[positions, d]` ([`training::rope`]).
@@ -439,6 +450,34 @@ impl KernelBackend for Flex {
             })
         });
         (flex_tensor(dg, shape), flex_tensor(du, shape))
+    }
+
+    fn embedding_backward_into(
+        base: Option<FloatTensor<Self>>,
+        vocab: usize,
+        ids: IntTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !all_f32(&[&dy]) || base.as_ref().is_some_and(|b| !all_f32(&[b])) {
+            return training::embedding_backward_reference::<Self>(base, vocab, ids, dy);
+        }
+        let [_, d] = dy.layout().shape().dims::<2>();
+        let ids: Vec<i64> = Tensor::<Self, 1, burn::tensor::Int>::from_primitive(ids)
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .expect("i64 after convert");
+        // The registered gradient is added into in place where this is its only reference (the
+        // head's fresh product), else copied once.
+        let mut out = match base {
+            Some(base) => owned_f32(Self::float_reshape(base, [vocab * d].into()), vocab * d),
+            None => flex_tensor(vec![0f32; vocab * d], [vocab * d]),
+        };
+        with_host::<2, _>(&dy, |dy| {
+            let out = out.try_storage_mut::<f32>().expect("owned above");
+            training::embedding_backward_host(out, &ids, dy)
+        });
+        Self::float_reshape(out, [vocab, d].into())
     }
 
     fn rope(x: FloatTensor<Self>, cos: &[f32], sin: &[f32]) -> FloatTensor<Self> {

@@ -20,8 +20,8 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::KernelBackend;
@@ -489,6 +489,102 @@ fn glu_backward_with(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The embedding lookup
+
+/// The rows `ids [n]` of `weight [vocab, d]` → `[n, d]`, differentiable in `weight` through
+/// [`KernelBackend::embedding_backward_into`], which adds the rows' gradients into the gradient
+/// already registered for `weight`: a tied output head's, which autodiff registers first (the
+/// head reads the lookup's descendants). Autodiff's own lookup builds a dense `[vocab, d]` of
+/// zeros with the rows instead, then sums it with the head's.
+pub fn embedding<B: KernelBackend>(
+    weight: Tensor<Autodiff<B>, 2>,
+    ids: Tensor<Autodiff<B>, 1, Int>,
+) -> Tensor<Autodiff<B>, 2> {
+    #[derive(Debug)]
+    struct EmbeddingBackward;
+
+    impl<B: KernelBackend> Backward<B, 1> for EmbeddingBackward {
+        /// The ids, and the vocabulary (the weight's rows).
+        type State = (IntTensor<B>, usize);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            let (ids, vocab) = ops.state;
+            let [parent] = ops.parents;
+            if let Some(node) = parent {
+                let base = grads.take::<B>(node.id);
+                grads.register::<B>(node.id, B::embedding_backward_into(base, vocab, ids, dy));
+            }
+        }
+    }
+
+    let vocab = weight.dims()[0];
+    let weight = weight.into_primitive().tensor();
+    let ids = ids.into_primitive();
+    let out = match EmbeddingBackward
+        .prepare::<NoCheckpointing>([weight.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let rows = B::float_select(weight.primitive, 0, ids.clone());
+            prep.finish((ids, vocab), rows)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::float_select(weight.primitive, 0, ids)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [`KernelBackend::embedding_backward_into`] in tensor ops, autodiff's own way: the rows `dy [n, d]`
+/// added into a `[vocab, d]` of zeros at `ids` in order, then `base` (where given) added to that.
+pub fn embedding_backward_reference<B: Backend>(
+    base: Option<FloatTensor<B>>,
+    vocab: usize,
+    ids: IntTensor<B>,
+    dy: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let d = dy.shape()[1];
+    let zeros = B::float_zeros([vocab, d].into(), &B::float_device(&dy), dy.dtype().into());
+    let rows = B::float_select_add(zeros, 0, ids, dy);
+    match base {
+        Some(base) => B::float_add(rows, base),
+        None => rows,
+    }
+}
+
+/// [`embedding_backward_reference`] on the host, in place in `out [vocab, d]` (the registered
+/// gradient, or zeros): per id, its rows of `dy [n, d]` summed from zero in their order, then
+/// added to its row of `out`, the very sums and order of the reference, so the same bits.
+///
+/// # Panics
+/// Where an id is not below `vocab`.
+pub fn embedding_backward_host(out: &mut [f32], ids: &[i64], dy: &[f32]) {
+    let d = dy.len() / ids.len().max(1);
+    let vocab = out.len() / d.max(1);
+    // Positions grouped by id, each group in its order (a stable sort).
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&j| ids[j]);
+    let mut acc = vec![0f32; d];
+    for group in order.chunk_by(|&x, &y| ids[x] == ids[y]) {
+        let id = ids[group[0]];
+        assert!(
+            (0..vocab as i64).contains(&id),
+            "embedding: token id {id} is outside the vocabulary of {vocab}"
+        );
+        acc.fill(0.0);
+        for &j in group {
+            for (a, &g) in acc.iter_mut().zip(&dy[j * d..(j + 1) * d]) {
+                *a += g;
+            }
+        }
+        let row = &mut out[id as usize * d..(id as usize + 1) * d];
+        for (o, &a) in row.iter_mut().zip(&acc) {
+            *o = a + *o;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // RoPE
 
 /// Rotary embedding (Hugging Face's `rotate_half` pairs `(i, i + d/2)`) of `x [rows, heads, d]`
@@ -672,6 +768,86 @@ mod tests {
                     assert!(rel(g, gr) <= 1e-5, "{at}: {}", rel(g, gr));
                 }
             }
+        }
+    }
+
+    /// The lookup's gradient added into a tied head's gives autodiff's own bits: per id, its
+    /// rows summed from zero in order, then the head's added. Ids repeat (one 9 times), some
+    /// rows are never read, and the lookup runs alone and under a head.
+    #[test]
+    fn the_embedding_gradient_equals_autodiffs_bit_for_bit() {
+        let (vocab, d, rows) = (37, 24, 19);
+        let ids: Vec<i64> = (0..50)
+            .map(|j: i64| if j % 5 == 0 { 3 } else { (j * 7) % 31 })
+            .collect();
+        let n = ids.len();
+        let weight = random([vocab, d], 11) * 0.1;
+        let hidden = random([rows, d], 12);
+        let (w_rows, w_head) = (random([n, d], 13), random([rows, vocab], 14));
+        let device = Default::default();
+        for tied in [false, true] {
+            let gradient = |fused: bool| {
+                let w = Tensor::<A, 2>::from_inner(weight.clone()).require_grad();
+                let ids_t =
+                    Tensor::<A, 1, Int>::from_data(TensorData::new(ids.clone(), [n]), &device);
+                let looked_up = if fused {
+                    embedding(w.clone(), ids_t)
+                } else {
+                    w.clone().select(0, ids_t)
+                };
+                let mut loss = (looked_up.clone() * Tensor::from_inner(w_rows.clone())).sum();
+                if tied {
+                    let logits =
+                        Tensor::<A, 2>::from_inner(hidden.clone()).matmul(w.clone().transpose());
+                    loss = loss + (logits * Tensor::from_inner(w_head.clone())).sum();
+                }
+                let grads = loss.backward();
+                (
+                    values(looked_up.inner()),
+                    values(w.grad(&grads).expect("a gradient")),
+                )
+            };
+            let ((y, g), (yr, gr)) = (gradient(true), gradient(false));
+            assert_eq!(y, yr, "the lookup (tied head: {tied})");
+            let same = g.iter().zip(&gr).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "the weight's gradient (tied head: {tied}) differs from autodiff's"
+            );
+        }
+        // The tensor-op version (what the other backends run) against the host one.
+        let ids_t = || {
+            Tensor::<Flex, 1, Int>::from_data(TensorData::new(ids.clone(), [n]), &device)
+                .into_primitive()
+        };
+        let prim = |t: &Tensor<Flex, 2>| t.clone().into_primitive().tensor();
+        for base in [None, Some(random([vocab, d], 15))] {
+            let reference = embedding_backward_reference::<Flex>(
+                base.as_ref().map(prim),
+                vocab,
+                ids_t(),
+                prim(&w_rows),
+            );
+            let host = Flex::embedding_backward_into(
+                base.as_ref().map(prim),
+                vocab,
+                ids_t(),
+                prim(&w_rows),
+            );
+            let (r, h) = (
+                values(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(
+                    reference,
+                ))),
+                values(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(
+                    host,
+                ))),
+            );
+            let same = r.iter().zip(&h).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "tensor ops and host differ (base: {})",
+                base.is_some()
+            );
         }
     }
 

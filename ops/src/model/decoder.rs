@@ -1354,12 +1354,10 @@ impl<B: Backend> Decoder<B> {
     fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = tokens.dims();
         let hidden = self.embed_tokens.val().dims()[1];
-        let mut x = self
-            .embed_tokens
-            .val()
-            .select(0, tokens.reshape([b * s]))
-            .reshape([b, s, hidden])
-            .cast(FloatDType::F32);
+        let ids = tokens.reshape([b * s]);
+        let rows = fast::trained_embedding(self.embed_tokens.val(), ids)
+            .unwrap_or_else(|(weight, ids)| weight.select(0, ids));
+        let mut x = rows.reshape([b, s, hidden]).cast(FloatDType::F32);
         if let Some(scale) = self.extras.embed_scale {
             // Gemma multiplies by `torch.tensor(hidden_size ** 0.5, dtype=hidden_states.dtype)`:
             // rounded to bf16 in a bf16 model (√3584 = 59.87 becomes 59.75).

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use distillery_kernels::fused::GluActivation;
 use distillery_kernels::training::NormSpec;
 
@@ -392,6 +392,24 @@ pub fn trained_cross_entropy<B: Backend>(
         targets,
     );
     Ok(same_type(loss))
+}
+
+/// The rows `ids [n]` of the embedding `weight [vocab, d]` → `[n, d]` under the training backend
+/// in f32 ([`distillery_kernels::training::embedding`]: its gradient added into the tied head's
+/// in place); `Err` hands both back elsewhere.
+#[allow(clippy::type_complexity)]
+pub fn trained_embedding<B: Backend>(
+    weight: Tensor<B, 2>,
+    ids: Tensor<B, 1, Int>,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 1, Int>)> {
+    if !f32_train::<B>(&[weight.dtype()]) {
+        return Err((weight, ids));
+    }
+    let rows = distillery_kernels::training::embedding::<crate::runtime::Backend>(
+        same_type(weight),
+        same_type(ids),
+    );
+    Ok(same_type(rows))
 }
 
 /// The norm ([`NormSpec`]: RMSNorm or LayerNorm without bias) of `x [batch, seq, d]` by

@@ -98,6 +98,16 @@ impl Gradients {
             .map(|tensor| tensor.tensor())
     }
 
+    /// [distillery patch] Takes out the gradient registered so far for `node_id`, if any, so
+    /// that an op's backward can add its part into it in place and register the sum: an
+    /// embedding lookup's few rows added into the dense gradient a tied output head registered
+    /// first, rather than a dense `[vocab, hidden]` of zeros with the rows, then summed with it.
+    pub fn take<B: Backend>(&mut self, node_id: NodeId) -> Option<FloatTensor<B>> {
+        self.container
+            .remove::<B>(&node_id.value)
+            .map(|tensor| tensor.tensor())
+    }
+
     /// Register a grad tensor in the container.
     ///
     /// If the tensor already exists, add both tensors together before saving the result.
