@@ -351,11 +351,28 @@ fn probs_and_grads(
                 // Keys c0 + lo .. c0 + hi are visible from p.
                 let lo = spec.first_visible(p).saturating_sub(c0).min(cols);
                 let hi = (p + 1).saturating_sub(c0).min(cols);
-                for j in lo..hi.max(lo) {
-                    let s = spec.score(srow[j]);
-                    let prob = exp_f32(s - row_lse);
-                    srow[j] = prob;
-                    grow[j] = spec.dot_grad(prob * (grow[j] - d), s);
+                let (srow_v, grow_v) = (&mut srow[lo..hi.max(lo)], &mut grow[lo..hi.max(lo)]);
+                match spec.softcap {
+                    // Without a cap, a loop the compiler vectorizes (with the cap's branch inside,
+                    // its libm `tanh` kept the whole loop scalar): the same expressions as
+                    // `score` and `dot_grad`, so the same bits.
+                    None => {
+                        let scale = spec.scale;
+                        for (sv, gv) in srow_v.iter_mut().zip(grow_v.iter_mut()) {
+                            let s = *sv * scale;
+                            let prob = exp_f32(s - row_lse);
+                            *sv = prob;
+                            *gv = (prob * (*gv - d)) * scale;
+                        }
+                    }
+                    Some(_) => {
+                        for (sv, gv) in srow_v.iter_mut().zip(grow_v.iter_mut()) {
+                            let s = spec.score(*sv);
+                            let prob = exp_f32(s - row_lse);
+                            *sv = prob;
+                            *gv = spec.dot_grad(prob * (*gv - d), s);
+                        }
+                    }
                 }
                 srow[..lo].fill(0.0);
                 grow[..lo].fill(0.0);
