@@ -160,11 +160,11 @@ pub trait KernelBackend: Backend {
 }
 
 /// `a [.., m, k] · b [.., k, n]` on Flex in f32 by [`crate::fused::gemm_f32`] (the `gemm`
-/// crate, the kernel Flex itself calls, threaded by column blocks) into an output of its own,
-/// reading both operands in place whatever their strides: Flex's matmul output goes through a
-/// zeroed byte buffer that Burn then copies to realign, a second allocation and a pass over
-/// memory per product (400 MiB for batch-8 SmolLM2 logits), and its threading splits the rows.
-/// `None` where it does not apply (another dtype, broadcast batch dimensions).
+/// crate, the kernel Flex itself calls, threaded by blocks of the larger output dimension) into an
+/// output of its own, reading both operands in place whatever their strides: Flex's matmul output
+/// goes through a zeroed byte buffer that Burn then copies to realign, a second allocation and a
+/// pass over memory per product (400 MiB for batch-8 SmolLM2 logits), and its threading splits the
+/// rows. `None` where it does not apply (another dtype, broadcast batch dimensions).
 pub fn flex_matmul(a: &FloatTensor<Flex>, b: &FloatTensor<Flex>) -> Option<FloatTensor<Flex>> {
     use burn::tensor::DType;
     let (da, db) = (a.layout().shape().to_vec(), b.layout().shape().to_vec());

@@ -2,9 +2,9 @@
 //! autodiff: the product `a · b`, the norms (RMSNorm, LayerNorm), the gated activations
 //! (SwiGLU, GeGLU) and RoPE. Each op's forward and backward are [`KernelBackend`] methods, so a
 //! backend brings its own fused versions (the CPU's are the host loops below: one pass over each
-//! input, the products through the `gemm` crate by column blocks) and every other backend runs
-//! the tensor-op versions here (`*_reference`). Tests hold each against autodiff through plain
-//! tensor ops.
+//! input, the products through the `gemm` crate as [`crate::fused::gemm_f32`] threads it) and
+//! every other backend runs the tensor-op versions here (`*_reference`). Tests hold each against
+//! autodiff through plain tensor ops.
 //!
 //! Backward formulas, for `y = (x · r) ⊙ w` with `r = 1 / √(mean(x²) + ε)` (RMSNorm, Zhang &
 //! Sennrich 2019): `dx = r (g − x̂ · mean(g ⊙ x̂))` with `g = dy ⊙ w`, `x̂ = x · r`, and

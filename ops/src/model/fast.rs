@@ -310,8 +310,8 @@ pub fn trained_attention<B: Backend>(
 }
 
 /// `a [.., m, k] @ b [.., k, n]` in f32 by [`distillery_kernels::flex_matmul`] (the `gemm`
-/// crate by column blocks, into an output of its own). `Err` hands both back where it does not
-/// apply (another backend or dtype, broadcast batch dimensions).
+/// crate by blocks of the larger output dimension, into an output of its own). `Err` hands both
+/// back where it does not apply (another backend or dtype, broadcast batch dimensions).
 #[allow(clippy::type_complexity)]
 pub fn matmul<B: Backend, const D: usize>(
     a: Tensor<B, D>,
