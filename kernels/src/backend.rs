@@ -475,7 +475,7 @@ impl KernelBackend for Flex {
         };
         with_host::<2, _>(&dy, |dy| {
             let out = out.try_storage_mut::<f32>().expect("owned above");
-            training::embedding_backward_host(out, &ids, dy)
+            training::embedding_backward_host(out, d, &ids, dy)
         });
         Self::float_reshape(out, [vocab, d].into())
     }

@@ -482,12 +482,13 @@ pub unsafe fn gemm_f32(
 ) {
     let threaded = parallel && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MACS;
     let threads = rayon::current_num_threads().max(1);
-    // SAFETY (all three branches): forwarded from the caller.
+    // SAFETY (both branches): forwarded from the caller.
     if threaded
         && threads > 1
         && n >= COLUMN_ALIGN
         && a_rs == 1
         && a_cs != 1
+        && m > n
         && m >= TRANSPOSED_ROWS_MIN
     {
         return unsafe {
@@ -517,6 +518,7 @@ pub unsafe fn gemm_f32(
         } else {
             gemm::Parallelism::None
         };
+        // SAFETY: forwarded from the caller.
         return unsafe {
             gemm_on(
                 [m, n, k],
@@ -592,13 +594,14 @@ unsafe fn gemm_by_row_blocks(
 }
 
 /// [`gemm_f32`] for a column-major `a` (`a [m, k]` stored `[k, m]`, row stride 1, column stride
-/// `a_cs`) with many rows: the rows are cut into chunks of about 256 K elements of `a` each, and
-/// each chunk is copied row-major into a buffer of its thread's (about 1 MiB, half the L2 of a
-/// recent x86 core) and multiplied there, serially. Reading the vocabulary-sized `dlogitsᵀ` in
-/// place, the crate packs it at a stride of a whole logits row: the tied embedding's gradient
-/// (49152 × 576 × 512, 2 threads) ran at about 120 GFLOP/s, through these chunks at about 190,
-/// and inside a distillation step at 77 where it now runs at 122 (`examples/gemm_layouts.rs`). The chunks are even (none under 128 rows, past the crate's small-`m`
-/// paths), so the bits are those of one serial product: the crate's summation depends on `k`
+/// `a_cs`) with many rows: the rows are cut into chunks of about 256 K elements of `a` each (1 MiB,
+/// half the L2 of a recent x86 core, for `k` up to 2048), and each chunk is copied row-major into a
+/// buffer its task reuses and multiplied there, serially. Reading the vocabulary-sized `dlogitsᵀ`
+/// in place, the crate packs it at a stride of a whole logits row: the tied embedding's gradient
+/// (49152 × 576 × 512, 2 threads) ran at about 120 GFLOP/s, through these chunks at about 190
+/// (`cargo bench -p distillery-kernels --bench gemm`), and inside a distillation step at 77 where
+/// it now runs at 122. The chunks are even, so none is under 64 rows (past the crate's small-`m`
+/// paths), and the bits are those of one serial product: the crate's summation depends on `k`
 /// alone, not on the operands' layouts.
 ///
 /// # Safety
@@ -714,13 +717,15 @@ mod tests {
     #[test]
     fn threaded_gemm_gives_the_serial_bits_and_the_product() {
         // Past the threading threshold and over one 512-deep summation block where it matters:
-        // 70 × 1000 × 600, column blocks (the last one wider); 600 × 100 × 530, row blocks;
-        // 5000 × 40 × 300 with a column-major `a`, transposed chunks (the last ones a row
-        // shorter). `a` row-major and read through a transposed view, `b` row-major.
+        // 70 × 1000 × 600, column blocks (the last one wider); 600 × 40 × 530, row blocks;
+        // 5000 × 40 × 600 with a column-major `a`, transposed chunks (the last ones a row
+        // shorter). `n` under 64 and `k` over 512, where blocks under 64 rows would take the
+        // crate's small path or split the summation differently. `a` row-major and read through
+        // a transposed view, `b` row-major.
         for (m, n, k) in [
             (70usize, 1000usize, 600usize),
-            (600, 100, 530),
-            (5000, 40, 300),
+            (600, 40, 530),
+            (5000, 40, 600),
         ] {
             let a: Vec<f32> = (0..k * m)
                 .map(|i| ((i * 7919 % 1013) as f32) / 1013.0 - 0.5)

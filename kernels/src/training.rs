@@ -1,10 +1,10 @@
 //! The training step's operations with backward passes of their own, registered with Burn's
 //! autodiff: the product `a · b`, the norms (RMSNorm, LayerNorm), the gated activations
-//! (SwiGLU, GeGLU) and RoPE. Each op's forward and backward are [`KernelBackend`] methods, so a
-//! backend brings its own fused versions (the CPU's are the host loops below: one pass over each
-//! input, the products through the `gemm` crate as [`crate::fused::gemm_f32`] threads it) and
-//! every other backend runs the tensor-op versions here (`*_reference`). Tests hold each against
-//! autodiff through plain tensor ops.
+//! (SwiGLU, GeGLU), RoPE and the embedding lookup. Each op's forward and backward are
+//! [`KernelBackend`] methods, so a backend brings its own fused versions (the CPU's are the host
+//! loops below: one pass over each input, the products through the `gemm` crate as
+//! [`crate::fused::gemm_f32`] threads it) and every other backend runs the tensor-op versions here
+//! (`*_reference`). Tests hold each against autodiff through plain tensor ops.
 //!
 //! Backward formulas, for `y = (x · r) ⊙ w` with `r = 1 / √(mean(x²) + ε)` (RMSNorm, Zhang &
 //! Sennrich 2019): `dx = r (g − x̂ · mean(g ⊙ x̂))` with `g = dy ⊙ w`, `x̂ = x · r`, and
@@ -493,9 +493,10 @@ fn glu_backward_with(
 
 /// The rows `ids [n]` of `weight [vocab, d]` → `[n, d]`, differentiable in `weight` through
 /// [`KernelBackend::embedding_backward_into`], which adds the rows' gradients into the gradient
-/// already registered for `weight`: a tied output head's, which autodiff registers first (the
-/// head reads the lookup's descendants). Autodiff's own lookup builds a dense `[vocab, d]` of
-/// zeros with the rows instead, then sums it with the head's.
+/// registered so far for `weight`: a tied output head's, where the head reads the weight directly
+/// (autodiff runs steps deepest first, and the lookup is as shallow as the weight's other reads).
+/// Autodiff's own lookup builds a dense `[vocab, d]` of zeros with the rows instead, then sums it
+/// with the head's. Either order gives the same sum; only the in-place saving needs this one.
 pub fn embedding<B: KernelBackend>(
     weight: Tensor<Autodiff<B>, 2>,
     ids: Tensor<Autodiff<B>, 1, Int>,
@@ -554,13 +555,21 @@ pub fn embedding_backward_reference<B: Backend>(
 
 /// [`embedding_backward_reference`] on the host, in place in `out [vocab, d]` (the registered
 /// gradient, or zeros): per id, its rows of `dy [n, d]` summed from zero in their order, then
-/// added to its row of `out`, the very sums and order of the reference, so the same bits.
+/// added to its row of `out`, the very sums and order of the reference, so the same bits (but for
+/// a `-0.0` in a row no id reads, which the reference's `0 + out` turns to `+0.0`: a product's
+/// gradient never holds one).
 ///
 /// # Panics
-/// Where an id is not below `vocab`.
-pub fn embedding_backward_host(out: &mut [f32], ids: &[i64], dy: &[f32]) {
-    let d = dy.len() / ids.len().max(1);
-    let vocab = out.len() / d.max(1);
+/// Where the lengths are not `vocab × d` and `n × d`, or an id is not below `vocab`.
+pub fn embedding_backward_host(out: &mut [f32], d: usize, ids: &[i64], dy: &[f32]) {
+    assert!(
+        d > 0 && out.len().is_multiple_of(d) && dy.len() == ids.len() * d,
+        "embedding: gradient of {} and rows of {} for {} ids of width {d}",
+        out.len(),
+        dy.len(),
+        ids.len()
+    );
+    let vocab = out.len() / d;
     // Positions grouped by id, each group in its order (a stable sort).
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&j| ids[j]);
@@ -797,8 +806,10 @@ mod tests {
                 };
                 let mut loss = (looked_up.clone() * Tensor::from_inner(w_rows.clone())).sum();
                 if tied {
+                    // The head as the decoder's tied head multiplies: its gradient comes out in
+                    // the weight's layout, a fresh tensor the lookup then adds into in place.
                     let logits =
-                        Tensor::<A, 2>::from_inner(hidden.clone()).matmul(w.clone().transpose());
+                        matmul_transposed(Tensor::<A, 2>::from_inner(hidden.clone()), w.clone());
                     loss = loss + (logits * Tensor::from_inner(w_head.clone())).sum();
                 }
                 let grads = loss.backward();
@@ -821,19 +832,12 @@ mod tests {
                 .into_primitive()
         };
         let prim = |t: &Tensor<Flex, 2>| t.clone().into_primitive().tensor();
-        for base in [None, Some(random([vocab, d], 15))] {
-            let reference = embedding_backward_reference::<Flex>(
-                base.as_ref().map(prim),
-                vocab,
-                ids_t(),
-                prim(&w_rows),
-            );
-            let host = Flex::embedding_backward_into(
-                base.as_ref().map(prim),
-                vocab,
-                ids_t(),
-                prim(&w_rows),
-            );
+        for with_base in [false, true] {
+            // A base of its own for each, so the host adds into it in place.
+            let base = || with_base.then(|| random([vocab, d], 15).into_primitive().tensor());
+            let reference =
+                embedding_backward_reference::<Flex>(base(), vocab, ids_t(), prim(&w_rows));
+            let host = Flex::embedding_backward_into(base(), vocab, ids_t(), prim(&w_rows));
             let (r, h) = (
                 values(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(
                     reference,
@@ -843,11 +847,7 @@ mod tests {
                 ))),
             );
             let same = r.iter().zip(&h).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same,
-                "tensor ops and host differ (base: {})",
-                base.is_some()
-            );
+            assert!(same, "tensor ops and host differ (base: {with_base})");
         }
     }
 
