@@ -588,7 +588,7 @@ pub fn embedding_backward_host(out: &mut [f32], d: usize, ids: &[i64], dy: &[f32
         }
         let row = &mut out[id as usize * d..(id as usize + 1) * d];
         for (o, &a) in row.iter_mut().zip(&acc) {
-            *o = a + *o;
+            *o += a;
         }
     }
 }
