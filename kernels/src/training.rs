@@ -536,8 +536,9 @@ pub fn embedding<B: KernelBackend>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// [`KernelBackend::embedding_backward_into`] in tensor ops, autodiff's own way: the rows `dy [n, d]`
-/// added into a `[vocab, d]` of zeros at `ids` in order, then `base` (where given) added to that.
+/// [`KernelBackend::embedding_backward_into`] in tensor ops, autodiff's own way: the rows
+/// `dy [n, d]` added into a `[vocab, d]` of zeros at `ids` in order, then `base` (where given)
+/// added to that.
 pub fn embedding_backward_reference<B: Backend>(
     base: Option<FloatTensor<B>>,
     vocab: usize,
@@ -781,7 +782,7 @@ mod tests {
     }
 
     /// The lookup's gradient added into a tied head's gives autodiff's own bits: per id, its
-    /// rows summed from zero in order, then the head's added. Ids repeat (one 9 times), some
+    /// rows summed from zero in order, then the head's added. Ids repeat (one 11 times), some
     /// rows are never read, and the lookup runs alone and under a head.
     #[test]
     fn the_embedding_gradient_equals_autodiffs_bit_for_bit() {
