@@ -12,7 +12,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::KernelBackend;
-use crate::fused::{exp_f32, max_f32, wide};
+use crate::fused::{ROW_LANES, exp_f32, lane_blocks_1x1, max_f32, wide};
 
 /// Per-row cross-entropy of `logits [rows, vocab]` against `targets [rows]` in tensor ops:
 /// `(losses [rows], grad_scale · d loss_row / d logits [rows, vocab])`.
@@ -69,13 +69,11 @@ pub fn cross_entropy_rows_host(
                 #[inline(always)]
                 || {
                     let max = max_f32(x);
-                    let mut z = [0f64; 16];
-                    for (g, x) in g.chunks_mut(16).zip(x.chunks(16)) {
-                        for l in 0..g.len() {
-                            g[l] = exp_f32(x[l] - max);
-                            z[l] += g[l] as f64;
-                        }
-                    }
+                    let mut z = [0f64; ROW_LANES];
+                    lane_blocks_1x1(g, x, |l, g, x| {
+                        *g = exp_f32(x - max);
+                        z[l] += *g as f64;
+                    });
                     let z: f64 = z.iter().sum();
                     let scale = (grad_scale as f64 / z) as f32;
                     for g in g.iter_mut() {

@@ -13,7 +13,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
 
 use crate::KernelBackend;
-use crate::fused::{exp_f32, max_f32, wide};
+use crate::fused::{ROW_LANES, exp_f32, lane_blocks_2x2, max_f32, wide};
 
 /// Reference in plain tensor ops (differentiable under autodiff):
 /// `teacher, student: [tokens, vocab]` → scalar mean KL.
@@ -141,19 +141,12 @@ fn kl_row(
     let (mt, ms) = (max_f32(t), max_f32(s));
     // Unnormalized probabilities: the teacher's into `pt`, the student's into `g`.
     let (mut zt, mut zs) = ([0f64; LANES], [0f64; LANES]);
-    for (((et, es), t), s) in pt
-        .chunks_mut(LANES)
-        .zip(g.chunks_mut(LANES))
-        .zip(t.chunks(LANES))
-        .zip(s.chunks(LANES))
-    {
-        for l in 0..et.len() {
-            et[l] = exp_f32((t[l] - mt) * inv_t32);
-            es[l] = exp_f32((s[l] - ms) * inv_t32);
-            zt[l] += et[l] as f64;
-            zs[l] += es[l] as f64;
-        }
-    }
+    lane_blocks_2x2(pt, g, t, s, |l, et, es, t, s| {
+        *et = exp_f32((t - mt) * inv_t32);
+        *es = exp_f32((s - ms) * inv_t32);
+        zt[l] += *et as f64;
+        zs[l] += *es as f64;
+    });
     let (zt, zs) = (zt.iter().sum::<f64>(), zs.iter().sum::<f64>());
     // log pt_j − log ps_j = (t_j − s_j)/T − shift.
     let lse_t = mt as f64 * inv_t + zt.ln();
@@ -164,37 +157,23 @@ fn kl_row(
     let mut acc = [0f64; LANES];
     match direction {
         KlDirection::Forward => {
-            for (((pt, g), t), s) in pt
-                .chunks(LANES)
-                .zip(g.chunks_mut(LANES))
-                .zip(t.chunks(LANES))
-                .zip(s.chunks(LANES))
-            {
-                for l in 0..pt.len() {
-                    let p = pt[l] as f64 * inv_zt;
-                    let q = g[l] as f64 * inv_zs;
-                    acc[l] += p * ((t[l] as f64 - s[l] as f64) * inv_t - shift);
-                    // d/dz_s of Σ pt (log pt − log ps) = (ps − pt), times 1/T for z = s/T.
-                    g[l] = ((q - p) * scale) as f32;
-                }
-            }
+            lane_blocks_2x2(pt, g, t, s, |l, pt, g, t, s| {
+                let p = *pt as f64 * inv_zt;
+                let q = *g as f64 * inv_zs;
+                acc[l] += p * ((t as f64 - s as f64) * inv_t - shift);
+                // d/dz_s of Σ pt (log pt − log ps) = (ps − pt), times 1/T for z = s/T.
+                *g = ((q - p) * scale) as f32;
+            });
             acc.iter().sum()
         }
         KlDirection::Reverse => {
-            for (((pt, g), t), s) in pt
-                .chunks_mut(LANES)
-                .zip(g.chunks_mut(LANES))
-                .zip(t.chunks(LANES))
-                .zip(s.chunks(LANES))
-            {
-                for l in 0..pt.len() {
-                    let q = g[l] as f64 * inv_zs;
-                    // log ps − log pt, kept for the gradient pass.
-                    let d = (s[l] as f64 - t[l] as f64) * inv_t + shift;
-                    acc[l] += q * d;
-                    pt[l] = d as f32;
-                }
-            }
+            lane_blocks_2x2(pt, g, t, s, |l, pt, g, t, s| {
+                let q = *g as f64 * inv_zs;
+                // log ps − log pt, kept for the gradient pass.
+                let d = (s as f64 - t as f64) * inv_t + shift;
+                acc[l] += q * d;
+                *pt = d as f32;
+            });
             let row: f64 = acc.iter().sum();
             // d/dz_j of Σ ps (log ps − log pt) = ps_j (log ps_j − log pt_j − row).
             for (d, g) in pt.iter().zip(g.iter_mut()) {
@@ -207,7 +186,7 @@ fn kl_row(
 }
 
 /// Partial sums per row of [`kl_row`]: a fixed order the compiler vectorizes.
-const LANES: usize = 16;
+const LANES: usize = ROW_LANES;
 
 /// The distillation loss through the backend's fused kernel, differentiable with respect to the
 /// student: `teacher [tokens, vocab]` (no graph), `student [tokens, vocab]` → scalar mean KL over
