@@ -303,12 +303,24 @@ fn norm_backward_rows<const CENTRED: bool>(
                         };
                         let mut dot = [0f64; 8];
                         let mut sum_g = [0f64; 8];
-                        for (j, ((&x, &dy), &w)) in x.iter().zip(dy).zip(w).enumerate() {
+                        let mut add = |l: usize, x: f32, dy: f32, w: f32| {
                             let xhat = if CENTRED { (x - mu) * r } else { x * r };
-                            dot[j % 8] += ((dy * w) * xhat) as f64;
+                            dot[l] += ((dy * w) * xhat) as f64;
                             if CENTRED {
-                                sum_g[j % 8] += (dy * w) as f64;
+                                sum_g[l] += (dy * w) as f64;
                             }
+                        };
+                        // Blocks of 8 through fixed-size arrays, then the tail: with the lane
+                        // as `j % 8` over the whole row, the loop compiled to scalar code.
+                        let ((xb, xt), (db, dt), (wb, wt)) =
+                            (x.as_chunks::<8>(), dy.as_chunks::<8>(), w.as_chunks::<8>());
+                        for ((x, dy), w) in xb.iter().zip(db).zip(wb) {
+                            for l in 0..8 {
+                                add(l, x[l], dy[l], w[l]);
+                            }
+                        }
+                        for (l, ((&x, &dy), &w)) in xt.iter().zip(dt).zip(wt).enumerate() {
+                            add(l, x, dy, w);
                         }
                         let mean = (dot.iter().sum::<f64>() / d as f64) as f32;
                         let mean_g = (sum_g.iter().sum::<f64>() / d as f64) as f32;
