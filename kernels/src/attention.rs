@@ -2,7 +2,8 @@
 //! 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness", Alg. 1
 //! and 4; the key-block backward of FlashAttention-2, Dao 2023, Alg. 2): the forward keeps the
 //! context and each row's log-sum-exp, never a `[seq, seq]` score matrix; the backward rebuilds
-//! the probabilities block by block from Q, K and that log-sum-exp.
+//! the probabilities block by block from Q, K and that log-sum-exp (on the host, once for both
+//! of its passes where they fit in `STORED_PROBS_BYTES`, twice otherwise).
 //!
 //! Four implementations of one contract ([`AttentionSpec`]):
 //! - [`forward_host`] / [`backward_host`]: host loops over blocks of positions for the CPU (Flex);
@@ -95,6 +96,10 @@ const ROW_BLOCK: usize = 32;
 const KEY_BLOCK: usize = 64;
 /// Query positions per product of the key and value gradients: 512 × the group's heads rows.
 const QUERIES_PER_KEY_BLOCK: usize = 512;
+/// The most bytes of probabilities and score gradients (`batch · heads · seq²` of each) the
+/// backward keeps from its query pass for its key pass, which otherwise recomputes them (two
+/// products and the exponentials, about a third of the backward). SmolLM2 at 1 × 512: 19 MB.
+const STORED_PROBS_BYTES: usize = 64 << 20;
 
 /// A task's buffers, kept across the tasks a thread runs.
 #[derive(Default)]
@@ -439,6 +444,123 @@ impl BackwardBlock<'_> {
     }
 }
 
+/// The probabilities and `d loss / d (q · k)` of every query row against the keys its query
+/// block computed (`[batch, kv_heads, rep, seq, seq]` each, rows (head r of the group, position
+/// p), written by the query pass only in the columns it computes and read by the key pass only
+/// there: the rest of each row is masked, zero). Not zeroed first: at 19 MB per layer the
+/// memset cost half of what the store saves.
+struct StoredProbs {
+    probs: Vec<std::mem::MaybeUninit<f32>>,
+    grads: Vec<std::mem::MaybeUninit<f32>>,
+}
+
+impl StoredProbs {
+    /// A store for `spec`'s backward where it fits in `budget` bytes.
+    fn new(spec: &AttentionSpec, budget: usize) -> Option<StoredProbs> {
+        let AttentionShape {
+            batch, seq, heads, ..
+        } = spec.shape;
+        let n = batch.checked_mul(heads)?.checked_mul(seq)?.checked_mul(seq)?;
+        (n.checked_mul(2 * size_of::<f32>())? <= budget).then(|| {
+            let uninit = || {
+                let mut v = Vec::with_capacity(n);
+                // SAFETY: MaybeUninit needs no initialization.
+                unsafe { v.set_len(n) };
+                v
+            };
+            StoredProbs {
+                probs: uninit(),
+                grads: uninit(),
+            }
+        })
+    }
+
+    /// Row `(r, p)` of group `(b, g)`: its first element.
+    fn row(l: Layout, b: usize, g: usize, r: usize, p: usize) -> usize {
+        (((b * l.kv_heads + g) * l.rep + r) * l.seq + p) * l.seq
+    }
+
+    /// The keys query block `[p0, p1)` computes: `c0..p1` ([`backward_host`]'s query pass).
+    fn written(spec: &AttentionSpec, p: usize) -> (usize, usize) {
+        let p0 = p / ROW_BLOCK * ROW_BLOCK;
+        let p1 = (p0 + ROW_BLOCK).min(spec.shape.seq);
+        (spec.first_visible(p0), p1)
+    }
+}
+
+/// Raw pointers to a [`StoredProbs`]' two buffers, for the query pass's tasks (each writes the
+/// rows of its own block).
+type StoredAt = Shared<(*mut f32, *mut f32)>;
+
+impl BackwardBlock<'_> {
+    /// After [`BackwardBlock::probs_and_grads`] for query block `(b, g, p0, p1)` against keys
+    /// `c0..c0 + cols`: its rows into the store.
+    ///
+    /// # Safety
+    /// `at` points into a live store for this shape, and no other task writes these rows.
+    unsafe fn store(
+        &self,
+        sc: &Scratch,
+        at: StoredAt,
+        (b, g, p0, p1, c0, cols): (usize, usize, usize, usize, usize, usize),
+    ) {
+        let (l, rows) = (self.l, p1 - p0);
+        let (probs, grads) = at.get();
+        for r in 0..self.l.rep {
+            for i in 0..rows {
+                let src = (r * rows + i) * cols;
+                let dst = StoredProbs::row(l, b, g, r, p0 + i) + c0;
+                // SAFETY: the caller's; the row holds seq ≥ c0 + cols elements.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(sc.scores[src..].as_ptr(), probs.add(dst), cols);
+                    std::ptr::copy_nonoverlapping(sc.grads[src..].as_ptr(), grads.add(dst), cols);
+                }
+            }
+        }
+    }
+
+    /// [`BackwardBlock::probs_and_grads`] for queries `p0..p1` against keys `k0..k0 + cols`,
+    /// from the store: the same values (the query pass computed every visible pair with the
+    /// same products and expressions), zeros outside what it computed.
+    fn probs_and_grads_stored(
+        &self,
+        sc: &mut Scratch,
+        stored: &StoredProbs,
+        (b, g, p0, p1, k0, cols): (usize, usize, usize, usize, usize, usize),
+    ) {
+        let l = self.l;
+        l.gather(self.q, b, g, (p0, p1), &mut sc.q_rows);
+        l.gather(self.dout, b, g, (p0, p1), &mut sc.do_rows);
+        let rows = p1 - p0;
+        sc.scores.clear();
+        sc.scores.resize(l.rep * rows * cols, 0.0);
+        sc.grads.clear();
+        sc.grads.resize(l.rep * rows * cols, 0.0);
+        for r in 0..l.rep {
+            for i in 0..rows {
+                let p = p0 + i;
+                let (w0, w1) = StoredProbs::written(self.spec, p);
+                let (lo, hi) = (w0.max(k0), w1.min(k0 + cols));
+                if lo >= hi {
+                    continue;
+                }
+                let src = StoredProbs::row(l, b, g, r, p);
+                let dst = (r * rows + i) * cols;
+                let n = hi - lo;
+                // SAFETY: the query pass wrote columns w0..w1 of this row, and lo..hi lies in it.
+                let (sp, sg) = unsafe {
+                    (
+                        crate::fused::assume_init(&stored.probs[src + lo..src + hi]),
+                        crate::fused::assume_init(&stored.grads[src + lo..src + hi]),
+                    )
+                };
+                sc.scores[dst + lo - k0..][..n].copy_from_slice(sp);
+                sc.grads[dst + lo - k0..][..n].copy_from_slice(sg);
+            }
+        }
+    }
+}
+
 /// The backward: from the forward's inputs, its context `out` and log-sum-exp `lse`, and the
 /// context's gradient `dout` (q's layout), the gradients of q, k and v (their layouts).
 /// Queries' gradients by blocks of positions, keys' and values' by blocks of keys, each task
@@ -452,6 +574,22 @@ pub fn backward_host(
     lse: &[f32],
     dout: &[f32],
     spec: AttentionSpec,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    backward_host_storing(q, k, v, out, lse, dout, spec, STORED_PROBS_BYTES)
+}
+
+/// [`backward_host`], keeping the query pass's probabilities for the key pass where they fit
+/// in `stored_bytes` (the same bits either way).
+#[allow(clippy::too_many_arguments)]
+fn backward_host_storing(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    spec: AttentionSpec,
+    stored_bytes: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     spec.check(q.len(), k.len(), v.len());
     let AttentionShape {
@@ -483,6 +621,11 @@ pub fn backward_host(
         delta: &delta,
     };
 
+    let mut stored = StoredProbs::new(&spec, stored_bytes);
+    let stored_at = stored
+        .as_mut()
+        .map(|s| Shared((s.probs.as_mut_ptr().cast(), s.grads.as_mut_ptr().cast())));
+
     // dq, by blocks of query positions against the keys they see.
     let blocks = seq.div_ceil(ROW_BLOCK);
     let dq_at = Shared(dq.as_mut_ptr());
@@ -493,6 +636,11 @@ pub fn backward_host(
             let (c0, cols) = (spec.first_visible(p0), p1 - spec.first_visible(p0));
             let m = l.rep * (p1 - p0);
             block.probs_and_grads(sc, (b, g, p0, p1, c0, cols));
+            if let Some(at) = stored_at {
+                // SAFETY: the store is alive until both passes end; this task alone writes the
+                // rows of block (b, g, p0..p1).
+                unsafe { block.store(sc, at, (b, g, p0, p1, c0, cols)) };
+            }
             sc.rows_out.resize(m * l.d, 0.0);
             // SAFETY: dz (m × cols) by keys c0..p1 of the group.
             unsafe {
@@ -528,7 +676,12 @@ pub fn backward_host(
             while p0 < q_end {
                 let p1 = (p0 + QUERIES_PER_KEY_BLOCK).min(q_end);
                 let m = l.rep * (p1 - p0);
-                block.probs_and_grads(sc, (b, g, p0, p1, k0, cols));
+                match &stored {
+                    Some(stored) => {
+                        block.probs_and_grads_stored(sc, stored, (b, g, p0, p1, k0, cols))
+                    }
+                    None => block.probs_and_grads(sc, (b, g, p0, p1, k0, cols)),
+                }
                 // SAFETY: pᵀ and dzᵀ are cols × m views of the m × cols buffers; the rows are
                 // m × d; the accumulators cols × d.
                 unsafe {
@@ -972,6 +1125,37 @@ mod tests {
         let grads = (out * Tensor::from_inner(dout)).sum().backward();
         for (t, want) in [(qa, &want[0]), (ka, &want[1]), (va, &want[2])] {
             assert!(max_rel(&values(t.grad(&grads).unwrap()), want) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn stored_probabilities_give_the_recomputed_bits() {
+        // The odd shapes, and SmolLM2's heads (9 sharing 3, head_dim 64) past several blocks.
+        let mut specs = specs();
+        specs.push(AttentionSpec {
+            shape: AttentionShape {
+                batch: 2,
+                seq: 130,
+                heads: 9,
+                kv_heads: 3,
+                head_dim: 64,
+                window: None,
+            },
+            scale: 0.125,
+            softcap: None,
+        });
+        for spec in specs {
+            assert!(StoredProbs::new(&spec, 0).is_none());
+            assert!(StoredProbs::new(&spec, usize::MAX).is_some());
+            let ([q, k, v, dout], _, _) = case(spec);
+            let (q, k, v, dout) = (values(q), values(k), values(v), values(dout));
+            let (out, lse) = forward_host(&q, &k, &v, spec, true);
+            let bits = |stored_bytes| {
+                let (dq, dk, dv) =
+                    backward_host_storing(&q, &k, &v, &out, &lse, &dout, spec, stored_bytes);
+                [dq, dk, dv].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+            };
+            assert!(bits(usize::MAX) == bits(0), "{spec:?}");
         }
     }
 

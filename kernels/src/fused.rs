@@ -68,7 +68,7 @@ unsafe fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<
 ///
 /// # Safety
 /// Every element of `s` must be written.
-unsafe fn assume_init(s: &[MaybeUninit<f32>]) -> &[f32] {
+pub(crate) unsafe fn assume_init(s: &[MaybeUninit<f32>]) -> &[f32] {
     // SAFETY: MaybeUninit<f32> has f32's layout, and the caller vouches each is written.
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
 }
