@@ -460,7 +460,10 @@ impl StoredProbs {
         let AttentionShape {
             batch, seq, heads, ..
         } = spec.shape;
-        let n = batch.checked_mul(heads)?.checked_mul(seq)?.checked_mul(seq)?;
+        let n = batch
+            .checked_mul(heads)?
+            .checked_mul(seq)?
+            .checked_mul(seq)?;
         (n.checked_mul(2 * size_of::<f32>())? <= budget).then(|| {
             let uninit = || {
                 let mut v = Vec::with_capacity(n);
@@ -480,7 +483,8 @@ impl StoredProbs {
         (((b * l.kv_heads + g) * l.rep + r) * l.seq + p) * l.seq
     }
 
-    /// The keys query block `[p0, p1)` computes: `c0..p1` ([`backward_host`]'s query pass).
+    /// The columns the query pass writes for position `p`'s block `[p0, p1)`:
+    /// `first_visible(p0)..p1` ([`backward_host`]).
     fn written(spec: &AttentionSpec, p: usize) -> (usize, usize) {
         let p0 = p / ROW_BLOCK * ROW_BLOCK;
         let p1 = (p0 + ROW_BLOCK).min(spec.shape.seq);
@@ -505,6 +509,7 @@ impl BackwardBlock<'_> {
         (b, g, p0, p1, c0, cols): (usize, usize, usize, usize, usize, usize),
     ) {
         let (l, rows) = (self.l, p1 - p0);
+        debug_assert_eq!(StoredProbs::written(self.spec, p0), (c0, c0 + cols));
         let (probs, grads) = at.get();
         for r in 0..self.l.rep {
             for i in 0..rows {
@@ -1130,20 +1135,24 @@ mod tests {
 
     #[test]
     fn stored_probabilities_give_the_recomputed_bits() {
-        // The odd shapes, and SmolLM2's heads (9 sharing 3, head_dim 64) past several blocks.
+        // The odd shapes; SmolLM2's heads (9 sharing 3, head_dim 64) past several blocks; and
+        // one KV head per query head with a last block of one row, where gemm's one-row
+        // products take another path.
         let mut specs = specs();
-        specs.push(AttentionSpec {
-            shape: AttentionShape {
-                batch: 2,
-                seq: 130,
-                heads: 9,
-                kv_heads: 3,
-                head_dim: 64,
-                window: None,
-            },
-            scale: 0.125,
-            softcap: None,
-        });
+        for (seq, heads, kv_heads, head_dim) in [(130, 9, 3, 64), (65, 2, 2, 16)] {
+            specs.push(AttentionSpec {
+                shape: AttentionShape {
+                    batch: 2,
+                    seq,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    window: None,
+                },
+                scale: 0.125,
+                softcap: None,
+            });
+        }
         for spec in specs {
             assert!(StoredProbs::new(&spec, 0).is_none());
             assert!(StoredProbs::new(&spec, usize::MAX).is_some());

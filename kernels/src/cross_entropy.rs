@@ -12,7 +12,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::KernelBackend;
-use crate::fused::{ROW_LANES, exp_f32, lane_blocks_1x1, max_f32, wide};
+use crate::fused::{ROW_LANES, exp_f32, filled, lane_blocks_1x1, max_f32, wide, zeroed};
 
 /// Per-row cross-entropy of `logits [rows, vocab]` against `targets [rows]` in tensor ops:
 /// `(losses [rows], grad_scale · d loss_row / d logits [rows, vocab])`.
@@ -55,36 +55,43 @@ pub fn cross_entropy_rows_host(
         logits.len(),
         targets.len()
     );
-    let mut grad = vec![0f32; logits.len()];
     let mut losses = vec![0f64; targets.len()];
-    grad.par_chunks_mut(vocab)
-        .zip(losses.par_iter_mut())
-        .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
-        .for_each(|((g, loss), (x, &target))| {
-            let target = usize::try_from(target)
-                .ok()
-                .filter(|&t| t < vocab)
-                .unwrap_or_else(|| panic!("target {target} outside a vocabulary of {vocab}"));
-            *loss = wide(
-                #[inline(always)]
-                || {
-                    let max = max_f32(x);
-                    let mut z = [0f64; ROW_LANES];
-                    lane_blocks_1x1(g, x, |l, g, x| {
-                        *g = exp_f32(x - max);
-                        z[l] += *g as f64;
-                    });
-                    let z: f64 = z.iter().sum();
-                    let scale = (grad_scale as f64 / z) as f32;
-                    for g in g.iter_mut() {
-                        *g *= scale;
-                    }
-                    g[target] -= grad_scale;
-                    // −log softmax[target] = log z + max − x[target].
-                    z.ln() + max as f64 - x[target] as f64
-                },
-            );
-        });
+    // SAFETY: every row of the gradient is zeroed by the task that fills it.
+    let grad = unsafe {
+        filled(logits.len(), |grad| {
+            grad.par_chunks_mut(vocab)
+                .zip(losses.par_iter_mut())
+                .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
+                .for_each(|((g, loss), (x, &target))| {
+                    let g = zeroed(g);
+                    let target = usize::try_from(target)
+                        .ok()
+                        .filter(|&t| t < vocab)
+                        .unwrap_or_else(|| {
+                            panic!("target {target} outside a vocabulary of {vocab}")
+                        });
+                    *loss = wide(
+                        #[inline(always)]
+                        || {
+                            let max = max_f32(x);
+                            let mut z = [0f64; ROW_LANES];
+                            lane_blocks_1x1(g, x, |l, g, x| {
+                                *g = exp_f32(x - max);
+                                z[l] += *g as f64;
+                            });
+                            let z: f64 = z.iter().sum();
+                            let scale = (grad_scale as f64 / z) as f32;
+                            for g in g.iter_mut() {
+                                *g *= scale;
+                            }
+                            g[target] -= grad_scale;
+                            // −log softmax[target] = log z + max − x[target].
+                            z.ln() + max as f64 - x[target] as f64
+                        },
+                    );
+                })
+        })
+    };
     (losses, grad)
 }
 

@@ -56,12 +56,20 @@ pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
 ///
 /// # Safety
 /// `fill` must write every element of the slice it is given.
-unsafe fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+pub(crate) unsafe fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
     fill(&mut out.spare_capacity_mut()[..len]);
     // SAFETY: the caller's fill wrote all `len` elements.
     unsafe { out.set_len(len) };
     out
+}
+
+/// `s` zeroed, as the f32 it now holds: the rows of a [`filled`] output zeroed by the task that
+/// then writes them, in its own cache, instead of the whole buffer by one thread up front.
+pub(crate) fn zeroed(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    s.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just written; MaybeUninit<f32> has f32's layout.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
 }
 
 /// `s` as the f32 it holds.
@@ -102,7 +110,7 @@ pub(crate) const ROW_LANES: usize = 16;
 /// `lane = i % ROW_LANES`, in index order: whole blocks of [`ROW_LANES`] through fixed-size arrays,
 /// then the tail. The blocks' constant trip count is what lets the compiler vectorize the body,
 /// exponential included: the same body in a `chunks(16)` loop bounded by each chunk's length
-/// compiled to scalar code, and the KL rows ran 5× slower. The order of calls, and so every
+/// compiled to scalar code, and the KL rows ran about 3× slower. The order of calls, and so every
 /// per-lane sum, is a plain loop's.
 #[inline(always)]
 pub(crate) fn lane_blocks_2x2(

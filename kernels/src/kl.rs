@@ -13,7 +13,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{ElementConversion, Tensor, TensorPrimitive};
 
 use crate::KernelBackend;
-use crate::fused::{ROW_LANES, exp_f32, lane_blocks_2x2, max_f32, wide};
+use crate::fused::{ROW_LANES, exp_f32, filled, lane_blocks_2x2, max_f32, wide, zeroed};
 
 /// Reference in plain tensor ops (differentiable under autodiff):
 /// `teacher, student: [tokens, vocab]` → scalar mean KL.
@@ -107,20 +107,25 @@ pub fn kl_rows_host(
     assert_eq!(teacher.len(), student.len());
     assert_eq!(teacher.len() % vocab, 0);
     let rows = teacher.len() / vocab;
-    let mut grad = vec![0f32; student.len()];
     let mut losses = vec![0f64; rows];
-    grad.par_chunks_mut(vocab)
-        .zip(losses.par_iter_mut())
-        .zip(teacher.par_chunks(vocab).zip(student.par_chunks(vocab)))
-        .for_each_init(
-            || vec![0f32; vocab],
-            |pt, ((g, loss), (t, s))| {
-                *loss = wide(
-                    #[inline(always)]
-                    || kl_row(t, s, temperature, direction, grad_scale, pt, g),
+    // SAFETY: every row of the gradient is zeroed by the task that fills it.
+    let grad = unsafe {
+        filled(student.len(), |grad| {
+            grad.par_chunks_mut(vocab)
+                .zip(losses.par_iter_mut())
+                .zip(teacher.par_chunks(vocab).zip(student.par_chunks(vocab)))
+                .for_each_init(
+                    || vec![0f32; vocab],
+                    |pt, ((g, loss), (t, s))| {
+                        let g = zeroed(g);
+                        *loss = wide(
+                            #[inline(always)]
+                            || kl_row(t, s, temperature, direction, grad_scale, pt, g),
+                        )
+                    },
                 )
-            },
-        );
+        })
+    };
     (losses, grad)
 }
 
@@ -140,7 +145,7 @@ fn kl_row(
     let inv_t32 = inv_t as f32;
     let (mt, ms) = (max_f32(t), max_f32(s));
     // Unnormalized probabilities: the teacher's into `pt`, the student's into `g`.
-    let (mut zt, mut zs) = ([0f64; LANES], [0f64; LANES]);
+    let (mut zt, mut zs) = ([0f64; ROW_LANES], [0f64; ROW_LANES]);
     lane_blocks_2x2(pt, g, t, s, |l, et, es, t, s| {
         *et = exp_f32((t - mt) * inv_t32);
         *es = exp_f32((s - ms) * inv_t32);
@@ -154,7 +159,7 @@ fn kl_row(
     let shift = lse_t - lse_s;
     let (inv_zt, inv_zs) = (1.0 / zt, 1.0 / zs);
     let scale = grad_scale as f64 * inv_t;
-    let mut acc = [0f64; LANES];
+    let mut acc = [0f64; ROW_LANES];
     match direction {
         KlDirection::Forward => {
             lane_blocks_2x2(pt, g, t, s, |l, pt, g, t, s| {
@@ -184,9 +189,6 @@ fn kl_row(
         }
     }
 }
-
-/// Partial sums per row of [`kl_row`]: a fixed order the compiler vectorizes.
-const LANES: usize = ROW_LANES;
 
 /// The distillation loss through the backend's fused kernel, differentiable with respect to the
 /// student: `teacher [tokens, vocab]` (no graph), `student [tokens, vocab]` → scalar mean KL over

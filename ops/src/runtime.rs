@@ -91,7 +91,7 @@ pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before other threads start.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, BLOCK_CACHE_MIN as i32);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
@@ -106,7 +106,9 @@ pub fn tune_allocator() {
 /// `DISTILLERY_HUGE_PAGES=0`; glibc's own `glibc.malloc.hugetlb=1` tunable, which does the same
 /// but can only be set in the environment before the process starts, measured alike). Machines whose
 /// huge-page setting is `never` ignore the advice; `DISTILLERY_HUGE_PAGES=0` turns it off (read
-/// by [`tune_allocator`]). Binaries install it with `#[global_allocator]`.
+/// by [`tune_allocator`]). It also keeps up to [`BLOCK_CACHE_BYTES`] of freed large blocks
+/// resident for reuse, per process, for the life of the process (handed back to the system when an
+/// allocation would otherwise fail). Binaries install it with `#[global_allocator]`.
 pub struct HugePageAlloc;
 
 /// Whether [`HugePageAlloc`] advises huge pages (set once by [`tune_allocator`]).
@@ -144,10 +146,17 @@ fn advise_huge_pages(_: *mut u8, _: usize) {}
 /// 3–5% of a distillation step (`perf`: page clearing and faults).
 struct BlockCache {
     /// (address, size, alignment) of each kept block; the first `len` entries are in use.
-    blocks: [(usize, usize, usize); BLOCK_CACHE_SLOTS],
+    blocks: [Block; BLOCK_CACHE_SLOTS],
     len: usize,
     bytes: usize,
 }
+
+/// A kept block: its address, size and alignment.
+type Block = (*mut u8, usize, usize);
+
+// SAFETY: the cache owns the blocks it holds (no one else refers to them until it hands one
+// out), so it may move between threads; the mutex serializes every access.
+unsafe impl Send for BlockCache {}
 
 /// The smallest block [`HugePageAlloc`] keeps on free: glibc's mmap threshold as
 /// [`tune_allocator`] sets it (smaller blocks stay in glibc's own heap).
@@ -162,7 +171,7 @@ const BLOCK_CACHE_SLOTS: usize = 16;
 
 /// The allocator's cache. A mutex, since allocations come from every thread; it never allocates.
 static BLOCKS: std::sync::Mutex<BlockCache> = std::sync::Mutex::new(BlockCache {
-    blocks: [(0, 0, 0); BLOCK_CACHE_SLOTS],
+    blocks: [(std::ptr::null_mut(), 0, 0); BLOCK_CACHE_SLOTS],
     len: 0,
     bytes: 0,
 });
@@ -178,7 +187,7 @@ impl BlockCache {
         self.blocks.copy_within(i + 1..self.len, i);
         self.len -= 1;
         self.bytes -= size;
-        Some(p as *mut u8)
+        Some(p)
     }
 
     /// Keeps `p`, evicting the oldest blocks until it fits; returns the blocks to free (the
@@ -187,10 +196,10 @@ impl BlockCache {
         &mut self,
         p: *mut u8,
         layout: std::alloc::Layout,
-    ) -> ([(usize, usize, usize); BLOCK_CACHE_SLOTS], usize) {
-        let mut evicted = [(0, 0, 0); BLOCK_CACHE_SLOTS];
+    ) -> ([Block; BLOCK_CACHE_SLOTS], usize) {
+        let mut evicted = [(std::ptr::null_mut(), 0, 0); BLOCK_CACHE_SLOTS];
         if layout.size() > BLOCK_CACHE_BYTES {
-            evicted[0] = (p as usize, layout.size(), layout.align());
+            evicted[0] = (p, layout.size(), layout.align());
             return (evicted, 1);
         }
         let mut n = 0;
@@ -201,11 +210,52 @@ impl BlockCache {
             self.blocks.copy_within(1..self.len, 0);
             self.len -= 1;
         }
-        self.blocks[self.len] = (p as usize, layout.size(), layout.align());
+        self.blocks[self.len] = (p, layout.size(), layout.align());
         self.len += 1;
         self.bytes += layout.size();
         (evicted, n)
     }
+
+    /// Empties the cache; returns the blocks to free, as [`BlockCache::keep`].
+    fn drain(&mut self) -> ([Block; BLOCK_CACHE_SLOTS], usize) {
+        let n = self.len;
+        let blocks = self.blocks;
+        self.len = 0;
+        self.bytes = 0;
+        (blocks, n)
+    }
+}
+
+/// Frees `blocks[..n]` to the system allocator.
+///
+/// # Safety
+/// Each block came from System with its size and alignment, and nothing refers to it.
+unsafe fn free_blocks((blocks, n): ([Block; BLOCK_CACHE_SLOTS], usize)) {
+    for &(q, size, align) in &blocks[..n] {
+        // SAFETY: the caller's.
+        unsafe {
+            std::alloc::GlobalAlloc::dealloc(
+                &std::alloc::System,
+                q,
+                std::alloc::Layout::from_size_align_unchecked(size, align),
+            )
+        }
+    }
+}
+
+/// Calls `alloc` again after handing every kept block back to the system, where it failed
+/// (returned null) with blocks kept: idle memory must not make an allocation fail.
+fn or_after_flush(p: *mut u8, alloc: impl FnOnce() -> *mut u8) -> *mut u8 {
+    if !p.is_null() {
+        return p;
+    }
+    let drained = BLOCKS.lock().unwrap_or_else(|e| e.into_inner()).drain();
+    if drained.1 == 0 {
+        return p;
+    }
+    // SAFETY: drained blocks are the cache's own, from System with their layouts.
+    unsafe { free_blocks(drained) };
+    alloc()
 }
 
 /// A kept block for `layout`, if the cache holds one.
@@ -228,7 +278,8 @@ unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
             return p;
         }
         // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { std::alloc::System.alloc(layout) };
+        let system = || unsafe { std::alloc::System.alloc(layout) };
+        let p = or_after_flush(system(), system);
         advise_huge_pages(p, layout.size());
         p
     }
@@ -240,26 +291,20 @@ unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
             return p;
         }
         // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        let system = || unsafe { std::alloc::System.alloc_zeroed(layout) };
+        let p = or_after_flush(system(), system);
         advise_huge_pages(p, layout.size());
         p
     }
 
     unsafe fn dealloc(&self, p: *mut u8, layout: std::alloc::Layout) {
         if layout.size() >= BLOCK_CACHE_MIN {
-            let (free, n) = BLOCKS
+            let evicted = BLOCKS
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .keep(p, layout);
-            for &(q, size, align) in &free[..n] {
-                // SAFETY: each block came from System with this size and alignment.
-                unsafe {
-                    std::alloc::System.dealloc(
-                        q as *mut u8,
-                        std::alloc::Layout::from_size_align_unchecked(size, align),
-                    )
-                }
-            }
+            // SAFETY: evicted blocks (or `p` itself) came from System with their layouts.
+            unsafe { free_blocks(evicted) };
             return;
         }
         // SAFETY: forwarded: `p` came from this allocator, i.e. from System, with `layout`.
@@ -267,8 +312,11 @@ unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
     }
 
     unsafe fn realloc(&self, p: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded as above: `p` is a System block of `layout`, cached or not.
-        let q = unsafe { std::alloc::System.realloc(p, layout, new_size) };
+        // SAFETY: forwarded as above: `p` is a live System block of `layout` (served from the
+        // cache or not: a live block is never in it). On failure `p` stays valid, so retrying
+        // after the flush is the same call.
+        let system = || unsafe { std::alloc::System.realloc(p, layout, new_size) };
+        let q = or_after_flush(system(), system);
         advise_huge_pages(q, new_size);
         q
     }
@@ -314,7 +362,7 @@ mod tests {
 
     fn empty() -> BlockCache {
         BlockCache {
-            blocks: [(0, 0, 0); BLOCK_CACHE_SLOTS],
+            blocks: [(std::ptr::null_mut(), 0, 0); BLOCK_CACHE_SLOTS],
             len: 0,
             bytes: 0,
         }
@@ -324,41 +372,55 @@ mod tests {
         Layout::from_size_align(size, 64).unwrap()
     }
 
+    /// A block address that is only a label.
+    fn at(label: usize) -> *mut u8 {
+        std::ptr::without_provenance_mut(label)
+    }
+
     // Addresses here are labels: the cache stores and returns them, never dereferences them.
     #[test]
     fn the_block_cache_returns_exact_sizes_oldest_first_and_evicts_within_its_budget() {
         let mut cache = empty();
         let (a, b) = (40 << 20, 50 << 20);
         for (address, size) in [(1, a), (2, b), (3, a)] {
-            assert_eq!(cache.keep(address as *mut u8, layout(size)).1, 0);
+            assert_eq!(cache.keep(at(address), layout(size)).1, 0);
         }
-        assert_eq!(cache.take(layout(a)), Some(1 as *mut u8));
+        assert_eq!(cache.take(layout(a)), Some(at(1)));
         assert_eq!(cache.take(Layout::from_size_align(a, 4096).unwrap()), None);
         assert_eq!(cache.take(layout(a + 4)), None);
-        assert_eq!(cache.take(layout(a)), Some(3 as *mut u8));
+        assert_eq!(cache.take(layout(a)), Some(at(3)));
         assert_eq!(cache.take(layout(a)), None);
         assert_eq!((cache.len, cache.bytes), (1, b));
 
         // Over the byte budget: the oldest go first, as many as it takes.
         let big = BLOCK_CACHE_BYTES / 2 + 64;
-        assert_eq!(cache.keep(4 as *mut u8, layout(big)).1, 0);
-        let (evicted2, n2) = cache.keep(5 as *mut u8, layout(big));
-        assert_eq!(&evicted2[..n2], &[(2, b, 64), (4, big, 64)]);
+        assert_eq!(cache.keep(at(4), layout(big)).1, 0);
+        let (evicted2, n2) = cache.keep(at(5), layout(big));
+        assert_eq!(&evicted2[..n2], &[(at(2), b, 64), (at(4), big, 64)]);
         assert_eq!((cache.len, cache.bytes), (1, big));
 
         // A block over the whole budget is handed back to be freed, the cache untouched.
-        let (free, n) = cache.keep(6 as *mut u8, layout(BLOCK_CACHE_BYTES + 1));
-        assert_eq!(&free[..n], &[(6, BLOCK_CACHE_BYTES + 1, 64)]);
+        let (free, n) = cache.keep(at(6), layout(BLOCK_CACHE_BYTES + 1));
+        assert_eq!(&free[..n], &[(at(6), BLOCK_CACHE_BYTES + 1, 64)]);
         assert_eq!((cache.len, cache.bytes), (1, big));
 
         // Over the slots: the oldest goes.
         let mut cache = empty();
         for address in 1..=BLOCK_CACHE_SLOTS {
-            assert_eq!(cache.keep(address as *mut u8, layout(BLOCK_CACHE_MIN)).1, 0);
+            assert_eq!(cache.keep(at(address), layout(BLOCK_CACHE_MIN)).1, 0);
         }
-        let (free, n) = cache.keep(99 as *mut u8, layout(BLOCK_CACHE_MIN));
-        assert_eq!(&free[..n], &[(1, BLOCK_CACHE_MIN, 64)]);
+        let (free, n) = cache.keep(at(99), layout(BLOCK_CACHE_MIN));
+        assert_eq!(&free[..n], &[(at(1), BLOCK_CACHE_MIN, 64)]);
         assert_eq!(cache.len, BLOCK_CACHE_SLOTS);
+
+        // A flush hands back every block, oldest first.
+        let (all, n) = cache.drain();
+        assert_eq!(n, BLOCK_CACHE_SLOTS);
+        assert_eq!((all[0].0, all[n - 1].0), (at(2), at(99)));
+        assert_eq!(
+            (cache.len, cache.bytes, cache.take(layout(BLOCK_CACHE_MIN))),
+            (0, 0, None)
+        );
     }
 
     #[test]
@@ -375,7 +437,10 @@ mod tests {
             let q = HugePageAlloc.alloc_zeroed(layout);
             assert_eq!(q, p, "the freed block is reused");
             let bytes = std::slice::from_raw_parts(q, layout.size());
-            assert!(bytes.iter().all(|&v| v == 0), "alloc_zeroed zeroes a reused block");
+            assert!(
+                bytes.iter().all(|&v| v == 0),
+                "alloc_zeroed zeroes a reused block"
+            );
             HugePageAlloc.dealloc(q, layout);
             let small = Layout::from_size_align(1 << 20, 64).unwrap();
             let r = HugePageAlloc.alloc(small);
